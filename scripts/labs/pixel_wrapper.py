@@ -85,9 +85,15 @@ try:
     with contextlib.redirect_stderr(io.StringIO()):
         import gymnasium_robotics
     gym.register_envs(gymnasium_robotics)
-except ImportError:
-    raise
-except Exception as _exc:  # noqa: BLE001  (any backend failure: AttributeError, OSError, mujoco.FatalError)
+except ModuleNotFoundError as _exc:
+    if _exc.name != "gymnasium_robotics":
+        _RENDERER_IMPORT_ERROR = _exc  # e.g. PyOpenGL missing: a rendering problem
+    else:
+        raise ImportError(
+            "gymnasium-robotics is not installed in this Python environment; run `pip install -r requirements.txt` "
+            "or use `bash docker/dev.sh`."
+        ) from _exc
+except Exception as _exc:  # noqa: BLE001  (any backend failure: ImportError, AttributeError, mujoco.FatalError)
     _RENDERER_IMPORT_ERROR = _exc
 
 
@@ -105,7 +111,7 @@ class RendererUnavailableError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Constants (FACTS.md explains each)
+# Constants
 # ---------------------------------------------------------------------------------------------------------
 IMAGE_SIZE = 84
 """Side of the square camera image the agent sees, in pixels (Atari/DQN convention)."""
@@ -208,12 +214,12 @@ def render_and_resize(env: gym.Env, image_size: int = IMAGE_SIZE) -> np.ndarray:
 class PixelObservationWrapper(gym.Wrapper):
     """Replace a Fetch env's state vector by stacked camera frames (+ proprioception, + goal vectors).
 
-    | key                | shape                          | dtype   | present when                    |
-    |--------------------|--------------------------------|---------|---------------------------------|
-    | ``pixels``         | ``(3*frame_stack, size, size)`` | uint8   | always; oldest frame first      |
-    | ``proprioception`` | ``(10,)``                      | float32 | ``proprioception=True``         |
-    | ``achieved_goal``  | ``(3,)``                       | float32 | ``goal_mode="both"``            |
-    | ``desired_goal``   | ``(3,)``                       | float32 | ``goal_mode`` in desired, both  |
+    | key                | shape                           | dtype   | present when                   |
+    |--------------------|---------------------------------|---------|--------------------------------|
+    | ``pixels``         | ``(3*frame_stack, size, size)`` | uint8   | always; oldest frame first     |
+    | ``proprioception`` | ``(10,)``                       | float32 | ``proprioception=True``        |
+    | ``achieved_goal``  | ``(3,)``                        | float32 | ``goal_mode="both"``           |
+    | ``desired_goal``   | ``(3,)``                        | float32 | ``goal_mode`` desired or both  |
 
     ``obs["pixels"][-3:]`` is the newest frame. ``reset`` fills the stack with copies of the first frame,
     so the agent never sees an all-black history. With ``goal_mode="both"`` SB3's ``HerReplayBuffer`` works
@@ -221,7 +227,7 @@ class PixelObservationWrapper(gym.Wrapper):
 
     ``hide_goal_marker=True`` (default) makes the red goal sphere transparent. HER stores an image rendered
     with the ORIGINAL goal next to a RELABELLED goal vector; a visible marker would tell the network one
-    goal while the vector and the reward say another (FACTS.md: it covers 4 pixels at 84x84).
+    goal while the vector and the reward say another (at 84x84 the marker covers 4 pixels, the puck 11).
     """
 
     def __init__(
@@ -237,9 +243,13 @@ class PixelObservationWrapper(gym.Wrapper):
         if goal_mode not in GOAL_MODES:
             raise ValueError(f"goal_mode must be one of {GOAL_MODES}, got {goal_mode!r}.")
         if not isinstance(frame_stack, (int, np.integer)) or isinstance(frame_stack, bool) or frame_stack < 1:
-            raise ValueError(f"frame_stack must be an integer >= 1 (the chapter uses {FRAME_STACK}), got {frame_stack!r}.")
+            raise ValueError(
+                f"frame_stack must be an integer >= 1 (the chapter uses {FRAME_STACK}), got {frame_stack!r}."
+            )
         if not isinstance(image_size, (int, np.integer)) or image_size < 1:
-            raise ValueError(f"image_size must be a positive integer (the chapter uses {IMAGE_SIZE}), got {image_size!r}.")
+            raise ValueError(
+                f"image_size must be a positive integer (the chapter uses {IMAGE_SIZE}), got {image_size!r}."
+            )
         inner = env.observation_space
         is_goal_env = isinstance(inner, spaces.Dict) and {"achieved_goal", "desired_goal"} <= set(inner.spaces)
         if goal_mode != "none" and not is_goal_env:
@@ -270,9 +280,8 @@ class PixelObservationWrapper(gym.Wrapper):
         self._frames: deque[np.ndarray] = deque(maxlen=self.frame_stack)  # each (3, H, W) uint8
 
         vector = lambda n: spaces.Box(-np.inf, np.inf, shape=(n,), dtype=np.float32)  # noqa: E731
-        obs_spaces: dict[str, spaces.Space] = {
-            PIXEL_KEY: spaces.Box(0, 255, shape=(3 * self.frame_stack, self.image_size, self.image_size), dtype=np.uint8)
-        }
+        pixel_shape = (3 * self.frame_stack, self.image_size, self.image_size)
+        obs_spaces: dict[str, spaces.Space] = {PIXEL_KEY: spaces.Box(0, 255, shape=pixel_shape, dtype=np.uint8)}
         if proprioception:
             obs_spaces["proprioception"] = vector(len(self._proprio_indices))
         if goal_mode == "both":
@@ -349,19 +358,24 @@ def make_fetch_env(
 
     render_size = image_size if native_render else DEFAULT_RENDER_SIZE
     env = gym.make(env_id, render_mode="rgb_array", width=render_size, height=render_size)
-    env.reset()  # rendering needs a goal, which the first reset samples
     try:
-        env.render()  # the OpenGL context is created here; this is where a bad MUJOCO_GL fails
-    except Exception as exc:  # noqa: BLE001
-        raise RendererUnavailableError.from_exception(exc) from None
-    return PixelObservationWrapper(
-        env,
-        goal_mode=goal_mode,
-        frame_stack=frame_stack,
-        image_size=image_size,
-        proprioception=proprioception,
-        hide_goal_marker=hide_goal_marker,
-    )
+        env.reset()  # rendering needs a goal, which the first reset samples
+        try:
+            env.render()  # the OpenGL context is created here; this is where a bad MUJOCO_GL fails
+        except Exception as exc:  # noqa: BLE001
+            raise RendererUnavailableError.from_exception(exc) from None
+        return PixelObservationWrapper(
+            env,
+            goal_mode=goal_mode,
+            frame_stack=frame_stack,
+            image_size=image_size,
+            proprioception=proprioception,
+            hide_goal_marker=hide_goal_marker,
+        )
+    except Exception:
+        with contextlib.suppress(Exception):  # a half-built env must not leak its GL context
+            env.close()
+        raise
 
 
 def available_memory_bytes() -> int:
@@ -393,12 +407,12 @@ class PixelBatch(NamedTuple):
 class PixelReplayBuffer:
     """A ring buffer that stores pixels as uint8 and hands out float32 in [0, 1].
 
-    | array                          | shape                      | dtype   | bytes per transition (12x84x84) |
-    |--------------------------------|----------------------------|---------|---------------------------------|
-    | ``obs["pixels"]``              | ``(capacity, 12, 84, 84)`` | uint8   | 84,672                          |
-    | ``next_obs["pixels"]``         | ``(capacity, 12, 84, 84)`` | uint8   | 84,672                          |
-    | vector keys (obs and next_obs) | ``(capacity, d)``          | float32 | 4 d each                        |
-    | actions / rewards / dones      | ``(capacity, a)``/``(capacity,)`` | float32 | 4 a + 4 + 4              |
+    | array                          | shape                           | dtype   | bytes per transition         |
+    |--------------------------------|---------------------------------|---------|------------------------------|
+    | ``obs["pixels"]``              | ``(capacity, 12, 84, 84)``      | uint8   | 84,672                       |
+    | ``next_obs["pixels"]``         | ``(capacity, 12, 84, 84)``      | uint8   | 84,672                       |
+    | vector keys (obs and next_obs) | ``(capacity, d)``               | float32 | 4 d each (2 x 64 for d = 16) |
+    | actions, rewards, dones        | ``(capacity, a)``, ``(capacity,)`` | float32 | 4 a + 4 + 4 (24 for a = 4) |
 
     Storing float32 pixels would cost 4x as much (677 KB per transition). ``next_obs`` is stored separately,
     as in SB3's ``DictReplayBuffer``; that doubles the memory but keeps indexing trivial (frames shared
@@ -416,7 +430,9 @@ class PixelReplayBuffer:
         seed: int | None = None,
     ) -> None:
         if pixel_key not in observation_space.spaces:
-            raise ValueError(f"observation_space has no {pixel_key!r} key; its keys are {list(observation_space.spaces)}.")
+            raise ValueError(
+                f"observation_space has no {pixel_key!r} key; its keys are {list(observation_space.spaces)}."
+            )
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 transition, got {capacity}.")
         self.capacity = int(capacity)
@@ -494,7 +510,9 @@ SPEED_STEPS = 30
 """Env steps timed per render path in --verify."""
 
 
-def _render_speeds(native: gym.Env, resized: gym.Env, n_steps: int = SPEED_STEPS, rounds: int = 3) -> tuple[float, float]:
+def _render_speeds(
+    native: gym.Env, resized: gym.Env, n_steps: int = SPEED_STEPS, rounds: int = 3
+) -> tuple[float, float]:
     """Steps/s (step + render, + resize for ``resized``) of the two render paths.
 
     The paths take turns in ``rounds`` blocks so that load from other processes on a shared machine
@@ -528,12 +546,12 @@ def _goal_marker_pixels_changed(env: PixelObservationWrapper, shift: np.ndarray)
 
 def verify() -> list[Claim]:
     """Run every claim of this lab and return them (pytest runs the same list)."""
-    from stable_baselines3.common.env_checker import check_env  # heavy import (torch), only needed here
-
     claims: list[Claim] = []
     env = make_fetch_env("FetchPush-v4")  # native 84x84, goal_mode="both", marker hidden
     slow_env = make_fetch_env("FetchPush-v4", native_render=False)
     shown_env = make_fetch_env("FetchPush-v4", hide_goal_marker=False)
+    from stable_baselines3.common.env_checker import check_env  # heavy import (torch), after the envs work
+
     try:
         # Row 1: render_and_resize -------------------------------------------------------------------
         env.reset(seed=0)
@@ -644,8 +662,8 @@ def verify() -> list[Claim]:
             f"reset filled: {filled}, newest == render: {sum(newest_ok)}/{len(newest_ok)}, "
             f"shifted: {sum(shifted_ok)}/{len(shifted_ok)}, steps with a new frame: {distinct}",
         ))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("always")  # check_env also prints a note that it detected a GoalEnv
             try:
                 check_env(env)
                 check_error = ""
