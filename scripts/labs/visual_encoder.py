@@ -1,0 +1,646 @@
+"""Visual encoder lab: the NatureCNN baseline and the networks of a visual SAC agent.
+
+A pixel agent must turn a stack of camera frames into a feature vector before any SAC maths can
+happen. This lab builds the obvious encoder first -- DQN's NatureCNN (Mnih et al. 2015), which is
+also what stable-baselines3 uses by default for images -- and the small networks of a from-scratch
+visual SAC agent:
+
+    component                       call                                  output
+    ------------------------------  ------------------------------------  -------------------------
+    NatureCNN                       cnn(pixels (B, 12, 84, 84))           (B, 512)
+    NormalizedCombinedExtractor     extractor(obs dict)   [SB3 extractor] (B, 512 + 16)
+    VisualGoalEncoder               encoder(pixels, vectors (B, 16))      (B, 50 + 16)
+    VisualGaussianPolicy            policy(pixels, vectors)               action (B, 4), log_prob (B,)
+    VisualTwinQNetwork              q(pixels, vectors, action)            q1 (B,), q2 (B,)
+
+NatureCNN's spatial arithmetic (no padding): out = floor((in - kernel) / stride) + 1
+
+    84 --8x8/4--> 20 --4x4/2--> 9 --3x3/1--> 7;   64 channels x 7 x 7 = 3136 --Linear--> 512
+
+The first layer looks at the image through 8x8 windows every 4 pixels, so a 5-pixel puck shrinks to
+about one cell of a 20x20 grid. `manipulation_encoder.py` measures that and builds the fix. 94% of
+NatureCNN's 1.7M parameters sit in the final Linear(3136, 512), which must learn *where* things are
+from a flattened grid.
+
+Squashed Gaussian policy (SAC, Haarnoja et al. 2018, appendix C). Sample u, squash it into [-1, 1]:
+
+    u ~ N(mu(s), sigma(s)^2),   a = tanh(u)
+    log pi(a|s) = sum_i [ log N(u_i; mu_i, sigma_i) - log(1 - tanh(u_i)^2) ]
+
+The change-of-variables term is computed in the numerically stable form
+
+    log(1 - tanh(u)^2) = 2 * (log 2 - u - softplus(-2u))
+
+which never takes log(0) when tanh(u) rounds to +-1 in float32 (|u| > ~9); the common
+`log(1 - tanh(u)^2 + 1e-6)` shortcut is off by more than a nat per dimension already at |u| = 8.
+FetchPush actions live in [-1, 1]^4, so tanh(u) needs no further rescaling.
+
+Run it (CPU, well under a minute):
+
+    bash docker/dev.sh python scripts/labs/visual_encoder.py --verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3 import SAC
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
+from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
+
+from pixel_wrapper import PIXEL_KEY, Claim, make_fetch_env, report
+
+VECTOR_KEYS = ("proprioception", "achieved_goal", "desired_goal")
+"""Vector entries in the order the extractors concatenate them (each used only when present)."""
+NATURE_FEATURES_DIM = 512
+"""NatureCNN's output width (Mnih et al. 2015)."""
+TRUNK_LATENT_DIM = 50
+"""Width of the image latent in VisualGoalEncoder (DrQ / DrQ-v2 use 50)."""
+NORMALIZER_CLIP = 5.0
+"""Normalised vector entries are clipped to +-this many running standard deviations."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Plumbing shared by the extractors: uint8 -> float, and which dict keys go where
+# ----------------------------------------------------------------------------------------------
+def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 in [0, 255] -> float32 in [0, 1]; float input passes through unchanged.
+
+    SB3 already divides uint8 image spaces by 255 before an extractor sees them (`preprocess_obs`),
+    while the plain-PyTorch networks below may be fed straight from a uint8 replay buffer. Doing the
+    conversion inside the encoder (as DrQ-v2 does) lets the buffer stay uint8 -- 4x less memory.
+    """
+    if pixels.dtype == torch.uint8:
+        return pixels.float().div_(255.0)
+    return pixels.float()
+
+
+def split_observation_keys(observation_space: spaces.Dict) -> tuple[spaces.Box, tuple[str, ...]]:
+    """Return the "pixels" Box and the names of the 1-D vector entries, in concatenation order.
+
+    Known vector keys come first in VECTOR_KEYS order, any other 1-D Box after them in the space's
+    own order, so `goal_mode="desired"` or `proprioception=False` observations just work.
+    """
+    if not isinstance(observation_space, spaces.Dict) or PIXEL_KEY not in observation_space.spaces:
+        raise ValueError(
+            f"This extractor needs a Dict observation space with a {PIXEL_KEY!r} entry, got {observation_space}; "
+            "build the env with pixel_wrapper.make_fetch_env(pixels=True) (state-only envs use SB3's CombinedExtractor)."
+        )
+    pixel_space = observation_space[PIXEL_KEY]
+    if not (isinstance(pixel_space, spaces.Box) and len(pixel_space.shape) == 3 and pixel_space.shape[0] < pixel_space.shape[1]):
+        raise ValueError(
+            f"{PIXEL_KEY!r} must be a channels-first (C, H, W) Box, got {pixel_space}; "
+            "PixelObservationWrapper produces (3 * frame_stack, 84, 84) uint8."
+        )
+    others = [key for key in observation_space.spaces if key != PIXEL_KEY]
+    for key in others:
+        space = observation_space[key]
+        if not (isinstance(space, spaces.Box) and len(space.shape) == 1):
+            raise ValueError(f"Observation entry {key!r} must be a 1-D Box to be concatenated, got {space}.")
+    ordered = [key for key in VECTOR_KEYS if key in others] + [key for key in others if key not in VECTOR_KEYS]
+    return pixel_space, tuple(ordered)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable scalars in `module`."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+# ----------------------------------------------------------------------------------------------
+# --8<-- [start:nature_cnn]
+class NatureCNN(nn.Module):
+    """DQN's Atari encoder (Mnih et al. 2015): the "wrong" encoder for manipulation.
+
+    | call                         | output      | meaning                                    |
+    |------------------------------|-------------|--------------------------------------------|
+    | NatureCNN(12)(pixels)        | (B, 512)    | pixels (B, 12, 84, 84) uint8 or float [0,1] |
+
+    Spatial progression 84 -> 20 -> 9 -> 7. The 8x8 stride-4 first layer is built for Atari sprites
+    tens of pixels wide; a 5-pixel puck ends up as about one cell of its 20x20 output.
+    Accepts either the channel count or the "pixels" Box space (SB3 style).
+    """
+
+    def __init__(self, in_channels: int | spaces.Box = 12, features_dim: int = NATURE_FEATURES_DIM, image_size: int = 84):
+        super().__init__()
+        if isinstance(in_channels, spaces.Box):
+            in_channels, height, width = in_channels.shape
+        else:
+            height = width = image_size
+        self.cnn = nn.Sequential(
+            nn.Conv2d(in_channels, 32, kernel_size=8, stride=4),  # 84 -> 20
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),  # 20 -> 9
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),  # 9 -> 7
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        # Let a dummy forward pass find the flattened size (3136 at 84x84) instead of hand arithmetic.
+        with torch.no_grad():
+            n_flatten = self.cnn(torch.zeros(1, in_channels, height, width)).shape[1]
+        self.linear = nn.Sequential(nn.Linear(n_flatten, features_dim), nn.ReLU())
+        self.features_dim = features_dim
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.cnn(pixels_to_float(pixels)))
+
+
+# --8<-- [end:nature_cnn]
+
+
+# --8<-- [start:running_normalizer]
+class RunningNormalizer(nn.Module):
+    """Per-dimension running mean/std: x -> clip((x - mean) / sqrt(var + eps), -5, 5).
+
+    Statistics update only in training mode (like BatchNorm's running stats), from every batch the
+    module sees, with Chan et al.'s parallel mean/variance merge; in eval mode they are frozen, so
+    acting never changes the network. The count is capped at `max_count`: after that the statistics
+    become an exponential moving average that follows the slowly drifting replay data, and a float32
+    count never stops growing. The buffers are named `running_*` on purpose: SB3's SAC copies every
+    `running_*` tensor of the critic into its target critic after each update, as it does for BatchNorm.
+    """
+
+    def __init__(self, dim: int, epsilon: float = 1e-6, clip: float = NORMALIZER_CLIP, max_count: float = 1e6):
+        super().__init__()
+        self.epsilon, self.clip, self.max_count = epsilon, clip, max_count
+        # Buffers, not attributes: they travel with .to(device) and land in state_dict, so SB3's
+        # save()/load() restores the statistics together with the weights.
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("running_count", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        batch_count = x.shape[0]
+        batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, correction=0)
+        total = self.running_count + batch_count
+        delta = batch_mean - self.running_mean
+        sum_sq = self.running_var * self.running_count + batch_var * batch_count
+        sum_sq = sum_sq + delta.square() * self.running_count * batch_count / total
+        self.running_mean.add_(delta * batch_count / total)
+        self.running_var.copy_(sum_sq / total)
+        self.running_count.copy_(total.clamp(max=self.max_count))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.update(x)
+        normalized = (x - self.running_mean) / torch.sqrt(self.running_var + self.epsilon)
+        return normalized.clamp(-self.clip, self.clip)
+
+
+# --8<-- [end:running_normalizer]
+
+
+# --8<-- [start:normalized_combined_extractor]
+class NormalizedCombinedExtractor(BaseFeaturesExtractor):
+    """SB3 features extractor for the pixel dict obs: NatureCNN(pixels) ++ normalise(vectors).
+
+    The Step 0 baseline of the chapter:
+        SAC("MultiInputPolicy", env,
+            policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor))
+
+    | input key        | shape             | route                                  | output |
+    |------------------|-------------------|----------------------------------------|--------|
+    | "pixels"         | (B, 12, 84, 84)   | NatureCNN (SB3 already scaled to [0,1]) | 512    |
+    | "proprioception" | (B, 10)           | running mean/std normalisation          | 10     |
+    | "achieved_goal"  | (B, 3)            | running mean/std normalisation          | 3      |
+    | "desired_goal"   | (B, 3)            | running mean/std normalisation          | 3      |
+    features_dim = 512 + (sum of the vector entries present) = 528 with all four keys.
+
+    Why normalise the vectors: Fetch positions are metres around (1.3, 0.75, 0.42); the puck and
+    goal move by ~0.15 m, and the gripper velocities are ~0.01. Raw, they reach the MLP as a nearly
+    constant offset beside 512 image features. Why a *running mean/std* (per dimension, VecNormalize
+    style) and not the alternatives:
+    - LayerNorm normalises across the entries of one sample: a 3-D goal loses its mean and scale,
+      i.e. two of its three degrees of freedom -- the position information we need.
+    - VecNormalize on the env would also rewrite the goals stored in the replay buffer, but HER's
+      `compute_reward` must compare raw goals in metres (the 0.05 m threshold). Normalising inside
+      the network keeps the buffer raw.
+    - Fixed constants would be FetchPush-specific; running statistics adapt to any Fetch task.
+    """
+
+    def __init__(self, observation_space: spaces.Dict, cnn_output_dim: int = NATURE_FEATURES_DIM):
+        pixel_space, vector_keys = split_observation_keys(observation_space)
+        vector_dim = sum(observation_space[key].shape[0] for key in vector_keys)
+        super().__init__(observation_space, features_dim=cnn_output_dim + vector_dim)
+        self.vector_keys = vector_keys
+        self.cnn = NatureCNN(pixel_space, features_dim=cnn_output_dim)
+        self.vector_normalizer = RunningNormalizer(vector_dim) if vector_dim else None
+
+    def forward(self, observations: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        image_features = self.cnn(observations[PIXEL_KEY])
+        if self.vector_normalizer is None:
+            return image_features
+        vectors = torch.cat([observations[key] for key in self.vector_keys], dim=1)
+        return torch.cat([image_features, self.vector_normalizer(vectors)], dim=1)
+
+
+# --8<-- [end:normalized_combined_extractor]
+
+
+# --8<-- [start:visual_goal_encoder]
+class VisualGoalEncoder(nn.Module):
+    """(pixels, goal vectors) -> z, the state the from-scratch visual SAC networks read.
+
+        z = [ tanh(LayerNorm(W * cnn(pixels))) , normalise(vectors) ]
+
+    | call                          | output                       | meaning                        |
+    |-------------------------------|------------------------------|--------------------------------|
+    | encoder(pixels, vectors)      | (B, latent_dim + vector_dim) | pixels (B, C, H, W) uint8/float; |
+    |                               |                              | vectors (B, vector_dim): proprio, |
+    |                               |                              | achieved and desired goal, concatenated |
+
+    The trunk (Linear -> LayerNorm -> tanh, from DrQ-v2) squeezes the CNN's features into a small
+    bounded latent so image and goal enter the MLPs on comparable scales. LayerNorm is right here
+    (a 50-D learned latent) and wrong for a raw 3-D goal (see NormalizedCombinedExtractor).
+    `cnn` is any module mapping pixels to (B, D): NatureCNN by default, or e.g.
+    nn.Sequential(ManipulationCNN(), SpatialSoftmax(32, 21, 21)).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 12,
+        vector_dim: int = 16,
+        latent_dim: int = TRUNK_LATENT_DIM,
+        image_size: int = 84,
+        cnn: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.cnn = cnn if cnn is not None else NatureCNN(in_channels, image_size=image_size)
+        with torch.no_grad():
+            cnn_dim = self.cnn(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
+        self.trunk = nn.Sequential(nn.Linear(cnn_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
+        self.vector_normalizer = RunningNormalizer(vector_dim)
+        self.features_dim = latent_dim + vector_dim
+
+    def forward(self, pixels: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        image_latent = self.trunk(self.cnn(pixels).flatten(1))
+        return torch.cat([image_latent, self.vector_normalizer(vectors)], dim=1)
+
+
+# --8<-- [end:visual_goal_encoder]
+
+
+# --8<-- [start:visual_gaussian_policy]
+class VisualGaussianPolicy(nn.Module):
+    """Tanh-squashed Gaussian actor: a = tanh(u), u ~ N(mu(z), sigma(z)^2), z = encoder(pixels, vectors).
+
+    | call                                     | output                          |
+    |------------------------------------------|---------------------------------|
+    | policy(pixels, vectors)                  | action (B, A) in [-1, 1], log_prob (B,) |
+    | policy(pixels, vectors, deterministic=True) | tanh(mu), its log-prob       |
+    | policy.distribution_params(pixels, vectors) | mu (B, A), log_std (B, A)    |
+    """
+
+    def __init__(self, encoder: VisualGoalEncoder, action_dim: int = 4, hidden_dims: Sequence[int] = (256, 256)):
+        super().__init__()
+        self.encoder = encoder
+        self.latent_pi = nn.Sequential(*create_mlp(encoder.features_dim, -1, list(hidden_dims)))
+        last_dim = hidden_dims[-1] if hidden_dims else encoder.features_dim
+        self.mu = nn.Linear(last_dim, action_dim)
+        self.log_std = nn.Linear(last_dim, action_dim)
+
+    def distribution_params(self, pixels: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.latent_pi(self.encoder(pixels, vectors))
+        # Same bounds as SB3: sigma in [2e-9, 7.4]; a collapsing sigma would make log_prob explode.
+        return self.mu(hidden), self.log_std(hidden).clamp(LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(
+        self, pixels: torch.Tensor, vectors: torch.Tensor, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self.distribution_params(pixels, vectors)
+        # Reparameterisation trick: u = mu + sigma * eps keeps the sample differentiable in mu, sigma.
+        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        return torch.tanh(u), self.squashed_log_prob(u, mean, log_std)
+
+    @staticmethod
+    def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+        """log pi(tanh(u)) = sum_i [log N(u_i; mu_i, sigma_i) - 2 (log 2 - u_i - softplus(-2 u_i))]."""
+        gaussian_log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+        # log(1 - tanh(u)^2), written so it never evaluates log(0) once tanh(u) rounds to +-1.
+        log_det_jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
+        return (gaussian_log_prob - log_det_jacobian).sum(dim=-1)
+
+
+# --8<-- [end:visual_gaussian_policy]
+
+
+# --8<-- [start:visual_twin_q_network]
+class VisualTwinQNetwork(nn.Module):
+    """Clipped double-Q critic: one encoder, two *independent* Q heads.
+
+    | call                          | output                 |
+    |-------------------------------|------------------------|
+    | q(pixels, vectors, action)    | q1 (B,), q2 (B,)       |
+
+    SAC's target uses min(Q1, Q2) to curb overestimation; that only works if the two heads are
+    separately initialised and separately parameterised. Building one head and using it twice
+    (`self.q2 = self.q1`) silently turns the min into a no-op -- easy to overlook, so --verify
+    checks it by parameter identity. The encoder is computed once and read by both heads (DrQ-v2).
+    """
+
+    def __init__(self, encoder: VisualGoalEncoder, action_dim: int = 4, hidden_dims: Sequence[int] = (256, 256)):
+        super().__init__()
+        self.encoder = encoder
+        head_input_dim = encoder.features_dim + action_dim
+        self.q1 = nn.Sequential(*create_mlp(head_input_dim, 1, list(hidden_dims)))
+        self.q2 = nn.Sequential(*create_mlp(head_input_dim, 1, list(hidden_dims)))
+
+    def forward(
+        self, pixels: torch.Tensor, vectors: torch.Tensor, action: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        state_action = torch.cat([self.encoder(pixels, vectors), action], dim=1)
+        return self.q1(state_action).squeeze(-1), self.q2(state_action).squeeze(-1)
+
+
+# --8<-- [end:visual_twin_q_network]
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks (--verify)
+# ----------------------------------------------------------------------------------------------
+BATCH = 4
+"""Batch size of the shape checks."""
+
+
+def _random_pixels(batch: int = BATCH, channels: int = 12, size: int = 84, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=generator)
+
+
+def pixel_dict_space(
+    keys: Sequence[str] = (PIXEL_KEY, *VECTOR_KEYS), frame_stack: int = 4, image_size: int = 84
+) -> spaces.Dict:
+    """A hand-built observation space with the pixel env's shapes, for checks that need no renderer."""
+    sizes = {"proprioception": 10, "achieved_goal": 3, "desired_goal": 3}
+    entries: dict[str, spaces.Space] = {}
+    for key in keys:
+        if key == PIXEL_KEY:
+            entries[key] = spaces.Box(0, 255, (3 * frame_stack, image_size, image_size), np.uint8)
+        else:
+            entries[key] = spaces.Box(-np.inf, np.inf, (sizes[key],), np.float32)
+    return spaces.Dict(entries)
+
+
+def fake_observations(space: spaces.Dict, batch: int = BATCH, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch shaped like SB3's preprocessed obs: pixels float in [0, 1], vectors near Fetch's scale."""
+    generator = torch.Generator().manual_seed(seed)
+    obs: dict[str, torch.Tensor] = {}
+    for key, box in space.spaces.items():
+        if key == PIXEL_KEY:
+            obs[key] = torch.rand((batch, *box.shape), generator=generator)
+        else:
+            obs[key] = 1.0 + 0.1 * torch.randn((batch, *box.shape), generator=generator)
+    return obs
+
+
+def _layer_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
+    """Spatial size after each Conv2d, recorded with forward hooks."""
+    sizes: list[int] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    try:
+        with torch.no_grad():
+            model(pixels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def check_nature_cnn() -> list[Claim]:
+    cnn = NatureCNN(12)
+    sizes = _layer_sizes(cnn, _random_pixels())
+    with torch.no_grad():
+        features = cnn(_random_pixels())
+    convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
+    expected = sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels for c in convs)
+    expected += 3136 * NATURE_FEATURES_DIM + NATURE_FEATURES_DIM
+    n_params = count_parameters(cnn)
+    linear_share = count_parameters(cnn.linear) / n_params
+    return [
+        Claim(
+            "NatureCNN: (B, 12, 84, 84) uint8 -> (B, 512) finite, spatial 84 -> 20 -> 9 -> 7",
+            sizes == [20, 9, 7] and tuple(features.shape) == (BATCH, 512) and bool(torch.isfinite(features).all()),
+            f"sizes 84 -> {' -> '.join(map(str, sizes))}, output {tuple(features.shape)}",
+        ),
+        Claim(
+            "NatureCNN has ~1.7M parameters, almost all in Linear(3136, 512)",
+            n_params == expected and abs(n_params - 1.7e6) / 1.7e6 < 0.05,
+            f"{n_params:,} parameters; Linear(3136, 512) holds {linear_share:.1%}",
+        ),
+    ]
+
+
+def check_normalized_extractor() -> list[Claim]:
+    space = pixel_dict_space()
+    extractor = NormalizedCombinedExtractor(space)
+    obs = fake_observations(space)
+    extractor.eval()
+    with torch.no_grad():
+        features = extractor(obs)
+    shape_ok = extractor.features_dim == 528 and tuple(features.shape) == (BATCH, 528) and bool(torch.isfinite(features).all())
+
+    # The normaliser on its own: batches of Fetch-like vectors (offsets ~1.3, scales 0.01-0.1).
+    # Chan's merge must reproduce the mean/variance of everything seen, and fresh data from the same
+    # distribution must come out standardised.
+    generator = torch.Generator().manual_seed(1)
+    offset = 1.3 + 0.3 * torch.rand(16, generator=generator)
+    scale = 0.01 + 0.1 * torch.rand(16, generator=generator)
+    normalizer = RunningNormalizer(16).train()
+    seen = [offset + scale * torch.randn(512, 16, generator=generator) for _ in range(8)]
+    for batch in seen:
+        normalizer(batch)
+    seen_all = torch.cat(seen).double()
+    merge_err = max(
+        float(((normalizer.running_mean - seen_all.mean(0)) / seen_all.std(0)).abs().max()),
+        float((normalizer.running_var / seen_all.var(0, correction=0) - 1).abs().max()),
+    )
+    normalizer.eval()
+    fresh = normalizer(offset + scale * torch.randn(4096, 16, generator=generator))
+    mean_err, std_err = float(fresh.mean(0).abs().max()), float((fresh.std(0) - 1).abs().max())
+
+    # Inside the extractor: a training-mode forward updates the statistics, an eval-mode one does
+    # not, and the last 16 features are exactly the normalised vectors.
+    extractor.train()
+    with torch.no_grad():
+        extractor(fake_observations(space, seed=2))
+    extractor.eval()
+    count_before = float(extractor.vector_normalizer.running_count)
+    test = fake_observations(space, seed=3)
+    with torch.no_grad():
+        vector_part = extractor(test)[:, 512:]
+        expected_part = extractor.vector_normalizer(torch.cat([test[k] for k in VECTOR_KEYS], dim=1))
+    frozen = float(extractor.vector_normalizer.running_count) == count_before == BATCH
+    routed = torch.equal(vector_part, expected_part)
+
+    # The statistics are buffers: a fresh extractor loading the state_dict reproduces the features.
+    state = extractor.state_dict()
+    clone = NormalizedCombinedExtractor(space)
+    clone.load_state_dict(state)
+    clone.eval()
+    with torch.no_grad():
+        reloaded_equal = torch.equal(clone(test), extractor(test))
+    buffer_names = sorted(k for k in state if "running_" in k)
+    return [
+        Claim("NormalizedCombinedExtractor: dict obs -> (B, 528) = 512 image + 16 vector features, finite",
+              shape_ok, f"features_dim {extractor.features_dim}, output {tuple(features.shape)}"),
+        Claim("running mean/std matches the data seen and standardises Fetch-scale vectors (mean ~0, std ~1)",
+              merge_err < 1e-4 and mean_err < 0.1 and std_err < 0.1,
+              f"merge error {merge_err:.1e}; fresh data: max |mean| {mean_err:.3f}, max |std - 1| {std_err:.3f}"),
+        Claim("the extractor updates its statistics in train mode only and outputs the normalised vectors",
+              frozen and routed, f"count {count_before:.0f} after one train batch of {BATCH}, "
+              f"unchanged by eval forwards: {frozen}; vector features == normaliser(vectors): {routed}"),
+        Claim("normaliser statistics are registered buffers that survive state_dict save/load",
+              reloaded_equal and len(buffer_names) == 3, f"buffers {buffer_names}, reloaded output identical: {reloaded_equal}"),
+    ]
+
+
+def check_sb3_baseline(env_factory=None, learn_steps: int = 24) -> list[Claim]:
+    """Build the Step 0 baseline SAC on the real pixel env, learn a few steps, save and reload it."""
+    env = (env_factory or make_fetch_env)()
+    try:
+        model = SAC(
+            "MultiInputPolicy", env, buffer_size=200, batch_size=8, learning_starts=learn_steps - 8,
+            policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor, net_arch=[64, 64]),
+            seed=0, device="cpu",
+        )
+        model.learn(total_timesteps=learn_steps)
+        policy = model.policy
+        actor_norm = policy.actor.features_extractor.vector_normalizer
+        critic_norm = policy.critic.features_extractor.vector_normalizer
+        target_norm = policy.critic_target.features_extractor.vector_normalizer
+        learned = float(actor_norm.running_count) > 0 and float(critic_norm.running_count) > 0
+        target_synced = torch.equal(critic_norm.running_mean, target_norm.running_mean)
+        obs = env.observation_space.sample()
+        action_before, _ = model.predict(obs, deterministic=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "baseline.zip"
+            model.save(path)
+            loaded = SAC.load(path, device="cpu")
+        action_after, _ = loaded.predict(obs, deterministic=True)
+        stats_equal = torch.equal(loaded.policy.actor.features_extractor.vector_normalizer.running_mean, actor_norm.running_mean)
+        predictions_equal = bool(np.allclose(action_before, action_after, atol=1e-6))
+    finally:
+        env.close()
+    return [
+        Claim(
+            "SB3 SAC('MultiInputPolicy') trains with NormalizedCombinedExtractor; save/load keeps its statistics",
+            isinstance(policy.actor.features_extractor, NormalizedCombinedExtractor) and learned and target_synced
+            and stats_equal and predictions_equal,
+            f"{learn_steps} steps; actor/critic counts {float(actor_norm.running_count):.0f}/{float(critic_norm.running_count):.0f}; "
+            f"target stats synced {target_synced}; reload: stats equal {stats_equal}, actions equal {predictions_equal}",
+        )
+    ]
+
+
+def check_visual_sac_networks() -> list[Claim]:
+    encoder_pi, encoder_q = VisualGoalEncoder(), VisualGoalEncoder()
+    policy = VisualGaussianPolicy(encoder_pi)
+    critic = VisualTwinQNetwork(encoder_q)
+    pixels = _random_pixels()
+    vectors = 1.0 + 0.1 * torch.randn(BATCH, 16)
+    with torch.no_grad():
+        z = encoder_pi(pixels, vectors)
+        action, log_prob = policy(pixels, vectors)
+        q1, q2 = critic(pixels, vectors, action)
+    shapes_ok = (
+        tuple(z.shape) == (BATCH, 66) and tuple(action.shape) == (BATCH, 4) and tuple(log_prob.shape) == (BATCH,)
+        and tuple(q1.shape) == (BATCH,) and tuple(q2.shape) == (BATCH,)
+    )
+    finite = all(bool(torch.isfinite(t).all()) for t in (z, action, log_prob, q1, q2))
+
+    # Push the pre-tanh mean to 30: actions must still be in [-1, 1] and the log-prob finite
+    # (tanh(30) is exactly 1.0 in float32, where log(1 - tanh^2) without the stable form is -inf).
+    saturated = VisualGaussianPolicy(VisualGoalEncoder())
+    with torch.no_grad():
+        saturated.mu.bias.fill_(30.0)
+        saturated_action, saturated_log_prob = saturated(pixels, vectors)
+    in_bounds = bool((action.abs() <= 1).all()) and bool((saturated_action.abs() <= 1).all())
+    in_bounds = in_bounds and bool(torch.isfinite(saturated_log_prob).all())
+
+    # The squashed log-prob against torch.distributions, on u from tiny to |u| = 8.
+    generator = torch.Generator().manual_seed(3)
+    mean = 2.0 * torch.randn(512, 4, generator=generator)
+    log_std = torch.empty(512, 4).uniform_(-3, 1, generator=generator)
+    u = mean + log_std.exp() * torch.randn(512, 4, generator=generator)
+    u[:8] = torch.linspace(-8, 8, 32).reshape(8, 4)  # saturated tanh: where the naive formula breaks
+    mean[:8], log_std[:8] = u[:8] + 0.1, 0.0
+    ours = VisualGaussianPolicy.squashed_log_prob(u, mean, log_std)
+    tanh = torch.distributions.TanhTransform(cache_size=1)
+    reference_dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, log_std.exp()), [tanh])
+    reference = reference_dist.log_prob(tanh(u)).sum(-1)  # the cache hands log_prob the exact u back
+    max_diff = float((ours - reference).abs().max())
+    naive = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
+    naive_diff = float((naive[:8] - reference[:8]).abs().max())
+    with torch.no_grad():  # the forward pass uses the same formula (deterministic: u = mu)
+        mu_pi, log_std_pi = policy.distribution_params(pixels, vectors)
+        action_det, log_prob_det = policy(pixels, vectors, deterministic=True)
+        ref_det = torch.distributions.TransformedDistribution(
+            torch.distributions.Normal(mu_pi, log_std_pi.exp()), [tanh]).log_prob(tanh(mu_pi)).sum(-1)
+    forward_diff = float((log_prob_det - ref_det).abs().max())
+
+    q1_ids = {id(p) for p in critic.q1.parameters()}
+    q2_ids = {id(p) for p in critic.q2.parameters()}
+    shared = len(q1_ids & q2_ids)
+    heads_differ = not torch.allclose(q1, q2)
+    counts = {
+        "encoder": count_parameters(encoder_pi),
+        "policy heads": count_parameters(policy) - count_parameters(encoder_pi),
+        "each Q head": count_parameters(critic.q1),
+    }
+    return [
+        Claim(
+            "VisualGoalEncoder/Policy/TwinQ: shapes (B, 66), (B, 4), (B,), (B,), (B,); all finite",
+            shapes_ok and finite,
+            f"z {tuple(z.shape)}, action {tuple(action.shape)}, log_prob {tuple(log_prob.shape)}, q {tuple(q1.shape)}; "
+            + ", ".join(f"{k} {v:,} params" for k, v in counts.items()),
+        ),
+        Claim("tanh-squashed actions lie in [-1, 1]; log-prob stays finite when tanh saturates (mu = 30)", in_bounds,
+              f"max |a| {float(action.abs().max()):.4f}; saturated: max |a| {float(saturated_action.abs().max()):.1f}, "
+              f"log_prob {float(saturated_log_prob.mean()):.1f}"),
+        Claim(
+            "squashed log-prob equals TransformedDistribution(Normal, TanhTransform) within 1e-5",
+            max_diff < 1e-5 and forward_diff < 1e-5,
+            f"max |diff| {max_diff:.1e} (policy forward {forward_diff:.1e}); naive log(1 - tanh^2 + 1e-6) is off by "
+            f"{naive_diff:.2f} nats at |u| <= 8",
+        ),
+        Claim("twin Q heads share no parameters (by identity) and give different values", shared == 0 and heads_differ,
+              f"{len(q1_ids)} + {len(q2_ids)} parameter tensors, {shared} shared"),
+    ]
+
+
+def verify() -> list[Claim]:
+    """All claims of this lab, in the order the chapter makes them."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    return [*check_nature_cnn(), *check_normalized_extractor(), *check_visual_sac_networks(), *check_sb3_baseline()]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--verify", action="store_true", help="run the lab's checks and print PASS/FAIL per claim")
+    args = parser.parse_args()
+    if not args.verify:
+        parser.print_help()
+        return 0
+    start = time.perf_counter()
+    status = report(verify())
+    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
