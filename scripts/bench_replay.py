@@ -1,0 +1,373 @@
+"""Benchmark: SB3's HerReplayBuffer vs FrameStackHerReplayBuffer on the same pixel transitions.
+
+What it measures, in one run on one machine (compare the ratios; absolute times are noisy):
+
+1. Memory: bytes per transition. SB3 stores obs and next_obs, each a 12x84x84 uint8 stack; ours stores each
+   3x84x84 frame once (one row per env step, plus one row per episode for the reset frame).
+2. ``add`` time per env step and ``sample`` time per batch of 256 (median of repeats), both buffers fed the
+   same synthetic stream of 50-step episodes (random frames stacked exactly as the pixel wrapper stacks them;
+   rewards from the real FetchPush ``compute_reward``).
+3. End-to-end env steps/s of ``python scripts/ch09_pixel_push.py train`` with ``--replay sb3`` vs
+   ``--replay framestack`` at ``--n-envs 1`` and ``4`` (short runs; the figure is the one the script writes
+   to its ``.meta.json``).
+
+Run it
+------
+    bash docker/dev.sh python scripts/bench_replay.py                 # CPU, ~minutes
+    bash docker/dev.sh python scripts/bench_replay.py --device cuda   # buffers on the GPU
+    bash docker/dev.sh python scripts/bench_replay.py --quick         # seconds: checks the script works
+
+It prints a table and writes JSON to ``results/bench_replay_<device>.json`` (or ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.vec_env import DummyVecEnv
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS_DIR / "labs"))
+sys.path.insert(0, str(SCRIPTS_DIR))
+from framestack_replay import FrameStackHerReplayBuffer  # noqa: E402
+from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_INDICES, make_fetch_env  # noqa: E402
+
+REPO_ROOT = SCRIPTS_DIR.parent
+FETCH_EPISODE_STEPS = 50
+GOAL_DIM = 3
+ACTION_DIM = 4
+FRAME_CHANNELS = 3
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of one benchmark run."""
+
+    transitions: int = 6_000
+    """env steps fed to each buffer (per env). Both buffers hold half of them, so the second half measures
+    add() in the steady state of a full ring (the first half also pays the OS for first-touch pages)."""
+    n_envs: int = 1
+    """parallel envs in the synthetic stream (episodes interleave)."""
+    batch_size: int = 256
+    """transitions per sampled batch."""
+    sample_repeats: int = 30
+    """batches sampled per buffer; the median time is reported."""
+    device: str = "cpu"
+    """training device the sampled tensors go to (our frames are stored there too)."""
+    train_steps: int = 2_000
+    """env steps per end-to-end training run (0 skips the end-to-end part)."""
+    train_n_envs: tuple[int, ...] = (1, 4)
+    """--n-envs values of the end-to-end runs."""
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A synthetic stream of transitions, stacked exactly like PixelObservationWrapper + DummyVecEnv deliver them
+# ---------------------------------------------------------------------------------------------------------
+def pixel_observation_space(frame_stack: int = FRAME_STACK, image_size: int = IMAGE_SIZE) -> spaces.Dict:
+    """The pixel wrapper's observation space with goal_mode='both' and proprioception (key order kept)."""
+    vector = lambda n: spaces.Box(-np.inf, np.inf, shape=(n,), dtype=np.float32)  # noqa: E731
+    return spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (FRAME_CHANNELS * frame_stack, image_size, image_size), np.uint8),
+            "proprioception": vector(len(PROPRIO_INDICES)),
+            "achieved_goal": vector(GOAL_DIM),
+            "desired_goal": vector(GOAL_DIM),
+        },
+        sort_keys=False,
+    )
+
+
+def action_space() -> spaces.Box:
+    return spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
+
+
+def synthetic_stream(
+    n_steps: int,
+    n_envs: int,
+    episode_lengths: tuple[int, ...] | int = FETCH_EPISODE_STEPS,
+    frame_stack: int = FRAME_STACK,
+    image_size: int = IMAGE_SIZE,
+    seed: int = 0,
+) -> Iterator[tuple[dict, dict, np.ndarray, np.ndarray, np.ndarray, list[dict]]]:
+    """Yield ``add()`` arguments ``(obs, next_obs, action, reward, done, infos)`` for ``n_steps`` vec steps.
+
+    Each env runs time-limited episodes (``episode_lengths[i]`` steps for env i): reset fills the frame
+    stack with the reset frame, each step appends one random frame, the last step's next_obs is the
+    terminal observation and the next call's obs is the new episode's reset observation, as SB3's
+    ``_store_transition`` passes them. The achieved goal random-walks in 2 cm steps so HER's relabelled
+    rewards are a mix of 0 and -1.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = (episode_lengths,) * n_envs if isinstance(episode_lengths, int) else tuple(episode_lengths)
+    frames = [deque(maxlen=frame_stack) for _ in range(n_envs)]
+    state = [dict() for _ in range(n_envs)]
+    step_in_episode = np.zeros(n_envs, dtype=np.int64)
+
+    def new_frame() -> np.ndarray:
+        return rng.integers(0, 256, (FRAME_CHANNELS, image_size, image_size), dtype=np.uint8)
+
+    def reset(env_idx: int) -> None:
+        frame = new_frame()
+        for _ in range(frame_stack):
+            frames[env_idx].append(frame)
+        state[env_idx] = {
+            "proprioception": rng.normal(size=len(PROPRIO_INDICES)).astype(np.float32),
+            "achieved_goal": rng.uniform(-0.1, 0.1, GOAL_DIM).astype(np.float32),
+            "desired_goal": rng.uniform(-0.1, 0.1, GOAL_DIM).astype(np.float32),
+        }
+        step_in_episode[env_idx] = 0
+
+    def observe() -> dict[str, np.ndarray]:
+        obs = {"pixels": np.stack([np.concatenate(frames[i], axis=0) for i in range(n_envs)])}
+        for key in ("proprioception", "achieved_goal", "desired_goal"):
+            obs[key] = np.stack([state[i][key] for i in range(n_envs)])
+        return obs
+
+    for env_idx in range(n_envs):
+        reset(env_idx)
+    obs = observe()
+    for _ in range(n_steps):
+        action = rng.uniform(-1, 1, (n_envs, ACTION_DIM)).astype(np.float32)
+        for env_idx in range(n_envs):
+            frames[env_idx].append(new_frame())
+            state[env_idx]["proprioception"] = rng.normal(size=len(PROPRIO_INDICES)).astype(np.float32)
+            state[env_idx]["achieved_goal"] = (
+                state[env_idx]["achieved_goal"] + rng.normal(0, 0.02, GOAL_DIM).astype(np.float32)
+            )
+            step_in_episode[env_idx] += 1
+        next_obs = observe()  # for a done env this is its terminal observation
+        distance = np.linalg.norm(next_obs["achieved_goal"] - next_obs["desired_goal"], axis=-1)
+        reward = -(distance > 0.05).astype(np.float32)
+        done = step_in_episode >= np.array(lengths)
+        infos = [{"TimeLimit.truncated": bool(d)} for d in done]
+        yield obs, next_obs, action, reward, done, infos
+        for env_idx in np.flatnonzero(done):
+            reset(int(env_idx))
+        obs = observe() if done.any() else next_obs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Buffer benchmark
+# ---------------------------------------------------------------------------------------------------------
+def sb3_bytes_per_transition(buffer: HerReplayBuffer) -> int:
+    """Bytes SB3's buffer allocates per stored transition (all its per-transition arrays)."""
+    arrays = [*buffer.observations.values(), *buffer.next_observations.values(), buffer.actions, buffer.rewards,
+              buffer.dones, buffer.timeouts, buffer.ep_start, buffer.ep_length, buffer.infos]
+    return sum(array.nbytes for array in arrays) // (buffer.buffer_size * buffer.n_envs)
+
+
+def framestack_allocated_bytes(buffer: FrameStackHerReplayBuffer) -> int:
+    """Bytes our buffer allocated (frames wherever they live, plus the host arrays)."""
+    total = 0
+    for array in buffer._arrays().values():
+        total += array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
+    return total
+
+
+@dataclass
+class BufferResult:
+    name: str
+    bytes_per_transition: float
+    """allocated bytes / transitions held when full of 50-step episodes."""
+    add_us_per_step: float
+    """microseconds of add() per env step, ring full (steady state)."""
+    sample_ms_per_batch: float
+    """median milliseconds per sample(batch_size), tensors on the device."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        th.cuda.synchronize()
+
+
+def bench_buffers(config: BenchConfig) -> list[BufferResult]:
+    """Feed SB3's HerReplayBuffer and ours the same stream; time add() and sample()."""
+    np.random.seed(config.seed)
+    th.manual_seed(config.seed)
+    reward_env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=False)])  # compute_reward only
+    observation_space, actions = pixel_observation_space(), action_space()
+    capacity = config.transitions // 2 * config.n_envs
+    buffers = {
+        "sb3_her": HerReplayBuffer(capacity, observation_space, actions, env=reward_env, device=config.device,
+                                   n_envs=config.n_envs),
+        # One extra row per episode for the reset frame: give ours the rows to hold the same transitions.
+        "framestack": FrameStackHerReplayBuffer(
+            capacity + capacity // FETCH_EPISODE_STEPS + 2 * config.n_envs, observation_space, actions,
+            env=reward_env, device=config.device, n_envs=config.n_envs,
+        ),
+    }
+    add_seconds = {phase: dict.fromkeys(buffers, 0.0) for phase in ("fill", "steady")}
+    chunk: list[tuple] = []
+
+    def flush(phase: str) -> None:
+        for name, buffer in buffers.items():
+            _synchronize(config.device)
+            start = time.perf_counter()
+            for args in chunk:
+                buffer.add(*args)
+            _synchronize(config.device)
+            add_seconds[phase][name] += time.perf_counter() - start
+        chunk.clear()
+
+    half = config.transitions // 2
+    for step, args in enumerate(synthetic_stream(config.transitions, config.n_envs, seed=config.seed)):
+        chunk.append(args)
+        if len(chunk) == 256 or step + 1 == half:
+            flush("fill" if step < half else "steady")
+    flush("steady")
+
+    results = []
+    for name, buffer in buffers.items():
+        buffer.sample(config.batch_size)  # warm-up (first CUDA kernels, allocator)
+        times = []
+        for _ in range(config.sample_repeats):
+            _synchronize(config.device)
+            start = time.perf_counter()
+            buffer.sample(config.batch_size)
+            _synchronize(config.device)
+            times.append(time.perf_counter() - start)
+        if name == "sb3_her":
+            per_transition = float(sb3_bytes_per_transition(buffer))
+            extra = {}
+        else:
+            # Full of 50-step episodes, a row buffer holds 50 transitions per 51 rows.
+            rows = buffer.buffer_size * buffer.n_envs
+            per_transition = framestack_allocated_bytes(buffer) / (rows * FETCH_EPISODE_STEPS / (FETCH_EPISODE_STEPS + 1))
+            extra = {"bytes_per_row": buffer.bytes_per_transition,
+                     "estimate_bytes_per_row": FrameStackHerReplayBuffer.estimate_bytes_per_transition(
+                         observation_space, actions)}
+        results.append(BufferResult(
+            name=name,
+            bytes_per_transition=per_transition,
+            add_us_per_step=1e6 * add_seconds["steady"][name] / ((config.transitions - half) * config.n_envs),
+            sample_ms_per_batch=1e3 * statistics.median(times),
+            extra=extra | {"add_us_per_step_while_filling": 1e6 * add_seconds["fill"][name] / (half * config.n_envs)},
+        ))
+    reward_env.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End-to-end: the production script's env steps/s
+# ---------------------------------------------------------------------------------------------------------
+def train_steps_per_second(replay: str, n_envs: int, steps: int, device: str, artifact_root: Path) -> float | None:
+    """Run ``ch09_pixel_push.py train`` briefly and read the env steps/s it records in its .meta.json."""
+    script = SCRIPTS_DIR / "ch09_pixel_push.py"
+    command = [
+        sys.executable, str(script), "train", "--artifact-root", str(artifact_root), "--replay", replay,
+        "--n-envs", str(n_envs), "--total-steps", str(steps), "--device", device, "--seed", "0",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    if completed.returncode != 0:
+        print(f"[bench] {' '.join(command[1:])} failed:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
+        return None
+    metas = sorted((artifact_root / "checkpoints").glob("*.meta.json"), key=lambda p: p.stat().st_mtime)
+    if not metas:
+        return None
+    meta = json.loads(metas[-1].read_text())
+    return _find_steps_per_second(meta)
+
+
+def _find_steps_per_second(meta: dict[str, Any]) -> float | None:
+    """The env steps/s figure in a meta.json (looked up by name, wherever the script nested it)."""
+    for key, value in meta.items():
+        if isinstance(value, dict):
+            found = _find_steps_per_second(value)
+            if found is not None:
+                return found
+        elif key in ("steps_per_second", "env_steps_per_second", "env_steps_per_s", "steps_per_s", "fps"):
+            return float(value)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------
+def run(config: BenchConfig) -> dict[str, Any]:
+    buffer_results = bench_buffers(config)
+    sb3, ours = buffer_results
+    report: dict[str, Any] = {
+        "config": asdict(config),
+        "torch": th.__version__,
+        "device_name": th.cuda.get_device_name() if config.device.startswith("cuda") else "cpu",
+        "buffers": [asdict(result) for result in buffer_results],
+        "ratios_sb3_over_framestack": {
+            "bytes_per_transition": sb3.bytes_per_transition / ours.bytes_per_transition,
+            "add_time": sb3.add_us_per_step / ours.add_us_per_step,
+            "sample_time": sb3.sample_ms_per_batch / ours.sample_ms_per_batch,
+        },
+        "end_to_end_steps_per_s": {},
+    }
+    if config.train_steps > 0:
+        for n_envs in config.train_n_envs:
+            for replay in ("sb3", "framestack"):
+                with tempfile.TemporaryDirectory() as root:
+                    fps = train_steps_per_second(replay, n_envs, config.train_steps, config.device, Path(root))
+                report["end_to_end_steps_per_s"][f"{replay}_n_envs{n_envs}"] = fps
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    config = report["config"]
+    print(f"\nReplay buffers, {config['transitions']:,} env steps x {config['n_envs']} env(s), "
+          f"batch {config['batch_size']}, device {config['device']} ({report['device_name']})")
+    print(f"{'buffer':<12} {'bytes/transition':>17} {'add us/step':>12} {'sample ms/batch':>16}")
+    for result in report["buffers"]:
+        print(f"{result['name']:<12} {result['bytes_per_transition']:>17,.0f} {result['add_us_per_step']:>12.1f} "
+              f"{result['sample_ms_per_batch']:>16.2f}")
+    ratios = report["ratios_sb3_over_framestack"]
+    print(f"{'SB3 / ours':<12} {ratios['bytes_per_transition']:>16.2f}x {ratios['add_time']:>11.2f}x "
+          f"{ratios['sample_time']:>15.2f}x")
+    if report["end_to_end_steps_per_s"]:
+        print("\nEnd to end: ch09_pixel_push.py train, env steps/s")
+        for name, fps in report["end_to_end_steps_per_s"].items():
+            print(f"  {name:<22} {'failed' if fps is None else f'{fps:,.1f}'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, no training runs: checks the script works")
+    parser.add_argument("--transitions", type=int, default=BenchConfig.transitions, help="env steps per env fed to each buffer")
+    parser.add_argument("--n-envs", type=int, default=BenchConfig.n_envs, help="envs in the synthetic stream")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--train-steps", type=int, default=BenchConfig.train_steps,
+                        help="env steps per end-to-end training run; 0 skips them")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_replay_<device>.json)")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not th.cuda.is_available():
+        parser.error("--device cuda needs a CUDA build of torch and a GPU; this machine has none, so use --device cpu.")
+    config = BenchConfig(transitions=args.transitions, n_envs=args.n_envs, device=args.device,
+                         train_steps=args.train_steps)
+    if args.quick:
+        config = BenchConfig(transitions=300, n_envs=args.n_envs, batch_size=32, sample_repeats=3,
+                             device=args.device, train_steps=0)
+    torch_threads = th.get_num_threads()
+    th.set_num_threads(1 if config.device == "cpu" else torch_threads)
+    report = run(config)
+    print_report(report)
+    out = args.out or REPO_ROOT / "results" / f"bench_replay_{config.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

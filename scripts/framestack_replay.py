@@ -1,0 +1,708 @@
+"""A lean HER replay buffer for stacked pixel observations: every rendered frame is stored once.
+
+Why
+---
+SB3's ``HerReplayBuffer`` stores ``obs`` and ``next_obs`` separately, each with its whole 12x84x84 frame
+stack: 169,520 bytes per transition, so a 1M buffer needs ~170 GB. But consecutive stacks share three of
+their four frames, and ``obs(t+1)`` is ``next_obs(t)``. This buffer keeps each 3x84x84 frame ONCE and
+rebuilds both stacks by index arithmetic when a batch is sampled: ~21.3 KB per env step, 8x less, so a
+1M buffer (~21 GB) fits in RAM, or on the GPU we train on.
+
+Layout: one row per env step, plus one per episode for the reset frame
+----------------------------------------------------------------------
+Every env ``e`` owns a ring of ``R = buffer_size // n_envs`` rows. An episode of ``L`` steps that starts
+at row ``s`` fills ``L + 1`` consecutive rows (mod ``R``)::
+
+    row s         : reset observation o_0   (frame f_0 and the vector keys; no action, never sampled)
+    row s + 1 + k : transition k            (action a_k, reward r_k, done/timeout, and o_{k+1}: its newest
+                                             frame f_{k+1} and vector keys; for the last step the
+                                             ``terminal_observation`` SB3 substitutes for next_obs)
+
+The pixel wrapper's stack at frame time tau is ``(f_{tau-3}, f_{tau-2}, f_{tau-1}, f_tau)`` with
+``f_i = f_0`` for ``i < 0`` (reset fills the stack with the reset frame). Row ``s + i`` holds ``f_i``, so
+with ``K = frame_stack`` and ``clip(x) = max(x, 0)``::
+
+    obs(k)      = stack(k):     rows s + clip(k - K + 1 + j),  j = 0 .. K-1
+    next_obs(k) = stack(k + 1): rows s + clip(k - K + 2 + j),  j = 0 .. K-1
+
+Both together read only K + 1 distinct rows per sample. The vector keys of ``obs(k)`` are row ``s + k``,
+those of ``next_obs(k)`` row ``s + k + 1``. HER's "future" goal for transition k is the achieved goal of
+``next_obs(j)`` for ``j ~ U{k, ..., L-1}`` (inclusive, as in SB3): row ``s + 1 + j``. All of it is vectorised
+over the batch; the reward of a relabelled goal comes from ``compute_reward`` called once per batch,
+in-process (SB3 makes an ``env_method`` round trip to a worker process for it).
+
+A transition is sampled only once its episode has ended (as in SB3's HER): only then is ``L`` known. When
+the ring comes round to the start row of an old episode, that whole episode stops being sampleable.
+
+Use
+---
+    from framestack_replay import FrameStackHerReplayBuffer
+    model = SAC("MultiInputPolicy", env, replay_buffer_class=FrameStackHerReplayBuffer,
+                replay_buffer_kwargs=dict(n_sampled_goal=4, drq=True))
+
+SAC passes ``env`` itself (this is a ``HerReplayBuffer`` subclass), and ``compute_reward`` is read from
+an in-process env (DummyVecEnv). Under ``SubprocVecEnv`` pass ``compute_reward=`` yourself (any
+vectorised ``(achieved_goal, desired_goal, infos) -> rewards``, e.g. from a state-only env built in the
+main process), or the buffer falls back to one ``env_method`` call per batch.
+Observation spaces without a pixel key (full-state runs) work too: then this is simply a compact,
+vectorised HER buffer.
+
+``python scripts/bench_replay.py`` compares it with SB3's buffer; ``tests/test_framestack_replay.py``
+checks every sampled stack against the stream a real pixel env produced.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import BaseBuffer
+from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.type_aliases import DictReplayBufferSamples
+from stable_baselines3.common.utils import get_device
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize
+from stable_baselines3.her.goal_selection_strategy import KEY_TO_GOAL_STRATEGY, GoalSelectionStrategy
+from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "labs"))
+from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples  # noqa: E402
+from pixel_wrapper import FRAME_STACK, available_memory_bytes  # noqa: E402
+
+RewardFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]
+
+MEMORY_HEADROOM = 0.9
+"""Fraction of the free memory a buffer may take; the rest stays for the networks, the envs and the OS."""
+
+SAVE_CHUNK_BYTES = 256 * 2**20
+"""save()/load() stream each array in slices of about this many bytes (a 21 GB buffer is never pickled)."""
+
+SAVE_FORMAT_VERSION = 1
+
+MIN_ACCEPTANCE = 0.25
+"""Below this fraction of sampleable slots, sampling switches from rejection to an exact index list."""
+
+
+@dataclass
+class SampleIndices:
+    """Which stored transitions a batch holds: the buffer's half of a sample, before any gathering.
+
+    | field        | shape | meaning                                                              |
+    |--------------|-------|----------------------------------------------------------------------|
+    | rows, envs   | (B,)  | ring row and env column of transition k (row = episode start + 1 + k) |
+    | ep_start     | (B,)  | row of that episode's reset observation                              |
+    | step         | (B,)  | k, the step index inside the episode (0-based)                       |
+    | relabelled   | (B,)  | True where HER replaced the desired goal                             |
+    | goal_rows    | (B,)  | row whose achieved goal becomes the new goal (= rows where not relabelled) |
+    """
+
+    rows: np.ndarray
+    envs: np.ndarray
+    ep_start: np.ndarray
+    step: np.ndarray
+    relabelled: np.ndarray
+    goal_rows: np.ndarray
+
+
+# --8<-- [start:frame_stack_rows]
+def frame_stack_rows(ep_start: np.ndarray, step: np.ndarray, frame_stack: int, ring_rows: int) -> np.ndarray:
+    """Rows of the K + 1 frames that make up obs(k) = [:, :K] and next_obs(k) = [:, 1:], oldest first.
+
+    | argument  | shape  | meaning                                             |
+    |-----------|--------|-----------------------------------------------------|
+    | ep_start  | (B,)   | ring row of each episode's reset frame f_0          |
+    | step      | (B,)   | k, the transition's index in its episode            |
+    | return    | (B, K+1) | ring rows of f_{k-K+1}, ..., f_k, f_{k+1}, clipped at f_0 |
+
+    Clipping the frame index at 0 repeats the reset frame, exactly as the wrapper's reset fills its stack.
+    """
+    offsets = step[:, None] - frame_stack + 1 + np.arange(frame_stack + 1)  # frame index i of f_i
+    return (ep_start[:, None] + np.maximum(offsets, 0)) % ring_rows
+# --8<-- [end:frame_stack_rows]
+
+
+# --8<-- [start:frame_stack_her_replay_buffer]
+class FrameStackHerReplayBuffer(HerReplayBuffer):
+    """HER replay buffer that stores each frame once and rebuilds frame stacks at sample time.
+
+    A drop-in ``replay_buffer_class`` for SB3's SAC (SAC passes ``env``, ``device``, ``n_envs``).
+
+    | stored per row (env step)  | shape                  | dtype   | bytes (Push, 12x84x84 + 10 + 3 + 3) |
+    |----------------------------|------------------------|---------|--------------------------------------|
+    | ``frames``                 | (R, n_envs, 3, 84, 84) | uint8   | 21,168 (on ``storage_device``)       |
+    | ``vectors`` (all keys)     | (R, n_envs, d)         | float32 | 4 d: 64 for proprio + both goals     |
+    | ``actions``                | (R, n_envs, a)         | float32 | 16                                   |
+    | ``rewards``, ``dones``, ``timeouts`` | (R, n_envs)  | f32, bool, bool | 6                            |
+    | ``ep_start``, ``ep_length``, ``sampleable`` | (R, n_envs) | int64, int64, bool | 17 (bookkeeping) |
+
+    21,271 bytes per row; a 50-step episode takes 51 rows, so ~21.7 KB per transition (SB3: 169,520).
+
+    Args:
+        buffer_size: rows in total (``buffer_size // n_envs`` per env); each episode uses one extra row.
+        observation_space: dict space; ``pixel_key`` (a ``(3K, H, W)`` uint8 frame stack) is optional.
+        action_space: Box action space.
+        env: the training VecEnv (SAC injects it); used only to find ``compute_reward``.
+        device: training device; sampled tensors land there.
+        n_envs: number of parallel envs; their episodes interleave, each env has its own ring.
+        optimize_memory_usage: must be False: this buffer is the memory-optimised variant already.
+        handle_timeout_termination: time-limit truncations are not terminal (``dones`` sampled as 0).
+        n_sampled_goal: k; a sample is relabelled with probability k / (k + 1).
+        goal_selection_strategy: "future" (default), "final" or "episode".
+        compute_reward: vectorised ``(achieved_goal, desired_goal, infos) -> rewards``; None reads it from
+            an in-process env.
+        drq: apply DrQ random shifts (independently) to the sampled obs and next_obs pixels (no-op without pixels).
+        drq_pad: largest DrQ shift in pixels.
+        pixel_key: key of the stacked frames in the observation dict.
+        frame_stack: K, frames per stacked observation.
+        storage_device: where the frames live (None: the training device). On a GPU, sampling gathers
+            frames there and never copies pixels from host to device.
+    """
+
+    def __init__(
+        self,
+        buffer_size: int,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        env: VecEnv | None = None,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+        optimize_memory_usage: bool = False,
+        handle_timeout_termination: bool = True,
+        n_sampled_goal: int = 4,
+        goal_selection_strategy: GoalSelectionStrategy | str = "future",
+        compute_reward: RewardFn | None = None,
+        drq: bool = False,
+        drq_pad: int = DRQ_PAD,
+        pixel_key: str = PIXEL_KEY,
+        frame_stack: int = FRAME_STACK,
+        storage_device: th.device | str | None = None,
+    ) -> None:
+        # We skip HerReplayBuffer/DictReplayBuffer.__init__ on purpose: it would allocate obs AND next_obs
+        # stacks (170 GB for 1M). Subclassing HerReplayBuffer still makes SAC inject env= and set_env().
+        BaseBuffer.__init__(self, buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        if optimize_memory_usage:
+            raise ValueError(
+                "FrameStackHerReplayBuffer already stores every frame once; leave optimize_memory_usage=False."
+            )
+        if not isinstance(observation_space, spaces.Dict):
+            raise ValueError(f"FrameStackHerReplayBuffer needs a Dict observation space, got {observation_space}.")
+        self.buffer_size = max(buffer_size // n_envs, 1)  # rows per env, as SB3 counts per env
+        self.handle_timeout_termination = handle_timeout_termination
+        self.optimize_memory_usage = False
+        self.pixel_key = pixel_key
+        self.frame_stack = int(frame_stack)
+        self.frame_shape = self._frame_shape(observation_space, pixel_key, self.frame_stack)  # None: no pixels
+        # All vector keys share one (R, n_envs, d) array: one write per row, one read per sample.
+        self._vector_columns, vector_dtype = self._vector_layout(observation_space, pixel_key)
+        self.vector_keys = list(self._vector_columns)
+        self.storage_device = get_device(device if storage_device is None else storage_device)
+        self.drq, self.drq_pad = drq, drq_pad
+
+        self.goal_selection_strategy = (
+            KEY_TO_GOAL_STRATEGY[goal_selection_strategy.lower()]
+            if isinstance(goal_selection_strategy, str)
+            else goal_selection_strategy
+        )
+        self.n_sampled_goal = n_sampled_goal
+        self.her_ratio = 1 - 1.0 / (n_sampled_goal + 1)  # P(relabel) = k / (k + 1)
+        if n_sampled_goal > 0 and not {"achieved_goal", "desired_goal"} <= set(self.vector_keys):
+            raise ValueError(
+                f"HER relabels 'desired_goal' with an 'achieved_goal', but the observation keys are "
+                f"{list(observation_space.spaces)}; build the env with goal_mode='both' or pass n_sampled_goal=0."
+            )
+        self._check_capacity(buffer_size)
+
+        rows, envs = self.buffer_size, self.n_envs
+        if self.frame_shape is not None:
+            if self.storage_device.type == "cpu":
+                self.frames = np.zeros((rows, envs, *self.frame_shape), dtype=np.uint8)
+            else:
+                self.frames = th.zeros((rows, envs, *self.frame_shape), dtype=th.uint8, device=self.storage_device)
+        vector_width = sum(columns.stop - columns.start for columns in self._vector_columns.values())
+        self.vectors = np.zeros((rows, envs, vector_width), dtype=vector_dtype)
+        self.actions = np.zeros((rows, envs, self.action_dim), dtype=self._maybe_cast_dtype(action_space.dtype))
+        self.rewards = np.zeros((rows, envs), dtype=np.float32)
+        self.dones = np.zeros((rows, envs), dtype=bool)
+        self.timeouts = np.zeros((rows, envs), dtype=bool)
+        # Episode bookkeeping, per row: where its episode starts and how long it is (0 = not finished).
+        self.ep_start = np.zeros((rows, envs), dtype=np.int64)
+        self.ep_length = np.zeros((rows, envs), dtype=np.int64)
+        self.sampleable = np.zeros((rows, envs), dtype=bool)  # transition rows of finished, intact episodes
+        # Per-env writer state.
+        self._all_envs = np.arange(envs)
+        self._next_row = np.zeros(envs, dtype=np.int64)
+        self._rows_written = np.zeros(envs, dtype=np.int64)
+        self._open_start = np.full(envs, -1, dtype=np.int64)  # start row of the running episode, -1 if none
+        self._n_sampleable = 0
+
+        self.env = None
+        self._user_compute_reward = compute_reward
+        self.compute_reward: RewardFn | None = compute_reward
+        if env is not None:
+            self.set_env(env)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sizes
+    # ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _frame_shape(observation_space: spaces.Dict, pixel_key: str, frame_stack: int) -> tuple[int, int, int] | None:
+        """(C, H, W) of ONE frame, from the (C*K, H, W) stacked pixel space; None without pixels."""
+        if pixel_key not in observation_space.spaces:
+            return None
+        space = observation_space[pixel_key]
+        if not (isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3):
+            raise ValueError(f"observation_space['{pixel_key}'] must be a (C*K, H, W) uint8 Box, got {space}.")
+        channels, height, width = space.shape
+        if channels % frame_stack:
+            raise ValueError(
+                f"'{pixel_key}' has {channels} channels, which is not frame_stack={frame_stack} frames; "
+                "pass the frame_stack the env was built with."
+            )
+        return channels // frame_stack, height, width
+
+    @staticmethod
+    def _vector_layout(observation_space: spaces.Dict, pixel_key: str) -> tuple[dict[str, slice], np.dtype]:
+        """Columns of each non-pixel key in the shared vector array, and that array's dtype."""
+        keys = [key for key in observation_space.spaces if key != pixel_key]
+        edges = np.cumsum([0, *[int(np.prod(observation_space[key].shape)) for key in keys]])
+        columns = {key: slice(int(lo), int(hi)) for key, lo, hi in zip(keys, edges[:-1], edges[1:])}
+        return columns, np.result_type(*[observation_space[key].dtype for key in keys], np.float32)
+
+    @staticmethod
+    def estimate_bytes_per_transition(
+        observation_space: spaces.Dict, action_space: spaces.Space, frame_stack: int = FRAME_STACK
+    ) -> int:
+        """Bytes one row (one env step) takes, before anything is allocated: the memory preflight's number.
+
+        A buffer of ``buffer_size`` allocates ``buffer_size`` rows; each episode spends one extra row on
+        its reset frame, so it holds ``buffer_size * L / (L + 1)`` transitions of L-step episodes.
+        """
+        return sum(FrameStackHerReplayBuffer._row_bytes(observation_space, action_space, frame_stack))
+
+    @staticmethod
+    def _row_bytes(
+        observation_space: spaces.Dict, action_space: spaces.Space, frame_stack: int, pixel_key: str = PIXEL_KEY
+    ) -> tuple[int, int]:
+        """(frame bytes, everything else) per row; the frame part lives on the storage device."""
+        shape = FrameStackHerReplayBuffer._frame_shape(observation_space, pixel_key, frame_stack)
+        frame_bytes = int(np.prod(shape)) if shape is not None else 0
+        columns, dtype = FrameStackHerReplayBuffer._vector_layout(observation_space, pixel_key)
+        vector_bytes = sum(column.stop - column.start for column in columns.values()) * dtype.itemsize
+        action_bytes = get_action_dim(action_space) * 4  # float32, as SB3 stores actions
+        scalar_bytes = 4 + 1 + 1  # reward float32, done bool, timeout bool
+        bookkeeping_bytes = 8 + 8 + 1  # ep_start int64, ep_length int64, sampleable bool
+        return frame_bytes, vector_bytes + action_bytes + scalar_bytes + bookkeeping_bytes
+
+    @property
+    def bytes_per_transition(self) -> int:
+        """Bytes per row of this buffer (frames on the storage device + everything else on the host)."""
+        return sum(self._row_bytes(self.observation_space, self.action_space, self.frame_stack, self.pixel_key))
+
+    def _check_capacity(self, buffer_size: int) -> None:
+        """Refuse, in one sentence, a buffer that does not fit the free memory of where it would live."""
+        frame_bytes, host_bytes = self._row_bytes(
+            self.observation_space, self.action_space, self.frame_stack, self.pixel_key
+        )
+        rows = self.buffer_size * self.n_envs
+        on_gpu = self.storage_device.type == "cuda"
+        budgets = []  # (where, bytes per row there, free bytes there)
+        if on_gpu:
+            free_gpu, _ = th.cuda.mem_get_info(self.storage_device)
+            budgets.append((f"GPU {self.storage_device}", frame_bytes, free_gpu))
+            budgets.append(("host RAM", host_bytes, available_memory_bytes()))
+        else:
+            budgets.append(("host RAM", frame_bytes + host_bytes, available_memory_bytes()))
+        for where, per_row, free in budgets:
+            usable = int(MEMORY_HEADROOM * free)
+            if per_row > 0 and rows * per_row > usable:
+                rows_that_fit = min(int(MEMORY_HEADROOM * f) // p for _, p, f in budgets if p > 0)
+                largest = rows_that_fit // self.n_envs * self.n_envs  # buffer_size counts rows of all envs
+                raise ValueError(
+                    f"a FrameStackHerReplayBuffer of buffer_size={buffer_size:,} needs "
+                    f"{rows * per_row / 1e9:.1f} GB of {where} ({per_row:,} bytes per row) but only "
+                    f"{usable / 1e9:.1f} GB is usable there ({MEMORY_HEADROOM:.0%} of {free / 1e9:.1f} GB free), "
+                    f"so use buffer_size <= {largest:,}."
+                )
+
+    def size(self) -> int:
+        """Transitions that can be sampled now (all envs; episodes still running are not counted)."""
+        return self._n_sampleable
+
+    # ----------------------------------------------------------------------------------------------
+    # The env's reward function, evaluated in this process
+    # ----------------------------------------------------------------------------------------------
+    def set_env(self, env: VecEnv) -> None:
+        super().set_env(env)  # raises if an env is already set, as SB3 does
+        if self._user_compute_reward is None:
+            self.compute_reward = self._in_process_compute_reward(env)
+
+    @staticmethod
+    def _in_process_compute_reward(env: VecEnv) -> RewardFn | None:
+        """The first sub-env's ``compute_reward`` when it lives in this process (DummyVecEnv), else None."""
+        envs = getattr(env, "envs", None)
+        if envs:
+            return envs[0].get_wrapper_attr("compute_reward")
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()  # drops env, as SB3 does
+        if self._user_compute_reward is None:
+            state["compute_reward"] = None  # a bound method of a MuJoCo env; set_env() finds it again
+        return state
+
+    def _relabelled_rewards(self, achieved_goal: np.ndarray, desired_goal: np.ndarray) -> np.ndarray:
+        infos = [{} for _ in range(len(achieved_goal))]  # Fetch's reward needs no info
+        if self.compute_reward is not None:
+            rewards = self.compute_reward(achieved_goal, desired_goal, infos)
+        elif self.env is not None:
+            # SubprocVecEnv: one round trip per batch (pass compute_reward= to avoid it).
+            rewards = self.env.env_method("compute_reward", achieved_goal, desired_goal, infos, indices=[0])[0]
+        else:
+            raise RuntimeError(
+                "FrameStackHerReplayBuffer has no compute_reward for relabelled goals; pass compute_reward= "
+                "or an env (SAC does this for you)."
+            )
+        return np.asarray(rewards, dtype=np.float32)
+
+    # ----------------------------------------------------------------------------------------------
+    # Writing
+    # ----------------------------------------------------------------------------------------------
+    def add(  # type: ignore[override]
+        self,
+        obs: dict[str, np.ndarray],
+        next_obs: dict[str, np.ndarray],
+        action: np.ndarray,
+        reward: np.ndarray,
+        done: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        """Store one env step of every env: called by SB3's ``_store_transition`` with (n_envs, ...) arrays.
+
+        At a done step SB3 has already put ``infos[i]["terminal_observation"]`` into ``next_obs[i]``; the
+        ``obs`` of the NEXT call is then the new episode's reset observation, stored as a start row.
+        """
+        envs = self._all_envs
+        obs_vectors = self._pack(obs)
+        self._close_discontinued_episodes(obs_vectors)
+        starting = self._open_start < 0
+        if starting.any():  # first step of an episode: its reset observation gets a row of its own
+            new = envs[starting]
+            self._open_start[new] = self._next_row[new]
+            start_rows = self._write_rows(new, self._newest_frames(obs, new), obs_vectors[new])
+            self.dones[start_rows, new] = False  # a start row holds an observation, not a transition
+            self.timeouts[start_rows, new] = False
+        wrapped = self._next_row == self._open_start  # the ring came round to a running episode's start
+        if wrapped.any():
+            env_idx = int(np.flatnonzero(wrapped)[0])
+            raise ValueError(
+                f"an episode of env {env_idx} is longer than the {self.buffer_size:,} rows each env's ring "
+                "holds (buffer_size // n_envs), so use a buffer_size of at least n_envs x (episode length + 1)."
+            )
+
+        rows = self._write_rows(envs, self._newest_frames(next_obs, envs), self._pack(next_obs))
+        done = np.asarray(done, dtype=bool).reshape(self.n_envs)
+        self.actions[rows, envs] = np.asarray(action).reshape(self.n_envs, self.action_dim)
+        self.rewards[rows, envs] = np.asarray(reward).reshape(self.n_envs)
+        self.dones[rows, envs] = done
+        if self.handle_timeout_termination:
+            self.timeouts[rows, envs] = [info.get("TimeLimit.truncated", False) for info in infos]
+        if done.any():
+            for env_idx in np.flatnonzero(done):
+                self._close_episode(int(env_idx))
+
+    def _newest_frames(self, source: dict[str, np.ndarray], envs: np.ndarray) -> np.ndarray | None:
+        """(n, 3, H, W) view of the newest frame of each stack (the last 3 channels), or None without pixels."""
+        if self.frame_shape is None:
+            return None
+        stacks = np.asarray(source[self.pixel_key])
+        newest = stacks[:, -self.frame_shape[0] :]  # a view, no copy
+        return newest if len(envs) == self.n_envs else newest[envs]
+
+    def _pack(self, source: dict[str, np.ndarray]) -> np.ndarray:
+        """(n_envs, d): all vector keys of ``source`` side by side, in observation-space order."""
+        if not self.vector_keys:
+            return np.zeros((self.n_envs, 0), dtype=self.vectors.dtype)
+        return np.concatenate([np.asarray(source[key]).reshape(self.n_envs, -1) for key in self.vector_keys], axis=1)
+
+    def _write_rows(self, envs: np.ndarray, frames: np.ndarray | None, vectors: np.ndarray) -> np.ndarray:
+        """Write one row per env in ``envs`` (its newest frame, its vector keys) at its next row; return the rows."""
+        rows = self._next_row[envs]
+        self._free_rows(rows, envs)
+        if frames is None:
+            pass
+        elif isinstance(self.frames, np.ndarray):
+            self.frames[rows, envs] = frames
+        else:  # one host-to-device copy of the new frames, then a scatter on the device
+            flat = th.as_tensor(rows * self.n_envs + envs, device=self.storage_device)
+            self.frames.view(-1, *self.frame_shape).index_copy_(0, flat, th.from_numpy(np.ascontiguousarray(frames)).to(self.storage_device))
+        self.vectors[rows, envs] = vectors
+        self.ep_start[rows, envs] = self._open_start[envs]
+        self.ep_length[rows, envs] = 0
+        self._next_row[envs] = (rows + 1) % self.buffer_size
+        self._rows_written[envs] += 1
+        return rows
+
+    def _unpack(self, packed: np.ndarray) -> dict[str, np.ndarray]:
+        """Inverse of ``_pack`` for a (B, d) batch: per-key (B, *shape) arrays in each key's dtype."""
+        return {
+            key: np.ascontiguousarray(packed[:, columns]).reshape(len(packed), *self.observation_space[key].shape)
+            .astype(self.observation_space[key].dtype, copy=False)
+            for key, columns in self._vector_columns.items()
+        }
+
+    def _free_rows(self, rows: np.ndarray, envs: np.ndarray) -> None:
+        """Before overwriting a row: if an old episode starts there, retire the whole episode.
+
+        The ring overwrites oldest-first and an episode's start row is its oldest row, so the writer always
+        meets an old episode at its start: without its reset frame no stack of that episode can be rebuilt.
+        """
+        lengths = self.ep_length[rows, envs]  # retiring an episode zeroes it, so only old start rows are > 0
+        if not lengths.any():
+            return
+        old_start = (lengths > 0) & (self.ep_start[rows, envs] == rows)
+        for row, env_idx in zip(rows[old_start], envs[old_start]):
+            episode = (row + np.arange(self.ep_length[row, env_idx] + 1)) % self.buffer_size
+            self._n_sampleable -= int(self.sampleable[episode, env_idx].sum())
+            self.sampleable[episode, env_idx] = False
+            self.ep_length[episode, env_idx] = 0
+
+    def _close_episode(self, env_idx: int) -> None:
+        """The running episode of ``env_idx`` ended: record its length and make its transitions sampleable."""
+        start = int(self._open_start[env_idx])
+        length = (int(self._next_row[env_idx]) - 1 - start) % self.buffer_size  # transition rows
+        episode = (start + np.arange(length + 1)) % self.buffer_size
+        self.ep_length[episode, env_idx] = length
+        self.sampleable[episode[1:], env_idx] = True
+        self._n_sampleable += length
+        self._open_start[env_idx] = -1
+
+    def _close_discontinued_episodes(self, obs_vectors: np.ndarray) -> None:
+        """This is subtle: the env may have been reset WITHOUT a done (a second ``learn()`` call, a resume).
+
+        Then ``obs`` does not continue the running episode, and appending to it would splice two episodes
+        into one frame stack. obs(t) must equal the stored next_obs(t-1); we compare the (host-side) vector
+        keys, which a reset changes, and close a broken episode as a time-out.
+        """
+        running = self._open_start >= 0
+        if not self.vector_keys or not running.any():
+            return
+        last_rows = (self._next_row - 1) % self.buffer_size
+        continues = (self.vectors[last_rows, self._all_envs] == obs_vectors).all(axis=1) | ~running
+        for env_idx in np.flatnonzero(~continues):
+            warnings.warn(
+                f"add() got an observation that does not continue env {env_idx}'s running episode (was the env "
+                "reset without done?); that episode is closed as a time-out."
+            )
+            self._truncate_episode(int(env_idx), int(last_rows[env_idx]))
+
+    def _truncate_episode(self, env_idx: int, last_row: int) -> None:
+        self.dones[last_row, env_idx] = True
+        if self.handle_timeout_termination:
+            self.timeouts[last_row, env_idx] = True  # not terminal: the target still bootstraps
+        self._close_episode(env_idx)
+
+    def truncate_last_trajectory(self) -> None:
+        """Close every running episode as a time-out (after a resume the envs start fresh episodes)."""
+        for env_idx in np.flatnonzero(self._open_start >= 0):
+            self._truncate_episode(int(env_idx), int((self._next_row[env_idx] - 1) % self.buffer_size))
+
+    def reset(self) -> None:
+        super().reset()
+        self.sampleable[:] = False
+        self.ep_length[:] = 0
+        self._next_row[:] = 0
+        self._rows_written[:] = 0
+        self._open_start[:] = -1
+        self._n_sampleable = 0
+
+    # ----------------------------------------------------------------------------------------------
+    # Sampling
+    # ----------------------------------------------------------------------------------------------
+    def sample(self, batch_size: int, env: VecNormalize | None = None) -> DictReplayBufferSamples:  # type: ignore[override]
+        """A batch of ``batch_size`` transitions, torch tensors on ``device``; pixels stay uint8."""
+        return self._gather(self._sample_indices(batch_size), env)
+
+    def _sample_indices(self, batch_size: int) -> SampleIndices:
+        """Draw transitions uniformly from finished episodes, then HER goals: all index arithmetic, no data."""
+        if self._n_sampleable == 0:
+            raise RuntimeError(
+                "Unable to sample before the end of the first episode; set learning_starts greater than the "
+                "number of steps in one episode."
+            )
+        rows, envs = self._uniform_sampleable(batch_size)
+        ep_start = self.ep_start[rows, envs]
+        ep_length = self.ep_length[rows, envs]
+        step = (rows - ep_start - 1) % self.buffer_size  # k: rows = ep_start + 1 + k
+
+        relabelled = np.random.random(batch_size) < self.her_ratio if self.n_sampled_goal > 0 else np.zeros(batch_size, bool)
+        if self.goal_selection_strategy == GoalSelectionStrategy.FUTURE:
+            goal_step = np.random.randint(step, ep_length)  # inclusive of k, as SB3: k <= j <= L - 1
+        elif self.goal_selection_strategy == GoalSelectionStrategy.FINAL:
+            goal_step = ep_length - 1
+        else:  # EPISODE
+            goal_step = np.random.randint(0, ep_length)
+        goal_rows = np.where(relabelled, (ep_start + 1 + goal_step) % self.buffer_size, rows)
+        return SampleIndices(rows, envs, ep_start, step, relabelled, goal_rows)
+
+    def _uniform_sampleable(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, envs) uniform over sampleable slots, by rejection from the filled part of the rings.
+
+        Nearly every filled row is sampleable (all but one row per episode and the running episodes), so
+        about one round suffices and nothing scans the whole buffer; a near-empty buffer takes the exact path.
+        """
+        filled = int(min(self._rows_written.max(), self.buffer_size))
+        if self._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs:
+            flat = np.flatnonzero(self.sampleable[:filled])
+            return np.unravel_index(np.random.choice(flat, size=batch_size), (filled, self.n_envs))
+        rows, envs, found = np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), 0
+        while found < batch_size:
+            draws = 2 * (batch_size - found)
+            cand_rows = np.random.randint(0, filled, draws)
+            cand_envs = np.random.randint(0, self.n_envs, draws)
+            ok = self.sampleable[cand_rows, cand_envs]
+            take = min(int(ok.sum()), batch_size - found)
+            rows[found : found + take] = cand_rows[ok][:take]
+            envs[found : found + take] = cand_envs[ok][:take]
+            found += take
+        return rows, envs
+
+    def _gather(self, idx: SampleIndices, env: VecNormalize | None = None) -> DictReplayBufferSamples:
+        """Read the transitions ``idx`` names: rebuild frame stacks, relabel goals, recompute rewards."""
+        obs_rows = (idx.rows - 1) % self.buffer_size  # obs(k) is row s + k; next_obs(k) is row s + k + 1
+        obs = self._unpack(self.vectors[obs_rows, idx.envs])
+        next_obs = self._unpack(self.vectors[idx.rows, idx.envs])
+        rewards = self.rewards[idx.rows, idx.envs].copy()
+        if idx.relabelled.any():
+            her = idx.relabelled
+            new_goals = self.vectors[idx.goal_rows[her], idx.envs[her], self._vector_columns["achieved_goal"]]
+            obs["desired_goal"][her] = new_goals
+            next_obs["desired_goal"][her] = new_goals  # the goal is fixed within a transition
+            # r_k = reward(next achieved goal, new goal): s_{k+1} is what action a_k achieved.
+            rewards[her] = self._relabelled_rewards(next_obs["achieved_goal"][her], new_goals)
+        dones = self.dones[idx.rows, idx.envs].astype(np.float32)
+        if self.handle_timeout_termination:
+            dones *= 1.0 - self.timeouts[idx.rows, idx.envs]  # a time-out is not terminal
+
+        if env is not None:
+            obs, next_obs = self._normalize_obs(obs, env), self._normalize_obs(next_obs, env)
+        observations = {key: self._to_device(value) for key, value in obs.items()}
+        next_observations = {key: self._to_device(value) for key, value in next_obs.items()}
+        if self.frame_shape is not None:
+            observations[self.pixel_key], next_observations[self.pixel_key] = self._gather_stacks(idx)
+        order = list(self.observation_space.spaces)  # the observation space's key order
+        samples = DictReplayBufferSamples(
+            observations={key: observations[key] for key in order},
+            actions=self._to_device(self.actions[idx.rows, idx.envs]),
+            next_observations={key: next_observations[key] for key in order},
+            dones=self._to_device(dones.reshape(-1, 1)),
+            rewards=self._to_device(self._normalize_reward(rewards.reshape(-1, 1), env)),
+        )
+        if self.drq and self.frame_shape is not None:
+            return augment_pixel_samples(samples, self.pixel_key, self.drq_pad)
+        return samples
+
+    def _gather_stacks(self, idx: SampleIndices) -> tuple[th.Tensor, th.Tensor]:
+        """(B, 3K, H, W) uint8 obs and next_obs stacks, from K + 1 gathered frames per sample."""
+        frame_rows = frame_stack_rows(idx.ep_start, idx.step, self.frame_stack, self.buffer_size)  # (B, K+1)
+        if isinstance(self.frames, np.ndarray):
+            frames = th.from_numpy(self.frames[frame_rows, idx.envs[:, None]]).to(self.device)
+        else:  # frames live on the GPU: only the (B, K+1) index crosses from the host
+            rows = th.as_tensor(frame_rows, device=self.storage_device)
+            envs = th.as_tensor(idx.envs[:, None], device=self.storage_device)
+            frames = self.frames[rows, envs].to(self.device)
+        batch, (channels, height, width) = len(idx.rows), self.frame_shape
+        stack = self.frame_stack * channels
+        # Views, no copy: merging the (K, C) axes of a (B, K+1, C, H, W) slice is a valid reshape.
+        return frames[:, :-1].reshape(batch, stack, height, width), frames[:, 1:].reshape(batch, stack, height, width)
+
+    def _to_device(self, array: np.ndarray) -> th.Tensor:
+        return th.as_tensor(array).to(self.device)  # the gathered arrays are fresh copies already
+
+    # ----------------------------------------------------------------------------------------------
+    # Save / load: one .npy per array, streamed in slices, plus a small JSON of the writer state
+    # ----------------------------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray | th.Tensor]:
+        arrays: dict[str, np.ndarray | th.Tensor] = {}
+        if self.frame_shape is not None:
+            arrays["frames"] = self.frames
+        arrays.update(
+            vectors=self.vectors, actions=self.actions, rewards=self.rewards, dones=self.dones, timeouts=self.timeouts,
+            ep_start=self.ep_start, ep_length=self.ep_length, sampleable=self.sampleable,
+        )
+        return arrays
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "format_version": SAVE_FORMAT_VERSION,
+            "rows_per_env": self.buffer_size,
+            "n_envs": self.n_envs,
+            "frame_stack": self.frame_stack,
+            "arrays": {name: [list(array.shape), str(array.dtype)] for name, array in self._arrays().items()},
+        }
+
+    def save(self, directory: str | Path) -> None:
+        """Write the buffer to ``directory`` (created): ``<array>.npy`` files written slice by slice + state.json."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, array in self._arrays().items():
+            dtype = array.dtype if isinstance(array, np.ndarray) else th.empty(0, dtype=array.dtype).numpy().dtype
+            out = np.lib.format.open_memmap(directory / f"{name}.npy", mode="w+", dtype=dtype, shape=tuple(array.shape))
+            for lo, hi in self._chunks(array):
+                chunk = array[lo:hi]
+                out[lo:hi] = chunk if isinstance(chunk, np.ndarray) else chunk.cpu().numpy()
+            out.flush()
+            del out
+        state = self._meta() | {
+            "next_row": self._next_row.tolist(),
+            "rows_written": self._rows_written.tolist(),
+            "open_start": self._open_start.tolist(),
+            "n_sampleable": self._n_sampleable,
+        }
+        (directory / "state.json").write_text(json.dumps(state, indent=1))
+
+    def load(self, directory: str | Path, truncate_last_trajectory: bool = True) -> None:
+        """Fill this buffer (built with the same arguments) from ``save(directory)``, slice by slice.
+
+        ``truncate_last_trajectory`` closes the episodes that were running at save time as time-outs, as SB3
+        does on resume (the envs will start new episodes); pass False to get the saved state byte for byte.
+        """
+        directory = Path(directory)
+        state_file = directory / "state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file} does not exist; point load() at a directory written by save().")
+        state = json.loads(state_file.read_text())
+        expected = self._meta()
+        saved = {key: state.get(key) for key in expected}
+        if saved != expected:
+            raise ValueError(
+                f"the buffer saved in {directory} has layout {saved} but this one was built as {expected}; "
+                "build it with the same buffer_size, n_envs, observation space and frame_stack."
+            )
+        for name, array in self._arrays().items():
+            source = np.load(directory / f"{name}.npy", mmap_mode="r")
+            for lo, hi in self._chunks(array):
+                chunk = np.ascontiguousarray(source[lo:hi])
+                if isinstance(array, np.ndarray):
+                    array[lo:hi] = chunk
+                else:
+                    array[lo:hi].copy_(th.from_numpy(chunk))
+            del source
+        self._next_row = np.array(state["next_row"], dtype=np.int64)
+        self._rows_written = np.array(state["rows_written"], dtype=np.int64)
+        self._open_start = np.array(state["open_start"], dtype=np.int64)
+        self._n_sampleable = int(state["n_sampleable"])
+        if truncate_last_trajectory:
+            self.truncate_last_trajectory()
+
+    @staticmethod
+    def _chunks(array: np.ndarray | th.Tensor) -> list[tuple[int, int]]:
+        row_bytes = max(array[0:1].nbytes if isinstance(array, np.ndarray) else array[0:1].numel() * array.element_size(), 1)
+        step = max(SAVE_CHUNK_BYTES // row_bytes, 1)
+        return [(lo, min(lo + step, len(array))) for lo in range(0, len(array), step)]
+# --8<-- [end:frame_stack_her_replay_buffer]

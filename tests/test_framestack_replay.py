@@ -1,0 +1,405 @@
+"""Tests for scripts/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
+
+The central check is equivalence on a real stream: SAC drives a real pixel FetchPush env (2 envs with
+different time limits, so episodes interleave and end in time-outs) through SB3's own ``_store_transition``,
+a VecEnv wrapper records every observation the pixel wrapper produced, and every sampled obs/next_obs must
+equal the recorded one at that (env, step), byte for byte. A spy on ``add()`` keeps the exact calls so the
+same stream can be replayed into other buffers (a small ring that wraps, a reloaded copy, GPU storage).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch as th
+from gymnasium.wrappers import TimeLimit
+from stable_baselines3 import SAC
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
+
+import bench_replay
+import framestack_replay
+from framestack_replay import FrameStackHerReplayBuffer, frame_stack_rows
+from pixel_wrapper import available_memory_bytes, make_fetch_env
+
+TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs
+STREAM_VEC_STEPS = 36  # 72 env steps: 5 + 3 finished episodes, one running episode per env
+N_SAMPLES = 1024  # enough to hit each of the ~65 finished transitions many times
+N_SAMPLED_GOAL = 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recording a real stream through SB3's own collection path
+# ---------------------------------------------------------------------------------------------------------
+class Recorder(VecEnvWrapper):
+    """Keeps a copy of every observation the VecEnv returned (reset and step), with dones and infos."""
+
+    def __init__(self, venv):
+        super().__init__(venv)
+        self.returned: list[dict[str, np.ndarray]] = []
+        self.dones: list[np.ndarray] = []
+        self.infos: list[list[dict]] = []
+
+    def reset(self):
+        obs = self.venv.reset()
+        self.returned.append(copy.deepcopy(obs))
+        return obs
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        self.returned.append(copy.deepcopy(obs))
+        self.dones.append(dones.copy())
+        self.infos.append(copy.deepcopy(infos))
+        return obs, rewards, dones, infos
+
+
+@dataclass
+class Stream:
+    """What the env produced, per add() call i and env e, and the add() calls themselves."""
+
+    vec_env: Recorder
+    buffer: FrameStackHerReplayBuffer
+    obs: list[dict[str, np.ndarray]]  # the observation the policy saw before step i
+    next_obs: list[dict[str, np.ndarray]]  # what step i led to (the terminal observation at a done)
+    actions: np.ndarray  # (T, E, A) the buffer actions add() received
+    rewards: np.ndarray  # (T, E)
+    dones: np.ndarray  # (T, E)
+    episode: np.ndarray  # (T, E) episode counter per env
+    step: np.ndarray  # (T, E) index inside the episode
+    add_calls: list[tuple] = field(default_factory=list)
+
+    def locate(self, env_idx: int, action: np.ndarray) -> int:
+        """The add() call whose action for env ``env_idx`` is ``action`` (random actions are unique tags)."""
+        matches = np.flatnonzero((self.actions[:, env_idx] == action).all(axis=1))
+        assert len(matches) == 1, f"sampled action of env {env_idx} matches {len(matches)} recorded steps"
+        return int(matches[0])
+
+    def finished(self) -> set[tuple[int, int]]:
+        """(call, env) of every transition whose episode ended within the stream."""
+        result = set()
+        for env_idx in range(self.dones.shape[1]):
+            last_done = np.flatnonzero(self.dones[:, env_idx])[-1]
+            result |= {(i, env_idx) for i in range(last_done + 1)}
+        return result
+
+
+def record_stream(pixels: bool, buffer_size: int = 1_000) -> Stream:
+    def make(limit: int):
+        return lambda: TimeLimit(make_fetch_env("FetchPush-v4", pixels=pixels, goal_mode="both"), limit)
+
+    vec_env = Recorder(DummyVecEnv([make(limit) for limit in TIME_LIMITS]))
+    model = SAC("MultiInputPolicy", vec_env, buffer_size=buffer_size, learning_starts=10**6, seed=0, device="cpu",
+                replay_buffer_class=FrameStackHerReplayBuffer,
+                replay_buffer_kwargs=dict(n_sampled_goal=N_SAMPLED_GOAL))
+    buffer = model.replay_buffer
+    add_calls: list[tuple] = []
+    real_add = buffer.add
+
+    def spy(*args):
+        add_calls.append(copy.deepcopy(args))
+        real_add(*args)
+
+    buffer.add = spy
+    model.learn(STREAM_VEC_STEPS * len(TIME_LIMITS))
+    del buffer.add
+
+    dones = np.array(vec_env.dones)
+    next_obs = []
+    for returned, done, infos in zip(vec_env.returned[1:], vec_env.dones, vec_env.infos):
+        nxt = copy.deepcopy(returned)
+        for env_idx in np.flatnonzero(done):
+            for key in nxt:
+                nxt[key][env_idx] = infos[env_idx]["terminal_observation"][key]
+        next_obs.append(nxt)
+    episode = np.zeros_like(dones, dtype=np.int64)
+    step = np.zeros_like(dones, dtype=np.int64)
+    for i in range(1, len(dones)):
+        episode[i] = episode[i - 1] + dones[i - 1]
+        step[i] = np.where(dones[i - 1], 0, step[i - 1] + 1)
+    return Stream(
+        vec_env=vec_env, buffer=buffer, obs=vec_env.returned[:-1], next_obs=next_obs,
+        actions=np.array([call[2] for call in add_calls]), rewards=np.array([call[3] for call in add_calls]),
+        dones=dones, episode=episode, step=step, add_calls=add_calls,
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The CI machine has 2 shared cores: one torch thread avoids oversubscription in the SAC runs."""
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", params=["pixels", "state"])
+def stream(request):
+    recorded = record_stream(pixels=request.param == "pixels")
+    yield recorded
+    recorded.vec_env.close()
+
+
+def replay_into(stream: Stream, **kwargs) -> FrameStackHerReplayBuffer:
+    """A fresh buffer fed the same add() calls SB3 made."""
+    kwargs = dict(buffer_size=1_000, n_sampled_goal=N_SAMPLED_GOAL) | kwargs
+    buffer = FrameStackHerReplayBuffer(
+        observation_space=stream.buffer.observation_space, action_space=stream.buffer.action_space,
+        device="cpu", n_envs=len(TIME_LIMITS), compute_reward=stream.buffer.compute_reward, **kwargs,
+    )
+    for call in stream.add_calls:
+        buffer.add(*copy.deepcopy(call))
+    return buffer
+
+
+def check_samples_match_stream(stream: Stream, buffer: FrameStackHerReplayBuffer, n_samples: int = N_SAMPLES) -> set:
+    """Every sampled obs/next_obs equals the recorded one; HER goals and rewards are right. Returns (call, env)s."""
+    idx = buffer._sample_indices(n_samples)
+    samples = buffer._gather(idx)
+    seen = set()
+    for b in range(n_samples):
+        env_idx = int(idx.envs[b])
+        i = stream.locate(env_idx, samples.actions[b].numpy())
+        seen.add((i, env_idx))
+        assert stream.step[i, env_idx] == idx.step[b]
+        for key in buffer.observation_space.spaces:
+            got_obs, got_next = samples.observations[key][b].numpy(), samples.next_observations[key][b].numpy()
+            if key == "desired_goal" and idx.relabelled[b]:
+                continue
+            assert np.array_equal(got_obs, stream.obs[i][key][env_idx]), f"obs[{key}] differs at step {i}, env {env_idx}"
+            assert np.array_equal(got_next, stream.next_obs[i][key][env_idx]), f"next_obs[{key}] differs at {i}, {env_idx}"
+        reward = samples.rewards[b, 0].item()
+        if idx.relabelled[b]:
+            goal = samples.observations["desired_goal"][b].numpy()
+            assert np.array_equal(goal, samples.next_observations["desired_goal"][b].numpy())
+            # The new goal is an achieved goal of the same episode, at this step or later.
+            same_episode_future = [
+                j for j in range(len(stream.obs))
+                if stream.episode[j, env_idx] == stream.episode[i, env_idx] and stream.step[j, env_idx] >= stream.step[i, env_idx]
+            ]
+            assert any(np.array_equal(goal, stream.next_obs[j]["achieved_goal"][env_idx]) for j in same_episode_future)
+            expected = buffer.compute_reward(stream.next_obs[i]["achieved_goal"][env_idx][None], goal[None], [{}])
+            assert reward == float(expected[0])
+        else:
+            assert reward == stream.rewards[i, env_idx]
+        assert samples.dones[b, 0].item() == 0.0  # Fetch episodes only time out: never terminal
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Equivalence with the recorded stream
+# ---------------------------------------------------------------------------------------------------------
+def test_every_sampled_stack_equals_what_the_wrapper_produced(stream):
+    np.random.seed(0)
+    assert stream.dones.sum() >= 8, "the stream should hold several finished episodes per env"
+    seen = check_samples_match_stream(stream, stream.buffer)
+    # Every finished transition can be drawn; transitions of the running episodes cannot.
+    assert seen == stream.finished()
+    assert stream.buffer.size() == len(stream.finished())
+
+
+def test_samples_are_tensors_on_the_device_with_pixels_uint8(stream):
+    samples = stream.buffer.sample(8)
+    for key, space in stream.buffer.observation_space.spaces.items():
+        for part in (samples.observations, samples.next_observations):
+            assert part[key].shape == (8, *space.shape) and part[key].device.type == "cpu"
+            assert part[key].dtype == th.from_numpy(np.zeros(0, space.dtype)).dtype  # pixels stay uint8
+    assert samples.rewards.shape == samples.dones.shape == (8, 1)
+
+
+def test_a_small_ring_wraps_and_keeps_only_intact_episodes(stream):
+    np.random.seed(1)
+    rows_per_env = 25  # fewer than the 40+ rows each env writes: the oldest episodes are overwritten
+    buffer = replay_into(stream, buffer_size=rows_per_env * len(TIME_LIMITS))
+    assert (buffer._rows_written > rows_per_env).all()
+    seen = check_samples_match_stream(stream, buffer, n_samples=512)
+    for env_idx in range(len(TIME_LIMITS)):
+        episodes = {int(stream.episode[i, e]) for i, e in seen if e == env_idx}
+        last_finished = int(stream.episode[np.flatnonzero(stream.dones[:, env_idx])[-1], env_idx])
+        assert last_finished in episodes and 0 not in episodes  # newest kept, oldest retired
+        for ep in episodes:  # a kept episode is kept whole
+            steps = {i for i, e in seen if e == env_idx and stream.episode[i, e] == ep}
+            assert len(steps) == TIME_LIMITS[env_idx]
+    assert buffer.size() == sum(buffer.sampleable.sum(axis=0))
+
+
+def test_relabelled_fraction_is_binomial_k_over_k_plus_1(stream):
+    np.random.seed(2)
+    n = 20 * 256
+    relabelled = np.concatenate([stream.buffer._sample_indices(256).relabelled for _ in range(20)])
+    p = N_SAMPLED_GOAL / (N_SAMPLED_GOAL + 1)
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert abs(relabelled.mean() - p) < 4 * sigma, f"relabelled {relabelled.mean():.3f}, expected {p:.3f}"
+    no_her = replay_into(stream, n_sampled_goal=0)
+    assert not no_her._sample_indices(256).relabelled.any()
+
+
+def test_goals_come_only_from_the_same_episode_future(stream):
+    np.random.seed(3)
+    idx = stream.buffer._sample_indices(2048)
+    her = idx.relabelled
+    goal_ep_start = stream.buffer.ep_start[idx.goal_rows[her], idx.envs[her]]
+    goal_step = (idx.goal_rows[her] - goal_ep_start - 1) % stream.buffer.buffer_size
+    assert np.array_equal(goal_ep_start, idx.ep_start[her])  # same episode
+    assert (goal_step >= idx.step[her]).all()  # its future (inclusive, as SB3)
+    assert (goal_step < stream.buffer.ep_length[idx.rows[her], idx.envs[her]]).all()
+
+
+def test_frame_stack_rows_repeat_the_reset_frame():
+    rows = frame_stack_rows(np.array([10, 98]), np.array([0, 5]), frame_stack=4, ring_rows=100)
+    assert rows[0].tolist() == [10, 10, 10, 10, 11]  # k=0: obs = 4 x f_0, next = 3 x f_0 + f_1
+    assert rows[1].tolist() == [0, 1, 2, 3, 4]  # start 98 + frames 2..6, wrapped round the ring
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Edge cases on synthetic streams (fast: small frames, many episodes, many wraps)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frame_stack", [1, 4])
+def test_synthetic_stream_with_many_wraps(frame_stack):
+    np.random.seed(4)
+    n_envs, image_size, steps = 3, 8, 300
+    space = bench_replay.pixel_observation_space(frame_stack=frame_stack, image_size=image_size)
+    buffer = FrameStackHerReplayBuffer(
+        40 * n_envs, space, bench_replay.action_space(), n_envs=n_envs, frame_stack=frame_stack,
+        compute_reward=lambda ag, g, info: -(np.linalg.norm(ag - g, axis=-1) > 0.05).astype(np.float32),
+    )
+    calls = list(bench_replay.synthetic_stream(steps, n_envs, (5, 7, 11), frame_stack, image_size, seed=4))
+    for call in calls:
+        buffer.add(*call)
+    actions = np.array([call[2] for call in calls])
+    idx = buffer._sample_indices(512)
+    samples = buffer._gather(idx)
+    for b in range(512):
+        env_idx = int(idx.envs[b])
+        (i,) = np.flatnonzero((actions[:, env_idx] == samples.actions[b].numpy()).all(axis=1))
+        assert i >= steps - 40, "a transition older than the ring survived"
+        assert np.array_equal(samples.observations["pixels"][b].numpy(), calls[i][0]["pixels"][env_idx])
+        assert np.array_equal(samples.next_observations["pixels"][b].numpy(), calls[i][1]["pixels"][env_idx])
+
+
+def test_a_reset_without_done_closes_the_running_episode():
+    calls = list(bench_replay.synthetic_stream(20, 1, 50, image_size=8, seed=5))
+    space = bench_replay.pixel_observation_space(image_size=8)
+    buffer = FrameStackHerReplayBuffer(100, space, bench_replay.action_space(), n_sampled_goal=0)
+    for call in calls[:6]:
+        buffer.add(*call)
+    assert buffer.size() == 0  # the episode is still running
+    other_episode = list(bench_replay.synthetic_stream(1, 1, 50, image_size=8, seed=6))[0]
+    with pytest.warns(UserWarning, match="does not continue"):
+        buffer.add(*other_episode)
+    assert buffer.size() == 6 and buffer.timeouts[6, 0]  # closed as a time-out after its 6 steps
+
+
+def test_an_episode_longer_than_the_ring_is_refused():
+    space = bench_replay.pixel_observation_space(image_size=8)
+    buffer = FrameStackHerReplayBuffer(10, space, bench_replay.action_space(), n_sampled_goal=0)
+    with pytest.raises(ValueError, match="longer than the 10 rows"):
+        for call in bench_replay.synthetic_stream(20, 1, 50, image_size=8):
+            buffer.add(*call)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: bytes per transition, the preflight estimate, the refusal
+# ---------------------------------------------------------------------------------------------------------
+def test_bytes_per_transition_is_under_22000_for_pixels_proprio_and_goals():
+    space, actions = bench_replay.pixel_observation_space(), bench_replay.action_space()
+    per_row = FrameStackHerReplayBuffer.estimate_bytes_per_transition(space, actions)
+    buffer = FrameStackHerReplayBuffer(1_000, space, actions, n_sampled_goal=4, compute_reward=lambda *a: None)
+    assert buffer.bytes_per_transition == per_row
+    allocated = bench_replay.framestack_allocated_bytes(buffer)
+    assert allocated == per_row * 1_000
+    assert per_row * 51 / 50 <= 22_000  # 50-step episodes take 51 rows
+
+
+def test_a_buffer_that_does_not_fit_is_refused_naming_the_largest_that_does():
+    space, actions = bench_replay.pixel_observation_space(), bench_replay.action_space()
+    with pytest.raises(ValueError) as error:
+        FrameStackHerReplayBuffer(10**9, space, actions, n_envs=2)
+    message = str(error.value)
+    assert "\n" not in message and message.count(". ") == 0 and "buffer_size <= " in message
+    largest = int(message.rsplit("buffer_size <= ", 1)[1].rstrip(".").replace(",", ""))
+    per_row = FrameStackHerReplayBuffer.estimate_bytes_per_transition(space, actions)
+    assert 0 < largest * per_row <= available_memory_bytes() and largest % 2 == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Save / load
+# ---------------------------------------------------------------------------------------------------------
+def test_save_and_load_are_byte_identical_in_chunks(stream, tmp_path, monkeypatch):
+    monkeypatch.setattr(framestack_replay, "SAVE_CHUNK_BYTES", 50_000)  # many chunks even for this small buffer
+    stream.buffer.save(tmp_path / "buffer")
+    state = json.loads((tmp_path / "buffer" / "state.json").read_text())
+    assert state["open_start"] != [-1, -1]  # saved mid-episode
+    copy_ = replay_into(stream, buffer_size=1_000)
+    copy_.reset()
+    copy_.load(tmp_path / "buffer", truncate_last_trajectory=False)
+    for name, array in stream.buffer._arrays().items():
+        assert np.array_equal(array, copy_._arrays()[name]), name
+    for name in ("_next_row", "_rows_written", "_open_start", "_n_sampleable"):
+        assert np.array_equal(getattr(stream.buffer, name), getattr(copy_, name)), name
+    np.random.seed(5)
+    a = stream.buffer.sample(64)
+    np.random.seed(5)
+    b = copy_.sample(64)
+    for key in a.observations:
+        assert th.equal(a.observations[key], b.observations[key]) and th.equal(a.next_observations[key], b.next_observations[key])
+
+    resumed = replay_into(stream, buffer_size=1_000)
+    resumed.load(tmp_path / "buffer")  # default: running episodes are closed as time-outs
+    running_steps = sum(int(stream.step[-1, e]) + 1 for e in range(len(TIME_LIMITS)) if not stream.dones[-1, e])
+    assert (resumed._open_start == -1).all() and resumed.size() == stream.buffer.size() + running_steps
+    with pytest.raises(ValueError, match="same buffer_size"):
+        replay_into(stream, buffer_size=500).load(tmp_path / "buffer")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training with SAC, DrQ, GPU storage
+# ---------------------------------------------------------------------------------------------------------
+def test_sac_trains_with_this_buffer_and_drq(stream):
+    th.manual_seed(0)
+    model = SAC(
+        "MultiInputPolicy", stream.vec_env, buffer_size=600, batch_size=8, learning_starts=24, seed=0, device="cpu",
+        replay_buffer_class=FrameStackHerReplayBuffer, replay_buffer_kwargs=dict(n_sampled_goal=4, drq=True),
+        policy_kwargs=dict(net_arch=[32, 32]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.learn(2 * 60 if "pixels" in model.observation_space.spaces else 2 * 150)
+    assert model.replay_buffer.size() > 0 and model._n_updates > 0
+    model.train(gradient_steps=1, batch_size=8)  # records the losses of one more update
+    assert np.isfinite(model.logger.name_to_value["train/critic_loss"])
+    if "pixels" in model.observation_space.spaces:
+        np.random.seed(6)
+        idx = model.replay_buffer._sample_indices(32)
+        shifted = model.replay_buffer._gather(idx).observations["pixels"]
+        model.replay_buffer.drq = False
+        plain = model.replay_buffer._gather(idx).observations["pixels"]
+        assert shifted.dtype == th.uint8 and shifted.shape == plain.shape and not th.equal(shifted, plain)
+
+
+@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
+    gpu = replay_into(stream, storage_device="cuda")
+    assert gpu.frames.device.type == "cuda" if gpu.frame_shape else True
+    np.random.seed(7)
+    a = stream.buffer.sample(128)
+    np.random.seed(7)
+    b = gpu.sample(128)
+    for key in a.observations:
+        assert th.equal(a.observations[key], b.observations[key].cpu())
+        assert th.equal(a.next_observations[key], b.next_observations[key].cpu())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark script
+# ---------------------------------------------------------------------------------------------------------
+def test_bench_quick_runs_and_reports_the_memory_ratio(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench_replay.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    sb3, ours = report["buffers"]
+    assert ours["bytes_per_transition"] <= 22_000 < 169_000 < sb3["bytes_per_transition"]
+    assert report["ratios_sb3_over_framestack"]["bytes_per_transition"] > 7
