@@ -463,14 +463,16 @@ class TimeoutSubprocVecEnv(SubprocVecEnv):
     worker raises ``WorkerTimeoutError``; ``close()`` then terminates the workers instead of waiting on them.
     """
 
-    def __init__(self, env_fns: list[Callable[[], gym.Env]], worker_timeout: float, start_method: str = "spawn"):
+    def __init__(self, env_fns: list[Callable[[], gym.Env]], worker_timeout: float, start_method: str = "spawn",
+                 startup_timeout: float | None = None):
         self.worker_timeout = worker_timeout
         self.failed = False
         self.num_envs = len(env_fns)
-        message = (f"The {len(env_fns)} env workers did not start within {worker_timeout:g} s (importing and "
+        startup_timeout = worker_timeout if startup_timeout is None else startup_timeout
+        message = (f"The {len(env_fns)} env workers did not start within {startup_timeout:g} s (importing and "
                    "building the envs, EGL context included)")
         try:
-            with deadline(worker_timeout, message):
+            with deadline(startup_timeout, message):
                 super().__init__(env_fns, start_method=start_method)
         except WorkerTimeoutError:
             self.failed = True
@@ -637,8 +639,11 @@ def replay_bytes_per_transition(cfg: TrainConfig, env: VecEnv) -> int:
                                                               frame_stack=FRAME_STACK))
     probe = replay_class(PROBE_BUFFER_ROWS * env.num_envs, env.observation_space, env.action_space,
                          env=env, device="cpu", n_envs=env.num_envs, **replay_kwargs)
-    transitions = probe.buffer_size * probe.n_envs
-    return math.ceil(sum(_array_bytes(value) for value in vars(probe).values()) / transitions)
+    # Count the arrays that grow with the capacity (first axis = rows), not the per-env bookkeeping.
+    per_row = [value for value in vars(probe).values()
+               if isinstance(value, dict) or (isinstance(value, (np.ndarray, th.Tensor))
+                                              and value.ndim > 0 and value.shape[0] == probe.buffer_size)]
+    return math.ceil(sum(_array_bytes(value) for value in per_row) / (probe.buffer_size * probe.n_envs))
 
 
 def replay_storage(cfg: TrainConfig) -> tuple[str, int]:
@@ -880,7 +885,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         print(f"\n[{signal.Signals(signum).name}] saving a checkpoint at the next step, then exiting "
-              "(press Ctrl-C again to quit without saving)", file=sys.stderr, flush=True)
+              "(a second signal quits without saving)", file=sys.stderr, flush=True)
 
     @contextmanager
     def installed(self) -> Iterator["StopRequest"]:
@@ -1116,6 +1121,8 @@ def train(cfg: TrainConfig) -> int:
         if cfg.progress:
             callbacks.append(ProgressBarCallback(cfg.total_steps, paths.stem, evaluator))
 
+        print(f"[train] training steps {start_steps:,} -> {cfg.total_steps:,}; TensorBoard: "
+              f"tensorboard --logdir {paths.run_dir.parent.parent}", flush=True)
         with stop.installed():
             try:
                 model.learn(total_timesteps=cfg.total_steps - start_steps, callback=CallbackList(callbacks),
@@ -1126,6 +1133,8 @@ def train(cfg: TrainConfig) -> int:
                 raise UserError(f"{exc}, so the run stopped at step {model.num_timesteps:,} after saving {checkpoint}; "
                                 "continue with --resume, with fewer --n-envs or a larger --worker-timeout.") from None
             checkpoint = checkpointer.save(model)
+        if model.ep_success_buffer:
+            model.dump_logs()  # SB3 logs every 4 episodes; this puts the final step on the curves too
         session = meta["sessions"][-1]
         session.update({"to_step": model.num_timesteps, "ended_at": now_iso(), "steps_per_s": meta["steps_per_s"]})
         atomic_write_json(paths.meta, meta)
