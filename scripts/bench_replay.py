@@ -49,6 +49,9 @@ from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_INDICES, make_fetch_e
 
 REPO_ROOT = SCRIPTS_DIR.parent
 FETCH_EPISODE_STEPS = 50
+TRAIN_BUFFER_SIZE = 20_000
+"""Replay capacity of the end-to-end runs: larger than any run here, small enough for SB3's buffer (3.4 GB)."""
+TRAIN_TIMEOUT_S = 900.0
 GOAL_DIM = 3
 ACTION_DIM = 4
 FRAME_CHANNELS = 3
@@ -69,7 +72,7 @@ class BenchConfig:
     """batches sampled per buffer; the median time is reported."""
     device: str = "cpu"
     """training device the sampled tensors go to (our frames are stored there too)."""
-    train_steps: int = 2_000
+    train_steps: int = 1_500
     """env steps per end-to-end training run (0 skips the end-to-end part)."""
     train_n_envs: tuple[int, ...] = (1, 4)
     """--n-envs values of the end-to-end runs."""
@@ -267,34 +270,28 @@ def bench_buffers(config: BenchConfig) -> list[BufferResult]:
 # ---------------------------------------------------------------------------------------------------------
 # End-to-end: the production script's env steps/s
 # ---------------------------------------------------------------------------------------------------------
-def train_steps_per_second(replay: str, n_envs: int, steps: int, device: str, artifact_root: Path) -> float | None:
-    """Run ``ch09_pixel_push.py train`` briefly and read the env steps/s it records in its .meta.json."""
-    script = SCRIPTS_DIR / "ch09_pixel_push.py"
+def train_steps_per_second(replay: str, n_envs: int, steps: int, device: str, artifact_root: Path,
+                           timeout_s: float = TRAIN_TIMEOUT_S) -> float | None:
+    """Run ``ch09_pixel_push.py train`` (Step 0: NatureCNN + DrQ, batch 256) briefly and return the env
+    steps/s it records in its .meta.json; None (with the output printed) when the run fails."""
     command = [
-        sys.executable, str(script), "train", "--artifact-root", str(artifact_root), "--replay", replay,
-        "--n-envs", str(n_envs), "--total-steps", str(steps), "--device", device, "--seed", "0",
+        sys.executable, str(SCRIPTS_DIR / "ch09_pixel_push.py"), "train", "--artifact-root", str(artifact_root),
+        "--replay", replay, "--n-envs", str(n_envs), "--total-steps", str(steps), "--device", device,
+        # Updates start once every env has finished an episode, so nearly the whole run is training.
+        "--learning-starts", str((FETCH_EPISODE_STEPS + 14) * n_envs), "--buffer-size", str(TRAIN_BUFFER_SIZE),
+        "--eval-freq", "0", "--checkpoint-freq", str(10 * steps), "--no-progress", "--seed", "0",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"})
-    if completed.returncode != 0:
-        print(f"[bench] {' '.join(command[1:])} failed:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
+                                   env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        print(f"[bench] {replay} --n-envs {n_envs}: no result within {timeout_s:.0f} s")
         return None
-    metas = sorted((artifact_root / "checkpoints").glob("*.meta.json"), key=lambda p: p.stat().st_mtime)
-    if not metas:
+    metas = list((artifact_root / "checkpoints").glob("*.meta.json"))
+    if completed.returncode != 0 or len(metas) != 1:
+        print(f"[bench] {' '.join(command[2:])} failed:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
         return None
-    meta = json.loads(metas[-1].read_text())
-    return _find_steps_per_second(meta)
-
-
-def _find_steps_per_second(meta: dict[str, Any]) -> float | None:
-    """The env steps/s figure in a meta.json (looked up by name, wherever the script nested it)."""
-    for key, value in meta.items():
-        if isinstance(value, dict):
-            found = _find_steps_per_second(value)
-            if found is not None:
-                return found
-        elif key in ("steps_per_second", "env_steps_per_second", "env_steps_per_s", "steps_per_s", "fps"):
-            return float(value)
-    return None
+    return json.loads(metas[0].read_text())["steps_per_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,6 +336,10 @@ def print_report(report: dict[str, Any]) -> None:
         print("\nEnd to end: ch09_pixel_push.py train, env steps/s")
         for name, fps in report["end_to_end_steps_per_s"].items():
             print(f"  {name:<22} {'failed' if fps is None else f'{fps:,.1f}'}")
+        for n_envs in config["train_n_envs"]:
+            sb3, ours = (report["end_to_end_steps_per_s"].get(f"{r}_n_envs{n_envs}") for r in ("sb3", "framestack"))
+            if sb3 and ours:
+                print(f"  framestack / sb3 at --n-envs {n_envs}: {ours / sb3:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,12 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--train-steps", type=int, default=BenchConfig.train_steps,
                         help="env steps per end-to-end training run; 0 skips them")
+    parser.add_argument("--train-n-envs", type=int, nargs="+", default=list(BenchConfig.train_n_envs),
+                        help="--n-envs values of the end-to-end runs")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_replay_<device>.json)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not th.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU; this machine has none, so use --device cpu.")
     config = BenchConfig(transitions=args.transitions, n_envs=args.n_envs, device=args.device,
-                         train_steps=args.train_steps)
+                         train_steps=args.train_steps, train_n_envs=tuple(args.train_n_envs))
     if args.quick:
         config = BenchConfig(transitions=300, n_envs=args.n_envs, batch_size=32, sample_repeats=3,
                              device=args.device, train_steps=0)

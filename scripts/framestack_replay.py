@@ -60,6 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -73,7 +74,7 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "labs"))
 from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples  # noqa: E402
-from pixel_wrapper import FRAME_STACK, available_memory_bytes  # noqa: E402
+from pixel_wrapper import FRAME_STACK, available_memory_bytes  # noqa: E402  (also registers the Fetch envs)
 
 RewardFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]
 
@@ -108,6 +109,30 @@ class SampleIndices:
     step: np.ndarray
     relabelled: np.ndarray
     goal_rows: np.ndarray
+
+
+class GoalEnvReward:
+    """``compute_reward`` of a registered goal env, evaluated in this process; pickles as (id, kwargs).
+
+    HER needs rewards for relabelled goals. SB3 asks a worker process over a pipe (``env_method``); the
+    Fetch reward depends only on the two goals, so a state-only copy of the env, built here on first use,
+    gives the same numbers without the round trip. Rendering options are dropped: the copy never renders.
+    """
+
+    RENDER_KWARGS = ("render_mode", "width", "height", "camera_id", "camera_name", "default_camera_config")
+
+    def __init__(self, env_id: str, env_kwargs: dict[str, Any] | None = None) -> None:
+        self.env_id = env_id
+        self.env_kwargs = {k: v for k, v in (env_kwargs or {}).items() if k not in self.RENDER_KWARGS}
+        self._env: Any = None
+
+    def __call__(self, achieved_goal: np.ndarray, desired_goal: np.ndarray, info: Any) -> np.ndarray:
+        if self._env is None:
+            self._env = gym.make(self.env_id, **self.env_kwargs)
+        return self._env.unwrapped.compute_reward(achieved_goal, desired_goal, info)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"env_id": self.env_id, "env_kwargs": self.env_kwargs, "_env": None}
 
 
 # --8<-- [start:frame_stack_rows]
@@ -344,11 +369,19 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
     @staticmethod
     def _in_process_compute_reward(env: VecEnv) -> RewardFn | None:
-        """The first sub-env's ``compute_reward`` when it lives in this process (DummyVecEnv), else None."""
+        """An in-process ``compute_reward`` for ``env``'s task, or None (then: one env_method call per batch).
+
+        DummyVecEnv: the first sub-env's own method. SubprocVecEnv: the envs live in worker processes, so we
+        build a state-only copy of the registered task here (``GoalEnvReward``), which costs no rendering.
+        """
         envs = getattr(env, "envs", None)
         if envs:
             return envs[0].get_wrapper_attr("compute_reward")
-        return None
+        try:
+            spec = env.get_attr("spec", indices=[0])[0]
+        except (AttributeError, EOFError, OSError):
+            return None
+        return GoalEnvReward(spec.id, spec.kwargs) if spec is not None else None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # drops env, as SB3 does

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 import warnings
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
 import bench_replay
 import framestack_replay
-from framestack_replay import FrameStackHerReplayBuffer, frame_stack_rows
+from framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
 from pixel_wrapper import available_memory_bytes, make_fetch_env
 
 TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs
@@ -252,6 +253,32 @@ def test_frame_stack_rows_repeat_the_reset_frame():
     rows = frame_stack_rows(np.array([10, 98]), np.array([0, 5]), frame_stack=4, ring_rows=100)
     assert rows[0].tolist() == [10, 10, 10, 10, 11]  # k=0: obs = 4 x f_0, next = 3 x f_0 + f_1
     assert rows[1].tolist() == [0, 1, 2, 3, 4]  # start 98 + frames 2..6, wrapped round the ring
+
+
+class WorkerVecEnv:
+    """Stands in for a SubprocVecEnv: no ``envs`` attribute, attributes only through ``get_attr``."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def get_attr(self, name, indices=None):
+        return [getattr(self, name)]
+
+
+def test_rewards_for_envs_in_worker_processes_are_computed_in_this_process():
+    pixel_env = make_fetch_env("FetchPush-v4", pixels=True)
+    try:
+        space, spec = pixel_env.observation_space, pixel_env.spec
+        buffer = FrameStackHerReplayBuffer(100, space, pixel_env.action_space, env=WorkerVecEnv(spec))
+        assert isinstance(buffer.compute_reward, GoalEnvReward) and "render_mode" not in buffer.compute_reward.env_kwargs
+        rng = np.random.default_rng(0)
+        achieved = rng.uniform(1.2, 1.4, (64, 3)).astype(np.float32)
+        desired = achieved + rng.normal(0, 0.04, (64, 3)).astype(np.float32)
+        expected = pixel_env.compute_reward(achieved, desired, None)
+        assert 0 < (expected == 0).sum() < 64 and np.array_equal(buffer.compute_reward(achieved, desired, None), expected)
+        assert len(pickle.dumps(buffer.compute_reward)) < 1_000  # pickles as (id, kwargs), never the env
+    finally:
+        pixel_env.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
