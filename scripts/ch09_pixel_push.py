@@ -388,9 +388,11 @@ def has_tensorboard_events(folder: Path) -> bool:
 def make_monitored_env(env_id: str, pixels: bool, native_render: bool, in_worker: bool = False) -> gym.Env:
     """The env every process builds: make_fetch_env + Monitor (episode returns and lengths for TensorBoard)."""
     if in_worker:
-        # Ctrl-C reaches the whole process group; the main process saves a checkpoint and then closes the
-        # workers itself, so the workers must not die on SIGINT first.
+        # Ctrl-C (and `timeout`, Slurm's scancel) signal the whole process group. The main process saves a
+        # checkpoint and then closes the workers itself, so they must not die first; a worker whose main
+        # process is gone still exits, on the EOFError of its closed pipe.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     return Monitor(make_fetch_env(env_id, pixels=pixels, native_render=native_render, goal_mode=GOAL_MODE))
 
 
@@ -934,6 +936,8 @@ class Checkpointer:
             "updated_at": now_iso(),
             "policy": describe_policy(model),
         })
+        if model.device.type == "cuda":  # networks, batches and (framestack) the replay frames
+            self.meta["gpu_memory_peak_bytes"] = int(th.cuda.max_memory_allocated(model.device))
         atomic_write_json(self.paths.meta, self.meta)
 
 
