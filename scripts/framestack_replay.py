@@ -78,8 +78,8 @@ from pixel_wrapper import FRAME_STACK, available_memory_bytes  # noqa: E402  (al
 
 RewardFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]
 
-MEMORY_HEADROOM = 0.9
-"""Fraction of the free memory a buffer may take; the rest stays for the networks, the envs and the OS."""
+MEMORY_RESERVE_BYTES = 2 * 1024**3
+"""Free memory a buffer must leave for everything else (networks, envs, batches), on each device it uses."""
 
 SAVE_CHUNK_BYTES = 256 * 2**20
 """save()/load() stream each array in slices of about this many bytes (a 21 GB buffer is never pickled)."""
@@ -343,16 +343,16 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             budgets.append(("host RAM", host_bytes, available_memory_bytes()))
         else:
             budgets.append(("host RAM", frame_bytes + host_bytes, available_memory_bytes()))
+        usable = {where: max(free - MEMORY_RESERVE_BYTES, 0) for where, _, free in budgets}
         for where, per_row, free in budgets:
-            usable = int(MEMORY_HEADROOM * free)
-            if per_row > 0 and rows * per_row > usable:
-                rows_that_fit = min(int(MEMORY_HEADROOM * f) // p for _, p, f in budgets if p > 0)
+            if per_row > 0 and rows * per_row > usable[where]:
+                rows_that_fit = min(usable[w] // p for w, p, _ in budgets if p > 0)
                 largest = rows_that_fit // self.n_envs * self.n_envs  # buffer_size counts rows of all envs
                 raise ValueError(
                     f"a FrameStackHerReplayBuffer of buffer_size={buffer_size:,} needs "
                     f"{rows * per_row / 1e9:.1f} GB of {where} ({per_row:,} bytes per row) but only "
-                    f"{usable / 1e9:.1f} GB is usable there ({MEMORY_HEADROOM:.0%} of {free / 1e9:.1f} GB free), "
-                    f"so use buffer_size <= {largest:,}."
+                    f"{usable[where] / 1e9:.1f} GB is usable there ({free / 1e9:.1f} GB free minus a "
+                    f"{MEMORY_RESERVE_BYTES / 2**30:.0f} GiB reserve), so use buffer_size <= {largest:,}."
                 )
 
     def size(self) -> int:
