@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -76,6 +77,8 @@ class BenchConfig:
     """env steps per end-to-end training run (0 skips the end-to-end part)."""
     train_n_envs: tuple[int, ...] = (1, 4)
     """--n-envs values of the end-to-end runs."""
+    train_timeout_s: float = TRAIN_TIMEOUT_S
+    """seconds one end-to-end run may take before it is stopped and reported as missing."""
     seed: int = 0
 
 
@@ -281,15 +284,19 @@ def train_steps_per_second(replay: str, n_envs: int, steps: int, device: str, ar
         "--learning-starts", str((FETCH_EPISODE_STEPS + 14) * n_envs), "--buffer-size", str(TRAIN_BUFFER_SIZE),
         "--eval-freq", "0", "--checkpoint-freq", str(10 * steps), "--no-progress", "--seed", "0",
     ]
+    # A session of its own, so a stopped run takes its env worker processes with it.
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env=os.environ | {"PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s,
-                                   env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        output, _ = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         print(f"[bench] {replay} --n-envs {n_envs}: no result within {timeout_s:.0f} s")
         return None
     metas = list((artifact_root / "checkpoints").glob("*.meta.json"))
-    if completed.returncode != 0 or len(metas) != 1:
-        print(f"[bench] {' '.join(command[2:])} failed:\n{completed.stdout[-2000:]}{completed.stderr[-2000:]}")
+    if process.returncode != 0 or len(metas) != 1:
+        print(f"[bench] {' '.join(command[2:])} failed:\n{output[-3000:]}")
         return None
     return json.loads(metas[0].read_text())["steps_per_s"]
 
@@ -297,7 +304,8 @@ def train_steps_per_second(replay: str, n_envs: int, steps: int, device: str, ar
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-def run(config: BenchConfig) -> dict[str, Any]:
+def run(config: BenchConfig, out: Path) -> dict[str, Any]:
+    """Both parts; the JSON at ``out`` is rewritten after each measurement, so a stopped run keeps its figures."""
     buffer_results = bench_buffers(config)
     sb3, ours = buffer_results
     report: dict[str, Any] = {
@@ -312,12 +320,17 @@ def run(config: BenchConfig) -> dict[str, Any]:
         },
         "end_to_end_steps_per_s": {},
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
     if config.train_steps > 0:
         for n_envs in config.train_n_envs:
             for replay in ("sb3", "framestack"):
                 with tempfile.TemporaryDirectory() as root:
-                    fps = train_steps_per_second(replay, n_envs, config.train_steps, config.device, Path(root))
+                    fps = train_steps_per_second(replay, n_envs, config.train_steps, config.device, Path(root),
+                                                 config.train_timeout_s)
                 report["end_to_end_steps_per_s"][f"{replay}_n_envs{n_envs}"] = fps
+                print(f"[bench] train --replay {replay} --n-envs {n_envs}: {fps} env steps/s", flush=True)
+                out.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -352,22 +365,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="env steps per end-to-end training run; 0 skips them")
     parser.add_argument("--train-n-envs", type=int, nargs="+", default=list(BenchConfig.train_n_envs),
                         help="--n-envs values of the end-to-end runs")
+    parser.add_argument("--train-timeout", type=float, default=TRAIN_TIMEOUT_S,
+                        help="seconds one end-to-end run may take (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_replay_<device>.json)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not th.cuda.is_available():
         parser.error("--device cuda needs a CUDA build of torch and a GPU; this machine has none, so use --device cpu.")
     config = BenchConfig(transitions=args.transitions, n_envs=args.n_envs, device=args.device,
-                         train_steps=args.train_steps, train_n_envs=tuple(args.train_n_envs))
+                         train_steps=args.train_steps, train_n_envs=tuple(args.train_n_envs),
+                         train_timeout_s=args.train_timeout)
     if args.quick:
         config = BenchConfig(transitions=300, n_envs=args.n_envs, batch_size=32, sample_repeats=3,
                              device=args.device, train_steps=0)
     torch_threads = th.get_num_threads()
     th.set_num_threads(1 if config.device == "cpu" else torch_threads)
-    report = run(config)
-    print_report(report)
     out = args.out or REPO_ROOT / "results" / f"bench_replay_{config.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    report = run(config, out)
+    print_report(report)
     print(f"\nwrote {out}")
     return 0
 
