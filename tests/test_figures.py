@@ -1,0 +1,200 @@
+"""scripts/ch09_figures.py: every figure from real inputs, the rules behind them, and the bad-input errors.
+
+The real inputs come from one tiny run of the production script (state-based FetchReach-v4, 400 steps, no
+rendering), made once per module: its TensorBoard folder feeds `loss-phases`, its eval and aggregate files feed
+`investigation`. `env-frame` renders the real FetchPush-v4 scene through the lab wrapper (EGL), and
+`encoder-progression` runs the lab's blob measurement. Every PNG is checked against the size the script promises
+(FIGURE_SIZES * DPI), read from the PNG header itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ch09_figures as figures
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRODUCTION = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
+FIGURES = REPO_ROOT / "scripts" / "ch09_figures.py"
+ENV_ID, TAG, SEED = "FetchReach-v4", "fullstate", 0
+TRAIN_STEPS, EVAL_EPISODES = 400, 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO_ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny) training run, its evaluation and an aggregate, all under a temporary artifact root."""
+    root = tmp_path_factory.mktemp("ch09_artifacts")
+    train = run_script(PRODUCTION, "train", "--full-state", "--env", ENV_ID, "--seed", str(SEED),
+                       "--total-steps", str(TRAIN_STEPS), "--buffer-size", "1000", "--batch-size", "32",
+                       "--learning-starts", "100", "--eval-freq", "200", "--eval-episodes", "2",
+                       "--checkpoint-freq", str(TRAIN_STEPS), "--device", "cpu", "--no-progress",
+                       "--artifact-root", str(root))
+    assert train.returncode == 0, train.stderr[-3000:]
+    checkpoint = root / "checkpoints" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}.zip"
+    import ch09_pixel_push  # noqa: PLC0415  (in-process: saves a second interpreter start)
+
+    assert ch09_pixel_push.main(["eval", "--checkpoint", str(checkpoint), "--n-episodes", str(EVAL_EPISODES),
+                                 "--device", "cpu", "--artifact-root", str(root)]) == 0
+    eval_file = root / "results" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}_eval.json"
+    assert ch09_pixel_push.main(["aggregate", str(eval_file), "--artifact-root", str(root)]) == 0
+    return root
+
+
+def assert_figure_files(paths_dir: Path, figure: str) -> None:
+    """PNG and SVG written; the PNG is a real PNG whose header says FIGURE_SIZES[figure] * DPI pixels."""
+    stem = figures.FILE_STEMS[figure]
+    png, svg = paths_dir / f"{stem}.png", paths_dir / f"{stem}.svg"
+    assert svg.is_file() and svg.read_text()[:200].lstrip().startswith("<?xml"), f"{svg} is not an SVG"
+    header = png.read_bytes()[:24]
+    assert header[:8] == PNG_SIGNATURE, f"{png} does not start with the PNG signature"
+    assert header[12:16] == b"IHDR", f"{png} has no IHDR chunk first"
+    width, height = struct.unpack(">II", header[16:24])
+    inches = figures.FIGURE_SIZES[figure]
+    assert (width, height) == (round(inches[0] * figures.DPI), round(inches[1] * figures.DPI))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The four figures from real inputs
+# ---------------------------------------------------------------------------------------------------------------
+def test_loss_phases_from_a_real_run(artifacts: Path, tmp_path: Path) -> None:
+    run_dir = artifacts / "runs" / f"ch09_{TAG}" / ENV_ID / f"seed{SEED}"
+    curves = figures.read_scalars(run_dir)  # TensorBoard's EventAccumulator on the production script's logs
+    for tag in ("rollout/success_rate", "eval/success_rate", "train/critic_loss", "train/actor_loss"):
+        assert tag in curves and curves[tag].steps.size > 0, f"{tag} missing from {sorted(curves)}"
+    assert curves["eval/success_rate"].steps.max() == TRAIN_STEPS
+    assert figures.main(["loss-phases", "--run", str(run_dir), "--out-dir", str(tmp_path / "auto")]) == 0
+    assert_figure_files(tmp_path / "auto", "loss-phases")
+    by_hand = ["loss-phases", "--run", str(run_dir), "--phases", "100,300", "--out-dir", str(tmp_path / "hand")]
+    assert figures.main(by_hand) == 0
+    assert_figure_files(tmp_path / "hand", "loss-phases")
+
+
+def test_a_folder_of_several_runs_is_refused(artifacts: Path, tmp_path: Path, capsys) -> None:
+    event_file = next((artifacts / "runs" / f"ch09_{TAG}" / ENV_ID / f"seed{SEED}").glob("events.out.tfevents.*"))
+    for seed in (0, 1):  # a parent folder of two seeds: their curves must not be mixed
+        (tmp_path / f"seed{seed}").mkdir()
+        shutil.copy(event_file, tmp_path / f"seed{seed}")
+    assert figures.main(["loss-phases", "--run", str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 runs (seed0, seed1)" in err, err
+    assert len(figures.read_scalars(tmp_path / "seed1")) > 0  # one of them is fine
+
+
+def test_investigation_from_real_eval_files(artifacts: Path, tmp_path: Path) -> None:
+    results = figures.load_seed_results(artifacts / "results")
+    eval_data = json.loads((artifacts / "results" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}_eval.json").read_text())
+    # The eval file wins over the aggregate of the same config: one seed, counted once.
+    assert len(results) == 1 and results[0].steps == TRAIN_STEPS
+    bars = figures.investigation_bars(results)
+    assert len(bars) == 1 and bars[0].step is None  # fullstate is outside the 5-step arc: shown by its tag
+    assert bars[0].mean == pytest.approx(eval_data["success_rate"])
+    assert bars[0].ci95 == pytest.approx(tuple(eval_data["success_ci95"]), abs=1e-4)  # the eval's Wilson interval
+    assert figures.main(["investigation", "--results", str(artifacts / "results"), "--out-dir", str(tmp_path)]) == 0
+    assert_figure_files(tmp_path, "investigation")
+
+
+def test_env_frame_measures_the_real_scene(tmp_path: Path) -> None:
+    scene = figures.capture_scene(seed=0)
+    assert scene["frame84"].shape == (84, 84, 3) and scene["frame480"].shape == (480, 480, 3)
+    assert [k for k in scene["obs"]] == ["pixels", "proprioception", "achieved_goal", "desired_goal"]
+    small, large = scene["footprints"][84], scene["footprints"][480]
+    # FACTS.md, measured independently: at 84x84 after reset(seed=0) the puck covers 11 pixels, the goal 4.
+    assert small["puck"].pixel_count == 11 and small["goal"].pixel_count == 4
+    for name in ("puck", "gripper", "goal"):
+        assert large[name].pixel_count > 10 * small[name].pixel_count, f"{name} not larger at 480x480"
+    figures.plot_env_frame(scene, tmp_path)
+    assert_figure_files(tmp_path, "env-frame")
+
+
+def test_encoder_progression_from_the_lab_measurement(tmp_path: Path) -> None:
+    measured = figures.measure_encoders()
+    assert [row["size"] for row in measured["NatureCNN"]] == [84, 20, 9, 7]
+    assert [row["size"] for row in measured["ManipulationCNN"]] == [84, 42, 42, 42, 21]
+    assert measured["ManipulationCNN"][-1]["footprint"] > measured["NatureCNN"][-1]["footprint"]
+    assert figures.main(["encoder-progression", "--out-dir", str(tmp_path)]) == 0
+    assert_figure_files(tmp_path, "encoder-progression")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rules the figures apply (pure functions)
+# ---------------------------------------------------------------------------------------------------------------
+def test_phase_rule_on_a_hockey_stick() -> None:
+    steps = np.arange(0, 100) * 1000
+    success = np.interp(steps, [0, 40_000, 80_000, 99_000], [0.05, 0.05, 0.85, 0.85])  # flat, climb, plateau
+    # Phase 2 from the last point at or below 10% (42K: 0.09, 43K: 0.11);
+    # Phase 3 from the first point at 90% of the 0.85 maximum (76K: 0.77 >= 0.765)
+    assert figures.detect_phases(steps, success) == (42_000, 76_000)
+    blip = success.copy()
+    blip[10] = 0.15  # one lucky evaluation early in Phase 1 does not start Phase 2
+    assert figures.detect_phases(steps, blip) == (42_000, 76_000)
+    assert figures.detect_phases(steps, np.full(steps.shape, 0.05)) is None  # no hockey stick: all Phase 1
+
+
+def seed_result(tag: str, steps: int, rate: float, seed: int = 0) -> "figures.SeedResult":
+    return figures.SeedResult(tag, "FetchPush-v4", seed, steps, rate, 100, (0.0, 1.0))
+
+
+def test_investigation_maps_tags_to_steps_and_finds_the_breakthrough() -> None:
+    results = [seed_result("nature", 2_000_000, 0.05), seed_result("manip_noDrQ", 2_000_000, 0.06),
+               seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.30, seed=0),
+               seed_result("manip_noDrQ_criticEnc", 2_000_004, 0.20, seed=1),  # same budget, overshot by 4 steps
+               seed_result("manip_noDrQ_criticEnc", 4_400_000, 0.95), seed_result("manip_criticEnc", 2_000_000, 0.03),
+               seed_result("fullstate", 2_000_000, 0.89)]
+    bars = figures.investigation_bars(results)
+    assert [(b.step, b.tag) for b in bars] == [(0, "nature"), (1, "manip_noDrQ"), (2, "manip_noDrQ_criticEnc"),
+                                              (3, "manip_noDrQ_criticEnc"), (4, "manip_criticEnc"),
+                                              (None, "fullstate")]
+    assert len(bars[2].seeds) == 2 and bars[2].mean == pytest.approx(0.25)
+    assert figures.find_breakthrough(bars) == 3  # +65 points over the best earlier step
+    assert figures.find_breakthrough(bars[:2]) is None  # no step beats the earlier ones by 25 points
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one sentence on stderr, non-zero exit, no traceback
+# ---------------------------------------------------------------------------------------------------------------
+def test_missing_run_folder_is_one_sentence_from_the_command_line(tmp_path: Path) -> None:
+    result = run_script(FIGURES, "loss-phases", "--run", str(tmp_path / "runs" / "nope"), "--out-dir",
+                        str(tmp_path), timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], result.stderr
+
+
+@pytest.mark.parametrize("figure, option, make", [
+    ("loss-phases", "--run", lambda p: p.mkdir()),  # empty run folder
+    ("investigation", "--results", lambda p: None),  # missing results folder
+    ("investigation", "--results", lambda p: p.mkdir()),  # empty results folder
+    ("investigation", "--results", lambda p: (p.mkdir(), (p / "notes.json").write_text("{}"))),  # nothing of ours
+])
+def test_bad_folders_give_one_sentence(figure, option, make, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "input"
+    make(folder)
+    assert figures.main([figure, option, str(folder), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(folder) in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_phase_boundaries_are_refused(tmp_path: Path, capsys) -> None:
+    for phases in ("2M", "3M,1M", "a,b"):
+        with pytest.raises(SystemExit) as exit_info:
+            figures.main(["loss-phases", "--run", str(tmp_path), "--phases", phases])
+        assert exit_info.value.code == 2
+    assert "--phases" in capsys.readouterr().err
