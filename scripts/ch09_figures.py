@@ -680,7 +680,8 @@ def load_seed_results(results_dir: Path) -> list[SeedResult]:
         raise FigureInputError(f"results folder {results_dir} does not exist; pass --results results/ "
                                "(where 'scripts/ch09_pixel_push.py eval' writes its *_eval.json files).")
     evals, aggregates = [], []
-    for path in sorted(results_dir.rglob("*.json")):
+    paths = sorted({*results_dir.rglob("*_eval.json"), *results_dir.rglob("*_aggregate.json")})
+    for path in paths:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
