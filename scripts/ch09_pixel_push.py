@@ -91,7 +91,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv 
 from stable_baselines3.her import HerReplayBuffer  # noqa: E402
 
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge  # noqa: E402
-from framestack_replay import FrameStackHerReplayBuffer  # noqa: E402
+from framestack_replay import MEMORY_RESERVE_BYTES, FrameStackHerReplayBuffer  # noqa: E402
 from image_augmentation import HerDrQDictReplayBuffer  # noqa: E402
 from manipulation_encoder import ManipulationExtractor  # noqa: E402
 from visual_encoder import NormalizedCombinedExtractor  # noqa: E402
@@ -99,14 +99,12 @@ from visual_encoder import NormalizedCombinedExtractor  # noqa: E402
 # ======================================================================================================
 # Constants
 # ======================================================================================================
-PIXEL_DEFAULT_REPLAY = "sb3"
+PIXEL_DEFAULT_REPLAY = "framestack"
 """Replay used for pixel runs when --replay is not given ('framestack' stores each frame once: 8x less memory)."""
 GOAL_MODE = "both"
 """Pixels for control, achieved/desired goals as 3-D vectors for HER (the chapter's 'visual HER synthesis')."""
 EVAL_SEED_OFFSET = 10_000
 """Eval envs are seeded with seed + this, so evaluation goals are not the training stream's goals."""
-MEMORY_RESERVE_BYTES = 2 * 1024**3
-"""Memory left free for everything that is not the replay buffer (networks, envs, batches) in the preflight."""
 PROBE_BUFFER_ROWS = 8
 """Rows of the tiny replay buffer built to measure the real bytes per transition."""
 EVAL_LOAD_BUFFER_SIZE = 100
@@ -148,7 +146,7 @@ class TrainConfig:
     """Camera resolution before resizing to 84: 84 is --native-render, 480 is --no-native-render."""
     replay: Optional[Literal["sb3", "framestack"]] = None
     """Replay buffer: 'sb3' (HerReplayBuffer, obs and next_obs stored whole) or 'framestack' (each frame stored
-    once). Default: sb3 for --full-state, and the pixel default otherwise."""
+    once; with --full-state a lean in-process HER buffer). Default: framestack for pixels, sb3 for --full-state."""
     buffer_size: int = 500_000
     """Replay capacity in transitions (the Experiment Card's 500K). The preflight refuses one that does not fit."""
     her_n_sampled_goal: int = 8
@@ -274,12 +272,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.full_state:
         pixel_only = {"--encoder": cfg.encoder is not None, "--critic-encoder": cfg.critic_encoder,
-                      "--no-spatial-softmax": not cfg.spatial_softmax, "--replay framestack": cfg.replay == "framestack",
+                      "--no-spatial-softmax": not cfg.spatial_softmax,
                       "--render-size/--no-native-render": cfg.render_size is not None or not cfg.native_render}
         given = [flag for flag, is_given in pixel_only.items() if is_given]
         if given:
             raise UserError(f"{', '.join(given)} only applies to pixel runs; drop it or drop --full-state.")
-        return dataclasses.replace(cfg, encoder=None, drq=False, replay="sb3", render_size=None)
+        return dataclasses.replace(cfg, encoder=None, drq=False, replay=cfg.replay or "sb3", render_size=None)
 
     if cfg.encoder is None:
         cfg.encoder = "manip" if (cfg.critic_encoder or not cfg.spatial_softmax) else "nature"
@@ -527,11 +525,11 @@ def make_env_or_explain(cfg: TrainConfig, build: Callable[[TrainConfig], Any]) -
 def replay_setup(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
     """Replay buffer class and its kwargs (HER is on in every configuration)."""
     her_kwargs: dict[str, Any] = {"n_sampled_goal": cfg.her_n_sampled_goal, "goal_selection_strategy": "future"}
-    if cfg.full_state:
-        return HerReplayBuffer, her_kwargs
-    if cfg.replay == "framestack":
+    if cfg.replay == "framestack":  # pixels, or a plain vectorised HER buffer for --full-state (drq is off there)
         return FrameStackHerReplayBuffer, {**her_kwargs, "drq": cfg.drq, "frame_stack": FRAME_STACK,
                                            "pixel_key": PIXEL_KEY}
+    if cfg.full_state:
+        return HerReplayBuffer, her_kwargs
     if cfg.drq:
         return HerDrQDictReplayBuffer, {**her_kwargs, "pixel_key": PIXEL_KEY}
     return HerReplayBuffer, her_kwargs
@@ -553,14 +551,14 @@ def policy_setup(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
 def build_agent(cfg: TrainConfig, env: VecEnv) -> SAC:
     """SAC + HER for one investigation step; every piece is a lab component.
 
-    | flags                        | policy               | encoder (features_extractor_class)      | replay                 |
+    | flags                        | policy               | encoder (features_extractor_class)      | replay (--replay sb3)  |
     |------------------------------|----------------------|-----------------------------------------|------------------------|
     | (none) -- Step 0             | MultiInputPolicy     | NormalizedCombinedExtractor (NatureCNN) | HerDrQDictReplayBuffer |
     | --encoder manip --no-drq     | MultiInputPolicy     | ManipulationExtractor                   | HerReplayBuffer        |
     | --critic-encoder --no-drq    | DrQv2SACPolicy       | ManipulationExtractor, critic-trained   | HerReplayBuffer        |
     | --critic-encoder (DrQ on)    | DrQv2SACPolicy       | ManipulationExtractor, critic-trained   | HerDrQDictReplayBuffer |
     | --full-state                 | MultiInputPolicy     | SB3's CombinedExtractor (flatten)       | HerReplayBuffer        |
-    | --replay framestack          | (as above)           | (as above)                              | FrameStackHerReplayBuffer |
+    | --replay framestack (pixel default) | (as above)    | (as above)                              | FrameStackHerReplayBuffer |
 
     MultiInputPolicy gives actor and critic separate encoders; the actor's learns from the actor loss, the
     critic's from the TD loss. DrQv2SACPolicy shares ONE encoder and routes only the TD gradient into it.
