@@ -430,3 +430,39 @@ def test_bench_quick_runs_and_reports_the_memory_ratio(tmp_path):
     sb3, ours = report["buffers"]
     assert ours["bytes_per_transition"] <= 22_000 < 169_000 < sb3["bytes_per_transition"]
     assert report["ratios_sb3_over_framestack"]["bytes_per_transition"] > 7
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The production script with --replay framestack (the pixel default; the pixel runs of
+# tests/test_ch09_pixel_push.py use it already). Helpers come from that file: one definition each.
+# ---------------------------------------------------------------------------------------------------------
+def test_full_state_training_with_framestack_on_two_worker_envs_resumes_with_its_buffer(tmp_path):
+    from test_ch09_pixel_push import STATE_BUDGET, assert_ok, load_meta, run_script
+
+    common = ["--replay", "framestack", "--n-envs", "2", "--save-replay-buffer", *STATE_BUDGET,
+              "--artifact-root", str(tmp_path)]
+    assert_ok(run_script("train", "--seed", "0", "--total-steps", "200", *common))
+    stem = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0"
+    meta = load_meta(stem.with_suffix(".meta.json"))
+    assert meta["policy"]["replay_buffer"] == "FrameStackHerReplayBuffer"
+    assert (tmp_path / "checkpoints" / f"{stem.name}_replay_buffer" / "state.json").is_file()
+
+    resumed = run_script("train", "--seed", "0", "--total-steps", "300", "--resume", *common)
+    assert_ok(resumed)
+    assert "replay buffer restored" in resumed.stdout
+    meta = load_meta(stem.with_suffix(".meta.json"))
+    assert meta["steps_done"] == 300 and meta["sessions"][1]["replay_restored"] is True
+
+
+@pytest.mark.slow
+def test_full_state_reach_learns_with_framestack_on_four_envs(tmp_path):
+    """As test_ch09_pixel_push's Reach learning test, on this buffer with --n-envs 4 (SubprocVecEnv, UTD 1)."""
+    from test_ch09_pixel_push import assert_ok, run_script, scalars
+
+    proc = run_script("train", "--full-state", "--replay", "framestack", "--env", "FetchReach-v4", "--seed", "0",
+                      "--total-steps", "12000", "--n-envs", "4", "--eval-freq", "1000", "--eval-episodes", "20",
+                      "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
+                      "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
+    assert_ok(proc)
+    curve = scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
+    assert max(v for _, v in curve) >= 0.9, curve
