@@ -40,10 +40,9 @@ Use
     model = SAC("MultiInputPolicy", env, replay_buffer_class=FrameStackHerReplayBuffer,
                 replay_buffer_kwargs=dict(n_sampled_goal=4, drq=True))
 
-SAC passes ``env`` itself (this is a ``HerReplayBuffer`` subclass), and ``compute_reward`` is read from
-an in-process env (DummyVecEnv). Under ``SubprocVecEnv`` pass ``compute_reward=`` yourself (any
-vectorised ``(achieved_goal, desired_goal, infos) -> rewards``, e.g. from a state-only env built in the
-main process), or the buffer falls back to one ``env_method`` call per batch.
+SAC passes ``env`` itself (this is a ``HerReplayBuffer`` subclass). ``compute_reward`` then runs in this
+process: the sub-env's own method under DummyVecEnv, and under SubprocVecEnv a state-only copy of the
+registered task built here (``GoalEnvReward``); ``compute_reward=`` overrides both.
 Observation spaces without a pixel key (full-state runs) work too: then this is simply a compact,
 vectorised HER buffer.
 
@@ -244,6 +243,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._check_capacity(buffer_size)
 
         rows, envs = self.buffer_size, self.n_envs
+        self.frames: np.ndarray | th.Tensor | None = None  # stays None without a pixel key
         if self.frame_shape is not None:
             if self.storage_device.type == "cpu":
                 self.frames = np.zeros((rows, envs, *self.frame_shape), dtype=np.uint8)
@@ -467,13 +467,12 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         """Write one row per env in ``envs`` (its newest frame, its vector keys) at its next row; return the rows."""
         rows = self._next_row[envs]
         self._free_rows(rows, envs)
-        if frames is None:
-            pass
-        elif isinstance(self.frames, np.ndarray):
+        if isinstance(self.frames, np.ndarray):
             self.frames[rows, envs] = frames
-        else:  # one host-to-device copy of the new frames, then a scatter on the device
-            flat = th.as_tensor(rows * self.n_envs + envs, device=self.storage_device)
-            self.frames.view(-1, *self.frame_shape).index_copy_(0, flat, th.from_numpy(np.ascontiguousarray(frames)).to(self.storage_device))
+        elif frames is not None:  # one host-to-device copy of the new frames, then a scatter on the device
+            flat_rows = th.as_tensor(rows * self.n_envs + envs, device=self.storage_device)
+            new_frames = th.from_numpy(np.ascontiguousarray(frames)).to(self.storage_device)
+            self.frames.view(-1, *self.frame_shape).index_copy_(0, flat_rows, new_frames)
         self.vectors[rows, envs] = vectors
         self.ep_start[rows, envs] = self._open_start[envs]
         self.ep_length[rows, envs] = 0
