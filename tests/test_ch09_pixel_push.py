@@ -120,8 +120,8 @@ def nature_run(root: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def critic_run(root: Path) -> dict[str, Any]:
-    """Step 2 (critic-encoder routing, no DrQ) on the frame-stack replay."""
-    proc = run_script("train", "--seed", "0", "--critic-encoder", "--no-drq", "--replay", "framestack",
+    """Step 2 (critic-encoder routing, no DrQ) on SB3's HerReplayBuffer (Step 0 covers the default replay)."""
+    proc = run_script("train", "--seed", "0", "--critic-encoder", "--no-drq", "--replay", "sb3",
                       *PIXEL_BUDGET, "--artifact-root", str(root))
     assert_ok(proc)
     return {"proc": proc, "stem": "ch09_manip_noDrQ_criticEnc_FetchPush-v4_seed0",
@@ -249,8 +249,8 @@ def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any]
 def test_critic_encoder_run_routes_the_encoder_through_the_critic(root: Path, critic_run: dict[str, Any]) -> None:
     meta = load_meta(root / "checkpoints" / f"{critic_run['stem']}.meta.json")
     assert meta["policy"] == {"policy": "DrQv2SACPolicy", "features_extractor": "ManipulationExtractor",
-                              "replay_buffer": "FrameStackHerReplayBuffer"}
-    assert meta["memory"]["bytes_per_transition"] < 22_000  # each frame stored once
+                              "replay_buffer": "HerReplayBuffer"}
+    assert 169_000 < meta["memory"]["bytes_per_transition"] < 170_000  # SB3 stores obs and next_obs whole
     assert REQUIRED_TAGS <= set(scalars(critic_run["run_dir"]))
 
     from stable_baselines3 import SAC
