@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -50,6 +51,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import typing
 from contextlib import contextmanager
@@ -396,8 +398,6 @@ def make_monitored_env(env_id: str, pixels: bool, native_render: bool, in_worker
 
 def env_factory(cfg: TrainConfig, in_worker: bool = False) -> Callable[[], gym.Env]:
     """A picklable zero-argument env constructor (SubprocVecEnv ships it to each worker)."""
-    import functools
-
     return functools.partial(make_monitored_env, cfg.env, not cfg.full_state, cfg.native_render, in_worker)
 
 
@@ -437,8 +437,6 @@ def deadline(seconds: float, message: str) -> Iterator[None]:
     """Raise WorkerTimeoutError(message) if the block runs longer than ``seconds``.
 
     Uses SIGALRM, so it only acts in the main thread on POSIX; elsewhere the block simply runs."""
-    import threading
-
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1004,8 +1002,10 @@ class ProgressBarCallback(BaseCallback):
     def _on_training_start(self) -> None:
         from tqdm import tqdm
 
+        interactive = sys.stderr.isatty()  # in a log file (nohup, docker logs) redraw only every 60 s
         self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True,
-                        desc=self.description, dynamic_ncols=True, smoothing=0.05, mininterval=1.0)
+                        desc=self.description, dynamic_ncols=True, smoothing=0.05,
+                        mininterval=1.0 if interactive else 60.0)
 
     def _on_step(self) -> bool:
         self.bar.update(self.training_env.num_envs)
