@@ -1,6 +1,7 @@
 """Tests for scripts/labs/pixel_wrapper.py: the lab's --verify claims, run in-process and as a reader runs them,
 plus the errors a user can cause (bad arguments, a renderer that does not work)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,70 @@ def test_broken_renderer_gives_one_clear_sentence():
     assert result.returncode == 2, result.stdout + result.stderr
     assert "MUJOCO_GL=osmesa" in result.stderr and "MUJOCO_GL=egl" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+# Runs in a fresh interpreter: the bug depends on which GL context is current when Python garbage-collects a
+# closed env, and earlier tests in this session have already created and closed envs of their own.
+SEVERAL_ENVS_SCRIPT = r"""
+import gc, json, sys
+import gymnasium as gym
+import numpy as np
+import pixel_wrapper as pw
+
+shift = np.array([-0.10, 0.10, 0.0])
+# References: the first envs of a fresh process always render right.
+env = pw.make_fetch_env(hide_goal_marker=False)
+env.reset(seed=0)
+ref_shown = pw.render_and_resize(env)
+ref_marker_changed = pw._goal_marker_pixels_changed(env, shift)
+big = pw.make_fetch_env(native_render=False)
+big.reset(seed=0)
+ref_480 = pw.render_and_resize(big, pw.DEFAULT_RENDER_SIZE)
+env.close(); big.close(); del env, big; gc.collect()
+
+# Sequence 2: state env; an 84x84 env built, reset and closed; then a 480x480 env. The closed env is
+# garbage-collected while the 480x480 env's context is current.
+state = pw.make_fetch_env(pixels=False); state.reset(seed=0)
+small = pw.make_fetch_env(); small.reset(seed=0); small.close()
+big = pw.make_fetch_env(native_render=False); big.reset(seed=0)
+del small; gc.collect()
+seq2_raw_480 = big.unwrapped.render()  # Gymnasium's own render path, without render_and_resize
+big.reset(seed=0)
+seq2_480 = pw.render_and_resize(big, pw.DEFAULT_RENDER_SIZE)
+
+# Sequence 1: an env built elsewhere (raw gym.make, closed by Gymnasium alone) is garbage-collected while a
+# pixel env with the marker shown is current: render_and_resize must notice and repair the damage.
+raw = gym.make("FetchPush-v4", render_mode="rgb_array", width=84, height=84)
+raw.reset(seed=0); raw.render(); raw.close()
+shown = pw.make_fetch_env(hide_goal_marker=False); shown.reset(seed=0)
+del raw; gc.collect()
+shown.reset(seed=0)
+seq1_shown = pw.render_and_resize(shown)
+seq1_marker_changed = pw._goal_marker_pixels_changed(shown, shift)
+for e in (shown, big, state):
+    e.close()
+
+diff = lambda a, b: float(np.abs(a.astype(int) - b.astype(int)).mean())
+print(json.dumps({
+    "ref_480_mean": float(ref_480.mean()), "ref_marker_changed": ref_marker_changed,
+    "seq2_raw_480_mean": float(seq2_raw_480.mean()), "seq2_480_diff": diff(seq2_480, ref_480),
+    "seq1_shown_diff": diff(seq1_shown, ref_shown), "seq1_marker_changed": seq1_marker_changed,
+}))
+"""
+
+
+def test_renders_stay_right_when_envs_are_created_and_closed_in_one_process():
+    """Regression: a closed env's MjrContext freed later (at garbage collection) inside another env's GL context
+    deleted that env's framebuffer: black 480x480 frames, and a goal marker whose moves changed 0 pixels."""
+    path = os.pathsep.join([str(LAB.parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONPATH": path}
+    result = subprocess.run(
+        [sys.executable, "-c", SEVERAL_ENVS_SCRIPT], capture_output=True, text=True, timeout=180, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    m = json.loads(result.stdout.strip().splitlines()[-1])
+    assert m["ref_480_mean"] > 50 and m["ref_marker_changed"] > 0, m  # the fresh-process references are sane
+    assert m["seq2_raw_480_mean"] > 50, m  # not black (was 0.0)
+    assert m["seq2_480_diff"] < 1.0, m  # same frame as in a fresh process
+    assert m["seq1_shown_diff"] < 1.0, m
+    assert m["seq1_marker_changed"] > 0, m  # was 0

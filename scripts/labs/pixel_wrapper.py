@@ -167,19 +167,81 @@ def report(claims: Sequence[Claim]) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Components
 # ---------------------------------------------------------------------------------------------------------
+def _offscreen_viewers(env: gym.Env) -> list:
+    """The env's live off-screen MuJoCo viewers (each owns one GL context and one ``MjrContext``)."""
+    renderer = getattr(env.unwrapped, "mujoco_renderer", None)
+    viewers = dict(getattr(renderer, "_viewers", {}) or {})  # render_mode -> viewer, created on first render
+    viewers.setdefault(None, getattr(renderer, "viewer", None))
+    unique = {id(v): v for v in viewers.values() if v is not None}.values()
+    return [v for v in unique if getattr(v, "con", None) is not None and hasattr(v, "opengl_context")]
+
+
+def _framebuffer_exists(name: int) -> bool:
+    """Whether ``name`` is still a framebuffer of the CURRENT GL context (about 1.5 us through PyOpenGL)."""
+    try:
+        from OpenGL import GL
+    except ImportError:  # a backend without PyOpenGL: skip the check
+        return True
+    return bool(GL.glIsFramebuffer(name))
+
+
 def make_render_context_current(env: gym.Env) -> None:
-    """Make ``env``'s OpenGL context the current one before it renders.
+    """Make ``env``'s OpenGL context current and its off-screen framebuffer intact before it renders.
 
     Every MuJoCo env owns an off-screen GL context, and only one context is current per thread. Gymnasium
     1.4.0's ``MujocoRenderer`` switches contexts only when ONE env has several viewers (Gymnasium issue
-    #736), so with two envs in one process (train + eval, or a DummyVecEnv) an env renders through the
-    context created last: 480x480 frames come back black, 84x84 frames through a larger buffer. Easy to
-    miss, because a single env is always right. Making the context current is cheap when it already is.
+    #736), and creating or closing any env releases the current one (``eglReleaseThread``), so with two
+    envs in one process an env would render through the wrong context or none: black 480x480 frames.
+
+    The second trap is subtler. GL object names are per context and every MuJoCo context numbers its
+    objects alike (off-screen framebuffer 1, ...). A closed env keeps its ``MjrContext`` until Python
+    garbage-collects the env, and its destructor (``mjr_freeContext``) then deletes "framebuffer 1,
+    textures 2-3, ..." in whatever context is current at that moment: ANOTHER env's. Its frames come back
+    black or frozen. ``PixelObservationWrapper.close`` prevents this for envs built here; envs built
+    elsewhere (a raw ``gym.make``) still can, so we check that our framebuffer exists and rebuild the
+    ``MjrContext`` if it was deleted. Cost per render: ~20 us (15 of them switching contexts), against
+    milliseconds for the render itself.
     """
-    renderer = getattr(env.unwrapped, "mujoco_renderer", None)
-    viewer = getattr(renderer, "viewer", None)  # None until the first render creates the context
-    if viewer is not None:
+    for viewer in _offscreen_viewers(env):  # none until the first render creates the context
         viewer.make_context_current()
+        if viewer.con.offFBO and not _framebuffer_exists(viewer.con.offFBO):
+            font_scale = viewer.con.fontScale
+            viewer.con.free()  # delete what is left of the old objects, in OUR context
+            viewer.con = mujoco.MjrContext(viewer.model, font_scale)  # re-upload meshes, textures, buffers
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, viewer.con)  # readPixels reads this one
+
+
+def _current_egl_context() -> Any:
+    """The thread's current EGL context (None when none is, or when the backend is not EGL)."""
+    if os.environ.get("MUJOCO_GL") != "egl":
+        return None
+    from mujoco.egl import egl_ext as EGL
+
+    context = EGL.eglGetCurrentContext()
+    return context if context else None
+
+
+def _close_render_context(env: gym.Env) -> None:
+    """Close ``env`` without disturbing the GL objects of other envs in the same process.
+
+    Frees each viewer's ``MjrContext`` NOW, while its own context is current (instead of at some later
+    garbage collection, inside whichever context is current then), lets Gymnasium destroy the context,
+    and makes the context that was current before (another env's) current again.
+    """
+    previous = _current_egl_context()
+    ours = set()
+    for viewer in _offscreen_viewers(env):
+        context = getattr(viewer.opengl_context, "_context", None)
+        if context:
+            ours.add(getattr(context, "address", None))
+            viewer.make_context_current()
+            viewer.con.free()  # mjr_freeContext in its own context; the struct is reset, so a later free is a no-op
+    env.close()  # Gymnasium destroys the GL contexts (and calls eglReleaseThread)
+    if previous is not None and previous.address not in ours:
+        import mujoco.egl
+        from mujoco.egl import egl_ext as EGL
+
+        EGL.eglMakeCurrent(mujoco.egl.EGL_DISPLAY, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, previous)
 
 
 # --8<-- [start:render_and_resize]
@@ -328,6 +390,10 @@ class PixelObservationWrapper(gym.Wrapper):
     def compute_reward(self, achieved_goal: np.ndarray, desired_goal: np.ndarray, info: Any) -> np.ndarray:
         """Fetch's reward for (batches of) goals; HER calls this to score relabelled transitions."""
         return self.env.unwrapped.compute_reward(achieved_goal, desired_goal, info)
+
+    def close(self) -> None:
+        """Free this env's GL objects in its own context, so closing it never blanks another env's frames."""
+        _close_render_context(self.env)
 # --8<-- [end:pixel_obs_wrapper]
 
 
@@ -374,7 +440,7 @@ def make_fetch_env(
         )
     except Exception:
         with contextlib.suppress(Exception):  # a half-built env must not leak its GL context
-            env.close()
+            _close_render_context(env)
         raise
 
 
