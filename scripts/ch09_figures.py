@@ -194,9 +194,8 @@ def capture_scene(seed: int) -> dict[str, Any]:
 
     scene: dict[str, Any] = {"seed": seed, "footprints": {}, "qpos": []}
     with contextlib.ExitStack() as open_envs:
-        # Both envs stay open until the end. Closing the first before building the second let its GL context be
-        # freed again by the garbage collector while the second env's context was current, and the 480x480
-        # frames came back black (seen when a state-only env had existed earlier in the same process).
+        # Both envs are closed on the way out, whatever fails in between (the wrapper's close() frees each env's
+        # render objects in its own GL context, so the order does not matter).
         for image_size, native in ((FRAME_SIZES[0], True), (FRAME_SIZES[1], False)):
             env = make_fetch_env("FetchPush-v4", pixels=True, native_render=native)
             open_envs.callback(env.close)

@@ -407,7 +407,7 @@ def test_sac_trains_with_this_buffer_and_drq(stream):
         assert shifted.dtype == th.uint8 and shifted.shape == plain.shape and not th.equal(shifted, plain)
 
 
-@pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # deselected by default (pytest.ini); on a CUDA machine: pytest -m gpu
 def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
     gpu = replay_into(stream, storage_device="cuda")
     assert gpu.frames.device.type == "cuda" if gpu.frame_shape else True
