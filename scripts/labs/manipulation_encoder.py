@@ -48,6 +48,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, report
 from visual_encoder import (
     NatureCNN,
+    conv_output_sizes,
     count_parameters,
     fake_observations,
     pixel_dict_space,
@@ -307,23 +308,10 @@ SB3_LEARN_STEPS = 60
 """Env steps of the SB3 smoke run: past the first 50-step episode, which HER needs before sampling."""
 
 
-def _conv_output_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
-    sizes: list[int] = []
-    hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
-             for m in model.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            model(pixels)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sizes
-
-
 def check_manipulation_cnn() -> list[Claim]:
     cnn = ManipulationCNN(12)
     pixels = torch.randint(0, 256, (BATCH, 12, 84, 84), dtype=torch.uint8)
-    sizes = _conv_output_sizes(cnn, pixels)
+    sizes = conv_output_sizes(cnn, pixels)
     with torch.no_grad():
         maps = cnn(pixels)
     n_params, n_single_frame = count_parameters(cnn), count_parameters(ManipulationCNN(3))

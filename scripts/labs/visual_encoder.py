@@ -406,8 +406,8 @@ def fake_observations(space: spaces.Dict, batch: int = BATCH, seed: int = 0) -> 
     return obs
 
 
-def _layer_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
-    """Spatial size after each Conv2d, recorded with forward hooks."""
+def conv_output_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
+    """Spatial size after each Conv2d of ``model`` on ``pixels``, recorded with forward hooks."""
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.shape[-1]))
              for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -422,7 +422,7 @@ def _layer_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
 
 def check_nature_cnn() -> list[Claim]:
     cnn = NatureCNN(12)
-    sizes = _layer_sizes(cnn, _random_pixels())
+    sizes = conv_output_sizes(cnn, _random_pixels())
     with torch.no_grad():
         features = cnn(_random_pixels())
     convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
