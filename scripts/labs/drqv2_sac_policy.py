@@ -63,7 +63,7 @@ from pathlib import Path
 from typing import Any
 
 # pixel_wrapper first: it sets MUJOCO_GL before anything imports mujoco and checks the mujoco pin.
-from pixel_wrapper import Claim, RendererUnavailableError, make_fetch_env, report
+from pixel_wrapper import Claim, RendererUnavailableError, make_fetch_env, report, run_verify
 
 import numpy as np
 import torch as th
@@ -932,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.verify:
-            return report(verify())
+            return run_verify(verify)
         if args.probe:
             result = probe()
             print_probe(result)

@@ -63,7 +63,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 # pixel_wrapper sets MUJOCO_GL before mujoco loads and owns the shared names (one definition per concept).
-from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, report
+from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, run_verify
 
 DRQ_PAD = 4
 """Pad (and so the largest shift) in pixels: DrQ's value for 84x84 images, about 5% of the width."""
@@ -560,10 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verify:
         parser.print_help()
         return 0
-    start = time.perf_counter()
-    exit_code = report(verify())
-    print(f"verify took {time.perf_counter() - start:.1f} s")
-    return exit_code
+    return run_verify(verify)
 
 
 if __name__ == "__main__":

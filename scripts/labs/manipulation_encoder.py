@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -45,7 +44,7 @@ from gymnasium import spaces
 from stable_baselines3 import SAC, HerReplayBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, report
+from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, run_verify
 from visual_encoder import (
     NatureCNN,
     conv_output_sizes,
@@ -482,10 +481,7 @@ def main() -> int:
     if not args.verify:
         parser.print_help()
         return 0
-    start = time.perf_counter()
-    status = report(verify())
-    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
-    return status
+    return run_verify(verify)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 # MuJoCo picks its OpenGL backend when it is imported, so this must come before any mujoco import.
 os.environ.setdefault("MUJOCO_GL", "egl")
@@ -162,6 +162,21 @@ def report(claims: Sequence[Claim]) -> int:
     n_passed = sum(claim.passed for claim in claims)
     print(f"{n_passed}/{len(claims)} claims passed")
     return 0 if n_passed == len(claims) else 1
+
+
+def run_verify(verify: Callable[[], Sequence[Claim]]) -> int:
+    """A lab's ``--verify``: run its claims, print them and the time taken, return the exit code.
+
+    A renderer that cannot start ends in one sentence on stderr and exit code 2, not a traceback.
+    """
+    start = time.perf_counter()
+    try:
+        status = report(verify())
+    except RendererUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
+    return status
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -795,11 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verify:
         parser.print_help()
         return 0
-    try:
-        return report(verify())
-    except RendererUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_verify(verify)
 
 
 if __name__ == "__main__":

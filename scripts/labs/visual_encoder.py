@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -58,7 +57,7 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 
-from pixel_wrapper import PIXEL_KEY, Claim, make_fetch_env, report
+from pixel_wrapper import PIXEL_KEY, Claim, make_fetch_env, run_verify
 
 VECTOR_KEYS = ("proprioception", "achieved_goal", "desired_goal")
 """Vector entries in the order the extractors concatenate them (each used only when present)."""
@@ -636,10 +635,7 @@ def main() -> int:
     if not args.verify:
         parser.print_help()
         return 0
-    start = time.perf_counter()
-    status = report(verify())
-    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
-    return status
+    return run_verify(verify)
 
 
 if __name__ == "__main__":
