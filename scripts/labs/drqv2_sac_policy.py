@@ -40,10 +40,9 @@ How to run (from the repository root)
 Measured on this project's 2-core CPU machine, one torch thread, EGL rendering, while other jobs shared it:
 --verify 30 s (15 s CPU), --probe 21 s (10 s CPU), --bridge ~50 s. At initialization the critic loss sends the
 encoder a gradient about 2x larger (L2 norm) than the actor loss would (--probe: 0.0062 vs 0.0030).
-`--demo` is a wiring test, not a learning run (pixel Push needs millions of steps). A 1,500-step run took
-153 s (9.8 steps/s); its cost is ~21 ms CPU per env step (render + HER bookkeeping) plus ~0.67 s CPU per
-batch-32 update, so the default 5,000 steps (450 updates) need ~7 minutes of one idle core and about
-10-11 minutes on a busy machine; `--threads 2` helps on an idle 2-core laptop.
+`--demo` is a wiring test, not a learning run (pixel Push needs millions of steps). The default 5,000 steps
+(450 updates at batch 32) took 510 s (9.8 steps/s, 8.7 min wall with start-up) on an otherwise idle 2-core
+machine with one torch thread, ending with finite losses; `--threads 2` helps on an idle 2-core laptop.
 
 Saving and loading: `SAC.save` pickles `DrQv2SACPolicy` by reference (module `drqv2_sac_policy`), so
 `SAC.load(path)` needs no `custom_objects` -- only `scripts/labs` on `sys.path`, as the production script and the
