@@ -45,7 +45,7 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS_DIR / "labs"))
 sys.path.insert(0, str(SCRIPTS_DIR))
-from framestack_replay import FrameStackHerReplayBuffer  # noqa: E402
+from ch09.framestack_replay import FrameStackHerReplayBuffer  # noqa: E402
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_INDICES, make_fetch_env  # noqa: E402
 
 REPO_ROOT = SCRIPTS_DIR.parent

@@ -93,7 +93,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv 
 from stable_baselines3.her import HerReplayBuffer  # noqa: E402
 
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge  # noqa: E402
-from framestack_replay import MEMORY_RESERVE_BYTES, FrameStackHerReplayBuffer  # noqa: E402
+from ch09.framestack_replay import MEMORY_RESERVE_BYTES, FrameStackHerReplayBuffer  # noqa: E402
 from image_augmentation import HerDrQDictReplayBuffer  # noqa: E402
 from manipulation_encoder import ManipulationExtractor  # noqa: E402
 from visual_encoder import NormalizedCombinedExtractor  # noqa: E402

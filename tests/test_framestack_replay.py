@@ -23,8 +23,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
 import bench_replay
-import framestack_replay
-from framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
+from ch09 import framestack_replay
+from ch09.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
 from pixel_wrapper import available_memory_bytes, make_fetch_env
 
 TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs

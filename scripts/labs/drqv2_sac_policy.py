@@ -62,7 +62,8 @@ from pathlib import Path
 from typing import Any
 
 # pixel_wrapper first: it sets MUJOCO_GL before anything imports mujoco and checks the mujoco pin.
-from pixel_wrapper import Claim, RendererUnavailableError, make_fetch_env, report, run_verify
+from lab_support import Claim, RendererUnavailableError, report, run_verify
+from pixel_wrapper import make_fetch_env
 
 import numpy as np
 import torch as th

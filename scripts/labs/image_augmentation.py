@@ -63,7 +63,8 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 # pixel_wrapper sets MUJOCO_GL before mujoco loads and owns the shared names (one definition per concept).
-from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, run_verify
+from lab_support import Claim, run_verify
+from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, make_fetch_env
 
 DRQ_PAD = 4
 """Pad (and so the largest shift) in pixels: DrQ's value for 84x84 images, about 5% of the width."""

@@ -44,7 +44,8 @@ from gymnasium import spaces
 from stable_baselines3 import SAC, HerReplayBuffer
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, Claim, make_fetch_env, run_verify
+from lab_support import Claim, run_verify
+from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, make_fetch_env
 from visual_encoder import (
     NatureCNN,
     conv_output_sizes,

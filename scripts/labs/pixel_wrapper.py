@@ -45,70 +45,21 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, NamedTuple, Sequence
 
-# MuJoCo picks its OpenGL backend when it is imported, so this must come before any mujoco import.
-os.environ.setdefault("MUJOCO_GL", "egl")
-os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
-
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 from PIL import Image
 
-# ---------------------------------------------------------------------------------------------------------
-# Environment guard: the project's ONE check of the MuJoCo version and the OpenGL backend
-# ---------------------------------------------------------------------------------------------------------
-MUJOCO_PIN = "3.11.0"
-FIRST_BROKEN_MUJOCO = (3, 12)
-
-try:
-    _mujoco_version = metadata.version("mujoco")
-except metadata.PackageNotFoundError as _exc:
-    raise ImportError(
-        "mujoco is not installed in this Python environment; run `pip install -r requirements.txt` "
-        f"(it pins mujoco=={MUJOCO_PIN}) or use `bash docker/dev.sh`."
-    ) from _exc
-if tuple(int(part) for part in _mujoco_version.split(".")[:2]) >= FIRST_BROKEN_MUJOCO:
-    raise ImportError(
-        f"mujoco {_mujoco_version} breaks FetchPush-v4 in gymnasium-robotics 1.4.2 (an AssertionError in "
-        f"set_joint_qpos under pybind11 3.1), so create a clean virtual environment and "
-        f"`pip install mujoco=={MUJOCO_PIN}` there."
-    )
-
-# Importing mujoco already initialises the OpenGL backend named by MUJOCO_GL; a broken backend (for example
-# MUJOCO_GL=osmesa without libOSMesa) fails right here. We keep the error and report it from make_fetch_env,
-# so that labs which never build an env (the encoders) still import this file.
-_RENDERER_IMPORT_ERROR: Exception | None = None
-try:
-    import mujoco  # noqa: F401  (imported for its side effect: the GL backend is chosen now)
-
-    # gymnasium-robotics prints an unrelated notice about Adroit envs to stderr on import; keep output clean.
-    with contextlib.redirect_stderr(io.StringIO()):
-        import gymnasium_robotics
-    gym.register_envs(gymnasium_robotics)
-except ModuleNotFoundError as _exc:
-    if _exc.name != "gymnasium_robotics":
-        _RENDERER_IMPORT_ERROR = _exc  # e.g. PyOpenGL missing: a rendering problem
-    else:
-        raise ImportError(
-            "gymnasium-robotics is not installed in this Python environment; run `pip install -r requirements.txt` "
-            "or use `bash docker/dev.sh`."
-        ) from _exc
-except Exception as _exc:  # noqa: BLE001  (any backend failure: ImportError, AttributeError, mujoco.FatalError)
-    _RENDERER_IMPORT_ERROR = _exc
-
-
-class RendererUnavailableError(RuntimeError):
-    """MuJoCo cannot render off-screen with the selected ``MUJOCO_GL`` backend."""
-
-    @classmethod
-    def from_exception(cls, exc: BaseException) -> "RendererUnavailableError":
-        backend = os.environ.get("MUJOCO_GL", "<unset>")
-        return cls(
-            f"MuJoCo cannot render with MUJOCO_GL={backend} ({type(exc).__name__}: {str(exc)[:160]}); "
-            "start Python with MUJOCO_GL=egl (install libegl1 and the Mesa GL libraries if EGL itself fails), "
-            "see the README section 'Troubleshooting'."
-        )
-
+from lab_support import (  # sets MUJOCO_GL=egl unless you chose, and guards the mujoco pin, before mujoco loads
+    Claim,
+    RendererUnavailableError,
+    available_memory_bytes,
+    check_memory_fits,
+    close_render_context,
+    make_render_context_current,
+    renderer_import_error,
+    run_verify,
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # Constants
@@ -141,124 +92,8 @@ PIXEL_KEY = "pixels"
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Verify plumbing shared by every lab: one line per claim, a summary, and an exit code
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class Claim:
-    """One checked statement of a lab's ``--verify``."""
-
-    name: str
-    """The claim in words, e.g. 'pixels are uint8 (12, 84, 84)'."""
-    passed: bool
-    """Whether the measurement supports the claim."""
-    detail: str
-    """The measured value(s) that decided it, printed in parentheses."""
-
-
-def report(claims: Sequence[Claim]) -> int:
-    """Print ``PASS/FAIL  <claim>  (<measured>)`` per claim and a summary; return the process exit code."""
-    for claim in claims:
-        print(f"{'PASS' if claim.passed else 'FAIL'}  {claim.name}  ({claim.detail})")
-    n_passed = sum(claim.passed for claim in claims)
-    print(f"{n_passed}/{len(claims)} claims passed")
-    return 0 if n_passed == len(claims) else 1
-
-
-def run_verify(verify: Callable[[], Sequence[Claim]]) -> int:
-    """A lab's ``--verify``: run its claims, print them and the time taken, return the exit code.
-
-    A renderer that cannot start ends in one sentence on stderr and exit code 2, not a traceback.
-    """
-    start = time.perf_counter()
-    try:
-        status = report(verify())
-    except RendererUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
-    return status
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Components
 # ---------------------------------------------------------------------------------------------------------
-def _offscreen_viewers(env: gym.Env) -> list:
-    """The env's live off-screen MuJoCo viewers (each owns one GL context and one ``MjrContext``)."""
-    renderer = getattr(env.unwrapped, "mujoco_renderer", None)
-    viewers = dict(getattr(renderer, "_viewers", {}) or {})  # render_mode -> viewer, created on first render
-    viewers.setdefault(None, getattr(renderer, "viewer", None))
-    unique = {id(v): v for v in viewers.values() if v is not None}.values()
-    return [v for v in unique if getattr(v, "con", None) is not None and hasattr(v, "opengl_context")]
-
-
-def _framebuffer_exists(name: int) -> bool:
-    """Whether ``name`` is still a framebuffer of the CURRENT GL context (about 1.5 us through PyOpenGL)."""
-    try:
-        from OpenGL import GL
-    except ImportError:  # a backend without PyOpenGL: skip the check
-        return True
-    return bool(GL.glIsFramebuffer(name))
-
-
-def make_render_context_current(env: gym.Env) -> None:
-    """Make ``env``'s OpenGL context current and its off-screen framebuffer intact before it renders.
-
-    Every MuJoCo env owns an off-screen GL context, and only one context is current per thread. Gymnasium
-    1.4.0's ``MujocoRenderer`` switches contexts only when ONE env has several viewers (Gymnasium issue
-    #736), and creating or closing any env releases the current one (``eglReleaseThread``), so with two
-    envs in one process an env would render through the wrong context or none: black 480x480 frames.
-
-    The second trap is subtler. GL object names are per context and every MuJoCo context numbers its
-    objects alike (off-screen framebuffer 1, ...). A closed env keeps its ``MjrContext`` until Python
-    garbage-collects the env, and its destructor (``mjr_freeContext``) then deletes "framebuffer 1,
-    textures 2-3, ..." in whatever context is current at that moment: ANOTHER env's. Its frames come back
-    black or frozen. ``PixelObservationWrapper.close`` prevents this for envs built here; envs built
-    elsewhere (a raw ``gym.make``) still can, so we check that our framebuffer exists and rebuild the
-    ``MjrContext`` if it was deleted. Cost per render: ~20 us (15 of them switching contexts), against
-    milliseconds for the render itself.
-    """
-    for viewer in _offscreen_viewers(env):  # none until the first render creates the context
-        viewer.make_context_current()
-        if viewer.con.offFBO and not _framebuffer_exists(viewer.con.offFBO):
-            font_scale = viewer.con.fontScale
-            viewer.con.free()  # delete what is left of the old objects, in OUR context
-            viewer.con = mujoco.MjrContext(viewer.model, font_scale)  # re-upload meshes, textures, buffers
-        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, viewer.con)  # readPixels reads this one
-
-
-def _current_egl_context() -> Any:
-    """The thread's current EGL context (None when none is, or when the backend is not EGL)."""
-    if os.environ.get("MUJOCO_GL") != "egl":
-        return None
-    from mujoco.egl import egl_ext as EGL
-
-    context = EGL.eglGetCurrentContext()
-    return context if context else None
-
-
-def _close_render_context(env: gym.Env) -> None:
-    """Close ``env`` without disturbing the GL objects of other envs in the same process.
-
-    Frees each viewer's ``MjrContext`` NOW, while its own context is current (instead of at some later
-    garbage collection, inside whichever context is current then), lets Gymnasium destroy the context,
-    and makes the context that was current before (another env's) current again.
-    """
-    previous = _current_egl_context()
-    ours = set()
-    for viewer in _offscreen_viewers(env):
-        context = getattr(viewer.opengl_context, "_context", None)
-        if context:
-            ours.add(getattr(context, "address", None))
-            viewer.make_context_current()
-            viewer.con.free()  # mjr_freeContext in its own context; the struct is reset, so a later free is a no-op
-    env.close()  # Gymnasium destroys the GL contexts (and calls eglReleaseThread)
-    if previous is not None and previous.address not in ours:
-        import mujoco.egl
-        from mujoco.egl import egl_ext as EGL
-
-        EGL.eglMakeCurrent(mujoco.egl.EGL_DISPLAY, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, previous)
-
-
 # --8<-- [start:render_and_resize]
 def render_and_resize(env: gym.Env, image_size: int = IMAGE_SIZE) -> np.ndarray:
     """Render the env's camera and return one frame as a ``(3, image_size, image_size)`` uint8 array.
@@ -376,6 +211,8 @@ class PixelObservationWrapper(gym.Wrapper):
         model = getattr(self.env.unwrapped, "model", None)
         if model is None:
             return  # not a MuJoCo env: no marker to hide
+        import mujoco  # loaded by lab_support already, after it chose the GL backend
+
         site_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, GOAL_MARKER_SITE)
         if site_id >= 0:
             model.site_rgba[site_id, 3] = alpha
@@ -408,7 +245,7 @@ class PixelObservationWrapper(gym.Wrapper):
 
     def close(self) -> None:
         """Free this env's GL objects in its own context, so closing it never blanks another env's frames."""
-        _close_render_context(self.env)
+        close_render_context(self.env)
 # --8<-- [end:pixel_obs_wrapper]
 
 
@@ -432,8 +269,8 @@ def make_fetch_env(
     """
     if env_id not in SUPPORTED_ENV_IDS:
         raise ValueError(f"make_fetch_env builds the Fetch envs {', '.join(SUPPORTED_ENV_IDS)}; got {env_id!r}.")
-    if _RENDERER_IMPORT_ERROR is not None:
-        raise RendererUnavailableError.from_exception(_RENDERER_IMPORT_ERROR)
+    if renderer_import_error() is not None:
+        raise RendererUnavailableError.from_exception(renderer_import_error())
     if not pixels:
         return gym.make(env_id)
 
@@ -455,23 +292,8 @@ def make_fetch_env(
         )
     except Exception:
         with contextlib.suppress(Exception):  # a half-built env must not leak its GL context
-            _close_render_context(env)
+            close_render_context(env)
         raise
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now without swapping (``MemAvailable`` in /proc/meminfo).
-
-    Outside Linux there is no /proc/meminfo; we fall back to total physical memory (an upper bound).
-    """
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file counts kB
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class PixelBatch(NamedTuple):

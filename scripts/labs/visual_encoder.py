@@ -57,7 +57,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 
-from pixel_wrapper import PIXEL_KEY, Claim, make_fetch_env, run_verify
+from lab_support import Claim, run_verify
+from pixel_wrapper import PIXEL_KEY, make_fetch_env
 
 VECTOR_KEYS = ("proprioception", "achieved_goal", "desired_goal")
 """Vector entries in the order the extractors concatenate them (each used only when present)."""

@@ -71,14 +71,11 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from stable_baselines3.her.goal_selection_strategy import KEY_TO_GOAL_STRATEGY, GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "labs"))
 from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples  # noqa: E402
-from pixel_wrapper import FRAME_STACK, available_memory_bytes  # noqa: E402  (also registers the Fetch envs)
+from lab_support import MEMORY_RESERVE_BYTES, available_memory_bytes  # noqa: E402
+from pixel_wrapper import FRAME_STACK  # noqa: E402  (also registers the Fetch envs)
 
 RewardFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]
-
-MEMORY_RESERVE_BYTES = 2 * 1024**3
-"""Free memory a buffer must leave for everything else (networks, envs, batches), on each device it uses."""
 
 SAVE_CHUNK_BYTES = 256 * 2**20
 """save()/load() stream each array in slices of about this many bytes (a 21 GB buffer is never pickled)."""

@@ -1,0 +1,277 @@
+"""What every lab needs and no lab teaches: the MuJoCo guard, GL-context repair, memory checks, ``--verify``.
+
+The labs start with their lesson; the plumbing they share lives here, so a reader meets it only when curious.
+
+| piece                                              | what it does                                           |
+|----------------------------------------------------|--------------------------------------------------------|
+| environment guard (runs on import)                 | refuses a mujoco that breaks FetchPush-v4, picks EGL   |
+| ``RendererUnavailableError``                       | the one sentence a broken renderer ends in             |
+| ``make_render_context_current``, ``close_render_context`` | several MuJoCo envs rendering in one process    |
+| ``available_memory_bytes``, ``check_memory_fits``  | the one "does this buffer fit" check                   |
+| ``Claim``, ``report``, ``run_verify``              | ``--verify``: one PASS/FAIL line per claim, exit code  |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment guard: the project's ONE check of the MuJoCo version and the OpenGL backend
+# ---------------------------------------------------------------------------------------------------------
+# MuJoCo picks its OpenGL backend when it is imported, so this must come before any mujoco import.
+os.environ.setdefault("MUJOCO_GL", "egl")
+os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
+
+
+MUJOCO_PIN = "3.11.0"
+FIRST_BROKEN_MUJOCO = (3, 12)
+
+try:
+    _mujoco_version = metadata.version("mujoco")
+except metadata.PackageNotFoundError as _exc:
+    raise ImportError(
+        "mujoco is not installed in this Python environment; run `pip install -r requirements.txt` "
+        f"(it pins mujoco=={MUJOCO_PIN}) or use `bash docker/dev.sh`."
+    ) from _exc
+
+
+class MujocoVersionError(ImportError):
+    """The installed mujoco breaks FetchPush-v4; the message is one sentence naming the fix."""
+
+
+if tuple(int(part) for part in _mujoco_version.split(".")[:2]) >= FIRST_BROKEN_MUJOCO:
+    raise MujocoVersionError(
+        f"mujoco {_mujoco_version} breaks FetchPush-v4 in gymnasium-robotics 1.4.2 (an AssertionError in "
+        f"set_joint_qpos under pybind11 3.1), so create a clean virtual environment and "
+        f"`pip install mujoco=={MUJOCO_PIN}` there."
+    )
+
+# Importing mujoco already initialises the OpenGL backend named by MUJOCO_GL; a broken backend (for example
+# MUJOCO_GL=osmesa without libOSMesa) fails right here. We keep the error and report it from make_fetch_env,
+# so that labs which never build an env (the encoders) still import.
+_renderer_import_error: Exception | None = None
+try:
+    import gymnasium as gym
+    import mujoco  # imported for its side effect too: the GL backend is chosen now
+
+    # gymnasium-robotics prints an unrelated notice about Adroit envs to stderr on import; keep output clean.
+    with contextlib.redirect_stderr(io.StringIO()):
+        import gymnasium_robotics
+    gym.register_envs(gymnasium_robotics)
+except ModuleNotFoundError as _exc:
+    if _exc.name != "gymnasium_robotics":
+        _renderer_import_error = _exc  # e.g. PyOpenGL missing: a rendering problem
+    else:
+        raise ImportError(
+            "gymnasium-robotics is not installed in this Python environment; run `pip install -r requirements.txt` "
+            "or use `bash docker/dev.sh`."
+        ) from _exc
+except Exception as _exc:  # noqa: BLE001  (any backend failure: ImportError, AttributeError, mujoco.FatalError)
+    _renderer_import_error = _exc
+
+
+class RendererUnavailableError(RuntimeError):
+    """MuJoCo cannot render off-screen with the selected ``MUJOCO_GL`` backend."""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RendererUnavailableError:
+        backend = os.environ.get("MUJOCO_GL", "<unset>")
+        return cls(
+            f"MuJoCo cannot render with MUJOCO_GL={backend} ({type(exc).__name__}: {str(exc)[:160]}); "
+            "start Python with MUJOCO_GL=egl (install libegl1 and the Mesa GL libraries if EGL itself fails), "
+            "see the README section 'Troubleshooting'."
+        )
+
+
+
+def renderer_import_error() -> Exception | None:
+    """The exception importing mujoco's GL backend raised, or None if rendering can start."""
+    return _renderer_import_error
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Verify plumbing shared by every lab: one line per claim, a summary, and an exit code
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Claim:
+    """One checked statement of a lab's ``--verify``."""
+
+    name: str
+    """The claim in words, e.g. 'pixels are uint8 (12, 84, 84)'."""
+    passed: bool
+    """Whether the measurement supports the claim."""
+    detail: str
+    """The measured value(s) that decided it, printed in parentheses."""
+
+
+def report(claims: Sequence[Claim]) -> int:
+    """Print ``PASS/FAIL  <claim>  (<measured>)`` per claim and a summary; return the process exit code."""
+    for claim in claims:
+        print(f"{'PASS' if claim.passed else 'FAIL'}  {claim.name}  ({claim.detail})")
+    n_passed = sum(claim.passed for claim in claims)
+    print(f"{n_passed}/{len(claims)} claims passed")
+    return 0 if n_passed == len(claims) else 1
+
+
+def run_verify(verify: Callable[[], Sequence[Claim]]) -> int:
+    """A lab's ``--verify``: run its claims, print them and the time taken, return the exit code.
+
+    A renderer that cannot start ends in one sentence on stderr and exit code 2, not a traceback.
+    """
+    start = time.perf_counter()
+    try:
+        status = report(verify())
+    except RendererUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
+    return status
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several MuJoCo envs in one process: each render in its own GL context
+# ---------------------------------------------------------------------------------------------------------
+def _offscreen_viewers(env: gym.Env) -> list:
+    """The env's live off-screen MuJoCo viewers (each owns one GL context and one ``MjrContext``)."""
+    renderer = getattr(env.unwrapped, "mujoco_renderer", None)
+    viewers = dict(getattr(renderer, "_viewers", {}) or {})  # render_mode -> viewer, created on first render
+    viewers.setdefault(None, getattr(renderer, "viewer", None))
+    unique = {id(v): v for v in viewers.values() if v is not None}.values()
+    return [v for v in unique if getattr(v, "con", None) is not None and hasattr(v, "opengl_context")]
+
+
+def _framebuffer_exists(name: int) -> bool:
+    """Whether ``name`` is still a framebuffer of the CURRENT GL context (about 1.5 us through PyOpenGL)."""
+    try:
+        from OpenGL import GL
+    except ImportError:  # a backend without PyOpenGL: skip the check
+        return True
+    return bool(GL.glIsFramebuffer(name))
+
+
+def make_render_context_current(env: gym.Env) -> None:
+    """Make ``env``'s OpenGL context current and its off-screen framebuffer intact before it renders.
+
+    Every MuJoCo env owns an off-screen GL context, and only one context is current per thread. Gymnasium
+    1.4.0's ``MujocoRenderer`` switches contexts only when ONE env has several viewers (Gymnasium issue
+    #736), and creating or closing any env releases the current one (``eglReleaseThread``), so with two
+    envs in one process an env would render through the wrong context or none: black 480x480 frames.
+
+    The second trap is subtler. GL object names are per context and every MuJoCo context numbers its
+    objects alike (off-screen framebuffer 1, ...). A closed env keeps its ``MjrContext`` until Python
+    garbage-collects the env, and its destructor (``mjr_freeContext``) then deletes "framebuffer 1,
+    textures 2-3, ..." in whatever context is current at that moment: ANOTHER env's. Its frames come back
+    black or frozen. ``PixelObservationWrapper.close`` prevents this for envs built here; envs built
+    elsewhere (a raw ``gym.make``) still can, so we check that our framebuffer exists and rebuild the
+    ``MjrContext`` if it was deleted. Cost per render: ~20 us (15 of them switching contexts), against
+    milliseconds for the render itself.
+    """
+    for viewer in _offscreen_viewers(env):  # none until the first render creates the context
+        viewer.make_context_current()
+        if viewer.con.offFBO and not _framebuffer_exists(viewer.con.offFBO):
+            font_scale = viewer.con.fontScale
+            viewer.con.free()  # delete what is left of the old objects, in OUR context
+            viewer.con = mujoco.MjrContext(viewer.model, font_scale)  # re-upload meshes, textures, buffers
+        mujoco.mjr_setBuffer(mujoco.mjtFramebuffer.mjFB_OFFSCREEN, viewer.con)  # readPixels reads this one
+
+
+def _current_egl_context() -> Any:
+    """The thread's current EGL context (None when none is, or when the backend is not EGL)."""
+    if os.environ.get("MUJOCO_GL") != "egl":
+        return None
+    from mujoco.egl import egl_ext as EGL
+
+    context = EGL.eglGetCurrentContext()
+    return context if context else None
+
+
+def close_render_context(env: gym.Env) -> None:
+    """Close ``env`` without disturbing the GL objects of other envs in the same process.
+
+    Frees each viewer's ``MjrContext`` NOW, while its own context is current (instead of at some later
+    garbage collection, inside whichever context is current then), lets Gymnasium destroy the context,
+    and makes the context that was current before (another env's) current again.
+    """
+    previous = _current_egl_context()
+    ours = set()
+    for viewer in _offscreen_viewers(env):
+        context = getattr(viewer.opengl_context, "_context", None)
+        if context:
+            ours.add(getattr(context, "address", None))
+            viewer.make_context_current()
+            viewer.con.free()  # mjr_freeContext in its own context; the struct is reset, so a later free is a no-op
+    env.close()  # Gymnasium destroys the GL contexts (and calls eglReleaseThread)
+    if previous is not None and previous.address not in ours:
+        import mujoco.egl
+        from mujoco.egl import egl_ext as EGL
+
+        EGL.eglMakeCurrent(mujoco.egl.EGL_DISPLAY, EGL.EGL_NO_SURFACE, EGL.EGL_NO_SURFACE, previous)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Memory: the one "does this buffer fit" check
+# ---------------------------------------------------------------------------------------------------------
+def available_memory_bytes() -> int:
+    """Memory the OS could give this process now without swapping (``MemAvailable`` in /proc/meminfo).
+
+    Outside Linux there is no /proc/meminfo; we fall back to total physical memory (an upper bound).
+    """
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+MEMORY_RESERVE_BYTES = 2 * 1024**3
+"""Free memory a buffer must leave for everything else (networks, envs, batches), on each device it uses."""
+
+
+class MemoryBudgetError(ValueError):
+    """A buffer would not fit in the memory that is free; the message says the largest size that would."""
+
+
+def free_memory_bytes(device: Any = "cpu") -> int:
+    """Bytes free now where a buffer on ``device`` would live: RAM for the CPU, GPU memory for CUDA."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    return available_memory_bytes()
+
+
+def check_memory_fits(
+    what: str, n_items: int, bytes_per_item: int, device: Any = "cpu", unit: str = "transitions",
+    reserve: int = MEMORY_RESERVE_BYTES,
+) -> int:
+    """Refuse, in one sentence, ``n_items`` x ``bytes_per_item`` that would not fit on ``device``.
+
+    Returns the bytes needed. ``reserve`` bytes stay free for everything else. numpy and torch allocate
+    lazily, so without this check a too-large buffer fails hours later, when it fills.
+    """
+    import torch
+
+    needed = n_items * bytes_per_item
+    free = free_memory_bytes(device)
+    usable = max(free - reserve, 0)
+    if needed > usable:
+        where = "RAM" if torch.device(device).type == "cpu" else f"GPU memory on {device}"
+        raise MemoryBudgetError(
+            f"{what} of {n_items:,} {unit} needs {needed / 1e9:.1f} GB of {where} ({bytes_per_item:,} bytes "
+            f"each) but only {usable / 1e9:.1f} GB is free after a {reserve / 2**30:.0f} GiB reserve; "
+            f"use {usable // max(bytes_per_item, 1):,} {unit} or fewer, or free memory."
+        )
+    return needed
