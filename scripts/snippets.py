@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Check and extract the code regions the book prints from the lab files.
+"""Check and extract the code regions the book prints from the files under ``scripts/``.
 
-The chapter never pastes code by line number. Each listing is a named region of a lab file, marked with the
+The chapter never pastes code by line number. Each listing is a named region of a Python file, marked with the
 pymdown-extensions snippet syntax, exactly:
 
     # --8<-- [start:spatial_softmax]
@@ -9,37 +9,62 @@ pymdown-extensions snippet syntax, exactly:
         ...
     # --8<-- [end:spatial_softmax]
 
+A marker is a comment on a line of its own (a marker quoted inside a string, like the one above, is not one).
 Region names match ``[a-z][a-z0-9_]*`` and are unique within a file; regions may nest but must not overlap.
-The regions the chapter needs are listed in ``scripts/snippets_manifest.json``.
+``scripts/snippets_manifest.json`` lists, by path under ``scripts/``, the regions the chapter prints.
+
+``check`` looks at every ``.py`` file under ``scripts/`` that has markers, not only the labs, and reports:
+
+| rule                                  | why                                                         |
+|---------------------------------------|-------------------------------------------------------------|
+| markers balanced, nested, names valid | a broken marker silently drops or garbles a listing         |
+| every manifest region present         | the chapter prints it                                       |
+| printed lines at most 80 characters   | the book page fits 80 (measured as printed: dedented)       |
+| no region prints a whole large class  | a class over ``LARGE_CLASS_LINES`` lines is shown in parts  |
+
+Regions not in the manifest are checked the same way and listed in the summary; they are not an error.
 
 Usage:
-    python scripts/snippets.py check                 # every lab file well-formed, every manifest region present
-    python scripts/snippets.py check --existing-only # skip lab files that do not exist yet
-    python scripts/snippets.py extract OUTDIR        # OUTDIR/<lab>/<region>.py, markers stripped, dedented
+    python scripts/snippets.py check           # every region well-formed and printable, every manifest region present
+    python scripts/snippets.py extract OUTDIR  # OUTDIR/<file stem>/<region>.py, markers stripped, dedented
 
-Exit status is 0 when everything is in order and 1 otherwise; each problem is printed as
-``path:line: region 'name': what is wrong``.
+Exit status: 0 when everything is in order, 1 when the code has problems (each printed as
+``path:line: region 'name': what is wrong``), 2 for a usage error (missing manifest, bad JSON), in one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import io
 import json
 import re
 import sys
 import textwrap
-from dataclasses import dataclass
-from pathlib import Path
+import tokenize
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 LABS_DIR = SCRIPTS_DIR / "labs"
 MANIFEST_PATH = SCRIPTS_DIR / "snippets_manifest.json"
 
-# A marker line: optional indentation, then `# --8<-- [start:name]` or `# --8<-- [end:name]`.
-MARKER_RE = re.compile(r"^\s*#\s*--8<--\s*\[(?P<kind>start|end):(?P<name>[^\]]*)\]\s*$")
+# The book's code listings are set in a monospaced font on a page that fits this many characters per line.
+BOOK_LINE_WIDTH = 80
+# A class printed whole should read as one listing with at most one page turn (about a page and a half); a longer
+# class is printed method by method, with prose between the parts. Page height depends on the layout: this is the
+# budget we chose for a listing, not a measurement. Counted from the first decorator to the last line of the class.
+LARGE_CLASS_LINES = 80
+
+# A whole-line marker comment: `#`, the scissors, then `[start:name]` or `[end:name]`.
+MARKER_RE = re.compile(r"^#\s*--8<--\s*\[(?P<kind>start|end):(?P<name>[^\]]*)\]\s*$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-# Anything that looks like an attempt at a marker, so a typo is reported instead of silently ignored.
-NEAR_MARKER_RE = re.compile(r"--8<--")
+# The scissors alone: a comment carrying them that is not a well-formed marker is reported, never silently ignored.
+SCISSORS = "--8<--"
+
+
+class UsageError(Exception):
+    """Something the user gave is unusable (a missing file, bad JSON); the message is one sentence."""
 
 
 @dataclass(frozen=True)
@@ -48,25 +73,64 @@ class Region:
     start_line: int  # 1-based line of the start marker
     end_line: int  # 1-based line of the end marker
     body: str  # the lines strictly between the markers, nested markers removed, dedented
+    # (1-based source line, line as printed) for every line of `body`, so a problem can point at the source.
+    printed_lines: tuple[tuple[int, str], ...] = field(default=(), repr=False)
 
 
-class SnippetError(Exception):
-    """One problem in one file, formatted as `path:line: message`."""
+@dataclass(frozen=True)
+class ScannedFile:
+    """One file's regions and the problems found in it."""
+
+    path: Path
+    regions: dict[str, Region]
+    problems: list[str]
+
+
+def _marker_comments(path: Path, text: str) -> tuple[dict[int, str], list[str]]:
+    """Whole-line comments that carry the scissors, by line, found with the tokenizer so strings never count."""
+    comments: dict[int, str] = {}
+    problems: list[str] = []
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(text).readline):
+            if token.type != tokenize.COMMENT or SCISSORS not in token.string:
+                continue
+            lineno, col = token.start
+            if token.line[:col].strip():
+                problems.append(f"{path}:{lineno}: snippet marker after code {token.string!r}; "
+                                "put the marker on a line of its own")
+                continue
+            comments[lineno] = token.string
+    except (tokenize.TokenError, SyntaxError) as error:
+        problems.append(f"{path}: cannot be read as Python ({error}); fix the file so its regions can be checked")
+    return comments, problems
+
+
+def _printed(lines: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
+    """Dedent the way `textwrap.dedent` does for the book, keeping each line's source line number."""
+    text_lines = [line for _, line in lines]
+    dedented = textwrap.dedent("\n".join(text_lines)).split("\n")
+    printed = [(lineno, line.rstrip()) for (lineno, _), line in zip(lines, dedented)]
+    while printed and not printed[0][1]:
+        printed.pop(0)
+    while printed and not printed[-1][1]:
+        printed.pop()
+    return tuple(printed)
 
 
 def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
     """Parse all regions of one file. Returns (regions by name, list of problems)."""
-    problems: list[str] = []
+    text = path.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    comments, problems = _marker_comments(path, text)
     regions: dict[str, Region] = {}
     open_stack: list[tuple[str, int]] = []  # (name, start line)
-    lines = path.read_text(encoding="utf-8").splitlines()
 
-    for lineno, line in enumerate(lines, start=1):
-        match = MARKER_RE.match(line)
+    for lineno in sorted(comments):
+        comment = comments[lineno]
+        match = MARKER_RE.match(comment)
         if match is None:
-            if NEAR_MARKER_RE.search(line) and line.lstrip().startswith("#"):
-                problems.append(f"{path}:{lineno}: malformed snippet marker {line.strip()!r}; "
-                                "write '# --8<-- [start:name]' or '# --8<-- [end:name]'")
+            problems.append(f"{path}:{lineno}: malformed snippet marker {comment!r}; "
+                            "write '# --8<-- [start:name]' or '# --8<-- [end:name]'")
             continue
         kind, name = match["kind"], match["name"]
         if not NAME_RE.match(name):
@@ -92,8 +156,10 @@ def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
                 problems.append(f"{path}:{lineno}: region {name!r}: end marker without a matching start")
             continue
         open_stack.pop()
-        body_lines = [raw for raw in lines[start:lineno - 1] if not MARKER_RE.match(raw)]
-        regions[name] = Region(name, start, lineno, textwrap.dedent("\n".join(body_lines)).strip("\n") + "\n")
+        inside = [(n, lines[n - 1]) for n in range(start + 1, lineno) if n not in comments]
+        printed = _printed(inside)
+        body = "\n".join(line for _, line in printed) + "\n"
+        regions[name] = Region(name, start, lineno, body, printed)
 
     for name, start in open_stack:
         problems.append(f"{path}:{start}: region {name!r}: start marker is never closed")
@@ -103,57 +169,137 @@ def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
     return regions, problems
 
 
-def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, list[str]]:
-    """The regions the chapter needs, by lab file name."""
-    return json.loads(path.read_text(encoding="utf-8"))["labs"]
+def width_problems(path: Path, region: Region, width: int = BOOK_LINE_WIDTH) -> list[str]:
+    """Each line of the region that is wider, as printed, than the book page."""
+    return [f"{path}:{lineno}: region {region.name!r}: line is {len(line)} characters, the book page fits {width}"
+            for lineno, line in region.printed_lines if len(line) > width]
 
 
-def check(labs_dir: Path, manifest: dict[str, list[str]], existing_only: bool = False) -> list[str]:
-    """Every problem found in the lab files: malformed regions and manifest regions that are missing."""
-    problems: list[str] = []
-    lab_files = sorted(set(labs_dir.glob("*.py")) | {labs_dir / name for name in manifest})
-    for lab in lab_files:
-        if not lab.exists():
-            if not existing_only:
-                problems.append(f"{lab}: lab file is missing; the chapter needs regions "
-                                f"{', '.join(manifest[lab.name])} from it")
+def large_class_problems(path: Path, text: str, regions: dict[str, Region],
+                         max_lines: int = LARGE_CLASS_LINES) -> list[str]:
+    """Regions that print a whole class longer than `max_lines`: such a class is shown method by method."""
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as error:
+        return [f"{path}:{error.lineno}: cannot be parsed ({error.msg}); fix the file so its regions can be checked"]
+    classes = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.end_lineno is not None:
+            first = min([node.lineno] + [decorator.lineno for decorator in node.decorator_list])
+            if node.end_lineno - first + 1 > max_lines:
+                classes.append((first, node.end_lineno, node.name))
+    problems = []
+    for region in sorted(regions.values(), key=lambda r: r.start_line):
+        for first, last, class_name in sorted(classes):
+            if region.start_line < first and last < region.end_line:
+                problems.append(f"{path}:{region.start_line}: region {region.name!r}: prints the whole class "
+                                f"{class_name!r} ({last - first + 1} lines, more than {max_lines}); split it into "
+                                "method-level regions so the chapter can explain it in parts")
+    return problems
+
+
+def scan_file(path: Path) -> ScannedFile:
+    """Parse one file and apply every rule to its regions."""
+    regions, problems = parse_regions(path)
+    for region in sorted(regions.values(), key=lambda r: r.start_line):
+        problems.extend(width_problems(path, region))
+    if regions:
+        problems.extend(large_class_problems(path, path.read_text(encoding="utf-8"), regions))
+    return ScannedFile(path, regions, problems)
+
+
+def find_region_files(scripts_dir: Path) -> list[Path]:
+    """Every `.py` file under `scripts_dir` that mentions the snippet scissors (hidden folders skipped)."""
+    found = []
+    for path in sorted(scripts_dir.rglob("*.py")):
+        if any(part.startswith(".") for part in path.relative_to(scripts_dir).parts):
             continue
-        regions, file_problems = parse_regions(lab)
-        problems.extend(file_problems)
-        for name in manifest.get(lab.name, []):
-            if name not in regions:
-                problems.append(f"{lab}: region {name!r}: missing; the chapter prints it "
+        if SCISSORS in path.read_text(encoding="utf-8", errors="replace"):
+            found.append(path)
+    return found
+
+
+def scan(scripts_dir: Path, manifest: dict[str, list[str]]) -> dict[str, ScannedFile]:
+    """Every file with markers, plus every existing manifest file, by path relative to `scripts_dir`."""
+    if not scripts_dir.is_dir():
+        raise UsageError(f"{scripts_dir} is not a folder; pass --scripts-dir with the folder that holds the code")
+    paths = set(find_region_files(scripts_dir))
+    paths |= {scripts_dir / rel for rel in manifest if (scripts_dir / rel).is_file()}
+    return {path.relative_to(scripts_dir).as_posix(): scan_file(path) for path in sorted(paths)}
+
+
+def load_manifest(path: Path = MANIFEST_PATH) -> dict[str, list[str]]:
+    """The regions the chapter prints, by file path relative to ``scripts/`` (``labs/pixel_wrapper.py``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"manifest {path} does not exist; pass --manifest with the JSON list of regions") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"manifest {path} cannot be read ({error}); pass a readable JSON file") from None
+    except json.JSONDecodeError as error:
+        raise UsageError(f"manifest {path} is not valid JSON (line {error.lineno}: {error.msg}); fix it") from None
+    files = data.get("files") if isinstance(data, dict) else None
+    valid = isinstance(files, dict) and all(
+        isinstance(rel, str) and isinstance(names, list) and all(isinstance(n, str) for n in names)
+        for rel, names in files.items())
+    if not valid:
+        raise UsageError(f'manifest {path} must hold {{"files": {{"<path under scripts/>": ["region", ...]}}}}; '
+                         "fix its layout")
+    for rel in files:
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts or pure.suffix != ".py":
+            raise UsageError(f"manifest {path} lists {rel!r}; use a .py path relative to scripts/, "
+                             "such as 'labs/pixel_wrapper.py'")
+    return files
+
+
+def check(scanned: dict[str, ScannedFile], scripts_dir: Path, manifest: dict[str, list[str]]) -> list[str]:
+    """Every problem: those found in each file, then manifest regions that are missing."""
+    problems: list[str] = []
+    for scanned_file in scanned.values():
+        problems.extend(scanned_file.problems)
+    for rel, names in manifest.items():
+        if rel not in scanned:
+            problems.append(f"{scripts_dir / rel}: file is missing; the chapter needs regions "
+                            f"{', '.join(names)} from it")
+            continue
+        for name in names:
+            if name not in scanned[rel].regions:
+                problems.append(f"{scanned[rel].path}: region {name!r}: missing; the chapter prints it "
                                 f"(add '# --8<-- [start:{name}]' ... '# --8<-- [end:{name}]')")
     return problems
 
 
-def extract(labs_dir: Path, out_dir: Path) -> int:
-    """Write every region of every lab file to OUTDIR/<lab>/<region>.py. Returns the number written."""
+def unlisted_regions(scanned: dict[str, ScannedFile], manifest: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Regions that exist in the code but that the manifest does not list, by file."""
+    unlisted = {rel: [name for name in f.regions if name not in manifest.get(rel, [])] for rel, f in scanned.items()}
+    return {rel: names for rel, names in unlisted.items() if names}
+
+
+def extract(scanned: dict[str, ScannedFile], out_dir: Path) -> int:
+    """Write every region of every scanned file to OUTDIR/<file stem>/<region>.py. Returns the number written."""
+    stems: dict[str, str] = {}
+    for rel, scanned_file in scanned.items():
+        stem = scanned_file.path.stem
+        if scanned_file.regions and stems.setdefault(stem, rel) != rel:
+            raise UsageError(f"{stems[stem]} and {rel} would both extract to {out_dir / stem}; rename one of them")
     written = 0
-    for lab in sorted(labs_dir.glob("*.py")):
-        regions, _ = parse_regions(lab)
-        for region in regions.values():
-            target = out_dir / lab.stem / f"{region.name}.py"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(region.body, encoding="utf-8")
+    for scanned_file in scanned.values():
+        for region in scanned_file.regions.values():
+            target = out_dir / scanned_file.path.stem / f"{region.name}.py"
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(region.body, encoding="utf-8")
+            except OSError as error:
+                raise UsageError(f"cannot write {target} ({error.strerror}); pass a writable OUTDIR") from None
             written += 1
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--labs-dir", type=Path, default=LABS_DIR, help="folder of lab files (default: scripts/labs)")
-    parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH, help="JSON list of needed regions")
-    sub = parser.add_subparsers(dest="command", required=True)
-    check_cmd = sub.add_parser("check", help="verify markers and that every needed region is present")
-    check_cmd.add_argument("--existing-only", action="store_true",
-                           help="only check lab files that exist (while the labs are being written)")
-    extract_cmd = sub.add_parser("extract", help="write each region to OUTDIR/<lab>/<region>.py")
-    extract_cmd.add_argument("out_dir", type=Path)
-    args = parser.parse_args(argv)
-
+def run(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
-    problems = check(args.labs_dir, manifest, existing_only=getattr(args, "existing_only", False))
+    scanned = scan(args.scripts_dir, manifest)
+    problems = check(scanned, args.scripts_dir, manifest)
     for problem in problems:
         print(problem, file=sys.stderr)
     if args.command == "check":
@@ -161,14 +307,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"snippet check failed: {len(problems)} problem(s)", file=sys.stderr)
             return 1
         n_needed = sum(len(names) for names in manifest.values())
-        print(f"snippet check passed: {n_needed} needed regions present in {len(manifest)} lab files")
+        n_regions = sum(len(f.regions) for f in scanned.values())
+        n_files = sum(1 for f in scanned.values() if f.regions)
+        print(f"snippet check passed: {n_needed} needed regions present; {n_regions} regions in "
+              f"{n_files} files fit {BOOK_LINE_WIDTH} columns and print no class over {LARGE_CLASS_LINES} lines")
+        for rel, names in unlisted_regions(scanned, manifest).items():
+            print(f"  not in the manifest (checked, not printed): {rel}: {', '.join(names)}")
         return 0
     if problems:
-        print("refusing to extract from broken lab files; fix the problems above first", file=sys.stderr)
+        print("refusing to extract from files with problems; fix the problems above first", file=sys.stderr)
         return 1
-    written = extract(args.labs_dir, args.out_dir)
+    written = extract(scanned, args.out_dir)
     print(f"wrote {written} regions under {args.out_dir}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scripts-dir", type=Path, default=SCRIPTS_DIR,
+                        help="folder searched (recursively) for files with regions (default: scripts/)")
+    parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH,
+                        help="JSON list of the regions the chapter prints (default: scripts/snippets_manifest.json)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="verify markers, widths, class sizes and that every needed region is present")
+    extract_cmd = sub.add_parser("extract", help="write each region to OUTDIR/<file stem>/<region>.py")
+    extract_cmd.add_argument("out_dir", type=Path, metavar="OUTDIR")
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as error:
+        print(f"snippets: {error}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as error:
+        print(f"snippets: a file under {args.scripts_dir} is not UTF-8 ({error.reason}); save it as UTF-8",
+              file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""The book pulls code regions out of the lab files: every needed region must be present and well-formed."""
+"""The book pulls code regions out of the files under scripts/: every needed region present, well-formed, printable."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 import snippets
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -16,35 +16,65 @@ def run_snippets(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SNIPPETS), *args], capture_output=True, text=True, timeout=60)
 
 
-def write_lab(folder: Path, name: str, text: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
+def write_file(folder: Path, rel: str, text: str) -> Path:
+    path = folder / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
 
+def check_tree(tmp_path: Path, capsys: pytest.CaptureFixture, files: dict[str, str],
+               manifest: dict[str, list[str]] | None = None,
+               command: tuple[str, ...] = ("check",)) -> tuple[int, str, str]:
+    """Write `files` under tmp_path/scripts, run snippets.main on them in-process; return (exit code, out, err)."""
+    scripts_dir = tmp_path / "scripts"
+    scripts_dir.mkdir(exist_ok=True)
+    for rel, text in files.items():
+        write_file(scripts_dir, rel, text)
+    manifest_path = tmp_path / "manifest.json"
+    manifest_path.write_text(json.dumps({"files": manifest or {}}))
+    code = snippets.main(["--scripts-dir", str(scripts_dir), "--manifest", str(manifest_path), *command])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def region(name: str, body: str, indent: str = "") -> str:
+    return f"{indent}# --8<-- [start:{name}]\n{body}{indent}# --8<-- [end:{name}]\n"
+
+
+def class_of(n_lines: int, name: str = "Big") -> str:
+    """A class exactly `n_lines` long: the header plus `n_lines - 1` attribute lines."""
+    return f"class {name}:\n" + "".join(f"    a{i} = {i}\n" for i in range(n_lines - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real tree
+# ---------------------------------------------------------------------------------------------------------------------
+
 def test_manifest_lists_the_17_regions_of_the_five_labs():
     manifest = snippets.load_manifest()
-    assert len(manifest) == 5
+    assert sorted(manifest) == sorted(f"labs/{lab}.py" for lab in (
+        "pixel_wrapper", "manipulation_encoder", "image_augmentation", "visual_encoder", "drqv2_sac_policy"))
     assert sum(len(names) for names in manifest.values()) == 17
 
 
-def test_real_lab_files_pass_check():
-    manifest = snippets.load_manifest()
-    all_labs_exist = all((snippets.LABS_DIR / name).exists() for name in manifest)
-    args = ["check"] if all_labs_exist else ["check", "--existing-only"]
-    result = run_snippets(*args)
-    assert result.returncode == 0, result.stderr
-
-
 def test_all_five_labs_exist_so_the_full_manifest_is_checked():
-    missing = [name for name in snippets.load_manifest() if not (snippets.LABS_DIR / name).exists()]
+    missing = [rel for rel in snippets.load_manifest() if not (snippets.SCRIPTS_DIR / rel).is_file()]
     assert not missing, f"lab files missing: {missing}"
 
 
-def test_extract_writes_dedented_regions_without_markers(tmp_path):
-    labs = tmp_path / "labs"
-    write_lab(labs, "demo_lab.py", (
+def test_repository_regions_fit_the_book():
+    result = run_snippets("check")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "snippet check passed: 17 needed regions present" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Markers
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_extract_writes_dedented_regions_without_markers(tmp_path, capsys):
+    text = (
         "import torch\n"
         "# --8<-- [start:outer]\n"
         "class Outer:\n"
@@ -53,12 +83,12 @@ def test_extract_writes_dedented_regions_without_markers(tmp_path):
         "        return 1\n"
         "    # --8<-- [end:inner_method]\n"
         "# --8<-- [end:outer]\n"
-    ))
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text('{"labs": {"demo_lab.py": ["outer", "inner_method"]}}')
+    )
     out = tmp_path / "out"
-    result = run_snippets("--labs-dir", str(labs), "--manifest", str(manifest), "extract", str(out))
-    assert result.returncode == 0, result.stderr
+    code, stdout, err = check_tree(tmp_path, capsys, {"labs/demo_lab.py": text},
+                                   {"labs/demo_lab.py": ["outer", "inner_method"]}, command=("extract", str(out)))
+    assert code == 0, err
+    assert "wrote 2 regions" in stdout
     assert (out / "demo_lab" / "outer.py").read_text() == "class Outer:\n    def inner(self):\n        return 1\n"
     assert (out / "demo_lab" / "inner_method.py").read_text() == "def inner(self):\n    return 1\n"
 
@@ -74,27 +104,138 @@ def test_extract_writes_dedented_regions_without_markers(tmp_path):
          4, "regions must nest, not overlap"),
         ("# --8<-- [start:Bad-Name]\nx = 1\n# --8<-- [end:Bad-Name]\n", 1, "invalid name"),
         ("# --8<-- [begin:a]\nx = 1\n", 1, "malformed snippet marker"),
+        ("x = 1  # --8<-- [start:a]\n", 1, "put the marker on a line of its own"),
     ],
-    ids=["unclosed", "unopened", "duplicate", "overlap", "bad-name", "malformed"],
+    ids=["unclosed", "unopened", "duplicate", "overlap", "bad-name", "malformed", "after-code"],
 )
-def test_broken_regions_name_file_line_and_region(tmp_path, text, expected_line, expected_fragment):
-    labs = tmp_path / "labs"
-    path = write_lab(labs, "broken_lab.py", text)
+def test_broken_regions_name_file_line_and_region(tmp_path, capsys, text, expected_line, expected_fragment):
+    code, _, err = check_tree(tmp_path, capsys, {"labs/broken_lab.py": text})
+    assert code == 1
+    assert f"{tmp_path / 'scripts' / 'labs' / 'broken_lab.py'}:{expected_line}:" in err
+    assert expected_fragment in err
+
+
+def test_marker_quoted_in_a_string_is_not_a_region(tmp_path, capsys):
+    text = '"""Mark a listing like this:\n\n    # --8<-- [start:example]\n"""\nx = 1\n'
+    code, stdout, err = check_tree(tmp_path, capsys, {"tool.py": text})
+    assert code == 0, err
+    assert "0 regions in 0 files" in stdout
+
+
+def test_missing_manifest_region_is_reported(tmp_path, capsys):
+    files = {"labs/lab.py": region("present", "x = 1\n")}
+    manifest = {"labs/lab.py": ["present", "absent"], "labs/other_lab.py": ["thing"]}
+    code, _, err = check_tree(tmp_path, capsys, files, manifest)
+    assert code == 1
+    assert f"{tmp_path / 'scripts' / 'labs' / 'lab.py'}: region 'absent': missing" in err
+    assert "other_lab.py: file is missing; the chapter needs regions thing" in err
+    assert "'present'" not in err
+
+
+def test_region_not_in_the_manifest_is_listed_but_passes(tmp_path, capsys):
+    files = {"labs/lab.py": region("printed", "x = 1\n") + region("helper", "y = 2\n")}
+    code, stdout, err = check_tree(tmp_path, capsys, files, {"labs/lab.py": ["printed"]})
+    assert code == 0, err
+    assert "snippet check passed: 1 needed regions present; 2 regions in 1 files" in stdout
+    assert "not in the manifest (checked, not printed): labs/lab.py: helper" in stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The 80-column page
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_too_wide_line_is_reported_with_its_width(tmp_path, capsys):
+    wide = "x = '" + "a" * 77 + "'\n"  # 83 characters
+    fits = "y = '" + "b" * 74 + "'\n"  # 80 characters
+    files = {"labs/lab.py": region("listing", fits + wide)}
+    code, _, err = check_tree(tmp_path, capsys, files, {"labs/lab.py": ["listing"]})
+    assert code == 1
+    path = tmp_path / "scripts" / "labs" / "lab.py"
+    assert f"{path}:3: region 'listing': line is 83 characters, the book page fits 80" in err
+    assert f"{path}:2:" not in err
+    assert "1 problem(s)" in err
+
+
+def test_width_is_measured_as_printed_after_dedent(tmp_path, capsys):
+    method = "    def f(self):\n        return '" + "c" * 67 + "'\n"  # 84 characters in the file, 80 printed
+    text = "class Holder:\n" + region("method", method, indent="    ")
+    code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["method"]})
+    assert max(len(line) for line in text.splitlines()) == 84
+    assert code == 0, err
+
+
+def test_code_outside_regions_may_be_wider(tmp_path, capsys):
+    text = "z = '" + "d" * 110 + "'\n" + region("listing", "x = 1\n")
+    code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["listing"]})
+    assert code == 0, err
+
+
+def test_regions_outside_the_labs_are_checked_too(tmp_path, capsys):
+    wide = "x = '" + "a" * 90 + "'\n"
+    files = {"labs/lab.py": region("listing", "x = 1\n"), "ch09/machinery.py": region("build_agent", wide),
+             "entry.py": "x = 1\n"}
+    code, _, err = check_tree(tmp_path, capsys, files, {"labs/lab.py": ["listing"]})
+    assert code == 1
+    assert f"{tmp_path / 'scripts' / 'ch09' / 'machinery.py'}:2: region 'build_agent': line is 96 characters" in err
+    assert "entry.py" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Large classes are printed in parts
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_region_printing_a_whole_large_class_is_refused(tmp_path, capsys):
+    n_lines = snippets.LARGE_CLASS_LINES + 1
+    text = "import os\n" + region("big_class", "@decorated\n" + class_of(n_lines - 1))
+    code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["big_class"]})
+    assert code == 1
+    assert (f"{tmp_path / 'scripts' / 'labs' / 'lab.py'}:2: region 'big_class': prints the whole class 'Big' "
+            f"({n_lines} lines, more than {snippets.LARGE_CLASS_LINES}); split it into method-level regions") in err
+
+
+def test_region_printing_a_whole_small_class_is_fine(tmp_path, capsys):
+    text = region("small_class", class_of(snippets.LARGE_CLASS_LINES))
+    code, stdout, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["small_class"]})
+    assert code == 0, err
+    assert "1 regions in 1 files" in stdout
+
+
+def test_method_level_regions_inside_a_large_class_are_fine(tmp_path, capsys):
+    body = "".join(f"    a{i} = {i}\n" for i in range(snippets.LARGE_CLASS_LINES))
+    text = "class Big:\n" + body + region("one_method", "    def f(self):\n        return 1\n", indent="    ")
+    code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["one_method"]})
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Usage errors: one sentence, exit code 2, no traceback
+# ---------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "manifest_text, expected_fragment",
+    [
+        (None, "does not exist; pass --manifest"),
+        ('{"files": {', "is not valid JSON"),
+        ('{"labs": {"pixel_wrapper.py": ["a"]}}', "must hold"),
+        ('{"files": {"../elsewhere.py": ["a"]}}', "use a .py path relative to scripts/"),
+    ],
+    ids=["missing", "bad-json", "old-layout", "outside-scripts"],
+)
+def test_bad_manifest_is_one_sentence_and_exit_2(tmp_path, manifest_text, expected_fragment):
     manifest = tmp_path / "manifest.json"
-    manifest.write_text('{"labs": {}}')
-    result = run_snippets("--labs-dir", str(labs), "--manifest", str(manifest), "check")
-    assert result.returncode == 1
-    assert f"{path}:{expected_line}:" in result.stderr
+    if manifest_text is not None:
+        manifest.write_text(manifest_text)
+    result = run_snippets("--manifest", str(manifest), "check")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
     assert expected_fragment in result.stderr
 
 
-def test_missing_manifest_region_is_reported(tmp_path):
-    labs = tmp_path / "labs"
-    path = write_lab(labs, "lab.py", "# --8<-- [start:present]\nx = 1\n# --8<-- [end:present]\n")
+def test_missing_scripts_dir_is_exit_2(tmp_path, capsys):
     manifest = tmp_path / "manifest.json"
-    manifest.write_text('{"labs": {"lab.py": ["present", "absent"], "other_lab.py": ["thing"]}}')
-    result = run_snippets("--labs-dir", str(labs), "--manifest", str(manifest), "check")
-    assert result.returncode == 1
-    assert f"{path}: region 'absent': missing" in result.stderr
-    assert "other_lab.py: lab file is missing" in result.stderr
-    assert "'present'" not in result.stderr
+    manifest.write_text('{"files": {}}')
+    code = snippets.main(["--scripts-dir", str(tmp_path / "nowhere"), "--manifest", str(manifest), "check"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "is not a folder; pass --scripts-dir" in err
