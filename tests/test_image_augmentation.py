@@ -1,7 +1,7 @@
 """Tests for scripts/labs/image_augmentation.py (DrQ random shifts and the DrQ / HER+DrQ replay buffers).
 
-The lab's claims run in-process here (its `--verify` command line: tests/test_labs_cli.py). The other
-tests cover behaviour the claims do not: device- and dtype-agnostic shifting, and the one-sentence errors.
+The lab's claims run once, as its `--verify` command line, in tests/test_labs_cli.py. These tests cover behaviour
+the claims do not: device- and dtype-agnostic shifting, and the one-sentence errors.
 """
 
 import numpy as np
@@ -9,13 +9,8 @@ import pytest
 import torch
 from gymnasium import spaces
 
-import image_augmentation as lab
 from image_augmentation import DrQDictReplayBuffer, HerDrQDictReplayBuffer, random_shift_aug
-
-
-def test_verify_claims_pass():
-    for claim in lab.verify():
-        assert claim.passed, f"{claim.name}: {claim.detail}"
+from pixel_wrapper import pixel_observation_space
 
 
 def test_shift_creates_every_tensor_on_the_input_device():
@@ -67,11 +62,10 @@ def test_shift_rejects_bad_arguments_with_a_clear_message(bad_input, pad, messag
 
 
 def _dict_space(pixel_dtype=np.uint8, pixel_key="pixels"):
-    return spaces.Dict({
-        pixel_key: spaces.Box(0, 255, (12, 84, 84), pixel_dtype),
-        "achieved_goal": spaces.Box(-np.inf, np.inf, (3,), np.float32),
-        "desired_goal": spaces.Box(-np.inf, np.inf, (3,), np.float32),
-    })
+    """The pixel env's space (goals, no proprioception), with the image's dtype or key changed."""
+    entries = dict(pixel_observation_space(proprio_dim=0).spaces)
+    pixels = entries.pop("pixels")
+    return spaces.Dict({pixel_key: spaces.Box(0, 255, pixels.shape, pixel_dtype), **entries})
 
 
 ACTION_SPACE = spaces.Box(-1, 1, (4,), np.float32)

@@ -1,5 +1,6 @@
-"""Tests for scripts/labs/pixel_wrapper.py: the lab's --verify claims, run in-process (the command line: test_labs_cli.py),
-plus the errors a user can cause (bad arguments, a renderer that does not work)."""
+"""Tests for scripts/labs/pixel_wrapper.py beyond its --verify claims (those run once, in test_labs_cli.py):
+the errors a user can cause (bad arguments, a renderer that does not work), the observation-space builder's
+options, the replay buffer's ring, and several envs rendering in one process."""
 
 import json
 import os
@@ -8,16 +9,12 @@ import sys
 from pathlib import Path
 
 import gymnasium as gym
+import numpy as np
 import pytest
 
 import pixel_wrapper as pw
 
 LAB = Path(pw.__file__).resolve()
-
-
-def test_verify_claims():
-    for claim in pw.verify():
-        assert claim.passed, f"{claim.name}: {claim.detail}"
 
 
 @pytest.mark.parametrize(
@@ -49,12 +46,46 @@ def test_state_env_for_full_state_runs():
     env.close()
 
 
-def test_broken_renderer_gives_one_clear_sentence():
+@pytest.mark.parametrize("kwargs, keys", [
+    ({}, ["pixels", "proprioception", "achieved_goal", "desired_goal"]),
+    ({"goal_mode": "desired"}, ["pixels", "proprioception", "desired_goal"]),
+    ({"proprio_dim": 0, "goal_mode": "none"}, ["pixels"]),
+])
+def test_pixel_observation_space_keys_follow_the_arguments(kwargs, keys):
+    space = pw.pixel_observation_space(frame_stack=2, image_size=16, **kwargs)
+    assert list(space.spaces) == keys
+    assert space["pixels"].shape == (6, 16, 16) and space["pixels"].dtype == np.uint8
+
+
+def test_pixel_observation_space_rejects_an_unknown_goal_mode():
+    with pytest.raises(ValueError, match="goal_mode must be one of"):
+        pw.pixel_observation_space(goal_mode="all")
+
+
+def test_replay_buffer_overwrites_the_oldest_transition_when_full():
+    space = pw.pixel_observation_space(frame_stack=1, image_size=8, proprio_dim=0, goal_mode="none")
+    buffer = pw.PixelReplayBuffer(3, space, action_dim=1, seed=0)
+    for value in range(5):  # transitions 0..4 into 3 slots: 3 and 4 overwrite 0 and 1
+        frame = np.full((3, 8, 8), value, np.uint8)
+        buffer.add({"pixels": frame}, {"pixels": frame + 1}, np.array([value]), float(value), False)
+    assert len(buffer) == 3 and buffer.full
+    assert sorted(buffer.rewards.tolist()) == [2.0, 3.0, 4.0]
+    batch = buffer.sample(16)
+    assert np.array_equal(batch.next_observations["pixels"][:, 0, 0, 0], batch.rewards.astype(np.uint8) + 1)
+
+
+def test_replay_buffer_refuses_an_empty_sample_and_a_space_without_pixels():
+    space = pw.pixel_observation_space(frame_stack=1, image_size=8)
+    with pytest.raises(ValueError, match="cannot sample an empty"):
+        pw.PixelReplayBuffer(2, space, action_dim=4).sample(1)
+    with pytest.raises(ValueError, match="pixel_observation_space"):
+        pw.PixelReplayBuffer(2, gym.spaces.Dict({"image": space["pixels"]}), action_dim=4)
+
+
+def test_broken_renderer_gives_one_clear_sentence(lab_script):
     """MUJOCO_GL=osmesa fails on these machines: the lab must say what to do, not dump a traceback."""
-    env = {**os.environ, "MUJOCO_GL": "osmesa", "PYOPENGL_PLATFORM": "osmesa"}
-    result = subprocess.run(
-        [sys.executable, str(LAB), "--verify"], capture_output=True, text=True, timeout=120, env=env
-    )
+    result = lab_script.run("pixel_wrapper", "--verify", timeout=120, MUJOCO_GL="osmesa",
+                            PYOPENGL_PLATFORM="osmesa")
     assert result.returncode == 2, result.stdout + result.stderr
     assert "MUJOCO_GL=osmesa" in result.stderr and "MUJOCO_GL=egl" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr

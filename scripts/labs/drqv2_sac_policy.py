@@ -19,51 +19,55 @@ With sg(.) = stop-gradient (`.detach()`), features z = f_phi(s) and target encod
     updates: phi, theta <- Adam(grad L_Q)      psi <- Adam(grad L_pi)      (phi is NOT in the actor's optimizer)
     target:  (theta_bar, phi_bar) <- tau * (theta, phi) + (1 - tau) * (theta_bar, phi_bar)   (SB3's polyak_update)
 
+One difference from DrQ-v2, on purpose: DrQ-v2 encodes s' with the ONLINE encoder (under `no_grad`; its
+target network holds only the critic's trunk and Q heads), while ours encodes s' with phi_bar, the target
+critic's own Polyak-averaged copy of the encoder. That is SB3's design: the extractor lives inside the critic,
+so `critic_target` carries a copy, and the stock `SAC.train()` computes y with `critic_target(next_obs, a')`.
+Following SB3 keeps the stock training loop (and its checkpoints); the price is a second encoder's memory and
+a target that lags the online features by the Polyak average.
+
 Three small classes implement it inside SB3, so `SAC(DrQv2SACPolicy, env, ...)` trains with the stock
 `SAC.train()` loop:
 
-| class                 | overrides                      | effect                                                    |
-|-----------------------|--------------------------------|-----------------------------------------------------------|
+| class                 | overrides                      | effect                                                     |
+|-----------------------|--------------------------------|------------------------------------------------------------|
 | `CriticEncoderCritic` | `ContinuousCritic.forward`     | no grad gate: the TD loss reaches the shared encoder       |
-| `CriticEncoderActor`  | `Actor.get_action_dist_params` | `features.detach()` before the policy MLP                 |
+| `CriticEncoderActor`  | `Actor.get_action_dist_params` | `features.detach()` before the policy MLP                  |
 | `DrQv2SACPolicy`      | `SACPolicy._build`             | one encoder, in the critic's optimizer only (by identity); |
 |                       |                                | the target critic has its own copy, Polyak-averaged        |
 
+The encoders divide the uint8 pixels by 255 themselves, so `DrQv2SACPolicy` defaults to
+`normalize_images=False` (SB3 only casts the pixels to float).
+
 How to run (from the repository root)
 -------------------------------------
-    bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --verify   # 8 claims
+    bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --verify   # routing, save/load, SB3 smoke claims
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --probe    # SB3 default vs ours, gradient norms
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --bridge   # verify + probe + match-criteria table
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --demo     # 5,000 steps SAC+HER, pixel Push
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --demo --steps 1000
 
-Measured on this project's 2-core CPU machine, one torch thread, EGL rendering, while other jobs shared it:
---verify 30 s (15 s CPU), --probe 21 s (10 s CPU), --bridge ~50 s. At initialization the critic loss sends the
-encoder a gradient about 2x larger (L2 norm) than the actor loss would (--probe: 0.0062 vs 0.0030).
-`--demo` is a wiring test, not a learning run (pixel Push needs millions of steps). The default 5,000 steps
-(450 updates at batch 32) took 510 s (9.8 steps/s, 8.7 min wall with start-up) on an otherwise idle 2-core
-machine with one torch thread, ending with finite losses; `--threads 2` helps on an idle 2-core laptop.
+`--probe` prints the encoder gradient each loss sends at initialization (the critic's against the actor's).
+`--demo` is a wiring test, not a learning run (pixel Push needs millions of steps); it prints steps/s and the
+final losses. `--threads 2` helps on an idle 2-core machine; the README lists measured times.
 
-Saving and loading: `SAC.save` pickles `DrQv2SACPolicy` by reference (module `drqv2_sac_policy`), so
-`SAC.load(path)` needs no `custom_objects` -- only `scripts/labs` on `sys.path`, as the production script and the
-tests arrange. When this file runs as a script, `__main__` re-imports it under its module name first (see the
-bottom of the file): a class pickled from `__main__` could only be loaded by this very script.
+Saving and loading: `SAC.save` pickles `DrQv2SACPolicy` by reference (module `drqv2_sac_policy`), so any
+process with `scripts/labs` on its import path can load it. `SAC.load(path)` needs no `custom_objects` for a
+model whose replay buffer is not a HER buffer (as in `--verify`); a model trained with a `HerReplayBuffer`
+needs `SAC.load(path, env=env)`. When this file runs as a script, `__main__` re-imports it under its module
+name first (see the bottom of the file): a class pickled from `__main__` could only be loaded by this script.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-# pixel_wrapper first: it sets MUJOCO_GL before anything imports mujoco and checks the mujoco pin.
-from lab_support import Claim, RendererUnavailableError, report, run_verify
-from pixel_wrapper import make_fetch_env
 
 import numpy as np
 import torch as th
@@ -79,7 +83,9 @@ from stable_baselines3.her import HerReplayBuffer
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 from torch import nn
 
+from lab_support import Claim, lab_main, report
 from manipulation_encoder import ManipulationExtractor
+from pixel_wrapper import make_fetch_env
 
 ENV_ID = "FetchPush-v4"
 GAMMA = 0.95  # the chapter's discount for 50-step Fetch episodes
@@ -94,31 +100,35 @@ NO_LOG_DUMPS = 10**9  # log_interval for model.learn: never dump (and clear) the
 
 # --8<-- [start:critic_encoder_critic]
 class CriticEncoderCritic(ContinuousCritic):
-    """Twin Q-networks whose TD loss trains the encoder they share with the actor.
+    """Twin Q-networks whose TD loss trains the encoder shared with the actor.
 
     SB3's `ContinuousCritic.forward` extracts features under
-    `th.set_grad_enabled(not self.share_features_extractor)`, so with a shared encoder the critic loss never
-    reaches it. This forward has no such gate. What each call in `SAC.train()` sends into the encoder:
+    `th.set_grad_enabled(not self.share_features_extractor)`, so with a
+    shared encoder the critic loss never reaches it. This forward has no
+    such gate. What each call in `SAC.train()` sends into the encoder:
 
-    | call in SAC.train()           | actions                     | encoder gradient          |
-    |-------------------------------|-----------------------------|---------------------------|
-    | `critic(obs, replay_actions)` | from the buffer             | yes: dL_Q / dphi          |
-    | `critic(obs, actions_pi)`     | from the actor (carry grad) | none: features detached   |
-    | `critic_target(next_obs, a')` | inside `th.no_grad()`       | none                      |
+    | call in SAC.train()           | actions             | encoder gradient |
+    |-------------------------------|---------------------|------------------|
+    | `critic(obs, replay_actions)` | from the buffer     | dL_Q / dphi      |
+    | `critic(obs, actions_pi)`     | the actor's (grad)  | none: detached   |
+    | `critic_target(next_obs, a')` | in `th.no_grad()`   | none             |
 
-    The middle row is DrQ-v2's `update_actor(obs.detach())`: Q(s, pi(s)) in the actor loss must move the
-    actor, not the encoder. The only sign SB3's loop gives of that call is that its actions carry the actor's
-    graph, so a custom loss that differentiates Q with respect to the actions also sees detached features.
+    The middle row is DrQ-v2's `update_actor(obs.detach())`: Q(s, pi(s)) in
+    the actor loss must move the actor, not the encoder. The only sign SB3's
+    loop gives of that call is that its actions carry the actor's graph, so
+    a custom loss that differentiates Q with respect to the actions also
+    sees detached features.
     """
 
-    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> tuple[th.Tensor, ...]:
-        features = self.extract_features(obs, self.features_extractor)  # no grad gate: L_Q reaches phi
-        if actions.requires_grad:  # Q(s, pi(s)) inside the actor loss: sg(f_phi(s))
+    def forward(
+        self, obs: PyTorchObs, actions: th.Tensor
+    ) -> tuple[th.Tensor, ...]:
+        # No grad gate: L_Q reaches phi.
+        features = self.extract_features(obs, self.features_extractor)
+        if actions.requires_grad:  # Q(s, pi(s)) in the actor loss: sg(f_phi(s))
             features = features.detach()
         q_input = th.cat([features, actions], dim=1)
         return tuple(q_net(q_input) for q_net in self.q_networks)
-
-
 # --8<-- [end:critic_encoder_critic]
 
 
@@ -126,38 +136,53 @@ class CriticEncoderCritic(ContinuousCritic):
 class CriticEncoderActor(Actor):
     """SAC actor that reads the shared encoder's features but never trains it.
 
-    The one change to SB3's `Actor` is `.detach()` on the features (`forward` and `action_log_prob` both
-    go through `get_action_dist_params`). It is not optional: `SAC.train()` samples `actions_pi` BEFORE the
-    critic's optimizer steps the shared encoder in place, and backpropagates the actor loss AFTER. Without the
-    detach, autograd finds encoder weights it saved for the backward pass already overwritten and raises
-    "one of the variables needed for gradient computation has been modified by an inplace operation" --
-    the "gradient computation issues" SB3's own `_build` comment mentions.
+    The one change to SB3's `Actor` is `.detach()` on the features (`forward`
+    and `action_log_prob` both go through `get_action_dist_params`). It is
+    not optional: `SAC.train()` samples `actions_pi` BEFORE the critic's
+    optimizer steps the shared encoder in place, and backpropagates the
+    actor loss AFTER. Without the detach, autograd finds encoder weights it
+    saved for the backward pass already overwritten and raises "one of the
+    variables needed for gradient computation has been modified by an
+    inplace operation" -- the "gradient computation issues" SB3's own
+    `_build` comment mentions.
     """
 
-    def get_action_dist_params(self, obs: PyTorchObs) -> tuple[th.Tensor, th.Tensor, dict[str, th.Tensor]]:
-        features = self.extract_features(obs, self.features_extractor).detach()  # sg(f_phi(s))
-        latent_pi = self.latent_pi(features)
+    def get_action_dist_params(
+        self, obs: PyTorchObs
+    ) -> tuple[th.Tensor, th.Tensor, dict[str, th.Tensor]]:
+        features = self.extract_features(obs, self.features_extractor)
+        latent_pi = self.latent_pi(features.detach())  # sg(f_phi(s))
         mean_actions = self.mu(latent_pi)
         if self.use_sde:
             return mean_actions, self.log_std, dict(latent_sde=latent_pi)
-        log_std = th.clamp(self.log_std(latent_pi), LOG_STD_MIN, LOG_STD_MAX)  # type: ignore[operator]
-        return mean_actions, log_std, {}
-
-
+        log_std = self.log_std(latent_pi)  # type: ignore[operator]
+        return mean_actions, th.clamp(log_std, LOG_STD_MIN, LOG_STD_MAX), {}
 # --8<-- [end:critic_encoder_actor]
+
+
+def _refuse_separate_encoders(share_features_extractor: bool) -> None:
+    """DrQv2SACPolicy's argument check, outside the printed listing."""
+    if not share_features_extractor:
+        raise ValueError(
+            "DrQv2SACPolicy routes ONE encoder shared by actor and critic; for separate encoders use "
+            "SB3's 'MultiInputPolicy' (share_features_extractor=False) instead."
+        )
 
 
 # --8<-- [start:drqv2_sac_policy]
 class DrQv2SACPolicy(SACPolicy):
-    """SAC policy with ONE encoder, trained by the critic only (DrQ-v2 routing).
+    """SAC policy with ONE encoder, trained by the critic only (DrQ-v2).
 
-    | module                         | its encoder     | what trains that encoder                           |
-    |--------------------------------|-----------------|----------------------------------------------------|
-    | `actor` (CriticEncoderActor)   | the shared one  | not the actor loss: the actor sees detached features |
-    | `critic` (CriticEncoderCritic) | the same object | the TD loss: all N tensors are in `critic.optimizer` |
-    | `critic_target`                | its own copy    | no optimizer: SB3's `polyak_update` after each update |
+    | module                         | its encoder | what trains it           |
+    |--------------------------------|-------------|--------------------------|
+    | `actor` (CriticEncoderActor)   | the shared  | nothing: detached input  |
+    | `critic` (CriticEncoderCritic) | same object | the TD loss: all N       |
+    |                                |             | tensors in its optimizer |
+    | `critic_target`                | own copy    | SB3's `polyak_update`    |
 
-    Usage: `SAC(DrQv2SACPolicy, env, policy_kwargs=dict(features_extractor_class=ManipulationExtractor))`.
+    Usage: `SAC(DrQv2SACPolicy, env, policy_kwargs=dict(
+    features_extractor_class=ManipulationExtractor))`. `normalize_images`
+    defaults to False: the encoder divides the uint8 pixels by 255 itself.
     """
 
     def __init__(
@@ -165,56 +190,70 @@ class DrQv2SACPolicy(SACPolicy):
         observation_space: spaces.Space,
         action_space: spaces.Box,
         lr_schedule: Schedule,
-        features_extractor_class: type[BaseFeaturesExtractor] = ManipulationExtractor,
+        features_extractor_class: type[BaseFeaturesExtractor] = (
+            ManipulationExtractor
+        ),
+        normalize_images: bool = False,
         share_features_extractor: bool = True,
         **kwargs: Any,
     ):
-        if not share_features_extractor:
-            raise ValueError(
-                "DrQv2SACPolicy routes ONE encoder shared by actor and critic; for separate encoders use "
-                "SB3's 'MultiInputPolicy' (share_features_extractor=False) instead."
-            )
+        _refuse_separate_encoders(share_features_extractor)
         super().__init__(
             observation_space,
             action_space,
             lr_schedule,
             features_extractor_class=features_extractor_class,
+            normalize_images=normalize_images,
             share_features_extractor=True,
             **kwargs,
         )
 
-    def make_actor(self, features_extractor: BaseFeaturesExtractor | None = None) -> CriticEncoderActor:
-        actor_kwargs = self._update_features_extractor(self.actor_kwargs, features_extractor)
-        return CriticEncoderActor(**actor_kwargs).to(self.device)
+    def make_actor(
+        self, features_extractor: BaseFeaturesExtractor | None = None
+    ) -> CriticEncoderActor:
+        kwargs = self._update_features_extractor(
+            self.actor_kwargs, features_extractor
+        )
+        return CriticEncoderActor(**kwargs).to(self.device)
 
-    def make_critic(self, features_extractor: BaseFeaturesExtractor | None = None) -> CriticEncoderCritic:
-        critic_kwargs = self._update_features_extractor(self.critic_kwargs, features_extractor)
-        return CriticEncoderCritic(**critic_kwargs).to(self.device)
+    def make_critic(
+        self, features_extractor: BaseFeaturesExtractor | None = None
+    ) -> CriticEncoderCritic:
+        kwargs = self._update_features_extractor(
+            self.critic_kwargs, features_extractor
+        )
+        return CriticEncoderCritic(**kwargs).to(self.device)
+    # --8<-- [end:drqv2_sac_policy]
 
+    # --8<-- [start:drqv2_sac_policy_build]
     def _build(self, lr_schedule: Schedule) -> None:
         self.actor = self.make_actor()  # builds THE encoder
         encoder = self.actor.features_extractor
-        # Filter by identity, not by name: the same tensor is called "actor.features_extractor..." and
-        # "critic.features_extractor...", and an optimizer holds tensors, not names.
+        # Filter by identity, not by name: the same tensor is called
+        # "actor.features_extractor..." and "critic.features_extractor...",
+        # and an optimizer holds tensors, not names.
         encoder_ids = {id(p) for p in encoder.parameters()}
-        actor_parameters = [p for p in self.actor.parameters() if id(p) not in encoder_ids]
+        actor_parameters = [
+            p for p in self.actor.parameters() if id(p) not in encoder_ids
+        ]
         self.actor.optimizer = self.optimizer_class(
-            actor_parameters, lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
+            actor_parameters, lr=lr_schedule(1), **self.optimizer_kwargs
         )
 
-        self.critic = self.make_critic(features_extractor=encoder)  # shared: same object, same tensors
+        # Shared: the same object, the same tensors.
+        self.critic = self.make_critic(features_extractor=encoder)
+        # qf0, qf1 AND the encoder: the TD loss trains what the agent sees.
         self.critic.optimizer = self.optimizer_class(
-            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs  # type: ignore[call-arg]
-        )  # qf0, qf1 AND the encoder: the TD loss trains what the agent sees
+            self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs
+        )
 
-        # A fresh encoder for the target, then a copy of the weights. SAC.train() Polyak-averages
-        # zip(critic.parameters(), critic_target.parameters()), and both lists start with the encoder.
+        # A fresh encoder for the target, then a copy of the weights.
+        # SAC.train() Polyak-averages zip(critic.parameters(),
+        # critic_target.parameters()), and both lists start with the encoder.
         self.critic_target = self.make_critic(features_extractor=None)
         self.critic_target.load_state_dict(self.critic.state_dict())
         self.critic_target.set_training_mode(False)
-
-
-# --8<-- [end:drqv2_sac_policy]
+    # --8<-- [end:drqv2_sac_policy_build]
 
 
 # ======================================================================================================
@@ -232,7 +271,7 @@ def collect_real_batch(env: Any, n_transitions: int = ROUTING_BATCH, seed: int =
     | next_observations | like observations                              |                 |
     | dones, rewards    | (B, 1)                                         | float32         |
 
-    Pixels stay uint8, as in SB3's `DictReplayBuffer`: the policy's `preprocess_obs` divides by 255.
+    Pixels stay uint8, as in SB3's `DictReplayBuffer`: the encoder divides by 255 (SB3 only casts to float).
     """
     env.action_space.seed(seed)
     obs, _ = env.reset(seed=seed)
@@ -314,6 +353,7 @@ def sb3_default_policy(observation_space: spaces.Space, action_space: spaces.Box
         action_space,
         lambda _: LEARNING_RATE,
         features_extractor_class=ManipulationExtractor,
+        normalize_images=False,  # ManipulationCNN divides by 255 itself
         share_features_extractor=True,
     )
 
@@ -510,7 +550,7 @@ class SmokeConfig:
     batch_size: int = 16
     """Replay batch per update (SB3's default is 256; small keeps CPU time down)."""
     buffer_size: int = 100
-    """Replay capacity in transitions (~169 KB each for the 12x84x84 pixel dict)."""
+    """Replay capacity in transitions (SB3 stores obs and next_obs whole: two 12x84x84 uint8 stacks each)."""
     seed: int = 0
     """Seeds SB3 (weights, env, action noise) and the real batch of the routing claims."""
 
@@ -531,8 +571,9 @@ class SmokeRun:
     """Wall-clock time of model.learn."""
 
 
-def train_smoke(env: Any, config: SmokeConfig = SmokeConfig()) -> SmokeRun:
+def train_smoke(env: Any, config: SmokeConfig | None = None) -> SmokeRun:
     """A short real SB3 run: stock SAC.train() with DrQv2SACPolicy + ManipulationExtractor on the pixel env."""
+    config = config or SmokeConfig()
     model = SAC(
         DrQv2SACPolicy,
         env,
@@ -559,7 +600,7 @@ def train_smoke(env: Any, config: SmokeConfig = SmokeConfig()) -> SmokeRun:
 
 
 def routing_claims(flow: GradientFlow) -> list[Claim]:
-    """The five routing claims of the scaffold (rows 10-12) plus the target encoder, from one measured update."""
+    """The routing claims (who trains the encoder) plus the target encoder, from one measured update."""
     n = flow.encoder_tensors
     return [
         Claim(
@@ -642,8 +683,9 @@ def save_load_claim(model: SAC, obs: dict[str, th.Tensor]) -> Claim:
     )
 
 
-def verify(config: SmokeConfig = SmokeConfig()) -> list[Claim]:
+def verify(config: SmokeConfig | None = None) -> list[Claim]:
     """Routing claims on a fresh DrQv2SACPolicy and a real batch, then a short SB3 run and a save/load round trip."""
+    config = config or SmokeConfig()
     env = make_fetch_env(ENV_ID, pixels=True, goal_mode="both")
     try:
         batch = collect_real_batch(env, ROUTING_BATCH, seed=config.seed)
@@ -774,7 +816,7 @@ def print_probe(result: ProbeResult) -> None:
 
 
 # ======================================================================================================
-# --bridge: the scaffold's match criteria, SB3 default vs ours
+# --bridge: the chapter's match criteria, SB3 default vs ours
 # ======================================================================================================
 
 
@@ -819,7 +861,7 @@ def print_bridge(claims: list[Claim] | None = None, result: ProbeResult | None =
         ("SB3 training: finite losses and Q", "-", _yes(smoke.passed), smoke.passed),
     ]
     print()
-    print("Bridge (ch09 scaffold match criteria): SB3 default shared encoder vs DrQv2SACPolicy")
+    print("Bridge (the chapter's match criteria): SB3 default shared encoder vs DrQv2SACPolicy")
     _print_table(
         ("criterion", "SB3 share=True", "DrQv2SACPolicy", "ours"),
         [(name, left, right, "PASS" if ok else "FAIL") for name, left, right, ok in rows],
@@ -847,11 +889,11 @@ class DemoConfig:
     batch_size: int = 32
     """Replay batch per update (the chapter's runs use 256 on a GPU)."""
     train_freq: int = 10
-    """Env steps between updates: one update per 10 steps keeps the CPU demo near 10 minutes."""
+    """Env steps between updates: one update per 10 steps keeps the CPU demo short."""
     gradient_steps: int = 1
     """Updates per train_freq env steps."""
     buffer_size: int = 5_000
-    """Replay capacity (~169 KB per pixel transition: 5,000 = ~0.85 GB)."""
+    """Replay capacity in transitions (all of the demo's steps)."""
     n_sampled_goal: int = 4
     """HER relabelled goals per real one ('future' strategy)."""
     print_every: int = 500
@@ -863,8 +905,9 @@ class DemoConfig:
 MIN_DEMO_STEPS = 200  # four episodes: updates start after two, so HER has finished episodes to relabel
 
 
-def demo(config: DemoConfig = DemoConfig()) -> int:
+def demo(config: DemoConfig | None = None) -> int:
     """Train SAC + HER + DrQv2SACPolicy + ManipulationExtractor with a progress bar; 0 if all losses are finite."""
+    config = config or DemoConfig()
     env = make_fetch_env(ENV_ID, pixels=True, goal_mode="both")
     try:
         model = SAC(
@@ -912,38 +955,53 @@ def demo(config: DemoConfig = DemoConfig()) -> int:
 # ======================================================================================================
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--verify", action="store_true", help="gradient-routing, save/load and SB3 smoke claims")
-    mode.add_argument("--probe", action="store_true", help="SB3's default shared encoder vs ours, side by side")
-    mode.add_argument("--bridge", action="store_true", help="verify + probe, one match-criteria table")
-    mode.add_argument("--demo", action="store_true", help="~5,000 steps SAC+HER on pixel FetchPush-v4")
-    parser.add_argument("--steps", type=int, default=DemoConfig.steps,
-                        help=f"env steps for --demo (>= {MIN_DEMO_STEPS})")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is polite on a shared machine)")
-    args = parser.parse_args(argv)
-    if args.steps < MIN_DEMO_STEPS:
-        parser.error(f"--steps must be at least {MIN_DEMO_STEPS}: HER samples only finished 50-step episodes, and "
-                     f"updates start after min({DemoConfig.learning_starts}, steps // 2) steps.")
-    if args.threads < 1:
-        parser.error("--threads must be at least 1.")
-    th.set_num_threads(args.threads)
+@dataclass
+class RunOptions:
+    """Options shared by the modes of this lab."""
 
-    try:
-        if args.verify:
-            return run_verify(verify)
-        if args.probe:
-            result = probe()
-            print_probe(result)
-            return 0 if result.as_expected else 1
-        if args.bridge:
-            return print_bridge()
-        config = DemoConfig(steps=args.steps, learning_starts=min(DemoConfig.learning_starts, args.steps // 2))
-        return demo(config)
-    except RendererUnavailableError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    steps: int = DemoConfig.steps
+    """env steps for --demo (HER samples only finished 50-step episodes, so at least 200)."""
+    threads: int = 1
+    """torch CPU threads (1 is polite on a shared machine)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < MIN_DEMO_STEPS:
+            raise ValueError(f"--steps must be at least {MIN_DEMO_STEPS}: HER samples only finished 50-step "
+                             f"episodes, and updates start after min({DemoConfig.learning_starts}, steps // 2) steps.")
+        if self.threads < 1:
+            raise ValueError("--threads must be at least 1.")
+
+
+def verify_mode(options: RunOptions) -> list[Claim]:
+    """Gradient-routing, save/load and SB3 smoke claims."""
+    th.set_num_threads(options.threads)
+    return verify()
+
+
+def probe_mode(options: RunOptions) -> int:
+    """SB3's default shared encoder vs ours, side by side."""
+    th.set_num_threads(options.threads)
+    result = probe()
+    print_probe(result)
+    return 0 if result.as_expected else 1
+
+
+def bridge_mode(options: RunOptions) -> int:
+    """Verify + probe, one match-criteria table."""
+    th.set_num_threads(options.threads)
+    return print_bridge()
+
+
+def demo_mode(options: RunOptions) -> int:
+    """SAC + HER + DrQv2SACPolicy on pixel FetchPush-v4 for --steps env steps (5,000 by default)."""
+    th.set_num_threads(options.threads)
+    learning_starts = min(DemoConfig.learning_starts, options.steps // 2)
+    return demo(DemoConfig(steps=options.steps, learning_starts=learning_starts))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    modes = {"verify": verify_mode, "probe": probe_mode, "bridge": bridge_mode, "demo": demo_mode}
+    return lab_main(__doc__, modes, argv, options=RunOptions)
 
 
 if __name__ == "__main__":

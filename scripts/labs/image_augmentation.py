@@ -21,8 +21,8 @@ stay exact integers (an interpolating ``grid_sample`` would not).
 Three rules make it work in an RL pipeline:
   1. One shift per sample, shared by all 12 channels (4 stacked RGB frames). Shifting frames
      differently would invent motion that never happened.
-  2. Augment at SAMPLE time, not store time. The buffer keeps the raw uint8 frames (84,672 bytes per
-     12x84x84 observation); every minibatch sees fresh shifts of the same data.
+  2. Augment at SAMPLE time, not store time. The buffer keeps the raw uint8 frames; every minibatch
+     sees fresh shifts of the same data, and the encoder divides by 255 after the shift.
   3. Shift obs and next_obs independently. The TD target r + gamma * Q(s', a') then averages over
      shifts of s' as well as s, which is what smooths the critic. (One shift each per update, as in
      DrQ-v2; the original DrQ also averaged K=2 target and M=2 loss augmentations.)
@@ -34,8 +34,8 @@ hides the goal marker), so relabelling cannot contradict what the image shows.
 
 A warning the chapter's DrQ ablation makes concrete: the shift moves every pixel by up to 4 px, and a
 SpatialSoftmax head reads pixel COORDINATES, so DrQ adds position noise about the size of the puck
-(a 3x4-pixel box at 84x84). The chapter pairs DrQ with flatten-based encoders (NatureCNN) and trains
-ManipulationCNN + SpatialSoftmax with ``--no-drq``.
+(only a few pixels wide at 84x84). The chapter pairs DrQ with flatten-based encoders (NatureCNN) and
+trains ManipulationCNN + SpatialSoftmax with ``--no-drq``.
 
 How to run
 ----------
@@ -49,10 +49,10 @@ shifts on every call, HER rewards equal to ``compute_reward``, and the relabelle
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -62,12 +62,20 @@ from stable_baselines3.common.buffers import DictReplayBuffer
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-# pixel_wrapper sets MUJOCO_GL before mujoco loads and owns the shared names (one definition per concept).
-from lab_support import Claim, run_verify
-from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, make_fetch_env
+from lab_support import Claim, lab_main
+from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, make_fetch_env, pixel_observation_space
 
 DRQ_PAD = 4
 """Pad (and so the largest shift) in pixels: DrQ's value for 84x84 images, about 5% of the width."""
+
+
+def _refuse_bad_shift_arguments(x: torch.Tensor, pad: int) -> None:
+    """random_shift_aug's argument checks, outside the printed listing."""
+    if x.dim() != 4:
+        raise ValueError(f"random_shift_aug expects a (B, C, H, W) batch, got shape {tuple(x.shape)}; "
+                         "add a batch dimension with x.unsqueeze(0) for a single image.")
+    if pad < 0:
+        raise ValueError(f"pad must be >= 0 pixels, got {pad}.")
 
 
 # --8<-- [start:random_shift_aug]
@@ -77,46 +85,52 @@ def random_shift_aug(
     generator: torch.Generator | None = None,
     return_shifts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Shift every image in a batch by its own random integer offset, filling the gap with edge pixels.
+    """Shift every image by its own random integer offset, edges repeated.
 
-    Equivalent to DrQ's "replicate-pad by ``pad``, then randomly crop back to H x W", written as an index
-    clamp so it needs no padded copy, no interpolation and no Python loop over the batch: one ``gather``.
+    DrQ's "replicate-pad by ``pad``, then randomly crop back to H x W",
+    written as an index clamp: no padded copy, no interpolation, no Python
+    loop over the batch, just one ``gather``.
 
-    | argument / output | shape              | meaning                                                  |
-    |-------------------|--------------------|----------------------------------------------------------|
-    | x                 | (B, C, H, W)       | uint8 or float, any device; C = 12 for 4 stacked RGB frames |
-    | return            | (B, C, H, W)       | same dtype and device as x                               |
-    | shifts (optional) | (B, 2) int64       | (dy, dx) per sample, each in [-pad, pad]                 |
+    | argument / output | shape        | meaning                             |
+    |-------------------|--------------|-------------------------------------|
+    | x                 | (B, C, H, W) | uint8 or float, any device          |
+    | return            | (B, C, H, W) | same dtype and device as x          |
+    | shifts (optional) | (B, 2) int64 | (dy, dx) per sample, in [-pad, pad] |
 
-    Output pixel (i, j) of sample b reads input pixel (i + dy_b, j + dx_b), clamped to the border, so the
-    picture moves by (-dy_b, -dx_b). All C channels of a sample share one shift: the stacked frames of one
+    Output pixel (i, j) of sample b reads input pixel (i + dy_b, j + dx_b),
+    clamped to the border, so the picture moves by (-dy_b, -dx_b). All C
+    channels of a sample share one shift: the stacked frames of one
     observation must stay aligned, or the shift would fake motion.
 
     Args:
-        x: batch of images, channels first.
-        pad: largest shift in pixels (DrQ: 4 for 84x84). ``pad=0`` returns an unchanged copy.
-        generator: optional ``torch.Generator`` for reproducible shifts; it may live on the CPU while x is
-            on a GPU (the shifts are drawn on the generator's device, then moved).
-        return_shifts: also return the (B, 2) tensor of (dy, dx) shifts, for tests and plots.
+        x: batch of images, channels first (C = 12 for 4 RGB frames).
+        pad: largest shift in pixels (DrQ: 4 for 84x84); 0 returns a copy.
+        generator: optional ``torch.Generator`` for reproducible shifts; it
+            may live on the CPU while x is on a GPU (the shifts are drawn on
+            the generator's device, then moved).
+        return_shifts: also return the (B, 2) shifts, for tests and plots.
     """
-    if x.dim() != 4:
-        raise ValueError(f"random_shift_aug expects a (B, C, H, W) batch, got shape {tuple(x.shape)}; "
-                         "add a batch dimension with x.unsqueeze(0) for a single image.")
-    if pad < 0:
-        raise ValueError(f"pad must be >= 0 pixels, got {pad}.")
+    _refuse_bad_shift_arguments(x, pad)
     batch, channels, height, width = x.shape
     draw_device = generator.device if generator is not None else x.device
-    # One (dy, dx) pair per SAMPLE, never per channel: the frame stack moves as one picture.
-    shifts = torch.randint(-pad, pad + 1, (batch, 2), generator=generator, device=draw_device).to(x.device)
+    # One (dy, dx) pair per SAMPLE, never per channel: the stack moves as one.
+    shifts = torch.randint(
+        -pad, pad + 1, (batch, 2), generator=generator, device=draw_device
+    ).to(x.device)
 
-    # Replicate padding + crop == clamping the source coordinate into the image (the border pixel repeats).
-    rows = (torch.arange(height, device=x.device) + shifts[:, 0:1]).clamp(0, height - 1)  # (B, H)
-    cols = (torch.arange(width, device=x.device) + shifts[:, 1:2]).clamp(0, width - 1)  # (B, W)
-    # One map per sample: output pixel (i, j) reads input pixel rows[i] * W + cols[j] of the flattened image.
-    source = (rows[:, :, None] * width + cols[:, None, :]).view(batch, 1, height * width)
-    # expand() shares that map across all C channels without copying: every stacked frame moves alike.
+    # Replicate padding + crop == clamping the source coordinate into the
+    # image (the border pixel repeats).
+    rows = torch.arange(height, device=x.device) + shifts[:, 0:1]  # (B, H)
+    cols = torch.arange(width, device=x.device) + shifts[:, 1:2]  # (B, W)
+    rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)
+    # One map per sample: output pixel (i, j) reads flat input pixel
+    # rows[i] * W + cols[j].
+    source = rows[:, :, None] * width + cols[:, None, :]
+    source = source.view(batch, 1, height * width)
+    # expand() shares the map across all C channels without copying.
     flat = x.reshape(batch, channels, height * width)
-    out = flat.gather(2, source.expand(batch, channels, height * width)).view(batch, channels, height, width)
+    index = source.expand(batch, channels, height * width)
+    out = flat.gather(2, index).view(batch, channels, height, width)
     return (out, shifts) if return_shifts else out
 # --8<-- [end:random_shift_aug]
 
@@ -133,41 +147,48 @@ def _check_pixel_space(observation_space: spaces.Space, pixel_key: str, drq_pad:
     pixel_space = observation_space.spaces[pixel_key]
     if not (isinstance(pixel_space, spaces.Box) and len(pixel_space.shape) == 3 and pixel_space.dtype == np.uint8):
         raise ValueError(f"observation_space['{pixel_key}'] must be a (C, H, W) uint8 Box, got {pixel_space}; "
-                         "store raw uint8 frames and let SB3 divide by 255 inside the policy.")
+                         "store raw uint8 frames (the encoder divides by 255 after the shift).")
     if drq_pad < 0:
         raise ValueError(f"drq_pad must be >= 0 pixels, got {drq_pad}.")
 
 
 # --8<-- [start:drq_replay_buffer]
 def augment_pixel_samples(
-    samples: DictReplayBufferSamples, pixel_key: str = PIXEL_KEY, pad: int = DRQ_PAD
+    samples: DictReplayBufferSamples,
+    pixel_key: str = PIXEL_KEY,
+    pad: int = DRQ_PAD,
 ) -> DictReplayBufferSamples:
-    """Return the batch with obs and next_obs pixels shifted INDEPENDENTLY; every other field untouched.
+    """The batch with obs and next_obs pixels shifted INDEPENDENTLY.
 
-    The pixels are already torch tensors on the training device, so the shift runs there (GPU if any),
-    and they stay uint8: SB3's preprocess_obs divides by 255 inside the policy, after augmentation.
+    Every other field is untouched. The pixels are torch tensors on the
+    training device already, so the shift runs there (GPU if any), and they
+    stay uint8: the encoder divides by 255, after the augmentation.
     """
-    observations = dict(samples.observations)
-    next_observations = dict(samples.next_observations)
-    observations[pixel_key] = random_shift_aug(observations[pixel_key], pad)
-    next_observations[pixel_key] = random_shift_aug(next_observations[pixel_key], pad)  # a fresh shift
-    return samples._replace(observations=observations, next_observations=next_observations)
+    obs = dict(samples.observations)
+    next_obs = dict(samples.next_observations)
+    obs[pixel_key] = random_shift_aug(obs[pixel_key], pad)
+    next_obs[pixel_key] = random_shift_aug(next_obs[pixel_key], pad)  # fresh
+    return samples._replace(observations=obs, next_observations=next_obs)
 
 
 class DrQDictReplayBuffer(DictReplayBuffer):
-    """SB3 ``DictReplayBuffer`` that stores raw uint8 frames and applies DrQ random shifts at sample time.
+    """SB3 ``DictReplayBuffer``: raw uint8 frames in, DrQ shifts at sampling.
 
-    Use it as ``SAC("MultiInputPolicy", env, replay_buffer_class=DrQDictReplayBuffer)``. Sampling the same
-    indices twice gives two different shifts of the same stored images: augmentation is a property of the
-    minibatch, never of the data.
+    Use it as ``SAC("MultiInputPolicy", env,
+    replay_buffer_class=DrQDictReplayBuffer)``. Sampling the same indices
+    twice gives two different shifts of the same stored images: the
+    augmentation is a property of the minibatch, never of the data.
 
     Args:
-        *args, **kwargs: passed unchanged to SB3's ``DictReplayBuffer`` (buffer_size, observation_space, ...).
-        pixel_key: key of the (C, H, W) uint8 image in the observation dict.
+        *args, **kwargs: passed to SB3's ``DictReplayBuffer`` unchanged.
+        pixel_key: key of the (C, H, W) uint8 image in the observation.
         drq_pad: largest shift in pixels.
     """
 
-    def __init__(self, *args: Any, pixel_key: str = PIXEL_KEY, drq_pad: int = DRQ_PAD, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pixel_key: str = PIXEL_KEY, drq_pad: int = DRQ_PAD,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         _check_pixel_space(self.observation_space, pixel_key, drq_pad)
         self.pixel_key = pixel_key
@@ -176,40 +197,52 @@ class DrQDictReplayBuffer(DictReplayBuffer):
     def _get_samples(  # type: ignore[override]
         self, batch_inds: np.ndarray, env: Any = None
     ) -> DictReplayBufferSamples:
-        samples = super()._get_samples(batch_inds, env=env)  # uint8 copies of the stored frames
+        # uint8 copies of the stored frames, then the shift.
+        samples = super()._get_samples(batch_inds, env=env)
         return augment_pixel_samples(samples, self.pixel_key, self.drq_pad)
 # --8<-- [end:drq_replay_buffer]
 
 
 # --8<-- [start:her_drq_replay_buffer]
 class HerDrQDictReplayBuffer(HerReplayBuffer):
-    """SB3 ``HerReplayBuffer`` + DrQ: relabel the goal vectors first, then shift the pixels, both at sample time.
+    """SB3 ``HerReplayBuffer`` + DrQ: relabel the goals, then shift pixels.
 
-    Use it exactly like SB3's HER buffer (SAC passes ``env`` itself)::
+    Both happen at sample time. Use it exactly like SB3's HER buffer (SAC
+    passes ``env`` itself)::
 
-        SAC("MultiInputPolicy", env, replay_buffer_class=HerDrQDictReplayBuffer,
-            replay_buffer_kwargs=dict(n_sampled_goal=4, goal_selection_strategy="future"))
+        SAC("MultiInputPolicy", env,
+            replay_buffer_class=HerDrQDictReplayBuffer,
+            replay_buffer_kwargs=dict(n_sampled_goal=4,
+                                      goal_selection_strategy="future"))
 
-    The order is safe because the two operations touch disjoint keys: HER rewrites ``desired_goal`` and
-    the reward (via ``env.compute_reward`` on the next achieved_goal), DrQ rewrites only the image. That
-    holds only while the goal is NOT drawn into the image (the pixel wrapper hides the goal marker);
-    otherwise a relabelled goal vector would contradict the goal the picture shows.
+    The order is safe because the two operations touch disjoint keys: HER
+    rewrites ``desired_goal`` and the reward (``env.compute_reward`` on the
+    next achieved_goal), DrQ rewrites only the image. That holds only while
+    the goal is NOT drawn into the image (the pixel wrapper hides the goal
+    marker); otherwise a relabelled goal vector would contradict the goal
+    the picture shows.
 
     Args:
-        *args, **kwargs: passed unchanged to SB3's ``HerReplayBuffer`` (env, n_sampled_goal, ...).
-        pixel_key: key of the (C, H, W) uint8 image in the observation dict.
+        *args, **kwargs: passed to SB3's ``HerReplayBuffer`` unchanged.
+        pixel_key: key of the (C, H, W) uint8 image in the observation.
         drq_pad: largest shift in pixels.
     """
 
-    def __init__(self, *args: Any, pixel_key: str = PIXEL_KEY, drq_pad: int = DRQ_PAD, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, pixel_key: str = PIXEL_KEY, drq_pad: int = DRQ_PAD,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         _check_pixel_space(self.observation_space, pixel_key, drq_pad)
         self.pixel_key = pixel_key
         self.drq_pad = drq_pad
 
-    def sample(self, batch_size: int, env: Any = None) -> DictReplayBufferSamples:  # type: ignore[override]
-        # SB3's HER: the first B - int(k/(k+1) * B) samples are real; the rest get a goal from the same
-        # episode's future and a reward recomputed with compute_reward. Storage is never modified.
+    def sample(  # type: ignore[override]
+        self, batch_size: int, env: Any = None
+    ) -> DictReplayBufferSamples:
+        # SB3's HER: the first B - int(k/(k+1) * B) samples are real; the
+        # rest get a goal from the same episode's future and a reward
+        # recomputed with compute_reward. Storage is never modified.
         samples = super().sample(batch_size, env=env)
         return augment_pixel_samples(samples, self.pixel_key, self.drq_pad)
 # --8<-- [end:her_drq_replay_buffer]
@@ -221,7 +254,7 @@ class HerDrQDictReplayBuffer(HerReplayBuffer):
 N_SHIFT_SAMPLES = 1024
 """Batch for the shift statistics: with 81 equally likely shifts, each appears ~13 times."""
 HER_EPISODES = 2
-"""Episodes of random actions that fill the HER buffer (50 steps each, ~1 s each at ~50 steps/s)."""
+"""Episodes of random actions that fill the HER buffer (50 steps each)."""
 EPISODE_STEPS = 50
 HER_BUFFER_SIZE = 1_000
 """Larger than the steps collected, so the buffer never wraps during the check."""
@@ -268,7 +301,7 @@ def padded_border_repeats_edge(image: torch.Tensor, dy: int, dx: int) -> tuple[b
 
 
 def verify_random_shift() -> list[Claim]:
-    """Row 8 of the component table, on coordinate images and random images."""
+    """The shift itself, on coordinate images and random images."""
     claims: list[Claim] = []
     generator = torch.Generator().manual_seed(0)
     x = coordinate_images(N_SHIFT_SAMPLES)
@@ -332,9 +365,13 @@ def verify_random_shift() -> list[Claim]:
 def collect_her_model(episodes: int = HER_EPISODES) -> tuple[Any, Any, dict[str, Any]]:
     """Train SAC + HerDrQDictReplayBuffer on pixel FetchPush-v4: random actions fill the buffer, then a few updates.
 
-    Returns the model, its VecEnv (caller closes it) and timing/loss figures.
+    The chapter's Step 0 setup: NormalizedCombinedExtractor, whose NatureCNN divides the shifted uint8 pixels by
+    255 (so SB3 must not: ``normalize_images=False``). Returns the model, its VecEnv (caller closes it) and
+    timing/loss figures.
     """
-    from stable_baselines3 import SAC  # local import: only the checks need the algorithm
+    from stable_baselines3 import SAC  # local imports: only the checks need the algorithm and an encoder
+
+    from visual_encoder import NormalizedCombinedExtractor
 
     env = make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")
     learning_starts = episodes * EPISODE_STEPS
@@ -344,6 +381,7 @@ def collect_her_model(episodes: int = HER_EPISODES) -> tuple[Any, Any, dict[str,
         batch_size=16, learning_starts=learning_starts,
         replay_buffer_class=HerDrQDictReplayBuffer,
         replay_buffer_kwargs=dict(n_sampled_goal=4, goal_selection_strategy="future"),
+        policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor, normalize_images=False),
     )
     start = time.perf_counter()
     model.learn(total_timesteps=learning_starts + gradient_steps)  # SAC acts uniformly at random before learning_starts
@@ -365,7 +403,7 @@ def copy_transitions(source: DictReplayBuffer, target: DictReplayBuffer) -> None
 
 
 def verify_drq_buffer(her_buffer: HerReplayBuffer) -> list[Claim]:
-    """Row 9: DrQDictReplayBuffer against a plain DictReplayBuffer holding the same real pixel transitions."""
+    """DrQDictReplayBuffer against a plain DictReplayBuffer holding the same real pixel transitions."""
     n = her_buffer.pos
     kwargs = dict(buffer_size=n, observation_space=her_buffer.observation_space,
                   action_space=her_buffer.action_space, device="cpu")
@@ -398,7 +436,7 @@ def verify_drq_buffer(her_buffer: HerReplayBuffer) -> list[Claim]:
         f"{int(pixel_diff.sum())}/{n} pixel obs differ between the two calls (P(same shift) = 1/81)"))
 
     # Independence: store coordinate images as both obs and next_obs, then read each shift off the pixels.
-    pixel_only = spaces.Dict({PIXEL_KEY: spaces.Box(0, 255, (3 * FRAME_STACK, IMAGE_SIZE, IMAGE_SIZE), np.uint8)})
+    pixel_only = pixel_observation_space(proprio_dim=0, goal_mode="none")
     coords = DrQDictReplayBuffer(HER_BATCH_SIZE, pixel_only, her_buffer.action_space, device="cpu")
     coords.observations[PIXEL_KEY][:] = coordinate_images(1).numpy()
     coords.next_observations[PIXEL_KEY][:] = coordinate_images(1).numpy()
@@ -542,7 +580,7 @@ def verify_her_buffer(model: Any, vec_env: Any, training: dict[str, Any]) -> lis
 
 
 def verify() -> list[Claim]:
-    """All claims of this lab (pytest runs this function; --verify prints it)."""
+    """Check every claim of this lab: the shift, the DrQ buffer, HER + DrQ on real pixel transitions."""
     torch.set_num_threads(1)
     claims = verify_random_shift()
     model, vec_env, training = collect_her_model()
@@ -554,14 +592,8 @@ def verify() -> list[Claim]:
     return claims
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--verify", action="store_true", help="check the DrQ claims (~30 s on a 2-core CPU)")
-    args = parser.parse_args(argv)
-    if not args.verify:
-        parser.print_help()
-        return 0
-    return run_verify(verify)
+def main(argv: Sequence[str] | None = None) -> int:
+    return lab_main(__doc__, {"verify": verify}, argv)
 
 
 if __name__ == "__main__":

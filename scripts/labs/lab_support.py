@@ -1,27 +1,29 @@
-"""What every lab needs and no lab teaches: the MuJoCo guard, GL-context repair, memory checks, ``--verify``.
+"""What every lab needs and no lab teaches: the MuJoCo guard, GL-context repair, memory checks, the CLI.
 
 The labs start with their lesson; the plumbing they share lives here, so a reader meets it only when curious.
 
-| piece                                              | what it does                                           |
-|----------------------------------------------------|--------------------------------------------------------|
-| environment guard (runs on import)                 | refuses a mujoco that breaks FetchPush-v4, picks EGL   |
-| ``RendererUnavailableError``                       | the one sentence a broken renderer ends in             |
-| ``make_render_context_current``, ``close_render_context`` | several MuJoCo envs rendering in one process    |
-| ``available_memory_bytes``, ``check_memory_fits``  | the one "does this buffer fit" check                   |
-| ``Claim``, ``report``, ``run_verify``              | ``--verify``: one PASS/FAIL line per claim, exit code  |
+| piece                                                 | what it does                                          |
+|-------------------------------------------------------|-------------------------------------------------------|
+| environment guard (runs on import)                    | refuses a mujoco that breaks FetchPush-v4, picks EGL  |
+| ``RendererUnavailableError``                          | the one sentence a broken renderer ends in            |
+| ``make_render_context_current``, ``close_render_context`` | several MuJoCo envs rendering in one process      |
+| ``available_memory_bytes``, ``check_memory_fits``     | the one "does this buffer fit" check                  |
+| ``Claim``, ``report``                                 | ``--verify``: one PASS/FAIL line per claim, a summary |
+| ``lab_main``                                          | every lab's ``main()`` (tyro): one flag per mode      |
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Annotated, Any
 
 # ---------------------------------------------------------------------------------------------------------
 # Environment guard: the project's ONE check of the MuJoCo version and the OpenGL backend
@@ -74,7 +76,7 @@ except ModuleNotFoundError as _exc:
             "gymnasium-robotics is not installed in this Python environment; run `pip install -r requirements.txt` "
             "or use `bash docker/dev.sh`."
         ) from _exc
-except Exception as _exc:  # noqa: BLE001  (any backend failure: ImportError, AttributeError, mujoco.FatalError)
+except Exception as _exc:  # any backend failure: ImportError, AttributeError, mujoco.FatalError
     _renderer_import_error = _exc
 
 
@@ -89,7 +91,6 @@ class RendererUnavailableError(RuntimeError):
             "start Python with MUJOCO_GL=egl (install libegl1 and the Mesa GL libraries if EGL itself fails), "
             "see the README section 'Troubleshooting'."
         )
-
 
 
 def renderer_import_error() -> Exception | None:
@@ -121,18 +122,64 @@ def report(claims: Sequence[Claim]) -> int:
     return 0 if n_passed == len(claims) else 1
 
 
-def run_verify(verify: Callable[[], Sequence[Claim]]) -> int:
-    """A lab's ``--verify``: run its claims, print them and the time taken, return the exit code.
+LabMode = Callable[..., "int | Sequence[Claim]"]
+"""One mode of a lab's command line (``--verify``, ``--probe``, ...): returns an exit code, or claims to report."""
 
-    A renderer that cannot start ends in one sentence on stderr and exit code 2, not a traceback.
+
+def lab_main(
+    doc: str | None, modes: Mapping[str, LabMode], argv: Sequence[str] | None = None, options: type | None = None
+) -> int:
+    """Every lab's ``main()``: one flag per mode, plus the fields of ``options``, parsed by tyro.
+
+    | a mode returns  | the command prints                                 | exit code              |
+    |-----------------|----------------------------------------------------|------------------------|
+    | claims          | one PASS/FAIL line per claim, a summary, the time  | 0 if all pass, else 1  |
+    | an int          | whatever the mode printed                          | that int               |
+
+    ``modes`` maps a flag name to its function; the first line of the function's docstring is the flag's help.
+    ``options`` is a dataclass whose fields become further flags (their docstrings are the help, tyro shows the
+    defaults); each mode is then called with the parsed instance, otherwise with no argument. An option the
+    dataclass refuses (a ``ValueError`` in ``__post_init__``), two modes at once, a bad flag or a renderer that
+    cannot start end in one sentence on stderr and exit code 2. No mode prints the help (exit code 0).
     """
+    import tyro  # the command line only: importing a lab as a library does not need it
+
+    def first_line(mode: LabMode) -> str:
+        return (mode.__doc__ or "").strip().split("\n")[0].rstrip(".")
+
+    def one_mode_at_most(args: Any) -> None:
+        if options is not None and hasattr(options, "__post_init__"):
+            options.__post_init__(args)
+        chosen = [name for name in modes if getattr(args, name)]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of {', '.join('--' + name for name in chosen)}, not several.")
+
+    fields = [(name, Annotated[bool, tyro.conf.arg(help=first_line(mode))], dataclasses.field(default=False))
+              for name, mode in modes.items()]
+    parser_class = dataclasses.make_dataclass(
+        "options", fields, bases=(options,) if options is not None else (),
+        namespace={"__post_init__": one_mode_at_most},
+    )
+    description = (doc or "").strip().split("\n\n")[0]
+    config = (tyro.conf.FlagCreatePairsOff,)  # `--verify`, without a `--no-verify` twin
+    try:  # tyro exits after printing the help (0) or a usage error (2); a lab's main() returns its exit code
+        args = tyro.cli(parser_class, args=argv, description=description, config=config)
+        chosen = [name for name in modes if getattr(args, name)]
+        if not chosen:
+            tyro.cli(parser_class, args=["--help"], description=description, config=config)
+    except SystemExit as exit_request:
+        return int(exit_request.code or 0)
+    mode = modes[chosen[0]]
     start = time.perf_counter()
     try:
-        status = report(verify())
+        result = mode(args) if options is not None else mode()
+        if isinstance(result, int):
+            return result
+        status = report(result)
     except RendererUnavailableError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"(--verify took {time.perf_counter() - start:.1f} s)")
+    print(f"(--{chosen[0]} took {time.perf_counter() - start:.1f} s)")
     return status
 
 
@@ -149,7 +196,7 @@ def _offscreen_viewers(env: gym.Env) -> list:
 
 
 def _framebuffer_exists(name: int) -> bool:
-    """Whether ``name`` is still a framebuffer of the CURRENT GL context (about 1.5 us through PyOpenGL)."""
+    """Whether ``name`` is still a framebuffer of the CURRENT GL context (one cheap GL query)."""
     try:
         from OpenGL import GL
     except ImportError:  # a backend without PyOpenGL: skip the check
@@ -171,8 +218,8 @@ def make_render_context_current(env: gym.Env) -> None:
     textures 2-3, ..." in whatever context is current at that moment: ANOTHER env's. Its frames come back
     black or frozen. ``PixelObservationWrapper.close`` prevents this for envs built here; envs built
     elsewhere (a raw ``gym.make``) still can, so we check that our framebuffer exists and rebuild the
-    ``MjrContext`` if it was deleted. Cost per render: ~20 us (15 of them switching contexts), against
-    milliseconds for the render itself.
+    ``MjrContext`` if it was deleted. Cost per render: one context switch and one GL query, small against
+    the render itself.
     """
     for viewer in _offscreen_viewers(env):  # none until the first render creates the context
         viewer.make_context_current()

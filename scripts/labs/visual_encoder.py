@@ -13,14 +13,18 @@ visual SAC agent:
     VisualGaussianPolicy            policy(pixels, vectors)               action (B, 4), log_prob (B,)
     VisualTwinQNetwork              q(pixels, vectors, action)            q1 (B,), q2 (B,)
 
+Pixels arrive as stored, values 0..255 (uint8 from our buffers, or the same values as float after SB3's
+cast), and the CNN divides by 255 itself: ONE conversion, inside the encoder, as in DrQ-v2. So SB3 must
+not divide too: every SAC built on these extractors passes ``policy_kwargs=dict(normalize_images=False)``.
+
 NatureCNN's spatial arithmetic (no padding): out = floor((in - kernel) / stride) + 1
 
     84 --8x8/4--> 20 --4x4/2--> 9 --3x3/1--> 7;   64 channels x 7 x 7 = 3136 --Linear--> 512
 
 The first layer looks at the image through 8x8 windows every 4 pixels, so a 5-pixel puck shrinks to
-about one cell of a 20x20 grid. `manipulation_encoder.py` measures that and builds the fix. 94% of
-NatureCNN's 1.7M parameters sit in the final Linear(3136, 512), which must learn *where* things are
-from a flattened grid.
+about one cell of a 20x20 grid. `manipulation_encoder.py` measures that and builds the fix. Almost all
+of NatureCNN's parameters sit in the final Linear(3136, 512) (``--verify`` counts them), which must
+learn *where* things are from a flattened grid.
 
 Squashed Gaussian policy (SAC, Haarnoja et al. 2018, appendix C). Sample u, squash it into [-1, 1]:
 
@@ -32,17 +36,16 @@ The change-of-variables term is computed in the numerically stable form
     log(1 - tanh(u)^2) = 2 * (log 2 - u - softplus(-2u))
 
 which never takes log(0) when tanh(u) rounds to +-1 in float32 (|u| > ~9); the common
-`log(1 - tanh(u)^2 + 1e-6)` shortcut is off by more than a nat per dimension already at |u| = 8.
-FetchPush actions live in [-1, 1]^4, so tanh(u) needs no further rescaling.
+`log(1 - tanh(u)^2 + 1e-6)` shortcut drifts from the true value once tanh saturates (``--verify``
+prints by how much at |u| = 8). FetchPush actions live in [-1, 1]^4, so tanh(u) needs no rescaling.
 
-Run it (CPU, well under a minute):
+Run it:
 
     bash docker/dev.sh python scripts/labs/visual_encoder.py --verify
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -57,8 +60,8 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, create_mlp
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 
-from lab_support import Claim, run_verify
-from pixel_wrapper import PIXEL_KEY, make_fetch_env
+from lab_support import Claim, lab_main
+from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, make_fetch_env, pixel_observation_space
 
 VECTOR_KEYS = ("proprioception", "achieved_goal", "desired_goal")
 """Vector entries in the order the extractors concatenate them (each used only when present)."""
@@ -68,21 +71,37 @@ TRUNK_LATENT_DIM = 50
 """Width of the image latent in VisualGoalEncoder (DrQ / DrQ-v2 use 50)."""
 NORMALIZER_CLIP = 5.0
 """Normalised vector entries are clipped to +-this many running standard deviations."""
+PIXEL_MAX = 255.0
+"""Largest pixel value of a uint8 frame: the encoders divide by it."""
 
 
 # ----------------------------------------------------------------------------------------------
 # Plumbing shared by the extractors: uint8 -> float, and which dict keys go where
 # ----------------------------------------------------------------------------------------------
 def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 in [0, 255] -> float32 in [0, 1]; float input passes through unchanged.
+    """Pixel values 0..255 (uint8, or float after SB3's cast) -> float32 in [0, 1].
 
-    SB3 already divides uint8 image spaces by 255 before an extractor sees them (`preprocess_obs`),
-    while the plain-PyTorch networks below may be fed straight from a uint8 replay buffer. Doing the
-    conversion inside the encoder (as DrQ-v2 does) lets the buffer stay uint8 -- 4x less memory.
+    The project's ONE pixel scaling, called by the encoders' first line (DrQ-v2's ``obs / 255.0``): the
+    buffers keep uint8 (4x less memory than float32) and hand it to the encoder on the training device.
     """
-    if pixels.dtype == torch.uint8:
-        return pixels.float().div_(255.0)
-    return pixels.float()
+    return pixels.float() / PIXEL_MAX
+
+
+def refuse_scaled_pixels(pixels: torch.Tensor) -> bool:
+    """Raise if SB3 already divided these pixels by 255; return whether the batch could tell.
+
+    SB3's ``preprocess_obs`` divides uint8 image spaces by 255 unless the policy has
+    ``normalize_images=False``; our encoders divide again, and a 255x too dark image still trains, only
+    badly. A real frame has bright pixels, so float pixels that all lie in [0, 1] can only be pre-scaled.
+    An all-black batch (a dummy forward pass) cannot tell: the caller checks again on the next batch.
+    """
+    brightest = float(pixels.max())
+    if pixels.is_floating_point() and 0.0 < brightest <= 1.0:
+        raise ValueError(
+            "the extractor received pixels already divided by 255 (SB3's normalize_images=True); the encoder "
+            "scales them itself, so pass policy_kwargs=dict(normalize_images=False, ...) to SAC."
+        )
+    return brightest > 0.0
 
 
 def split_observation_keys(observation_space: spaces.Dict) -> tuple[spaces.Box, tuple[str, ...]]:
@@ -94,10 +113,12 @@ def split_observation_keys(observation_space: spaces.Dict) -> tuple[spaces.Box, 
     if not isinstance(observation_space, spaces.Dict) or PIXEL_KEY not in observation_space.spaces:
         raise ValueError(
             f"This extractor needs a Dict observation space with a {PIXEL_KEY!r} entry, got {observation_space}; "
-            "build the env with pixel_wrapper.make_fetch_env(pixels=True) (state-only envs use SB3's CombinedExtractor)."
+            "build the env with pixel_wrapper.make_fetch_env(pixels=True) (state-only envs use SB3's "
+            "CombinedExtractor)."
         )
     pixel_space = observation_space[PIXEL_KEY]
-    if not (isinstance(pixel_space, spaces.Box) and len(pixel_space.shape) == 3 and pixel_space.shape[0] < pixel_space.shape[1]):
+    shape = pixel_space.shape if isinstance(pixel_space, spaces.Box) else ()
+    if len(shape) != 3 or shape[0] >= shape[1]:
         raise ValueError(
             f"{PIXEL_KEY!r} must be a channels-first (C, H, W) Box, got {pixel_space}; "
             "PixelObservationWrapper produces (3 * frame_stack, 84, 84) uint8."
@@ -121,18 +142,24 @@ def count_parameters(module: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------
 # --8<-- [start:nature_cnn]
 class NatureCNN(nn.Module):
-    """DQN's Atari encoder (Mnih et al. 2015): the "wrong" encoder for manipulation.
+    """DQN's Atari encoder (Mnih et al. 2015): wrong eyes for manipulation.
 
-    | call                         | output      | meaning                                    |
-    |------------------------------|-------------|--------------------------------------------|
-    | NatureCNN(12)(pixels)        | (B, 512)    | pixels (B, 12, 84, 84) uint8 or float [0,1] |
+    | call                  | output   | input                             |
+    |-----------------------|----------|-----------------------------------|
+    | NatureCNN(12)(pixels) | (B, 512) | pixels (B, 12, 84, 84), 0..255    |
 
-    Spatial progression 84 -> 20 -> 9 -> 7. The 8x8 stride-4 first layer is built for Atari sprites
-    tens of pixels wide; a 5-pixel puck ends up as about one cell of its 20x20 output.
-    Accepts either the channel count or the "pixels" Box space (SB3 style).
+    Spatial progression 84 -> 20 -> 9 -> 7. The 8x8 stride-4 first layer is
+    built for Atari sprites tens of pixels wide; a 5-pixel puck ends up as
+    about one cell of its 20x20 output. Takes the channel count or the
+    "pixels" Box space (SB3 style).
     """
 
-    def __init__(self, in_channels: int | spaces.Box = 12, features_dim: int = NATURE_FEATURES_DIM, image_size: int = 84):
+    def __init__(
+        self,
+        in_channels: int | spaces.Box = 12,
+        features_dim: int = NATURE_FEATURES_DIM,
+        image_size: int = IMAGE_SIZE,
+    ):
         super().__init__()
         if isinstance(in_channels, spaces.Box):
             in_channels, height, width = in_channels.shape
@@ -147,36 +174,45 @@ class NatureCNN(nn.Module):
             nn.ReLU(),
             nn.Flatten(),
         )
-        # Let a dummy forward pass find the flattened size (3136 at 84x84) instead of hand arithmetic.
+        # A dummy forward pass finds the flattened size; no hand arithmetic.
         with torch.no_grad():
-            n_flatten = self.cnn(torch.zeros(1, in_channels, height, width)).shape[1]
-        self.linear = nn.Sequential(nn.Linear(n_flatten, features_dim), nn.ReLU())
+            dummy = torch.zeros(1, in_channels, height, width)
+            n_flatten = self.cnn(dummy).shape[1]
+        linear = nn.Linear(n_flatten, features_dim)
+        self.linear = nn.Sequential(linear, nn.ReLU())
         self.features_dim = features_dim
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.cnn(pixels_to_float(pixels)))
-
-
+        return self.linear(self.cnn(pixels_to_float(pixels)))  # /255 here
 # --8<-- [end:nature_cnn]
 
 
 # --8<-- [start:running_normalizer]
 class RunningNormalizer(nn.Module):
-    """Per-dimension running mean/std: x -> clip((x - mean) / sqrt(var + eps), -5, 5).
+    """Per-dimension running mean/std: x -> clip((x - mean) / std, -5, 5).
 
-    Statistics update only in training mode (like BatchNorm's running stats), from every batch the
-    module sees, with Chan et al.'s parallel mean/variance merge; in eval mode they are frozen, so
-    acting never changes the network. The count is capped at `max_count`: after that the statistics
-    become an exponential moving average that follows the slowly drifting replay data, and a float32
-    count never stops growing. The buffers are named `running_*` on purpose: SB3's SAC copies every
-    `running_*` tensor of the critic into its target critic after each update, as it does for BatchNorm.
+    Statistics update only in training mode (like BatchNorm's running
+    stats), from every batch the module sees, with Chan et al.'s parallel
+    mean/variance merge; in eval mode they are frozen, so acting never
+    changes the network. The count is capped at `max_count`: after that the
+    statistics become an exponential moving average that follows the slowly
+    drifting replay data, and a float32 count never stops growing. The
+    buffers are named `running_*` on purpose: SB3's SAC copies every
+    `running_*` tensor of the critic into its target critic after each
+    update, as it does for BatchNorm.
     """
 
-    def __init__(self, dim: int, epsilon: float = 1e-6, clip: float = NORMALIZER_CLIP, max_count: float = 1e6):
+    def __init__(
+        self,
+        dim: int,
+        epsilon: float = 1e-6,
+        clip: float = NORMALIZER_CLIP,
+        max_count: float = 1e6,
+    ):
         super().__init__()
         self.epsilon, self.clip, self.max_count = epsilon, clip, max_count
-        # Buffers, not attributes: they travel with .to(device) and land in state_dict, so SB3's
-        # save()/load() restores the statistics together with the weights.
+        # Buffers, not attributes: they follow .to(device) and land in the
+        # state_dict, so SB3's save()/load() restores them with the weights.
         self.register_buffer("running_mean", torch.zeros(dim))
         self.register_buffer("running_var", torch.ones(dim))
         self.register_buffer("running_count", torch.zeros(()))
@@ -187,8 +223,9 @@ class RunningNormalizer(nn.Module):
         batch_mean, batch_var = x.mean(dim=0), x.var(dim=0, correction=0)
         total = self.running_count + batch_count
         delta = batch_mean - self.running_mean
-        sum_sq = self.running_var * self.running_count + batch_var * batch_count
-        sum_sq = sum_sq + delta.square() * self.running_count * batch_count / total
+        count = self.running_count
+        sum_sq = self.running_var * count + batch_var * batch_count
+        sum_sq = sum_sq + delta.square() * count * batch_count / total
         self.running_mean.add_(delta * batch_count / total)
         self.running_var.copy_(sum_sq / total)
         self.running_count.copy_(total.clamp(max=self.max_count))
@@ -196,76 +233,90 @@ class RunningNormalizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.update(x)
-        normalized = (x - self.running_mean) / torch.sqrt(self.running_var + self.epsilon)
-        return normalized.clamp(-self.clip, self.clip)
-
-
+        std = torch.sqrt(self.running_var + self.epsilon)
+        return ((x - self.running_mean) / std).clamp(-self.clip, self.clip)
 # --8<-- [end:running_normalizer]
 
 
 # --8<-- [start:normalized_combined_extractor]
 class NormalizedCombinedExtractor(BaseFeaturesExtractor):
-    """SB3 features extractor for the pixel dict obs: NatureCNN(pixels) ++ normalise(vectors).
+    """SB3 features extractor: NatureCNN(pixels) ++ normalise(vectors).
 
     The Step 0 baseline of the chapter:
-        SAC("MultiInputPolicy", env,
-            policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor))
 
-    | input key        | shape             | route                                  | output |
-    |------------------|-------------------|----------------------------------------|--------|
-    | "pixels"         | (B, 12, 84, 84)   | NatureCNN (SB3 already scaled to [0,1]) | 512    |
-    | "proprioception" | (B, 10)           | running mean/std normalisation          | 10     |
-    | "achieved_goal"  | (B, 3)            | running mean/std normalisation          | 3      |
-    | "desired_goal"   | (B, 3)            | running mean/std normalisation          | 3      |
-    features_dim = 512 + (sum of the vector entries present) = 528 with all four keys.
+        SAC("MultiInputPolicy", env, policy_kwargs=dict(
+            features_extractor_class=NormalizedCombinedExtractor,
+            normalize_images=False))  # NatureCNN divides by 255 itself
 
-    Why normalise the vectors: Fetch positions are metres around (1.3, 0.75, 0.42); the puck and
-    goal move by ~0.15 m, and the gripper velocities are ~0.01. Raw, they reach the MLP as a nearly
-    constant offset beside 512 image features. Why a *running mean/std* (per dimension, VecNormalize
-    style) and not the alternatives:
-    - LayerNorm normalises across the entries of one sample: a 3-D goal loses its mean and scale,
-      i.e. two of its three degrees of freedom -- the position information we need.
-    - VecNormalize on the env would also rewrite the goals stored in the replay buffer, but HER's
-      `compute_reward` must compare raw goals in metres (the 0.05 m threshold). Normalising inside
-      the network keeps the buffer raw.
-    - Fixed constants would be FetchPush-specific; running statistics adapt to any Fetch task.
+    | input key      | shape           | route                   | output |
+    |----------------|-----------------|-------------------------|--------|
+    | pixels         | (B, 12, 84, 84) | NatureCNN (0..255 in)   | 512    |
+    | proprioception | (B, 10)         | running mean/std        | 10     |
+    | achieved_goal  | (B, 3)          | running mean/std        | 3      |
+    | desired_goal   | (B, 3)          | running mean/std        | 3      |
+
+    features_dim = 512 + (the vector entries present) = 528 with all four.
+
+    Why normalise the vectors: Fetch positions are metres around
+    (1.3, 0.75, 0.42); the puck and goal move by ~0.15 m, and the gripper
+    velocities are ~0.01. Raw, they reach the MLP as a nearly constant offset
+    beside 512 image features. Why a *running mean/std* (per dimension,
+    VecNormalize style) and not the alternatives:
+    - LayerNorm normalises across the entries of one sample: a 3-D goal
+      loses its mean and scale, i.e. two of its three degrees of freedom.
+    - VecNormalize on the env would also rewrite the goals stored in the
+      replay buffer, but HER's `compute_reward` must compare raw goals in
+      metres (the 0.05 m threshold). Normalising in the network keeps them.
+    - Fixed constants would be FetchPush-specific; running statistics
+      adapt to any Fetch task.
     """
 
-    def __init__(self, observation_space: spaces.Dict, cnn_output_dim: int = NATURE_FEATURES_DIM):
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        cnn_output_dim: int = NATURE_FEATURES_DIM,
+    ):
         pixel_space, vector_keys = split_observation_keys(observation_space)
-        vector_dim = sum(observation_space[key].shape[0] for key in vector_keys)
-        super().__init__(observation_space, features_dim=cnn_output_dim + vector_dim)
+        vector_dim = sum(observation_space[k].shape[0] for k in vector_keys)
+        super().__init__(observation_space, cnn_output_dim + vector_dim)
         self.vector_keys = vector_keys
         self.cnn = NatureCNN(pixel_space, features_dim=cnn_output_dim)
-        self.vector_normalizer = RunningNormalizer(vector_dim) if vector_dim else None
+        self.vector_normalizer = (
+            RunningNormalizer(vector_dim) if vector_dim else None
+        )
+        self.pixel_range_checked = False
 
     def forward(self, observations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        image_features = self.cnn(observations[PIXEL_KEY])
+        pixels = observations[PIXEL_KEY]
+        if not self.pixel_range_checked:  # once: SB3 must not divide by 255 too
+            self.pixel_range_checked = refuse_scaled_pixels(pixels)
+        image_features = self.cnn(pixels)
         if self.vector_normalizer is None:
             return image_features
-        vectors = torch.cat([observations[key] for key in self.vector_keys], dim=1)
-        return torch.cat([image_features, self.vector_normalizer(vectors)], dim=1)
-
-
+        vectors = torch.cat([observations[k] for k in self.vector_keys], dim=1)
+        vector_features = self.vector_normalizer(vectors)
+        return torch.cat([image_features, vector_features], dim=1)
 # --8<-- [end:normalized_combined_extractor]
 
 
 # --8<-- [start:visual_goal_encoder]
 class VisualGoalEncoder(nn.Module):
-    """(pixels, goal vectors) -> z, the state the from-scratch visual SAC networks read.
+    """(pixels, goal vectors) -> z, the state the visual SAC networks read.
 
         z = [ tanh(LayerNorm(W * cnn(pixels))) , normalise(vectors) ]
 
-    | call                          | output                       | meaning                        |
-    |-------------------------------|------------------------------|--------------------------------|
-    | encoder(pixels, vectors)      | (B, latent_dim + vector_dim) | pixels (B, C, H, W) uint8/float; |
-    |                               |                              | vectors (B, vector_dim): proprio, |
-    |                               |                              | achieved and desired goal, concatenated |
+    | call                     | output                        |
+    |--------------------------|-------------------------------|
+    | encoder(pixels, vectors) | (B, latent_dim + vector_dim)  |
 
-    The trunk (Linear -> LayerNorm -> tanh, from DrQ-v2) squeezes the CNN's features into a small
-    bounded latent so image and goal enter the MLPs on comparable scales. LayerNorm is right here
-    (a 50-D learned latent) and wrong for a raw 3-D goal (see NormalizedCombinedExtractor).
-    `cnn` is any module mapping pixels to (B, D): NatureCNN by default, or e.g.
+    pixels: (B, C, H, W), values 0..255; vectors: (B, vector_dim), the
+    proprioception, achieved and desired goal, concatenated.
+
+    The trunk (Linear -> LayerNorm -> tanh, from DrQ-v2) squeezes the CNN's
+    features into a small bounded latent, so image and goal enter the MLPs on
+    comparable scales. LayerNorm is right here (a 50-D learned latent) and
+    wrong for a raw 3-D goal (see NormalizedCombinedExtractor). `cnn` is any
+    module mapping pixels to (B, D): NatureCNN by default, or e.g.
     nn.Sequential(ManipulationCNN(), SpatialSoftmax(32, 21, 21)).
     """
 
@@ -274,66 +325,92 @@ class VisualGoalEncoder(nn.Module):
         in_channels: int = 12,
         vector_dim: int = 16,
         latent_dim: int = TRUNK_LATENT_DIM,
-        image_size: int = 84,
+        image_size: int = IMAGE_SIZE,
         cnn: nn.Module | None = None,
     ):
         super().__init__()
-        self.cnn = cnn if cnn is not None else NatureCNN(in_channels, image_size=image_size)
+        if cnn is None:
+            cnn = NatureCNN(in_channels, image_size=image_size)
+        self.cnn = cnn
         with torch.no_grad():
-            cnn_dim = self.cnn(torch.zeros(1, in_channels, image_size, image_size)).flatten(1).shape[1]
-        self.trunk = nn.Sequential(nn.Linear(cnn_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh())
+            dummy = torch.zeros(1, in_channels, image_size, image_size)
+            cnn_dim = self.cnn(dummy).flatten(1).shape[1]
+        self.trunk = nn.Sequential(
+            nn.Linear(cnn_dim, latent_dim), nn.LayerNorm(latent_dim), nn.Tanh()
+        )
         self.vector_normalizer = RunningNormalizer(vector_dim)
         self.features_dim = latent_dim + vector_dim
 
-    def forward(self, pixels: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixels: torch.Tensor, vectors: torch.Tensor
+    ) -> torch.Tensor:
         image_latent = self.trunk(self.cnn(pixels).flatten(1))
-        return torch.cat([image_latent, self.vector_normalizer(vectors)], dim=1)
-
-
+        vector_features = self.vector_normalizer(vectors)
+        return torch.cat([image_latent, vector_features], dim=1)
 # --8<-- [end:visual_goal_encoder]
 
 
 # --8<-- [start:visual_gaussian_policy]
 class VisualGaussianPolicy(nn.Module):
-    """Tanh-squashed Gaussian actor: a = tanh(u), u ~ N(mu(z), sigma(z)^2), z = encoder(pixels, vectors).
+    """Tanh-squashed Gaussian actor: a = tanh(u), u ~ N(mu(z), sigma(z)^2).
 
-    | call                                     | output                          |
-    |------------------------------------------|---------------------------------|
-    | policy(pixels, vectors)                  | action (B, A) in [-1, 1], log_prob (B,) |
-    | policy(pixels, vectors, deterministic=True) | tanh(mu), its log-prob       |
-    | policy.distribution_params(pixels, vectors) | mu (B, A), log_std (B, A)    |
+    | call                                     | output                      |
+    |------------------------------------------|-----------------------------|
+    | policy(pixels, vectors)                  | a (B, A) in [-1, 1], log_pi |
+    | policy(pixels, vectors, deterministic=1) | tanh(mu), its log-prob (B,) |
+    | policy.distribution_params(pixels, vec)  | mu (B, A), log_std (B, A)   |
+
+    z = encoder(pixels, vectors) is the VisualGoalEncoder's output.
     """
 
-    def __init__(self, encoder: VisualGoalEncoder, action_dim: int = 4, hidden_dims: Sequence[int] = (256, 256)):
+    def __init__(
+        self,
+        encoder: VisualGoalEncoder,
+        action_dim: int = 4,
+        hidden_dims: Sequence[int] = (256, 256),
+    ):
         super().__init__()
         self.encoder = encoder
-        self.latent_pi = nn.Sequential(*create_mlp(encoder.features_dim, -1, list(hidden_dims)))
-        last_dim = hidden_dims[-1] if hidden_dims else encoder.features_dim
+        in_dim = encoder.features_dim
+        hidden = list(hidden_dims)
+        self.latent_pi = nn.Sequential(*create_mlp(in_dim, -1, hidden))
+        last_dim = hidden_dims[-1] if hidden_dims else in_dim
         self.mu = nn.Linear(last_dim, action_dim)
         self.log_std = nn.Linear(last_dim, action_dim)
 
-    def distribution_params(self, pixels: torch.Tensor, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def distribution_params(
+        self, pixels: torch.Tensor, vectors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.latent_pi(self.encoder(pixels, vectors))
-        # Same bounds as SB3: sigma in [2e-9, 7.4]; a collapsing sigma would make log_prob explode.
-        return self.mu(hidden), self.log_std(hidden).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        # SB3's bounds: sigma in [2e-9, 7.4]; a collapsing sigma would make
+        # log_prob explode.
+        log_std = self.log_std(hidden).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        return self.mu(hidden), log_std
 
     def forward(
-        self, pixels: torch.Tensor, vectors: torch.Tensor, deterministic: bool = False
+        self,
+        pixels: torch.Tensor,
+        vectors: torch.Tensor,
+        deterministic: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         mean, log_std = self.distribution_params(pixels, vectors)
-        # Reparameterisation trick: u = mu + sigma * eps keeps the sample differentiable in mu, sigma.
-        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        # Reparameterisation: u = mu + sigma * eps stays differentiable.
+        noise = torch.randn_like(mean)
+        u = mean if deterministic else mean + log_std.exp() * noise
         return torch.tanh(u), self.squashed_log_prob(u, mean, log_std)
 
     @staticmethod
-    def squashed_log_prob(u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-        """log pi(tanh(u)) = sum_i [log N(u_i; mu_i, sigma_i) - 2 (log 2 - u_i - softplus(-2 u_i))]."""
-        gaussian_log_prob = torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
-        # log(1 - tanh(u)^2), written so it never evaluates log(0) once tanh(u) rounds to +-1.
+    def squashed_log_prob(
+        u: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
+    ) -> torch.Tensor:
+        """log pi(tanh(u)) = sum_i [log N(u_i; mu_i, sigma_i) - log(1 - tanh^2)]
+
+        with log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)).
+        """
+        gaussian = torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
+        # log(1 - tanh(u)^2), never log(0) once tanh(u) rounds to +-1.
         log_det_jacobian = 2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u))
-        return (gaussian_log_prob - log_det_jacobian).sum(dim=-1)
-
-
+        return (gaussian - log_det_jacobian).sum(dim=-1)
 # --8<-- [end:visual_gaussian_policy]
 
 
@@ -341,30 +418,34 @@ class VisualGaussianPolicy(nn.Module):
 class VisualTwinQNetwork(nn.Module):
     """Clipped double-Q critic: one encoder, two *independent* Q heads.
 
-    | call                          | output                 |
-    |-------------------------------|------------------------|
-    | q(pixels, vectors, action)    | q1 (B,), q2 (B,)       |
+    | call                       | output           |
+    |----------------------------|------------------|
+    | q(pixels, vectors, action) | q1 (B,), q2 (B,) |
 
-    SAC's target uses min(Q1, Q2) to curb overestimation; that only works if the two heads are
-    separately initialised and separately parameterised. Building one head and using it twice
-    (`self.q2 = self.q1`) silently turns the min into a no-op -- easy to overlook, so --verify
-    checks it by parameter identity. The encoder is computed once and read by both heads (DrQ-v2).
+    SAC's target uses min(Q1, Q2) to curb overestimation; that only works if
+    the two heads are separately initialised and separately parameterised.
+    Building one head and using it twice (`self.q2 = self.q1`) silently turns
+    the min into a no-op -- easy to overlook, so --verify checks it by
+    parameter identity. The encoder runs once and feeds both heads (DrQ-v2).
     """
 
-    def __init__(self, encoder: VisualGoalEncoder, action_dim: int = 4, hidden_dims: Sequence[int] = (256, 256)):
+    def __init__(
+        self,
+        encoder: VisualGoalEncoder,
+        action_dim: int = 4,
+        hidden_dims: Sequence[int] = (256, 256),
+    ):
         super().__init__()
         self.encoder = encoder
-        head_input_dim = encoder.features_dim + action_dim
-        self.q1 = nn.Sequential(*create_mlp(head_input_dim, 1, list(hidden_dims)))
-        self.q2 = nn.Sequential(*create_mlp(head_input_dim, 1, list(hidden_dims)))
+        in_dim = encoder.features_dim + action_dim
+        self.q1 = nn.Sequential(*create_mlp(in_dim, 1, list(hidden_dims)))
+        self.q2 = nn.Sequential(*create_mlp(in_dim, 1, list(hidden_dims)))
 
     def forward(
         self, pixels: torch.Tensor, vectors: torch.Tensor, action: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        state_action = torch.cat([self.encoder(pixels, vectors), action], dim=1)
-        return self.q1(state_action).squeeze(-1), self.q2(state_action).squeeze(-1)
-
-
+        z = torch.cat([self.encoder(pixels, vectors), action], dim=1)
+        return self.q1(z).squeeze(-1), self.q2(z).squeeze(-1)
 # --8<-- [end:visual_twin_q_network]
 
 
@@ -375,32 +456,19 @@ BATCH = 4
 """Batch size of the shape checks."""
 
 
-def _random_pixels(batch: int = BATCH, channels: int = 12, size: int = 84, seed: int = 0) -> torch.Tensor:
+def random_pixels(batch: int = BATCH, channels: int = 12, size: int = IMAGE_SIZE, seed: int = 0) -> torch.Tensor:
+    """A (batch, channels, size, size) uint8 batch of random frames, as our buffers hand them out."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (batch, channels, size, size), dtype=torch.uint8, generator=generator)
 
 
-def pixel_dict_space(
-    keys: Sequence[str] = (PIXEL_KEY, *VECTOR_KEYS), frame_stack: int = 4, image_size: int = 84
-) -> spaces.Dict:
-    """A hand-built observation space with the pixel env's shapes, for checks that need no renderer."""
-    sizes = {"proprioception": 10, "achieved_goal": 3, "desired_goal": 3}
-    entries: dict[str, spaces.Space] = {}
-    for key in keys:
-        if key == PIXEL_KEY:
-            entries[key] = spaces.Box(0, 255, (3 * frame_stack, image_size, image_size), np.uint8)
-        else:
-            entries[key] = spaces.Box(-np.inf, np.inf, (sizes[key],), np.float32)
-    return spaces.Dict(entries)
-
-
 def fake_observations(space: spaces.Dict, batch: int = BATCH, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch shaped like SB3's preprocessed obs: pixels float in [0, 1], vectors near Fetch's scale."""
+    """A batch shaped like the pixel env's: pixels uint8 (as stored), vectors float32 near Fetch's scale."""
     generator = torch.Generator().manual_seed(seed)
     obs: dict[str, torch.Tensor] = {}
     for key, box in space.spaces.items():
         if key == PIXEL_KEY:
-            obs[key] = torch.rand((batch, *box.shape), generator=generator)
+            obs[key] = torch.randint(0, 256, (batch, *box.shape), dtype=torch.uint8, generator=generator)
         else:
             obs[key] = 1.0 + 0.1 * torch.randn((batch, *box.shape), generator=generator)
     return obs
@@ -422,9 +490,9 @@ def conv_output_sizes(model: nn.Module, pixels: torch.Tensor) -> list[int]:
 
 def check_nature_cnn() -> list[Claim]:
     cnn = NatureCNN(12)
-    sizes = conv_output_sizes(cnn, _random_pixels())
+    sizes = conv_output_sizes(cnn, random_pixels())
     with torch.no_grad():
-        features = cnn(_random_pixels())
+        features = cnn(random_pixels())
     convs = [m for m in cnn.modules() if isinstance(m, nn.Conv2d)]
     expected = sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] + c.out_channels for c in convs)
     expected += 3136 * NATURE_FEATURES_DIM + NATURE_FEATURES_DIM
@@ -438,20 +506,49 @@ def check_nature_cnn() -> list[Claim]:
         ),
         Claim(
             "NatureCNN has ~1.7M parameters, almost all in Linear(3136, 512)",
-            n_params == expected and abs(n_params - 1.7e6) / 1.7e6 < 0.05,
+            n_params == expected and abs(n_params - 1.7e6) / 1.7e6 < 0.05 and linear_share > 0.9,
             f"{n_params:,} parameters; Linear(3136, 512) holds {linear_share:.1%}",
         ),
     ]
 
 
+def check_pixel_scaling() -> list[Claim]:
+    """The one uint8 -> float conversion: in the encoder, with SB3 told not to divide (normalize_images=False)."""
+    from stable_baselines3.common.preprocessing import preprocess_obs
+
+    space = pixel_observation_space()
+    extractor = NormalizedCombinedExtractor(space).eval()
+    obs = fake_observations(space)
+    cast_only = preprocess_obs(obs, space, normalize_images=False)  # what SB3 hands the extractor: a float cast
+    with torch.no_grad():
+        from_uint8, from_cast = extractor(obs), extractor(cast_only)
+    same = torch.equal(from_uint8, from_cast)
+    fresh = NormalizedCombinedExtractor(space).eval()
+    try:
+        with torch.no_grad():
+            fresh(preprocess_obs(obs, space, normalize_images=True))  # SB3 divided by 255 already
+        refusal = ""
+    except ValueError as exc:
+        refusal = str(exc)
+    return [
+        Claim(
+            "the encoder divides by 255 once: uint8 pixels and SB3's float cast (normalize_images=False) give "
+            "identical features; pixels SB3 already divided are refused",
+            same and cast_only[PIXEL_KEY].dtype == torch.float32 and "normalize_images=False" in refusal,
+            f"features identical: {same}; normalize_images=True -> {refusal[:70] or 'accepted'!r}...",
+        )
+    ]
+
+
 def check_normalized_extractor() -> list[Claim]:
-    space = pixel_dict_space()
+    space = pixel_observation_space()
     extractor = NormalizedCombinedExtractor(space)
     obs = fake_observations(space)
     extractor.eval()
     with torch.no_grad():
         features = extractor(obs)
-    shape_ok = extractor.features_dim == 528 and tuple(features.shape) == (BATCH, 528) and bool(torch.isfinite(features).all())
+    shape_ok = (extractor.features_dim == 528 and tuple(features.shape) == (BATCH, 528)
+                and bool(torch.isfinite(features).all()))
 
     # The normaliser on its own: batches of Fetch-like vectors (offsets ~1.3, scales 0.01-0.1).
     # Chan's merge must reproduce the mean/variance of everything seen, and fresh data from the same
@@ -478,12 +575,13 @@ def check_normalized_extractor() -> list[Claim]:
     with torch.no_grad():
         extractor(fake_observations(space, seed=2))
     extractor.eval()
-    count_before = float(extractor.vector_normalizer.running_count)
+    count_after_train = float(extractor.vector_normalizer.running_count)
     test = fake_observations(space, seed=3)
     with torch.no_grad():
         vector_part = extractor(test)[:, 512:]
         expected_part = extractor.vector_normalizer(torch.cat([test[k] for k in VECTOR_KEYS], dim=1))
-    frozen = float(extractor.vector_normalizer.running_count) == count_before == BATCH
+    count_after_eval = float(extractor.vector_normalizer.running_count)
+    frozen = count_after_train == BATCH and count_after_eval == count_after_train
     routed = torch.equal(vector_part, expected_part)
 
     # The statistics are buffers: a fresh extractor loading the state_dict reproduces the features.
@@ -501,20 +599,22 @@ def check_normalized_extractor() -> list[Claim]:
               merge_err < 1e-4 and mean_err < 0.1 and std_err < 0.1,
               f"merge error {merge_err:.1e}; fresh data: max |mean| {mean_err:.3f}, max |std - 1| {std_err:.3f}"),
         Claim("the extractor updates its statistics in train mode only and outputs the normalised vectors",
-              frozen and routed, f"count {count_before:.0f} after one train batch of {BATCH}, "
-              f"unchanged by eval forwards: {frozen}; vector features == normaliser(vectors): {routed}"),
+              frozen and routed, f"count {count_after_train:.0f} after one train batch of {BATCH}, "
+              f"{count_after_eval:.0f} after eval forwards; vector features == normaliser(vectors): {routed}"),
         Claim("normaliser statistics are registered buffers that survive state_dict save/load",
-              reloaded_equal and len(buffer_names) == 3, f"buffers {buffer_names}, reloaded output identical: {reloaded_equal}"),
+              reloaded_equal and len(buffer_names) == 3,
+              f"buffers {buffer_names}, reloaded output identical: {reloaded_equal}"),
     ]
 
 
-def check_sb3_baseline(env_factory=None, learn_steps: int = 24) -> list[Claim]:
+def check_sb3_baseline(learn_steps: int = 24) -> list[Claim]:
     """Build the Step 0 baseline SAC on the real pixel env, learn a few steps, save and reload it."""
-    env = (env_factory or make_fetch_env)()
+    env = make_fetch_env()
     try:
         model = SAC(
             "MultiInputPolicy", env, buffer_size=200, batch_size=8, learning_starts=learn_steps - 8,
-            policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor, net_arch=[64, 64]),
+            policy_kwargs=dict(features_extractor_class=NormalizedCombinedExtractor, normalize_images=False,
+                               net_arch=[64, 64]),
             seed=0, device="cpu",
         )
         model.learn(total_timesteps=learn_steps)
@@ -531,17 +631,20 @@ def check_sb3_baseline(env_factory=None, learn_steps: int = 24) -> list[Claim]:
             model.save(path)
             loaded = SAC.load(path, device="cpu")
         action_after, _ = loaded.predict(obs, deterministic=True)
-        stats_equal = torch.equal(loaded.policy.actor.features_extractor.vector_normalizer.running_mean, actor_norm.running_mean)
+        loaded_norm = loaded.policy.actor.features_extractor.vector_normalizer
+        stats_equal = torch.equal(loaded_norm.running_mean, actor_norm.running_mean)
         predictions_equal = bool(np.allclose(action_before, action_after, atol=1e-6))
+        raw_pixels = not loaded.policy.normalize_images
     finally:
         env.close()
     return [
         Claim(
             "SB3 SAC('MultiInputPolicy') trains with NormalizedCombinedExtractor; save/load keeps its statistics",
             isinstance(policy.actor.features_extractor, NormalizedCombinedExtractor) and learned and target_synced
-            and stats_equal and predictions_equal,
-            f"{learn_steps} steps; actor/critic counts {float(actor_norm.running_count):.0f}/{float(critic_norm.running_count):.0f}; "
-            f"target stats synced {target_synced}; reload: stats equal {stats_equal}, actions equal {predictions_equal}",
+            and stats_equal and predictions_equal and raw_pixels,
+            f"{learn_steps} steps; actor/critic counts {float(actor_norm.running_count):.0f}/"
+            f"{float(critic_norm.running_count):.0f}; target stats synced {target_synced}; reload: stats equal "
+            f"{stats_equal}, actions equal {predictions_equal}, normalize_images=False kept {raw_pixels}",
         )
     ]
 
@@ -550,7 +653,7 @@ def check_visual_sac_networks() -> list[Claim]:
     encoder_pi, encoder_q = VisualGoalEncoder(), VisualGoalEncoder()
     policy = VisualGaussianPolicy(encoder_pi)
     critic = VisualTwinQNetwork(encoder_q)
-    pixels = _random_pixels()
+    pixels = random_pixels()
     vectors = 1.0 + 0.1 * torch.randn(BATCH, 16)
     with torch.no_grad():
         z = encoder_pi(pixels, vectors)
@@ -580,10 +683,12 @@ def check_visual_sac_networks() -> list[Claim]:
     mean[:8], log_std[:8] = u[:8] + 0.1, 0.0
     ours = VisualGaussianPolicy.squashed_log_prob(u, mean, log_std)
     tanh = torch.distributions.TanhTransform(cache_size=1)
-    reference_dist = torch.distributions.TransformedDistribution(torch.distributions.Normal(mean, log_std.exp()), [tanh])
+    normal = torch.distributions.Normal(mean, log_std.exp())
+    reference_dist = torch.distributions.TransformedDistribution(normal, [tanh])
     reference = reference_dist.log_prob(tanh(u)).sum(-1)  # the cache hands log_prob the exact u back
     max_diff = float((ours - reference).abs().max())
-    naive = torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1) - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1)
+    naive = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u).sum(-1)
+             - torch.log(1 - torch.tanh(u) ** 2 + 1e-6).sum(-1))
     naive_diff = float((naive[:8] - reference[:8]).abs().max())
     with torch.no_grad():  # the forward pass uses the same formula (deterministic: u = mu)
         mu_pi, log_std_pi = policy.distribution_params(pixels, vectors)
@@ -623,20 +728,15 @@ def check_visual_sac_networks() -> list[Claim]:
 
 
 def verify() -> list[Claim]:
-    """All claims of this lab, in the order the chapter makes them."""
+    """Check every claim of this lab, in the order the chapter makes them."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    return [*check_nature_cnn(), *check_normalized_extractor(), *check_visual_sac_networks(), *check_sb3_baseline()]
+    return [*check_nature_cnn(), *check_pixel_scaling(), *check_normalized_extractor(), *check_visual_sac_networks(),
+            *check_sb3_baseline()]
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--verify", action="store_true", help="run the lab's checks and print PASS/FAIL per claim")
-    args = parser.parse_args()
-    if not args.verify:
-        parser.print_help()
-        return 0
-    return run_verify(verify)
+def main(argv: Sequence[str] | None = None) -> int:
+    return lab_main(__doc__, {"verify": verify}, argv)
 
 
 if __name__ == "__main__":
