@@ -1,0 +1,660 @@
+"""A fast SAC update inside stable-baselines3: the same losses, drawn and stepped on the device in one go.
+
+Why
+---
+On a GPU, SB3's ``SAC.train()`` is launch- and host-bound: per gradient step it samples with NumPy, copies the
+batch to the device, calls ``.item()`` four times (each a wait for the GPU) and launches a few hundred small
+kernels from Python. ``FastSAC`` keeps SB3's algorithm object (collection, callbacks, logger, ``save``/``load``)
+and replaces only ``train()``:
+
+1. the batch of every gradient step is drawn on the device (``ch09.her_sampler``: HER relabelling and the
+   sparse Fetch reward in torch, frames gathered from the frame-once buffer where they live);
+2. critic, actor, entropy coefficient and Polyak target update are ONE step function with no host sync (no
+   ``.item()``, ``.cpu()`` or Python branch on a tensor value); the losses are summed on the device and read
+   only when SB3 logs;
+3. on CUDA that function is captured once as a CUDA graph (capturable Adam, tensors at fixed addresses) and
+   replayed for every gradient step; on the CPU the same function runs eagerly.
+
+The update, as equations (a batch of (s, a, r, s', d); sg = stop-gradient; f_a the actor's encoder, f_c the
+critic's, f_t the target critic's; Q_j the twin heads, Qt_j the target heads; H the target entropy)
+--------------------------------------------------------------------------------------------------------------
+::
+
+    a~ = tanh(u),  u = mu(f_a(s)) + sigma(f_a(s)) * eps1            eps1 ~ N(0, I)    (log pi: SB3's formula)
+    alpha = exp(sg(log alpha))
+    L_alpha = -mean( log alpha * sg(log pi(a~|s) + H) )              -> Adam step on log alpha
+    y = r + gamma (1 - d) (min_j Qt_j(f_t(s'), a') - alpha log pi(a'|s')),  a' ~ pi(.|f_a(s')), eps2  (no grad)
+    L_Q = 1/2 sum_j mean( (Q_j(f_c(s), a) - y)^2 )                  -> Adam step on the critic optimizer
+    L_pi = mean( alpha log pi(a~|s) - min_j Q'_j(sg(z_pi), a~) )    -> Adam step on the actor optimizer
+    (f_t, Qt) <- (1 - tau) (f_t, Qt) + tau (f_c, Q)                 SB3's polyak_update, every step
+
+Q' are the heads after the critic's Adam step (SB3 and DrQ-v2 both do this). What ``z_pi`` is, is the one place
+the default departs from SB3:
+
+| features         | used for          | SB3 ``train()`` = ``sb3_order=True``   | default: fewer passes        |
+|------------------|-------------------|----------------------------------------|------------------------------|
+| f_a(s)           | a~, L_alpha, L_pi | pass 1                                 | pass 1                       |
+| f_a(s'), no grad | a'                | pass 2                                 | pass 2                       |
+| f_t(s'), no grad | y                 | pass 3                                 | pass 3                       |
+| f_c(s)           | L_Q               | pass 4                                 | pass 1 if f_c is f_a, else 4 |
+| z_pi             | Q' in L_pi        | pass 5: f_c'(s), AFTER the critic step | sg(f_c(s)), BEFORE the step  |
+
+SB3 encodes s three times because each module call extracts its own features; with one shared encoder,
+passes 1 and 4 are the same function of the same weights, so reusing pass 1 is exact. Pass 5 is the
+departure: ``z_pi = sg(f_c(s))`` from before the critic step instead of ``sg(f_c'(s))`` after it, which is
+DrQ-v2's ``update_actor(obs.detach())``. Where the critic step does not change f_c (SB3's
+``share_features_extractor=True``, whose critic optimizer excludes the encoder) the two coincide. Encoder
+passes per step: SB3 5; reduced 3 with a shared encoder (DrQv2SACPolicy), 4 with separate encoders
+(MultiInputPolicy). ``sb3_order=True`` restores SB3's five passes in SB3's order; ``tests/test_fast_sac.py``
+checks it against ``SAC.train()`` and the default against a plain implementation of the equations above.
+Gradients flow where SB3 sends them and nowhere else: f_a(s) carries a gradient only if the actor optimizer
+holds f_a (DrQv2SACPolicy's actor sees sg(f(s))), f_c(s) only if the critic optimizer holds f_c, and each
+backward computes only the gradients its optimizer steps (``backward(inputs=...)``).
+
+s and s' are not concatenated into one online-encoder pass by default: the gradient of pass 1 would then run
+the backward over both halves. ``fuse_next_obs_pass=True`` does it anyway (fewer, larger kernels), for a
+device where that measures faster.
+
+Precision, CUDA graph, overlap
+------------------------------
+- ``precision="bf16"``: the encoder passes run under ``torch.autocast(bfloat16)`` (on CUDA also with
+  channels_last weights and inputs); weights, Adam states, the MLP heads and every loss stay float32.
+  ``"fp32"`` (the default) changes nothing.
+- ``cuda_graph=True`` (used on CUDA only): the first ``GRAPH_WARMUP_STEPS`` gradient steps run eagerly on a
+  side stream (real updates; they also create Adam's state), then one step is captured and replayed. The Adam
+  optimizers become ``capturable`` with a tensor learning rate (SB3's schedule still sets it each call).
+- ``overlap_collection=True``: the updates SB3 asks for after env step t are launched after the action of
+  step t + 1 is chosen and its ``step_async`` sent, so the envs simulate and render step t + 1 while the GPU
+  trains on step t. Still exactly ``gradient_steps`` updates per ``train_freq`` env steps (the last ones run
+  when ``learn()`` returns), and the updates of step t still see transition t; the cost is a one-step POLICY
+  LAG: the action of step t + 1 comes from the weights before step t's updates (SB3: after).
+
+Checkpoints stay plain SB3
+--------------------------
+``save()`` writes what ``SAC.save`` writes (the engine is not part of it; optimizer states are saved with
+``capturable=False`` and a float learning rate), so ``SAC.load(path, env=env)`` loads and resumes a
+``FastSAC`` checkpoint in a process that never imports this module, and ``FastSAC.load`` loads a stock one.
+
+Use
+---
+    from ch09.fast_sac import FastSAC
+    model = FastSAC(DrQv2SACPolicy, env, replay_buffer_class=FrameStackHerReplayBuffer, precision="fp32", ...)
+
+Any SAC configuration this engine does not cover (gSDE, a custom actor or critic ``forward``) trains with
+SB3's own ``train()`` and a warning saying why. Tasks without a torch reward (not a Fetch goal task), SB3's
+replay buffers and VecNormalize sample on the host with the buffer's own ``sample()``; the step is the same.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from stable_baselines3 import SAC
+from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.type_aliases import DictReplayBufferSamples
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
+
+from ch09.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
+from drqv2_sac_policy import CriticEncoderActor, CriticEncoderCritic
+
+PRECISIONS = ("fp32", "bf16")
+GRAPH_WARMUP_STEPS = 3
+"""Eager gradient steps (on a side stream) before the capture: cuDNN picks its kernels, Adam creates its state."""
+
+SUPPORTED_ACTOR_HEADS = (Actor.get_action_dist_params, CriticEncoderActor.get_action_dist_params)
+SUPPORTED_CRITIC_FORWARDS = (ContinuousCritic.forward, CriticEncoderCritic.forward)
+CAPTURABLE_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
+
+ENGINE_ATTRIBUTES = (
+    "precision", "sb3_order", "overlap_collection", "cuda_graph", "fuse_next_obs_pass",
+    "_engine", "_engine_unsupported", "_pending_updates", "_unread_update_steps", "_in_learn", "_overlap_env",
+)
+"""FastSAC's own attributes: kept out of the checkpoint, which stays exactly what SAC.save writes."""
+
+METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
+
+
+# ======================================================================================================
+# The pieces of SB3's losses, written out so no torch.distributions object (which validates its arguments
+# with a host sync) is built inside the step
+# ======================================================================================================
+def squashed_gaussian_sample(mean: th.Tensor, log_std: th.Tensor, epsilon: float) -> tuple[th.Tensor, th.Tensor]:
+    """a = tanh(mean + std * eps), eps ~ N(0, I), and log pi(a): SB3's SquashedDiagGaussianDistribution, op by op.
+
+    | argument / output | shape  | meaning                                                       |
+    |-------------------|--------|---------------------------------------------------------------|
+    | mean, log_std     | (B, A) | the actor's outputs (log_std already clamped to [-20, 2])     |
+    | return a          | (B, A) | the squashed action                                           |
+    | return log_prob   | (B,)   | Gaussian log-density of u minus sum log(1 - a^2 + epsilon)   |
+
+    The noise is drawn with ``normal_`` on a tensor like ``mean``, as ``Normal.rsample`` does, so the same
+    generator state gives the same action as SB3.
+    """
+    std = th.ones_like(mean) * log_std.exp()
+    gaussian = mean + th.empty_like(mean).normal_() * std
+    actions = th.tanh(gaussian)
+    log_prob = (-((gaussian - mean) ** 2) / (2 * std**2) - std.log() - math.log(math.sqrt(2 * math.pi))).sum(dim=1)
+    log_prob = log_prob - th.log(1 - actions**2 + epsilon).sum(dim=1)
+    return actions, log_prob
+
+
+def _actor_head(actor: Actor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """Actor.get_action_dist_params after the features: (mean, clamped log_std)."""
+    latent = actor.latent_pi(features)
+    return actor.mu(latent), th.clamp(actor.log_std(latent), LOG_STD_MIN, LOG_STD_MAX)
+
+
+def _q_values(critic: ContinuousCritic, features: th.Tensor, actions: th.Tensor) -> list[th.Tensor]:
+    q_input = th.cat([features, actions], dim=1)
+    return [q_net(q_input) for q_net in critic.q_networks]
+
+
+def _optimizer_params(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Which loss trains which encoder: read from the optimizers, so it holds for any of the three layouts.
+
+    | layout                                   | shared | actor trains it | critic trains it |
+    |------------------------------------------|--------|-----------------|------------------|
+    | MultiInputPolicy (separate encoders)     | no     | f_a: yes        | f_c: yes         |
+    | DrQv2SACPolicy (DrQ-v2 routing)          | yes    | no              | yes              |
+    | SACPolicy(share_features_extractor=True) | yes    | yes             | no               |
+    """
+
+    shared_encoder: bool
+    actor_trains_encoder: bool
+    critic_trains_encoder: bool
+
+    @classmethod
+    def of(cls, policy: Any) -> Routing:
+        actor_encoder, critic_encoder = policy.actor.features_extractor, policy.critic.features_extractor
+        actor_held = {id(p) for p in _optimizer_params(policy.actor.optimizer)}
+        critic_held = {id(p) for p in _optimizer_params(policy.critic.optimizer)}
+        return cls(
+            shared_encoder=actor_encoder is critic_encoder,
+            actor_trains_encoder=any(id(p) in actor_held for p in actor_encoder.parameters()),
+            critic_trains_encoder=any(id(p) in critic_held for p in critic_encoder.parameters()),
+        )
+
+
+def unsupported_reason(model: SAC) -> str | None:
+    """None if the engine reproduces this model's SB3 update; otherwise why not (one sentence fragment)."""
+    policy = model.policy
+    if model.use_sde:
+        return "gSDE exploration (use_sde=True)"
+    if type(policy.actor).get_action_dist_params not in SUPPORTED_ACTOR_HEADS:
+        return f"the actor class {type(policy.actor).__name__} overrides get_action_dist_params"
+    for name in ("critic", "critic_target"):
+        if type(getattr(policy, name)).forward not in SUPPORTED_CRITIC_FORWARDS:
+            return f"the {name} class {type(getattr(policy, name)).__name__} overrides forward"
+    if not isinstance(policy.actor.action_dist, SquashedDiagGaussianDistribution):
+        return f"the action distribution is {type(policy.actor.action_dist).__name__}"
+    return None
+
+
+# ======================================================================================================
+# Optimizers: capturable for a CUDA graph, portable in a checkpoint
+# ======================================================================================================
+def make_capturable(optimizer: th.optim.Optimizer, device: th.device) -> None:
+    """Turn an SB3-built Adam into a capturable one in place: step counters and the learning rate on the device.
+
+    A captured graph replays fixed kernels; a Python float learning rate would be frozen into it, and a CPU
+    step counter cannot be incremented inside it. SB3's schedule keeps working through ``fill_`` (see
+    ``FastSAC._update_learning_rate``).
+    """
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+        if not isinstance(group["lr"], th.Tensor):
+            group["lr"] = th.tensor(float(group["lr"]), dtype=th.float32, device=device)
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"] = state["step"].to(device=device, dtype=th.float32)
+
+
+def portable_optimizer_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """An optimizer state_dict as stock SB3 writes it: ``capturable=False``, float lr, CPU step counters.
+
+    ``Adam.load_state_dict`` copies the saved hyper-parameters into the optimizer, so a saved
+    ``capturable=True`` would make a CPU run of plain SB3 fail at its first step.
+    """
+    groups = []
+    for group in state_dict["param_groups"]:
+        lr = group["lr"]
+        groups.append({**group, "capturable": False, "lr": float(lr) if isinstance(lr, th.Tensor) else lr})
+    state = {}
+    for index, values in state_dict["state"].items():
+        values = dict(values)  # a copy: the live optimizer shares these dicts
+        if isinstance(values.get("step"), th.Tensor):
+            values["step"] = values["step"].detach().to("cpu", th.float32)
+        state[index] = values
+    return {**state_dict, "param_groups": groups, "state": state}
+
+
+# ======================================================================================================
+# The engine: everything the fast update holds at run time (never saved)
+# ======================================================================================================
+class SacUpdateEngine:
+    """The step function of the module docstring, its batch source, and on CUDA its captured graph."""
+
+    def __init__(self, model: FastSAC, batch_size: int) -> None:
+        policy = model.policy
+        self.model, self.batch_size, self.device = model, batch_size, model.device
+        self.actor, self.critic, self.critic_target = policy.actor, policy.critic, policy.critic_target
+        self.routing = Routing.of(policy)
+        self.sb3_order, self.fuse_next_obs_pass = model.sb3_order, model.fuse_next_obs_pass
+        self.bf16 = model.precision == "bf16"
+        self.channels_last = self.bf16 and self.device.type == "cuda"
+        self.use_graph = self.device.type == "cuda" and model.cuda_graph
+        self.epsilon = self.actor.action_dist.epsilon
+        self.gamma, self.tau = model.gamma, model.tau
+        self.polyak_every_step = model.target_update_interval == 1
+        self.optimizers = [self.actor.optimizer, self.critic.optimizer]
+        if model.ent_coef_optimizer is not None:
+            self.optimizers.append(model.ent_coef_optimizer)
+        if self.use_graph and not all(isinstance(opt, CAPTURABLE_OPTIMIZERS) for opt in self.optimizers):
+            warnings.warn("FastSAC: CUDA graphs need Adam/AdamW (capturable); running the step eagerly instead.",
+                          stacklevel=2)
+            self.use_graph = False
+        self.actor_params = _optimizer_params(self.actor.optimizer)
+        self.critic_params = _optimizer_params(self.critic.optimizer)
+        self.polyak_sources = list(self.critic.parameters())
+        self.polyak_targets = list(self.critic_target.parameters())
+        self.norm_stat_sources, self.norm_stat_targets = model.batch_norm_stats, model.batch_norm_stats_target
+        self.metric_sums = th.zeros(len(METRIC_NAMES), device=self.device)
+
+        self.buffer = model.replay_buffer
+        self.view, self.reward_fn, self.host_sampling_reason = self._device_sampler(model)
+        if self.channels_last:
+            self._encoders_to_channels_last()
+        if self.use_graph:
+            th.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
+            for optimizer in self.optimizers:
+                make_capturable(optimizer, self.device)
+        self.graph: Any = None
+        self.static_batch: DictReplayBufferSamples | None = None
+        self.warmup_steps_left = GRAPH_WARMUP_STEPS
+        self._captured_addresses: list[int] | None = None
+
+    # ---- batch source ----------------------------------------------------------------------------
+    def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
+        reason = device_sampler_supported(self.buffer, model._vec_normalize_env)
+        reward_fn = None
+        if reason is None and self.buffer.n_sampled_goal > 0:
+            reward_fn = TorchGoalReward.for_env(model.env) if model.env is not None else None
+            numpy_reward = self.buffer.compute_reward
+            if reward_fn is None or numpy_reward is None:
+                reason = "the task has no torch compute_reward (not a Fetch goal task)"
+            else:
+                goal_space = self.buffer.observation_space["achieved_goal"]
+                dtype = self.buffer.vectors.dtype
+                if not reward_fn.matches(numpy_reward, int(np.prod(goal_space.shape)), dtype):
+                    reason = "the torch reward differs from the env's compute_reward on random goals"
+        if reason is not None:
+            return None, None, reason
+        return DeviceReplayView(self.buffer, self.device), reward_fn, None
+
+    def _sample(self) -> DictReplayBufferSamples:
+        """One batch: drawn on the device (inside the graph), or the buffer's own host ``sample()``."""
+        if self.view is not None:
+            return sample_her_batch(self.view, self.batch_size, self.reward_fn)[0]
+        return self.buffer.sample(self.batch_size, env=self.model._vec_normalize_env)
+
+    def stale(self) -> bool:
+        """The model swapped its buffer, or the buffer an array: build a new engine."""
+        return self.model.replay_buffer is not self.buffer or (self.view is not None and self.view.is_stale())
+
+    # ---- precision -------------------------------------------------------------------------------
+    def _encoders_to_channels_last(self) -> None:
+        encoders = {id(m): m for m in (self.actor.features_extractor, self.critic.features_extractor,
+                                       self.critic_target.features_extractor)}
+        for encoder in encoders.values():
+            encoder.to(memory_format=th.channels_last)  # swaps .data: the optimizers keep the same Parameters
+        for optimizer in self.optimizers:  # Adam moments in the same layout as their weights
+            for param, state in optimizer.state.items():
+                for key, value in state.items():
+                    if isinstance(value, th.Tensor) and value.dim() == 4 and value.shape == param.shape:
+                        state[key] = value.contiguous(memory_format=th.channels_last)
+
+    def _encode(self, module: Any, obs: dict[str, th.Tensor]) -> th.Tensor:
+        """module.extract_features (SB3's preprocessing, then the module's encoder), float32 out."""
+        if self.channels_last:
+            obs = {k: v.contiguous(memory_format=th.channels_last) if v.dim() == 4 else v for k, v in obs.items()}
+        with th.autocast(self.device.type, dtype=th.bfloat16, enabled=self.bf16, cache_enabled=False):
+            features = module.extract_features(obs, module.features_extractor)
+        return features.float()
+
+    def _encode_with_next(self, module: Any, obs: dict[str, th.Tensor],
+                          next_obs: dict[str, th.Tensor]) -> tuple[th.Tensor, th.Tensor]:
+        """One pass over [s; s']: (f(s) with gradient, sg(f(s')))."""
+        both = {key: th.cat([obs[key], next_obs[key]]) for key in obs}
+        features = self._encode(module, both)
+        return features[: self.batch_size], features[self.batch_size:].detach()
+
+    # ---- the step --------------------------------------------------------------------------------
+    def _zero_grad(self, optimizer: th.optim.Optimizer) -> None:
+        # Inside a graph the gradients must stay at fixed addresses: zero them instead of freeing them.
+        optimizer.zero_grad(set_to_none=not self.use_graph)
+
+    def update(self, batch: DictReplayBufferSamples | None) -> None:
+        """One gradient step: the equations of the module docstring. No host sync anywhere in here."""
+        model, actor, critic, routing = self.model, self.actor, self.critic, self.routing
+        if batch is None:
+            batch = self._sample()
+        obs, next_obs = batch.observations, batch.next_observations
+        discounts = batch.discounts if getattr(batch, "discounts", None) is not None else self.gamma
+
+        actor_z = next_actor_z = critic_z = None
+        if self.sb3_order or not self.fuse_next_obs_pass:
+            actor_z = self._encode(actor, obs)  # pass 1
+        else:
+            actor_z, next_actor_z = self._encode_with_next(actor, obs, next_obs)  # passes 1 + 2 as one
+        if not self.sb3_order and routing.shared_encoder:
+            critic_z = actor_z if routing.critic_trains_encoder else actor_z.detach()  # pass 4 = pass 1
+        if not routing.actor_trains_encoder:
+            actor_z = actor_z.detach()  # DrQv2SACPolicy: sg(f(s)); no gradient would reach an optimizer anyway
+        actions_pi, log_prob = squashed_gaussian_sample(*_actor_head(actor, actor_z), self.epsilon)  # eps1
+        log_prob = log_prob.reshape(-1, 1)
+
+        if model.ent_coef_optimizer is not None:
+            ent_coef = th.exp(model.log_ent_coef.detach())
+            ent_coef_loss = -(model.log_ent_coef * (log_prob + model.target_entropy).detach()).mean()
+            self._zero_grad(model.ent_coef_optimizer)
+            ent_coef_loss.backward(inputs=[model.log_ent_coef])
+            model.ent_coef_optimizer.step()
+        else:
+            ent_coef = model.ent_coef_tensor
+            ent_coef_loss = th.zeros((), device=self.device)
+
+        with th.no_grad():
+            if next_actor_z is None:
+                next_actor_z = self._encode(actor, next_obs)  # pass 2
+            next_actions, next_log_prob = squashed_gaussian_sample(*_actor_head(actor, next_actor_z), self.epsilon)
+            target_z = self._encode(self.critic_target, next_obs)  # pass 3
+            next_q = th.cat(_q_values(self.critic_target, target_z, next_actions), dim=1)
+            next_q, _ = th.min(next_q, dim=1, keepdim=True)
+            next_q = next_q - ent_coef * next_log_prob.reshape(-1, 1)
+            target_q = batch.rewards + (1 - batch.dones) * discounts * next_q
+
+        if critic_z is None:
+            critic_z = self._encode(critic, obs)  # pass 4
+            if not routing.critic_trains_encoder:
+                critic_z = critic_z.detach()
+        current_q = _q_values(critic, critic_z, batch.actions)
+        critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        self._zero_grad(critic.optimizer)
+        critic_loss.backward(inputs=self.critic_params)
+        critic.optimizer.step()
+
+        if self.sb3_order:
+            with th.no_grad():
+                q_features = self._encode(critic, obs)  # pass 5: f_c after its step
+        else:
+            q_features = critic_z.detach()  # the departure: f_c(s) from before the critic step
+        q_pi = th.cat(_q_values(critic, q_features, actions_pi), dim=1)
+        min_q_pi, _ = th.min(q_pi, dim=1, keepdim=True)
+        actor_loss = (ent_coef * log_prob - min_q_pi).mean()
+        self._zero_grad(actor.optimizer)
+        actor_loss.backward(inputs=self.actor_params)
+        actor.optimizer.step()
+
+        if self.polyak_every_step:
+            self.polyak_update()
+        with th.no_grad():
+            self.metric_sums.add_(th.stack([critic_loss.detach(), actor_loss.detach(),
+                                            ent_coef.detach().reshape(-1)[0], ent_coef_loss.detach()]))
+
+    @th.no_grad()
+    def polyak_update(self) -> None:
+        """SB3's polyak_update over all critic parameters (encoder included), as two foreach kernels."""
+        th._foreach_mul_(self.polyak_targets, 1 - self.tau)
+        th._foreach_add_(self.polyak_targets, self.polyak_sources, alpha=self.tau)
+        if self.norm_stat_targets:  # SB3 copies batch-norm running statistics (polyak with tau = 1)
+            th._foreach_copy_(self.norm_stat_targets, self.norm_stat_sources)
+
+    # ---- running gradient steps ------------------------------------------------------------------
+    def run(self, gradient_steps: int) -> None:
+        """``gradient_steps`` updates; the losses are summed into ``metric_sums`` (zeroed here first)."""
+        if self.view is not None:
+            self.view.sync()
+        if self.use_graph and self.graph is not None and self._addresses() != self._captured_addresses:
+            self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS  # an optimizer reloaded its state
+        self.metric_sums.zero_()
+        for gradient_step in range(gradient_steps):
+            if self.use_graph:
+                self._graph_step()
+            else:
+                self.update(None)
+            if not self.polyak_every_step and gradient_step % self.model.target_update_interval == 0:
+                self.polyak_update()
+
+    def _graph_step(self) -> None:
+        if self.view is None:  # host sampling: the graph reads its batch from fixed tensors
+            batch = self._sample()
+            if self.static_batch is None:
+                self.static_batch = _clone_batch(batch)
+            _copy_batch(self.static_batch, batch)
+        if self.graph is None and self.warmup_steps_left > 0:
+            side = th.cuda.Stream()
+            side.wait_stream(th.cuda.current_stream())
+            with th.cuda.stream(side):
+                self.update(self.static_batch)
+            th.cuda.current_stream().wait_stream(side)
+            self.warmup_steps_left -= 1
+            return
+        if self.graph is None:
+            self.graph = th.cuda.CUDAGraph()
+            with th.cuda.graph(self.graph):
+                self.update(self.static_batch)
+            self._captured_addresses = self._addresses()
+        self.graph.replay()
+
+    def _addresses(self) -> list[int]:
+        """Where the graph's persistent tensors live; a change means a captured pointer went stale."""
+        tensors = [*self.actor_params, *self.critic_params, *self.polyak_targets]
+        for optimizer in self.optimizers:
+            for state in optimizer.state.values():
+                tensors.extend(v for v in state.values() if isinstance(v, th.Tensor))
+            tensors.extend(g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], th.Tensor))
+        return [t.data_ptr() for t in tensors]
+
+    def mean_metrics(self, steps: int) -> dict[str, float]:
+        """The mean of each logged loss over the last ``run`` (one device-to-host read)."""
+        values = (self.metric_sums / max(steps, 1)).tolist()
+        return dict(zip(METRIC_NAMES, values))
+
+
+def _clone_batch(batch: DictReplayBufferSamples) -> DictReplayBufferSamples:
+    discounts = getattr(batch, "discounts", None)
+    return DictReplayBufferSamples(
+        observations={k: v.clone() for k, v in batch.observations.items()},
+        actions=batch.actions.clone(),
+        next_observations={k: v.clone() for k, v in batch.next_observations.items()},
+        dones=batch.dones.clone(),
+        rewards=batch.rewards.clone(),
+        **({"discounts": discounts.clone()} if discounts is not None else {}),
+    )
+
+
+def _copy_batch(static: DictReplayBufferSamples, batch: DictReplayBufferSamples) -> None:
+    for key, value in batch.observations.items():
+        static.observations[key].copy_(value)
+    for key, value in batch.next_observations.items():
+        static.next_observations[key].copy_(value)
+    for name in ("actions", "dones", "rewards", "discounts"):
+        value = getattr(batch, name, None)
+        if value is not None:
+            getattr(static, name).copy_(value)
+
+
+class _UpdateWhileEnvsStep(VecEnvWrapper):
+    """``step_async`` sends the actions, then runs the updates SB3 deferred; ``step_wait`` collects the envs."""
+
+    def __init__(self, venv: VecEnv, model: FastSAC) -> None:
+        super().__init__(venv)
+        self.model = model
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.venv.step_async(actions)
+        self.model._run_pending_updates()  # the GPU trains on step t while the envs simulate step t + 1
+
+    def step_wait(self) -> Any:
+        return self.venv.step_wait()
+
+    def reset(self) -> Any:
+        return self.venv.reset()
+
+
+# ======================================================================================================
+# The algorithm: SB3's SAC with train() replaced
+# ======================================================================================================
+class FastSAC(SAC):
+    """SB3's SAC whose ``train()`` runs the device-side update of the module docstring.
+
+    Everything else is SAC's: pass the same arguments, plus
+
+    Args:
+        precision: "fp32" (default) or "bf16" (encoder passes under bfloat16 autocast; losses in float32).
+        sb3_order: True runs SB3's five encoder passes in SB3's order (the checks compare it with
+            ``SAC.train()``); False (default) reuses features as the module docstring's table says.
+        overlap_collection: launch the updates of env step t while the envs run step t + 1 (one-step policy
+            lag, see the module docstring). Off by default.
+        cuda_graph: capture the step as a CUDA graph on CUDA (ignored on the CPU).
+        fuse_next_obs_pass: one actor-encoder pass over [s; s'] instead of two (default off).
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        precision: str = "fp32",
+        sb3_order: bool = False,
+        overlap_collection: bool = False,
+        cuda_graph: bool = True,
+        fuse_next_obs_pass: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+        self.precision, self.sb3_order = precision, sb3_order
+        self.overlap_collection, self.cuda_graph = overlap_collection, cuda_graph
+        self.fuse_next_obs_pass = fuse_next_obs_pass
+        self._engine: SacUpdateEngine | None = None
+        self._engine_unsupported: str | None = None
+        self._pending_updates: list[tuple[int, int]] = []
+        self._unread_update_steps = 0
+        self._in_learn = False
+        self._overlap_env: _UpdateWhileEnvsStep | None = None
+        super().__init__(*args, **kwargs)
+
+    # ---- training --------------------------------------------------------------------------------
+    def train(self, gradient_steps: int, batch_size: int = 64) -> None:
+        if self.overlap_collection and self._in_learn:
+            self._pending_updates.append((gradient_steps, batch_size))  # run inside the next step_async
+            return
+        self._train_now(gradient_steps, batch_size)
+
+    def _train_now(self, gradient_steps: int, batch_size: int) -> None:
+        engine = self._engine_for(batch_size)
+        if engine is None:
+            super().train(gradient_steps, batch_size)
+            return
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(engine.optimizers)
+        self._record_train_metrics()  # the previous call's, before run() zeroes them
+        engine.run(gradient_steps)
+        self._n_updates += gradient_steps
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self._unread_update_steps = gradient_steps
+        if self.device.type != "cuda":  # nothing to overlap on the CPU: log now, as SB3 does
+            self._record_train_metrics()
+
+    def _engine_for(self, batch_size: int) -> SacUpdateEngine | None:
+        if self._engine is not None and self._engine.batch_size == batch_size and not self._engine.stale():
+            return self._engine
+        reason = unsupported_reason(self)
+        if reason is not None:
+            if reason != self._engine_unsupported:
+                warnings.warn(f"FastSAC trains with SB3's own train() because of {reason}.", stacklevel=2)
+            self._engine_unsupported = reason
+            return None
+        self._record_train_metrics()
+        self._engine = SacUpdateEngine(self, batch_size)
+        return self._engine
+
+    def _record_train_metrics(self) -> None:
+        """Record the last run's mean losses under SB3's keys: the one host read of the device sums."""
+        if not self._unread_update_steps or self._engine is None:
+            return
+        metrics = self._engine.mean_metrics(self._unread_update_steps)
+        self._unread_update_steps = 0
+        for key, value in metrics.items():
+            if key != "train/ent_coef_loss" or self.ent_coef_optimizer is not None:
+                self.logger.record(key, value)
+
+    def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
+        """SB3's schedule, written into a capturable optimizer's tensor learning rate in place."""
+        learning_rate = self.lr_schedule(self._current_progress_remaining)
+        self.logger.record("train/learning_rate", learning_rate)
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                if isinstance(group["lr"], th.Tensor):
+                    group["lr"].fill_(learning_rate)
+                else:
+                    group["lr"] = learning_rate
+
+    def dump_logs(self) -> None:
+        self._record_train_metrics()
+        super().dump_logs()
+
+    # ---- overlapped collection -------------------------------------------------------------------
+    def learn(self, *args: Any, **kwargs: Any) -> FastSAC:
+        self._in_learn = True
+        try:
+            super().learn(*args, **kwargs)
+        except BaseException:
+            self._pending_updates.clear()  # a crashed or interrupted run does not owe these updates
+            raise
+        finally:
+            self._in_learn = False
+        self._run_pending_updates()  # the updates of the last env step
+        self._record_train_metrics()
+        return self
+
+    def collect_rollouts(self, env: VecEnv, *args: Any, **kwargs: Any) -> Any:
+        if self.overlap_collection:
+            if self._overlap_env is None or self._overlap_env.venv is not env:
+                self._overlap_env = _UpdateWhileEnvsStep(env, self)
+            env = self._overlap_env
+        return super().collect_rollouts(env, *args, **kwargs)
+
+    def _run_pending_updates(self) -> None:
+        while self._pending_updates:
+            gradient_steps, batch_size = self._pending_updates.pop(0)
+            self._train_now(gradient_steps, batch_size)
+
+    # ---- checkpoints: exactly what SAC.save writes -----------------------------------------------
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), *ENGINE_ATTRIBUTES]
+
+    def get_parameters(self) -> dict[str, dict]:
+        params = super().get_parameters()
+        return {name: portable_optimizer_state(value) if "param_groups" in value else value
+                for name, value in params.items()}
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self._run_pending_updates()
+        super().save(*args, **kwargs)
+
+    def set_parameters(self, *args: Any, **kwargs: Any) -> None:
+        super().set_parameters(*args, **kwargs)
+        self._engine = None  # optimizer states were replaced: a captured graph would point at the old ones

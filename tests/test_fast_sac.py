@@ -1,0 +1,564 @@
+"""Tests for scripts/ch09/fast_sac.py (FastSAC) and scripts/ch09/her_sampler.py (the device-side HER draw).
+
+What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run with ``pytest -m gpu``):
+
+- the torch reward equals the env's ``compute_reward`` bit for bit, near the threshold too;
+- the device draw keeps the NumPy sampler's contract on a real pixel stream: sampleable slots only, stacks
+  byte-identical to what the wrapper produced, HER goals from the same episode at or after the step,
+  relabelled fraction k/(k+1), rewards equal to ``compute_reward``;
+- the device copy of the buffer follows every kind of write (wraps, closes, retirements, resets);
+- one ``FastSAC(sb3_order=True)`` update equals SB3's ``SAC.train()`` (parameters, Adam states, losses) from
+  the same weights, batch and random draws, for MultiInputPolicy and DrQv2SACPolicy, with and without DrQ;
+  the default (fewer encoder passes) equals a plain implementation of the equations in its docstring;
+- a FastSAC checkpoint is a plain SB3 checkpoint: ``SAC.load(path, env=env)`` in a fresh process resumes it;
+- overlapped collection runs the same number of updates, inside ``step_async``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3 import SAC
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.utils import polyak_update
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
+from stable_baselines3.her import HerReplayBuffer
+from test_framestack_replay import N_SAMPLED_GOAL, record_stream
+
+from ch09.fast_sac import FastSAC, Routing, squashed_gaussian_sample
+from ch09.framestack_replay import FrameStackHerReplayBuffer
+from ch09.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
+from drqv2_sac_policy import DrQv2SACPolicy, routing_report
+from image_augmentation import HerDrQDictReplayBuffer
+from manipulation_encoder import ManipulationExtractor
+from pixel_wrapper import make_fetch_env
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ATOL = 1e-5
+"""The issue's bound for 'equal' updates: parameters, Adam moments and losses."""
+N_SAMPLES = 1024
+PIXEL_BATCH = 8
+PIXEL_STEPS = 110  # two finished 50-step episodes and a running one
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The CI machine has 2 shared cores: one torch thread avoids oversubscription."""
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch reward
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("env_id, pixels", [("FetchPush-v4", True), ("FetchReach-v4", False)])
+def test_torch_reward_equals_compute_reward_on_random_goals(env_id, pixels):
+    vec_env = DummyVecEnv([lambda: make_fetch_env(env_id, pixels=pixels, goal_mode="both")])
+    try:
+        reward = TorchGoalReward.for_env(vec_env)
+        numpy_reward = vec_env.envs[0].unwrapped.compute_reward
+        dtype = vec_env.observation_space["achieved_goal"].dtype
+        assert reward is not None and reward.reward_type == "sparse"
+        assert reward.matches(numpy_reward, 3, dtype)
+        # ... and a threshold off by a hair would be caught by the same check.
+        assert not TorchGoalReward(reward.distance_threshold * 1.001).matches(numpy_reward, 3, dtype)
+        assert not TorchGoalReward(reward.distance_threshold, "dense").matches(numpy_reward, 3, dtype)
+    finally:
+        vec_env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The device draw against the NumPy sampler's contract, on a real stream (pixels and full state)
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["pixels", "state"])
+def stream(request):
+    recorded = record_stream(pixels=request.param == "pixels")
+    yield recorded
+    recorded.vec_env.close()
+
+
+def test_device_draw_keeps_the_numpy_sampler_contract(stream):
+    buffer = stream.buffer
+    view = DeviceReplayView(buffer, "cpu")
+    view.sync()
+    reward = TorchGoalReward.for_env(stream.vec_env)
+    th.manual_seed(0)
+    samples, idx = sample_her_batch(view, N_SAMPLES, reward)
+
+    rows, envs = idx.rows.numpy(), idx.envs.numpy()
+    assert buffer.sampleable[rows, envs].all(), "a slot of a running or retired episode was drawn"
+    seen = set()
+    for b in range(N_SAMPLES):
+        env_idx = int(envs[b])
+        i = stream.locate(env_idx, samples.actions[b].numpy())
+        seen.add((i, env_idx))
+        assert stream.step[i, env_idx] == idx.step[b]
+        for key in buffer.observation_space.spaces:
+            if key == "desired_goal" and idx.relabelled[b]:
+                continue
+            assert np.array_equal(samples.observations[key][b].numpy(), stream.obs[i][key][env_idx]), key
+            assert np.array_equal(samples.next_observations[key][b].numpy(), stream.next_obs[i][key][env_idx]), key
+        if idx.relabelled[b]:
+            goal = samples.observations["desired_goal"][b].numpy()
+            assert np.array_equal(goal, samples.next_observations["desired_goal"][b].numpy())
+            future = [j for j in range(len(stream.obs)) if stream.episode[j, env_idx] == stream.episode[i, env_idx]
+                      and stream.step[j, env_idx] >= stream.step[i, env_idx]]
+            assert any(np.array_equal(goal, stream.next_obs[j]["achieved_goal"][env_idx]) for j in future)
+            expected = buffer.compute_reward(stream.next_obs[i]["achieved_goal"][env_idx][None], goal[None], [{}])
+            assert samples.rewards[b, 0].item() == float(expected[0])
+        else:
+            assert samples.rewards[b, 0].item() == stream.rewards[i, env_idx]
+        assert samples.dones[b, 0].item() == 0.0  # Fetch only times out
+    assert seen == stream.finished(), "every finished transition should be drawn, and only those"
+
+    p = N_SAMPLED_GOAL / (N_SAMPLED_GOAL + 1)
+    fraction = float(idx.relabelled.float().mean())
+    assert abs(fraction - p) <= 4 * math.sqrt(p * (1 - p) / N_SAMPLES), fraction
+    for key, space in buffer.observation_space.spaces.items():
+        assert samples.observations[key].dtype == th.from_numpy(np.zeros(0, space.dtype)).dtype
+
+
+class SyntheticStream:
+    """Random episodes of random lengths written into a small frame-once buffer through ``add()``.
+
+    Tiny 5x5 frames keep it fast; the arrays, rings and bookkeeping are the real buffer's.
+    """
+
+    SPACE = spaces.Dict({
+        "pixels": spaces.Box(0, 255, (12, 5, 5), np.uint8),
+        "achieved_goal": spaces.Box(-1, 1, (3,), np.float32),
+        "desired_goal": spaces.Box(-1, 1, (3,), np.float32),
+    })
+    ACTIONS = spaces.Box(-1, 1, (2,), np.float32)
+
+    def __init__(self, n_envs: int, rows_per_env: int, lengths: tuple[int, int], seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.n_envs, self.lengths = n_envs, lengths
+        self.buffer = FrameStackHerReplayBuffer(
+            n_envs * rows_per_env, self.SPACE, self.ACTIONS, device="cpu", n_envs=n_envs,
+            compute_reward=lambda a, d, _: -(np.linalg.norm(a - d, axis=-1) > 0.05).astype(np.float32))
+        self.obs = self.observation()
+        self.left = self.rng.integers(*lengths, n_envs)
+
+    def observation(self) -> dict[str, np.ndarray]:
+        rng, n = self.rng, self.n_envs
+        return {"pixels": rng.integers(0, 256, (n, 12, 5, 5), dtype=np.uint8),
+                "achieved_goal": rng.normal(size=(n, 3)).astype(np.float32),
+                "desired_goal": rng.normal(size=(n, 3)).astype(np.float32)}
+
+    def step(self, reset_without_done: bool = False) -> None:
+        """One add() of every env; episodes end (time out) when their drawn length is used up."""
+        if reset_without_done:  # the env was reset without a done: the buffer closes the episode itself
+            self.obs = self.observation()
+        next_obs, done = self.observation(), self.left == 1
+        self.buffer.add(self.obs, next_obs, self.rng.uniform(-1, 1, (self.n_envs, 2)).astype(np.float32),
+                        self.rng.uniform(-1, 0, self.n_envs).astype(np.float32), done,
+                        [{"TimeLimit.truncated": bool(d)} for d in done])
+        fresh = self.observation()  # after a done, the next obs is a reset obs
+        self.obs = {key: np.where(done.reshape(-1, *[1] * (v.ndim - 1)), fresh[key], v) for key, v in next_obs.items()}
+        self.left = np.where(done, self.rng.integers(*self.lengths, self.n_envs), self.left - 1)
+
+
+def test_the_exact_list_serves_a_buffer_with_few_sampleable_slots():
+    """Early on (one short episode finished, a long one running) the draw uses the uploaded list of slots."""
+    synthetic = SyntheticStream(n_envs=1, rows_per_env=100, lengths=(2, 3))
+    synthetic.step()
+    synthetic.step()  # the 2-step episode ends
+    synthetic.lengths = (30, 31)
+    synthetic.left[:] = 30
+    for _ in range(20):
+        synthetic.step()
+    buffer = synthetic.buffer
+    view = DeviceReplayView(buffer, "cpu")
+    view.sync()
+    assert bool(view.use_exact_list) and buffer.size() == 2
+    _, idx = sample_her_batch(view, 256, TorchGoalReward(0.05))
+    assert buffer.sampleable[idx.rows.numpy(), idx.envs.numpy()].all()
+    assert set(idx.rows.tolist()) == {1, 2}  # both transitions of the finished episode, nothing else
+
+
+def test_the_device_copy_follows_wraps_closes_retirements_and_resets():
+    """A GPU-style copy (``copy_host_arrays=True``) equals the buffer after every sync of a messy stream."""
+    synthetic = SyntheticStream(n_envs=3, rows_per_env=40, lengths=(2, 9))
+    buffer, rng = synthetic.buffer, synthetic.rng
+    view = DeviceReplayView(buffer, "cpu", copy_host_arrays=True)
+    syncs_checked, next_sync = 0, 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deliberate resets without done warn
+        for call in range(400):
+            if call == 250:
+                buffer.reset()
+            synthetic.step(reset_without_done=rng.random() < 0.02)
+            if call == next_sync:
+                if rng.random() < 0.05:
+                    buffer.truncate_last_trajectory()
+                view.sync()
+                for name, tensor in view.tensors.items():
+                    assert np.array_equal(tensor.numpy(), getattr(buffer, name)), f"{name} differs after call {call}"
+                filled = min(buffer._rows_written.max(), buffer.buffer_size)
+                assert int(view.filled_slots) == filled * synthetic.n_envs
+                syncs_checked += 1
+                next_sync += int(rng.integers(1, 6))
+    assert syncs_checked > 100
+    assert buffer._rows_written.max() > 3 * buffer.buffer_size, "the rings should have wrapped several times"
+    # Only the first sync and the one after reset() may copy everything; every other write is tracked.
+    assert view.full_syncs == 2, view.full_syncs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One update: FastSAC against SB3's SAC.train() and against the equations of its docstring
+# ---------------------------------------------------------------------------------------------------------
+HER_ARRAYS = ("actions", "rewards", "dones", "timeouts", "ep_start", "ep_length", "_current_ep_start")
+
+
+@pytest.fixture(scope="module")
+def pixel_data():
+    """A pixel FetchPush VecEnv and SB3 HER buffers (plain and DrQ) holding the same real transitions."""
+    vec_env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    collector = SAC("MultiInputPolicy", vec_env, buffer_size=PIXEL_STEPS + 10, learning_starts=10**6, seed=0,
+                    device="cpu", replay_buffer_class=HerReplayBuffer, replay_buffer_kwargs=dict(n_sampled_goal=4))
+    collector.learn(PIXEL_STEPS)
+    plain = collector.replay_buffer
+    drq = HerDrQDictReplayBuffer(plain.buffer_size, plain.observation_space, plain.action_space, env=vec_env,
+                                 device="cpu", n_sampled_goal=4)
+    for key in plain.observations:
+        drq.observations[key][:] = plain.observations[key]
+        drq.next_observations[key][:] = plain.next_observations[key]
+    for name in HER_ARRAYS:
+        np.copyto(getattr(drq, name), getattr(plain, name))
+    drq.pos, drq.full = plain.pos, plain.full
+    yield vec_env, {"plain": plain, "drq": drq}
+    vec_env.close()
+
+
+POLICIES = {
+    "MultiInputPolicy": ("MultiInputPolicy", dict(features_extractor_class=ManipulationExtractor,
+                                                  net_arch=[32, 32])),
+    "DrQv2SACPolicy": (DrQv2SACPolicy, dict(features_extractor_class=ManipulationExtractor, net_arch=[32, 32])),
+}
+
+
+def twin_models(vec_env, buffer, policy_name: str, **fast_kwargs) -> tuple[SAC, FastSAC]:
+    """A stock SAC and a FastSAC with equal weights, Adam states and entropy coefficient, sharing one buffer."""
+    policy, policy_kwargs = POLICIES[policy_name]
+    kwargs = dict(buffer_size=10, batch_size=PIXEL_BATCH, learning_starts=0, seed=0, device="cpu", gamma=0.95,
+                  policy_kwargs=policy_kwargs)
+    stock = SAC(policy, vec_env, **kwargs)
+    fast = FastSAC(policy, vec_env, **fast_kwargs, **kwargs)
+    for model in (stock, fast):
+        model.set_logger(Logger(folder=None, output_formats=[]))  # train() records; learn() would set one up
+    # Give both a history first (non-zero Adam moments, alpha != 1): two stock updates, then copy everything.
+    stock.replay_buffer = fast.replay_buffer = buffer
+    np.random.seed(1)
+    th.manual_seed(1)
+    stock.train(gradient_steps=2, batch_size=PIXEL_BATCH)
+    fast.set_parameters(copy.deepcopy(stock.get_parameters()))  # deep: load_state_dict would share Adam's tensors
+    fast.log_ent_coef.data.copy_(stock.log_ent_coef.data)
+    return stock, fast
+
+
+def assert_same_state(a: SAC, b: SAC, atol: float = ATOL) -> None:
+    for (name, x), (_, y) in zip(a.policy.state_dict().items(), b.policy.state_dict().items()):
+        assert th.allclose(x, y, atol=atol, rtol=0), f"{name}: max diff {(x - y).abs().max():.2e}"
+    assert th.allclose(a.log_ent_coef, b.log_ent_coef, atol=atol, rtol=0)
+    for name in ("actor", "critic"):
+        _assert_same_optimizer(getattr(a, name).optimizer, getattr(b, name).optimizer, atol)
+    _assert_same_optimizer(a.ent_coef_optimizer, b.ent_coef_optimizer, atol)
+
+
+def _assert_same_optimizer(x: th.optim.Optimizer, y: th.optim.Optimizer, atol: float) -> None:
+    state_x, state_y = x.state_dict()["state"], y.state_dict()["state"]
+    assert state_x.keys() == state_y.keys()
+    for index in state_x:
+        for key, value in state_x[index].items():
+            other = state_y[index][key]
+            assert th.allclose(value.float().cpu(), other.float().cpu(), atol=atol, rtol=0), f"Adam {key}[{index}]"
+
+
+def logged_losses(model: SAC) -> dict[str, float]:
+    keys = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
+    return {key: float(model.logger.name_to_value[key]) for key in keys}
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("replay", ["plain", "drq"])
+def test_sb3_order_update_equals_sac_train(pixel_data, policy_name, replay):
+    vec_env, buffers = pixel_data
+    stock, fast = twin_models(vec_env, buffers[replay], policy_name, sb3_order=True)
+    np.random.seed(2)
+    th.manual_seed(2)
+    stock.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    np.random.seed(2)
+    th.manual_seed(2)
+    fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    assert fast._engine is not None and fast._engine.view is None  # SB3's buffer: sampled by the buffer itself
+    assert_same_state(stock, fast)
+    for key, value in logged_losses(stock).items():
+        assert logged_losses(fast)[key] == pytest.approx(value, abs=ATOL), key
+
+
+def reference_reduced_update(model: SAC, batch) -> dict[str, float]:
+    """The default FastSAC update written plainly with SB3's own module calls: the docstring's equations.
+
+    The only difference from SAC.train(): the actor loss's Q reads sg(f_c(s)) from BEFORE the critic step.
+    """
+    actor, critic, target = model.actor, model.critic, model.critic_target
+    obs = batch.observations
+    actions_pi, log_prob = actor.action_log_prob(obs)  # eps1; DrQv2SACPolicy's actor detaches its features
+    log_prob = log_prob.reshape(-1, 1)
+    ent_coef = th.exp(model.log_ent_coef.detach())
+    ent_coef_loss = -(model.log_ent_coef * (log_prob + model.target_entropy).detach()).mean()
+    model.ent_coef_optimizer.zero_grad()
+    ent_coef_loss.backward()
+    model.ent_coef_optimizer.step()
+    with th.no_grad():
+        next_actions, next_log_prob = actor.action_log_prob(batch.next_observations)  # eps2
+        next_q = th.cat(target(batch.next_observations, next_actions), dim=1).min(dim=1, keepdim=True)[0]
+        target_q = batch.rewards + (1 - batch.dones) * model.gamma * (next_q - ent_coef * next_log_prob.reshape(-1, 1))
+    features = critic.extract_features(obs, critic.features_extractor)  # f_c(s), before the step
+    critic_loss = 0.5 * sum(F.mse_loss(q(th.cat([features, batch.actions], 1)), target_q) for q in critic.q_networks)
+    critic.optimizer.zero_grad()
+    critic_loss.backward()
+    critic.optimizer.step()
+    q_pi = th.cat([q(th.cat([features.detach(), actions_pi], 1)) for q in critic.q_networks], dim=1)
+    actor_loss = (ent_coef * log_prob - q_pi.min(dim=1, keepdim=True)[0]).mean()
+    actor.optimizer.zero_grad()
+    actor_loss.backward()
+    actor.optimizer.step()
+    polyak_update(critic.parameters(), target.parameters(), model.tau)
+    return {"train/critic_loss": critic_loss.item(), "train/actor_loss": actor_loss.item(),
+            "train/ent_coef": ent_coef.item(), "train/ent_coef_loss": ent_coef_loss.item()}
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+@pytest.mark.parametrize("replay", ["plain", "drq"])
+def test_reduced_pass_update_equals_its_equations(pixel_data, policy_name, replay):
+    vec_env, buffers = pixel_data
+    reference, fast = twin_models(vec_env, buffers[replay], policy_name)
+    np.random.seed(3)
+    th.manual_seed(3)
+    expected = reference_reduced_update(reference, buffers[replay].sample(PIXEL_BATCH, env=None))
+    np.random.seed(3)
+    th.manual_seed(3)
+    fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    assert_same_state(reference, fast)
+    for key, value in expected.items():
+        assert logged_losses(fast)[key] == pytest.approx(value, abs=ATOL), key
+
+
+def test_routing_of_drqv2_policy_survives_the_engine(pixel_data):
+    """The lab's invariants after FastSAC updates: the encoder is in the critic's optimizer only, the actor's
+    step leaves it alone, and the target encoder is its Polyak average."""
+    vec_env, buffers = pixel_data
+    _, fast = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy")
+    policy = fast.policy
+    encoder = list(policy.actor.features_extractor.parameters())
+    target = list(policy.critic_target.features_extractor.parameters())
+    before, target_before = [p.detach().clone() for p in encoder], [p.detach().clone() for p in target]
+    fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    report = routing_report(policy)
+    assert report["trained_by"] == "critic loss" and report["encoder_in_actor_optimizer"] == 0
+    assert report["target_encoder_separate"] and Routing.of(policy) == Routing(True, False, True)
+    assert any(not th.equal(p, b) for p, b in zip(encoder, before)), "the critic step should move the encoder"
+    for p, t, t0 in zip(encoder, target, target_before):
+        assert th.allclose(t, (1 - fast.tau) * t0 + fast.tau * p, atol=1e-7)
+
+
+def test_squashed_gaussian_sample_is_sb3s_distribution():
+    mean, log_std = th.randn(64, 4), th.randn(64, 4).clamp(-20, 2)
+    from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+
+    th.manual_seed(0)
+    expected_actions, expected_log_prob = SquashedDiagGaussianDistribution(4).log_prob_from_params(mean, log_std)
+    th.manual_seed(0)
+    actions, log_prob = squashed_gaussian_sample(mean, log_std, 1e-6)
+    assert th.equal(actions, expected_actions) and th.allclose(log_prob, expected_log_prob, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints, overlapped collection, the full loop
+# ---------------------------------------------------------------------------------------------------------
+def reach_env(n_envs: int = 1) -> DummyVecEnv:
+    return DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")] * n_envs)
+
+
+def reach_model(env, **kwargs) -> FastSAC:
+    return FastSAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
+                   device="cpu", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                   replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]), **kwargs)
+
+
+def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
+    env = reach_env()
+    try:
+        model = reach_model(env)
+        model.learn(300)
+        assert model._engine is not None and model._engine.view is not None, "FrameStack: the device draw"
+        model.save(tmp_path / "fast.zip")
+    finally:
+        env.close()
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(REPO_ROOT / 'scripts')!r}, {str(REPO_ROOT / 'scripts' / 'labs')!r}]
+        from pixel_wrapper import make_fetch_env
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.vec_env import DummyVecEnv
+        env = DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")])
+        model = SAC.load({str(tmp_path / 'fast.zip')!r}, env=env, device="cpu")
+        model.learning_starts = model.num_timesteps + 60  # the buffer was not saved: refill it first
+        model.learn(120, reset_num_timesteps=False)
+        assert type(model) is SAC and "ch09.fast_sac" not in sys.modules
+        print("resumed", model.num_timesteps, model._n_updates, type(model.actor.optimizer.param_groups[0]["lr"]))
+        env.close()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed 420 260 <class 'float'>" in done.stdout, done.stdout
+
+
+def test_fast_sac_loads_a_stock_checkpoint_and_trains(tmp_path):
+    env = reach_env()
+    try:
+        stock = SAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
+                    device="cpu", replay_buffer_class=FrameStackHerReplayBuffer)
+        stock.learn(150)
+        stock.save(tmp_path / "stock.zip")
+        fast = FastSAC.load(tmp_path / "stock.zip", env=env, device="cpu")
+        fast.learning_starts = fast.num_timesteps + 60
+        fast.learn(120, reset_num_timesteps=False)
+        assert type(fast) is FastSAC and fast._n_updates == 50 + 60
+        assert math.isfinite(fast.logger.name_to_value["train/critic_loss"])
+    finally:
+        env.close()
+
+
+class StepProbe(VecEnvWrapper):
+    """Records the model's update count when actions go out (step_async) and when results come back."""
+
+    def __init__(self, venv):
+        super().__init__(venv)
+        self.model = None
+        self.at_async: list[int] = []
+        self.at_wait: list[int] = []
+
+    def step_async(self, actions):
+        self.at_async.append(self.model._n_updates)
+        self.venv.step_async(actions)
+
+    def step_wait(self):
+        result = self.venv.step_wait()
+        self.at_wait.append(self.model._n_updates)
+        return result
+
+    def reset(self):
+        return self.venv.reset()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
+    probe = StepProbe(reach_env(n_envs=2))
+    try:
+        model = reach_model(probe, overlap_collection=overlap, train_freq=1, gradient_steps=2)
+        probe.model = model
+        model.learn(300)
+    finally:
+        probe.close()
+    # learning_starts=100 with 2 envs: updates follow every vector step after step 50, 2 per step.
+    assert model._n_updates == 2 * (150 - 50) and model.num_timesteps == 300
+    ran_inside = [w - a for a, w in zip(probe.at_async, probe.at_wait)]
+    if overlap:  # each step's updates run between sending actions and collecting results
+        assert ran_inside[51:] == [2] * (150 - 51) and ran_inside[:51] == [0] * 51
+    else:
+        assert set(ran_inside) == {0}
+
+
+def test_bad_precision_is_refused_in_one_sentence():
+    with pytest.raises(ValueError, match="precision must be one of"):
+        FastSAC("MultiInputPolicy", reach_env(), precision="fp16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_state_reach_learns_with_the_fast_engine(seed):
+    """FetchReach-v4 from the 25-D state through FastSAC: eval success >= 0.9 within 12K steps."""
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env, eval_env = reach_env(), reach_env()
+    eval_env.seed(10_000 + seed)
+    try:
+        model = FastSAC("MultiInputPolicy", env, buffer_size=100_000, batch_size=256, learning_starts=1_000,
+                        seed=seed, device="cpu", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                        replay_buffer_kwargs=dict(n_sampled_goal=4))
+        best, successes = 0.0, []
+
+        def record_success(locals_: dict, _globals: dict) -> None:
+            if locals_["done"]:
+                successes.append(float(locals_["info"]["is_success"]))
+
+        for _ in range(12):
+            model.learn(1_000, reset_num_timesteps=False)
+            successes.clear()
+            evaluate_policy(model, eval_env, n_eval_episodes=20, deterministic=True, callback=record_success)
+            best = max(best, float(np.mean(successes)))
+            if best >= 0.9:
+                break
+        assert best >= 0.9, best
+    finally:
+        env.close()
+        eval_env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a CUDA GPU: pytest -m gpu
+# ---------------------------------------------------------------------------------------------------------
+BF16_LOSS_RTOL = 0.05
+"""bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (relative)."""
+
+
+def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
+    env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    models = []
+    for extra in ({"cuda_graph": False}, kwargs):
+        model = FastSAC(DrQv2SACPolicy, env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
+                        device="cuda", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                        replay_buffer_kwargs=dict(n_sampled_goal=4), **extra)
+        models.append(model)
+    models[0].learn(120)  # fills the buffer (random actions), no update yet
+    models[1].replay_buffer = models[0].replay_buffer
+    models[1].set_parameters(copy.deepcopy(models[0].get_parameters()))
+    return models[0], models[1]
+
+
+@pytest.mark.gpu
+def test_captured_step_equals_eager_step_on_cuda():
+    eager, graphed = gpu_pair(cuda_graph=True)
+    for model in (eager, graphed):
+        th.manual_seed(5)
+        model.train(gradient_steps=10, batch_size=64)  # graphed: 3 eager warm-up steps, capture, 7 replays
+    assert graphed._engine.graph is not None and eager._engine.graph is None
+    assert_same_state(eager, graphed, atol=1e-4)
+    for key, value in logged_losses(eager).items():
+        assert logged_losses(graphed)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.gpu
+def test_bf16_losses_track_fp32_on_cuda():
+    fp32, bf16 = gpu_pair(precision="bf16")
+    for model in (fp32, bf16):
+        th.manual_seed(6)
+        model.train(gradient_steps=1, batch_size=64)
+    for key in ("train/critic_loss", "train/actor_loss"):
+        assert logged_losses(bf16)[key] == pytest.approx(logged_losses(fp32)[key], rel=BF16_LOSS_RTOL), key
