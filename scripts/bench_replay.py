@@ -13,16 +13,16 @@ What it measures, in one run on one machine (compare the ratios; absolute times 
 
 Run it
 ------
-    bash docker/dev.sh python scripts/bench_replay.py                 # CPU, ~minutes
+    bash docker/dev.sh python scripts/bench_replay.py                 # CPU, minutes
     bash docker/dev.sh python scripts/bench_replay.py --device cuda   # buffers on the GPU
     bash docker/dev.sh python scripts/bench_replay.py --quick         # seconds: checks the script works
+    bash docker/dev.sh python scripts/bench_replay.py --help          # every option and its default
 
 It prints a table and writes JSON to ``results/bench_replay_<device>.json`` (or ``--out``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -32,26 +32,31 @@ import sys
 import tempfile
 import time
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+# The labs import each other by bare module name; scripts/ itself is sys.path[0] when this file runs.
+sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
 import numpy as np
 import torch as th
+import tyro
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-SCRIPTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS_DIR / "labs"))
-sys.path.insert(0, str(SCRIPTS_DIR))
-from ch09.framestack_replay import FrameStackHerReplayBuffer  # noqa: E402
-from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_INDICES, make_fetch_env  # noqa: E402
+from ch09.artifacts import REPO_ROOT
+from ch09.errors import USER_ERROR_EXIT
+from ch09.framestack_replay import FrameStackHerReplayBuffer
+from ch09.memory import allocated_bytes_per_transition
+from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_DIM, make_fetch_env, pixel_observation_space
 
-REPO_ROOT = SCRIPTS_DIR.parent
+SCRIPTS_DIR = Path(__file__).resolve().parent
 FETCH_EPISODE_STEPS = 50
 TRAIN_BUFFER_SIZE = 20_000
-"""Replay capacity of the end-to-end runs: larger than any run here, small enough for SB3's buffer (3.4 GB)."""
+"""Replay capacity of the end-to-end runs: larger than any run here, small enough for SB3's buffer in RAM."""
 TRAIN_TIMEOUT_S = 900.0
 GOAL_DIM = 3
 ACTION_DIM = 4
@@ -60,11 +65,10 @@ FRAME_CHANNELS = 3
 
 @dataclass
 class BenchConfig:
-    """Sizes of one benchmark run."""
+    """SB3's HerReplayBuffer vs FrameStackHerReplayBuffer on the same pixel transitions."""
 
     transitions: int = 6_000
-    """env steps fed to each buffer (per env). Both buffers hold half of them, so the second half measures
-    add() in the steady state of a full ring (the first half also pays the OS for first-touch pages)."""
+    """env steps fed to each buffer (per env); both hold half, so the second half times add() on a full ring."""
     n_envs: int = 1
     """parallel envs in the synthetic stream (episodes interleave)."""
     batch_size: int = 256
@@ -80,26 +84,22 @@ class BenchConfig:
     train_timeout_s: float = TRAIN_TIMEOUT_S
     """seconds one end-to-end run may take before it is stopped and reported as missing."""
     seed: int = 0
+    """seed of the synthetic stream and of torch."""
+    quick: bool = False
+    """tiny sizes and no training runs, in seconds: checks that the script works (overrides the sizes)."""
+    out: Path | None = None
+    """JSON path; None: results/bench_replay_<device>.json in the repository."""
+
+
+QUICK = {"transitions": 300, "batch_size": 32, "sample_repeats": 3, "train_steps": 0}
+"""What --quick sets."""
 
 
 # ---------------------------------------------------------------------------------------------------------
 # A synthetic stream of transitions, stacked exactly like PixelObservationWrapper + DummyVecEnv deliver them
 # ---------------------------------------------------------------------------------------------------------
-def pixel_observation_space(frame_stack: int = FRAME_STACK, image_size: int = IMAGE_SIZE) -> spaces.Dict:
-    """The pixel wrapper's observation space with goal_mode='both' and proprioception (key order kept)."""
-    vector = lambda n: spaces.Box(-np.inf, np.inf, shape=(n,), dtype=np.float32)  # noqa: E731
-    return spaces.Dict(
-        {
-            "pixels": spaces.Box(0, 255, (FRAME_CHANNELS * frame_stack, image_size, image_size), np.uint8),
-            "proprioception": vector(len(PROPRIO_INDICES)),
-            "achieved_goal": vector(GOAL_DIM),
-            "desired_goal": vector(GOAL_DIM),
-        },
-        sort_keys=False,
-    )
-
-
 def action_space() -> spaces.Box:
+    """Fetch's action space: gripper displacement (3) and finger opening (1), each in [-1, 1]."""
     return spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
 
 
@@ -133,7 +133,7 @@ def synthetic_stream(
         for _ in range(frame_stack):
             frames[env_idx].append(frame)
         state[env_idx] = {
-            "proprioception": rng.normal(size=len(PROPRIO_INDICES)).astype(np.float32),
+            "proprioception": rng.normal(size=PROPRIO_DIM).astype(np.float32),
             "achieved_goal": rng.uniform(-0.1, 0.1, GOAL_DIM).astype(np.float32),
             "desired_goal": rng.uniform(-0.1, 0.1, GOAL_DIM).astype(np.float32),
         }
@@ -152,7 +152,7 @@ def synthetic_stream(
         action = rng.uniform(-1, 1, (n_envs, ACTION_DIM)).astype(np.float32)
         for env_idx in range(n_envs):
             frames[env_idx].append(new_frame())
-            state[env_idx]["proprioception"] = rng.normal(size=len(PROPRIO_INDICES)).astype(np.float32)
+            state[env_idx]["proprioception"] = rng.normal(size=PROPRIO_DIM).astype(np.float32)
             state[env_idx]["achieved_goal"] = (
                 state[env_idx]["achieved_goal"] + rng.normal(0, 0.02, GOAL_DIM).astype(np.float32)
             )
@@ -171,21 +171,6 @@ def synthetic_stream(
 # ---------------------------------------------------------------------------------------------------------
 # Buffer benchmark
 # ---------------------------------------------------------------------------------------------------------
-def sb3_bytes_per_transition(buffer: HerReplayBuffer) -> int:
-    """Bytes SB3's buffer allocates per stored transition (all its per-transition arrays)."""
-    arrays = [*buffer.observations.values(), *buffer.next_observations.values(), buffer.actions, buffer.rewards,
-              buffer.dones, buffer.timeouts, buffer.ep_start, buffer.ep_length, buffer.infos]
-    return sum(array.nbytes for array in arrays) // (buffer.buffer_size * buffer.n_envs)
-
-
-def framestack_allocated_bytes(buffer: FrameStackHerReplayBuffer) -> int:
-    """Bytes our buffer allocated (frames wherever they live, plus the host arrays)."""
-    total = 0
-    for array in buffer._arrays().values():
-        total += array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
-    return total
-
-
 @dataclass
 class BufferResult:
     name: str
@@ -208,7 +193,7 @@ def bench_buffers(config: BenchConfig) -> list[BufferResult]:
     np.random.seed(config.seed)
     th.manual_seed(config.seed)
     reward_env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=False)])  # compute_reward only
-    observation_space, actions = pixel_observation_space(), action_space()
+    observation_space, actions = pixel_observation_space(goal_mode="both"), action_space()
     capacity = config.transitions // 2 * config.n_envs
     buffers = {
         "sb3_her": HerReplayBuffer(capacity, observation_space, actions, env=reward_env, device=config.device,
@@ -250,15 +235,14 @@ def bench_buffers(config: BenchConfig) -> list[BufferResult]:
             _synchronize(config.device)
             times.append(time.perf_counter() - start)
         if name == "sb3_her":
-            per_transition = float(sb3_bytes_per_transition(buffer))
+            per_transition = float(allocated_bytes_per_transition(buffer))
             extra = {}
         else:
             # Full of 50-step episodes, a row buffer holds 50 transitions per 51 rows.
             rows = buffer.buffer_size * buffer.n_envs
-            per_transition = framestack_allocated_bytes(buffer) / (rows * FETCH_EPISODE_STEPS / (FETCH_EPISODE_STEPS + 1))
-            extra = {"bytes_per_row": buffer.bytes_per_transition,
-                     "estimate_bytes_per_row": FrameStackHerReplayBuffer.estimate_bytes_per_transition(
-                         observation_space, actions)}
+            per_transition = buffer.allocated_bytes() / (rows * FETCH_EPISODE_STEPS / (FETCH_EPISODE_STEPS + 1))
+            extra = {"bytes_per_row": buffer.bytes_per_row,
+                     "estimate_bytes_per_row": FrameStackHerReplayBuffer.bytes_per_row_for(observation_space, actions)}
         results.append(BufferResult(
             name=name,
             bytes_per_transition=per_transition,
@@ -321,7 +305,7 @@ def run(config: BenchConfig, out: Path) -> dict[str, Any]:
         "end_to_end_steps_per_s": {},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(report, indent=2, default=str))
     if config.train_steps > 0:
         for n_envs in config.train_n_envs:
             for replay in ("sb3", "framestack"):
@@ -330,7 +314,7 @@ def run(config: BenchConfig, out: Path) -> dict[str, Any]:
                                                  config.train_timeout_s)
                 report["end_to_end_steps_per_s"][f"{replay}_n_envs{n_envs}"] = fps
                 print(f"[bench] train --replay {replay} --n-envs {n_envs}: {fps} env steps/s", flush=True)
-                out.write_text(json.dumps(report, indent=2))
+                out.write_text(json.dumps(report, indent=2, default=str))
     return report
 
 
@@ -356,30 +340,16 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, no training runs: checks the script works")
-    parser.add_argument("--transitions", type=int, default=BenchConfig.transitions, help="env steps per env fed to each buffer")
-    parser.add_argument("--n-envs", type=int, default=BenchConfig.n_envs, help="envs in the synthetic stream")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--train-steps", type=int, default=BenchConfig.train_steps,
-                        help="env steps per end-to-end training run; 0 skips them")
-    parser.add_argument("--train-n-envs", type=int, nargs="+", default=list(BenchConfig.train_n_envs),
-                        help="--n-envs values of the end-to-end runs")
-    parser.add_argument("--train-timeout", type=float, default=TRAIN_TIMEOUT_S,
-                        help="seconds one end-to-end run may take (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default results/bench_replay_<device>.json)")
-    args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not th.cuda.is_available():
-        parser.error("--device cuda needs a CUDA build of torch and a GPU; this machine has none, so use --device cpu.")
-    config = BenchConfig(transitions=args.transitions, n_envs=args.n_envs, device=args.device,
-                         train_steps=args.train_steps, train_n_envs=tuple(args.train_n_envs),
-                         train_timeout_s=args.train_timeout)
-    if args.quick:
-        config = BenchConfig(transitions=300, n_envs=args.n_envs, batch_size=32, sample_repeats=3,
-                             device=args.device, train_steps=0)
+    config = tyro.cli(BenchConfig, args=argv, prog="bench_replay.py", description=__doc__.split("\n\n")[0])
+    if config.device.startswith("cuda") and not th.cuda.is_available():
+        print("error: --device cuda needs a CUDA build of torch and a GPU; this machine has none, so use "
+              "--device cpu.", file=sys.stderr)
+        return USER_ERROR_EXIT
+    if config.quick:
+        config = replace(config, **QUICK)
     torch_threads = th.get_num_threads()
     th.set_num_threads(1 if config.device == "cpu" else torch_threads)
-    out = args.out or REPO_ROOT / "results" / f"bench_replay_{config.device.split(':')[0]}.json"
+    out = config.out or REPO_ROOT / "results" / f"bench_replay_{config.device.split(':')[0]}.json"
     report = run(config, out)
     print_report(report)
     print(f"\nwrote {out}")

@@ -3,17 +3,19 @@
 
 The book's four figures are not drawings: every number on them is measured when the command runs.
 
-    figure                what it shows                                          where the numbers come from
-    --------------------  -----------------------------------------------------  ---------------------------------------
-    env-frame             the 84x84 observation next to the same scene at 480x480,  the lab wrapper (make_fetch_env); object
-                          puck / gripper / goal boxed with their sizes in pixels    sizes measured by re-colouring each
-                          and the observation dict's keys, shapes and dtypes      object in the simulator and diffing
-    encoder-progression   NatureCNN vs ManipulationCNN layer by layer: how much     the lab's 5x5 blob measurement
-                          of a 5-pixel object survives each layer                  (manipulation_encoder.blob_reach)
-    loss-phases           success rate, critic loss, actor loss on one step axis    TensorBoard event files, read with
-                          with the three training phases shaded                     TensorBoard's own EventAccumulator
-    investigation         success rate per investigation step (Steps 0-4) as bars   results/*_eval.json (or aggregate
-                          with 95% confidence intervals, the breakthrough marked     files) written by ch09_pixel_push.py
+    figure               what it shows                                            where the numbers come from
+    -------------------  -------------------------------------------------------  ------------------------------------
+    env-frame            the 84x84 observation next to the same scene at 480x480, the lab wrapper (make_fetch_env);
+                         puck / gripper / goal boxed with their sizes in pixels   object sizes measured by re-colouring
+                         and the observation dict's keys, shapes and dtypes       each object and diffing the frames
+    encoder-progression  NatureCNN vs ManipulationCNN layer by layer: how much    the lab's 5x5 blob measurement
+                         of a 5-pixel object survives each layer                  (manipulation_encoder.blob_reach)
+    loss-phases          success rate, critic loss, actor loss on one step axis   TensorBoard event files, read with
+                         with the three training phases shaded                    TensorBoard's own EventAccumulator
+    investigation        success rate per investigation step (Steps 0-4) as bars  results/*_eval.json (or aggregate
+                         with 95% confidence intervals, the breakthrough marked   files) written by ch09_pixel_push.py
+
+The loss-phases and investigation figures read only JSON and event files, so they load no torch, SB3 or MuJoCo.
 
 Usage (PNG and SVG land in figures/, which git ignores; --out-dir changes that):
 
@@ -46,24 +48,25 @@ import os
 import re
 import sys
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-
-SCRIPTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS_DIR / "labs"))
+# env-frame and encoder-progression import the labs (by bare module name, as the labs import each other)
+# lazily; scripts/ itself is sys.path[0] when this file runs.
+sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
-import matplotlib  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.patches import Patch, Rectangle
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch, Rectangle  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+# Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
+from ch09.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
+from ch09.stats import seed_mean_interval, wilson_interval
 
-REPO_ROOT = SCRIPTS_DIR.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class FigureInputError(Exception):
     """A problem the user can fix (missing folder, no logs, bad option); main() prints it as one sentence."""
 
 
-def save_figure(fig: "plt.Figure", figure: str, out_dir: Path, stem: str | None = None) -> list[Path]:
+def save_figure(fig: plt.Figure, figure: str, out_dir: Path, stem: str | None = None) -> list[Path]:
     """Write <out_dir>/<stem>.png and .svg at DPI and return both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = stem or FILE_STEMS[figure]
@@ -107,8 +110,6 @@ def save_figure(fig: "plt.Figure", figure: str, out_dir: Path, stem: str | None 
 
 def step_label(value: float, _pos: Any = None) -> str:
     """An env-step count as the production script writes it (2M, 1.5M, 800K, 250); also a matplotlib formatter."""
-    from ch09_pixel_push import format_steps  # one definition: the one that names the periodic checkpoints
-
     return format_steps(int(round(value)))
 
 
@@ -190,6 +191,7 @@ def capture_scene(seed: int) -> dict[str, Any]:
     env built with native_render=False, reset with the same seed, so the scene is identical.
     """
     import mujoco
+
     from pixel_wrapper import GOAL_MARKER_SITE, make_fetch_env, render_and_resize
 
     scene: dict[str, Any] = {"seed": seed, "footprints": {}, "qpos": []}
@@ -229,7 +231,7 @@ def describe_observation(obs: dict[str, np.ndarray]) -> list[str]:
     return lines
 
 
-def _draw_footprints(ax: "plt.Axes", footprints: dict[str, ObjectFootprint], hidden_goal: bool) -> None:
+def _draw_footprints(ax: plt.Axes, footprints: dict[str, ObjectFootprint], hidden_goal: bool) -> None:
     for name, fp in footprints.items():
         if fp.pixel_count == 0:
             continue
@@ -339,7 +341,7 @@ def measure_encoders() -> dict[str, list[dict]]:
             "ManipulationCNN": [input_row, *blob_reach(ManipulationCNN(in_channels))]}
 
 
-def _draw_grid_panel(ax: "plt.Axes", row: dict, color: str, blob_size: int) -> None:
+def _draw_grid_panel(ax: plt.Axes, row: dict, color: str, blob_size: int) -> None:
     """One layer's output grid around the object, in input-pixel units so all panels share one scale.
 
     Cells are tiles `stride` input pixels wide; shaded cells are the ones the object reaches (sqrt(reached_cells)
@@ -531,7 +533,7 @@ def detect_phases(steps: np.ndarray, success: np.ndarray, rule: PhaseRule = Phas
     return float(steps[start2]), float(steps[start3])
 
 
-def _shade_phases(axes: Sequence["plt.Axes"], bounds: Sequence[float]) -> None:
+def _shade_phases(axes: Sequence[plt.Axes], bounds: Sequence[float]) -> None:
     """bounds = [x_start, b1, b2, x_end]; shades three spans on every axis."""
     for ax in axes:
         for i in range(3):
@@ -626,8 +628,6 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
 # ===============================================================================================================
 # Figure 4: investigation -- success rate per investigation step
 # ===============================================================================================================
-EVAL_FORMAT = "ch09-eval-v1"  # the "format" field ch09_pixel_push.py writes into results/*_eval.json
-AGGREGATE_FORMAT = "ch09-aggregate-v1"  # ... and into results/*_aggregate.json
 CRITIC_ENCODER_TAG = "manip_noDrQ_criticEnc"  # Steps 2 and 3 train the same config; Step 3 just runs longer
 STEP_OF_TAG = {"nature": 0, "manip_noDrQ": 1, CRITIC_ENCODER_TAG: 2, "manip_criticEnc": 4}
 STEP_CHANGES = {  # what each step adds to the one before (the chapter's investigation arc)
@@ -718,19 +718,16 @@ def budget_key(steps: int) -> float:
 def bar_statistics(bar: InvestigationBar) -> None:
     """Mean over seeds and its 95% interval: Wilson over episodes for one seed, Student t over seeds otherwise.
 
-    The same two intervals `ch09_pixel_push.py aggregate` reports, computed with its own functions.
+    The same two intervals `ch09_pixel_push.py aggregate` reports, computed with the same functions.
     """
-    from ch09_pixel_push import t_quantile_975, wilson_interval
-
-    rates = np.array([s.success_rate for s in bar.seeds])
-    bar.mean = float(rates.mean())
+    rates = [s.success_rate for s in bar.seeds]
     if len(rates) == 1:
         seed = bar.seeds[0]
+        bar.mean = seed.success_rate
         bar.ci95 = wilson_interval(round(seed.success_rate * seed.n_episodes), seed.n_episodes)
         bar.ci_method = f"Wilson, {seed.n_episodes} episodes"
     else:
-        half = t_quantile_975(len(rates) - 1) * float(rates.std(ddof=1)) / math.sqrt(len(rates))
-        bar.ci95 = (max(0.0, bar.mean - half), min(1.0, bar.mean + half))
+        bar.mean, _std, bar.ci95 = seed_mean_interval(rates)
         bar.ci_method = f"t over {len(rates)} seeds"
 
 
@@ -910,8 +907,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.figure == "loss-phases":
             phases = None
             if args.phases is not None:
-                from ch09_pixel_push import parse_steps
-
                 try:
                     a, b = (parse_steps(x.strip()) for x in args.phases.split(","))
                 except (ValueError, IndexError):

@@ -1,23 +1,76 @@
-"""Shared test set-up: the labs and scripts import by bare module name, exactly as when a reader runs them."""
+"""Shared test set-up, and the helpers several test files use to run the labs and the production script.
+
+Imports need no set-up here: ``pytest.ini``'s ``pythonpath = scripts scripts/labs`` puts the scripts and the
+labs on ``sys.path``, so tests import them by bare module name, exactly as when a reader runs them.
+"""
+
+from __future__ import annotations
 
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS_DIR = REPO_ROOT / "scripts"
-LABS_DIR = SCRIPTS_DIR / "labs"
 
 # MuJoCo picks its GL backend at import time; the labs default to EGL too, this keeps tests explicit.
 os.environ.setdefault("MUJOCO_GL", "egl")
 os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 
-for path in (LABS_DIR, SCRIPTS_DIR):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
+
+class ProductionScript:
+    """``scripts/ch09_pixel_push.py`` in a fresh interpreter, exactly as a reader types it."""
+
+    path = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
+    STATE_BUDGET = ("--full-state", "--buffer-size", "1000", "--batch-size", "32", "--learning-starts", "100",
+                    "--eval-freq", "200", "--eval-episodes", "2", "--checkpoint-freq", "100", "--device", "cpu",
+                    "--no-progress")
+    """A tiny full-state run: a few hundred steps train, evaluate and checkpoint in seconds."""
+
+    @staticmethod
+    def environment(**extra: str) -> dict[str, str]:
+        """The process environment: EGL, one OpenMP thread (2 shared cores), unbuffered output."""
+        return {**os.environ, "MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "OMP_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1", **extra}
+
+    def run(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(self.path), *args], capture_output=True, text=True,
+                              timeout=timeout, env=self.environment(**env), cwd=REPO_ROOT)
+
+    def check(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+        """``run``, asserting exit code 0 (the failure shows the output's tail)."""
+        proc = self.run(*args, timeout=timeout, **env)
+        assert proc.returncode == 0, (f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\n"
+                                      f"stderr:\n{proc.stderr[-3000:]}")
+        return proc
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(self.path), *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.environment(), cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def production() -> ProductionScript:
+    """Runs ``scripts/ch09_pixel_push.py`` as a subprocess: ``production.check("train", ...)``."""
+    return ProductionScript()
+
+
+def _tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
+            for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="session")
+def tensorboard_scalars() -> Any:
+    """``tensorboard_scalars(run_dir)``: every scalar of a TensorBoard folder as {tag: [(step, value), ...]}."""
+    return _tensorboard_scalars
 
 
 class LabScript:

@@ -4,15 +4,15 @@ Real training runs go through a subprocess, exactly as a reader types them, with
 steps, a 500-transition buffer, batch 8-32) and every artifact under pytest's tmp dir. Runs are module
 fixtures shared by several tests, so the whole file costs a handful of runs. Errors a user can cause are
 checked in-process through ``main(argv)`` (no interpreter start-up): each must be ONE line starting with
-"error:" and a non-zero exit code, never a traceback.
+"error:" and exit code 2, never a traceback; so must a bad command line (tyro's message).
 
 The learning tests (``-m slow``) train FetchReach-v4 from the state vector to >= 0.9 eval success.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,55 +20,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ch09_pixel_push as ch09
+import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
 
-import ch09_pixel_push as ch09
+from ch09 import artifacts, stats
+from ch09.checkpoints import guard_fresh_run, load_for_acting
+from ch09.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
 
-SCRIPT = Path(ch09.__file__).resolve()
 REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rollout/success_rate",
                  "eval/success_rate", "time/fps"}
 PIXEL_BUDGET = ["--total-steps", "150", "--buffer-size", "500", "--batch-size", "8", "--learning-starts", "100",
                 "--eval-freq", "150", "--eval-episodes", "1", "--checkpoint-freq", "100", "--device", "cpu",
                 "--no-progress"]
-STATE_BUDGET = ["--full-state", "--buffer-size", "1000", "--batch-size", "32", "--learning-starts", "100",
-                "--eval-freq", "200", "--eval-episodes", "2", "--checkpoint-freq", "100", "--device", "cpu",
-                "--no-progress"]
-
-NO_HER = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 10}
-"""custom_objects that load a checkpoint without an env (HER's buffer needs one; a plain buffer does not)."""
 
 
 # ------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------
-def script_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    env.update(extra)
-    return env
-
-
-def run_script(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-                          timeout=timeout, env=script_env(**env))
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar of a TensorBoard folder (all its event files), as {tag: [(step, value), ...]}."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir))
-    accumulator.Reload()
-    return {tag: [(event.step, event.value) for event in accumulator.Scalars(tag)]
-            for tag in accumulator.Tags()["scalars"]}
-
-
 def hparams(run_dir: Path) -> dict[str, Any]:
     """The hyper-parameters written to TensorBoard's HPARAMS tab."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -89,7 +60,7 @@ def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 
 
 def assert_one_sentence_error(code: int, err: str, *fragments: str) -> None:
-    assert code != 0, "a user error must exit non-zero"
+    assert code == 2, f"a user error must exit with code 2, got {code}"
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
     assert "Traceback" not in err
@@ -110,33 +81,30 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def nature_run(root: Path) -> dict[str, Any]:
+def nature_run(root: Path, production) -> dict[str, Any]:
     """Step 0 exactly as the chapter runs it (NatureCNN, DrQ on, default replay), at a tiny budget."""
-    proc = run_script("train", "--seed", "0", *PIXEL_BUDGET, "--artifact-root", str(root))
-    assert_ok(proc)
-    return {"proc": proc, "stem": "ch09_nature_FetchPush-v4_seed0", "run_dir": root / "runs/ch09_nature/FetchPush-v4/seed0"}
+    proc = production.check("train", "--seed", "0", *PIXEL_BUDGET, "--artifact-root", str(root))
+    return {"proc": proc, "stem": "ch09_nature_FetchPush-v4_seed0",
+            "run_dir": root / "runs/ch09_nature/FetchPush-v4/seed0"}
 
 
 @pytest.fixture(scope="module")
-def critic_run(root: Path) -> dict[str, Any]:
+def critic_run(root: Path, production) -> dict[str, Any]:
     """Step 2 (critic-encoder routing, no DrQ) on SB3's HerReplayBuffer (Step 0 covers the default replay)."""
-    proc = run_script("train", "--seed", "0", "--critic-encoder", "--no-drq", "--replay", "sb3",
-                      *PIXEL_BUDGET, "--artifact-root", str(root))
-    assert_ok(proc)
+    proc = production.check("train", "--seed", "0", "--critic-encoder", "--no-drq", "--replay", "sb3",
+                            *PIXEL_BUDGET, "--artifact-root", str(root))
     return {"proc": proc, "stem": "ch09_manip_noDrQ_criticEnc_FetchPush-v4_seed0",
             "run_dir": root / "runs/ch09_manip_noDrQ_criticEnc/FetchPush-v4/seed0"}
 
 
 @pytest.fixture(scope="module")
-def state_runs(root: Path) -> dict[str, Any]:
+def state_runs(root: Path, production) -> dict[str, Any]:
     """Two full-state seeds (seed 1 with 2 SubprocVecEnv workers), evaluated, ready to aggregate.
 
     The seed-0 run is resumed later (test_resume_...); the eval files are written here, before that."""
-    seed0 = run_script("train", "--seed", "0", "--total-steps", "200", *STATE_BUDGET, "--artifact-root", str(root))
-    assert_ok(seed0)
-    seed1 = run_script("train", "--seed", "1", "--total-steps", "200", "--n-envs", "2", *STATE_BUDGET,
-                       "--artifact-root", str(root))
-    assert_ok(seed1)
+    budget = ["--total-steps", "200", *production.STATE_BUDGET, "--artifact-root", str(root)]
+    seed0 = production.check("train", "--seed", "0", *budget)
+    seed1 = production.check("train", "--seed", "1", "--n-envs", "2", *budget)
     evals = {}
     for seed in (0, 1):
         checkpoint = root / f"checkpoints/ch09_fullstate_FetchPush-v4_seed{seed}.zip"
@@ -147,7 +115,7 @@ def state_runs(root: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------
-# configuration: tags, flags, and which components each investigation step uses
+# configuration: the command line, tags, and which components each investigation step uses
 # ------------------------------------------------------------------------------------------------------
 STEPS = {  # flags -> (tag, policy, extractor, replay class)
     "step0": ([], "nature", "MultiInputPolicy", "NormalizedCombinedExtractor", "HerDrQDictReplayBuffer"),
@@ -158,7 +126,7 @@ STEPS = {  # flags -> (tag, policy, extractor, replay class)
     "step4": (["--critic-encoder"], "manip_criticEnc", "DrQv2SACPolicy", "ManipulationExtractor",
               "HerDrQDictReplayBuffer"),
     "full_state": (["--full-state"], "fullstate", "MultiInputPolicy", "CombinedExtractor", "HerReplayBuffer"),
-    "no_ss_480": (["--no-spatial-softmax", "--render-size", "480", "--no-drq"], "manip_noSS_noDrQ_resize480",
+    "no_ss_480": (["--no-spatial-softmax", "--no-native-render", "--no-drq"], "manip_noSS_noDrQ_resize480",
                   "MultiInputPolicy", "ManipulationExtractor", "HerReplayBuffer"),
     "framestack": (["--critic-encoder", "--no-drq", "--replay", "framestack"], "manip_noDrQ_criticEnc",
                    "DrQv2SACPolicy", "ManipulationExtractor", "FrameStackHerReplayBuffer"),
@@ -166,8 +134,7 @@ STEPS = {  # flags -> (tag, policy, extractor, replay class)
 
 
 def parse_train(*argv: str) -> ch09.TrainConfig:
-    args = ch09.build_parser().parse_args(["train", *argv])
-    return ch09.resolve_config(ch09.config_from_args(ch09.TrainConfig, args))
+    return ch09.resolve_config(ch09.parse_command_line(["train", *argv]))
 
 
 @pytest.mark.parametrize("step", list(STEPS))
@@ -182,33 +149,60 @@ def test_each_investigation_step_maps_to_its_components(step: str) -> None:
     assert replay_kwargs["n_sampled_goal"] == 8 and replay_kwargs["goal_selection_strategy"] == "future"
 
 
-def test_flag_defaults_and_aliases(capsys: pytest.CaptureFixture) -> None:
-    assert parse_train("--native-render").render_size == 84
+def test_the_flags_the_chapter_prints(capsys: pytest.CaptureFixture) -> None:
+    cfg = parse_train("--seed", "0", "--critic-encoder", "--no-drq", "--buffer-size", "500000",
+                      "--her-n-sampled-goal", "8", "--total-steps", "5000000", "--checkpoint-freq", "500000")
+    assert (cfg.critic_encoder, cfg.drq, cfg.buffer_size, cfg.her_n_sampled_goal) == (True, False, 500_000, 8)
+    assert (cfg.total_steps, cfg.checkpoint_freq) == (5_000_000, 500_000)
+    assert (cfg.encoder, cfg.replay) == ("manip", "framestack")
+    assert parse_train("--native-render").native_render is True
     assert parse_train("--no-native-render").native_render is False
-    assert parse_train("--render-size", "480").native_render is False
-    assert parse_train("--bridge").compare_sb3 is True
+    assert parse_train("--bridge").compare_sb3 is True and parse_train("--compare-sb3").compare_sb3 is True
+    assert parse_train("--no-spatial-softmax").encoder == "manip"
+    assert parse_train("--resume").resume is True
     assert parse_train("--critic-encoder", "--encoder", "nature").encoder == "nature"  # explicit wins
     cfg = parse_train("--full-state")
     assert (cfg.encoder, cfg.drq, cfg.replay) == (None, False, "sb3")
-    with pytest.raises(SystemExit):
-        ch09.build_parser().parse_args(["train", "--help"])
+    assert ch09.parse_command_line(["aggregate", "a.json", "b.json"]).files == [Path("a.json"), Path("b.json")]
+
+
+def test_help_shows_field_docs_and_real_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        ch09.parse_command_line(["train", "--help"])
     help_text = capsys.readouterr().out
+    assert exit_info.value.code == 0
     assert "breakthrough" in help_text and "--no-drq" in help_text  # field docstrings became --help
+    assert "500000" in help_text and str(artifacts.REPO_ROOT) in help_text  # --buffer-size, --artifact-root
+
+
+@pytest.mark.parametrize("argv", [["train", "--no-such-flag"], ["train", "--seed", "zero"], ["eval"], ["juggle"]])
+def test_a_bad_command_line_is_a_short_message_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    """Unknown flag, bad value, a missing required --checkpoint, unknown subcommand."""
+    with pytest.raises(SystemExit) as exit_info:
+        ch09.parse_command_line(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and 0 < len(err.strip().splitlines()) <= 15, err
 
 
 def test_step_labels_of_periodic_checkpoints() -> None:
     for steps, label in [(500_000, "500K"), (1_000_000, "1M"), (1_500_000, "1.5M"), (5_000_000, "5M"),
                          (250, "250"), (2_500_000, "2.5M")]:
-        assert ch09.format_steps(steps) == label
-        assert ch09.parse_steps(label) == steps
+        assert artifacts.format_steps(steps) == label
+        assert artifacts.parse_steps(label) == steps
 
 
 def test_wilson_and_t_intervals() -> None:
-    low, high = ch09.wilson_interval(95, 100)
+    low, high = stats.wilson_interval(95, 100)
     assert 0.88 < low < 0.89 and 0.97 < high < 0.98  # textbook values 0.888, 0.978
-    assert ch09.wilson_interval(0, 2)[0] == 0.0 and ch09.wilson_interval(2, 2)[1] == 1.0
-    assert ch09.t_quantile_975(2) == pytest.approx(4.303)
-    assert ch09.t_quantile_975(60) == pytest.approx(2.000, abs=0.003)
+    assert stats.wilson_interval(0, 2)[0] == 0.0 and stats.wilson_interval(2, 2)[1] == 1.0
+    assert stats.t_quantile_975(2) == pytest.approx(4.303)
+    assert stats.t_quantile_975(60) == pytest.approx(2.000, abs=0.003)
+    mean, std, (low, high) = stats.seed_mean_interval([0.5, 0.6, 0.7])
+    half = 4.303 * 0.1 / 3**0.5  # t(0.975, df=2) x std / sqrt(n)
+    assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
+    assert (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-3)
+    assert stats.seed_mean_interval([0.0, 0.0, 0.1])[2][0] == 0.0  # clipped to [0, 1]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -224,20 +218,21 @@ def test_pixel_run_writes_the_scaffold_artifacts(root: Path, nature_run: dict[st
     assert meta["tag"] == "nature" and meta["observation"] == "pixels" and meta["steps_done"] == 150
     assert meta["config"]["total_steps"] == 150 and meta["config"]["drq"] is True
     assert meta["policy"] == {"policy": "MultiInputPolicy", "features_extractor": "NormalizedCombinedExtractor",
-                              "replay_buffer": meta["policy"]["replay_buffer"]}
-    assert meta["policy"]["replay_buffer"] in {"HerDrQDictReplayBuffer", "FrameStackHerReplayBuffer"}
+                              "replay_buffer": "FrameStackHerReplayBuffer"}  # the pixel default
     assert meta["wall_time_s"] > 0 and meta["steps_per_s"] > 0
     assert {"stable-baselines3", "torch", "mujoco", "gymnasium-robotics"} <= set(meta["versions"])
     assert "commit" in meta["git"]
-    assert meta["memory"]["bytes_per_transition"] > 20_000  # pixels, whichever replay is the default
+    (memory,) = meta["memory"]  # on the CPU the frame-stack buffer lives in RAM, all of it
+    assert memory["device"] == "cpu" and memory["unit"] == "rows" and memory["items"] == 500
+    assert 3 * 84 * 84 < memory["bytes_per_item"] < 2 * 3 * 84 * 84  # one frame per row, plus small vectors
     assert meta["periodic_checkpoints"] == [f"{stem}_100_steps.zip"]
-    assert "[preflight] replay buffer" in nature_run["proc"].stdout
+    assert "[preflight] frame-stack replay buffer: 500 rows" in nature_run["proc"].stdout
 
 
-def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any]) -> None:
+def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any], tensorboard_scalars) -> None:
     run_dir = nature_run["run_dir"]
     assert run_dir.is_dir() and not list(run_dir.parent.glob("seed0_*")), "one folder per seed, named exactly"
-    logged = scalars(run_dir)
+    logged = tensorboard_scalars(run_dir)
     assert REQUIRED_TAGS <= set(logged), f"missing {REQUIRED_TAGS - set(logged)}"
     assert logged["eval/success_rate"][-1][0] == 150
     assert all(np.isfinite(v) for _, v in logged["train/critic_loss"])
@@ -245,22 +240,63 @@ def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any]
     assert params["tag"] == "nature" and params["batch_size"] == 8 and params["drq"] == 1  # TB stores bools as 1.0
 
 
-def test_critic_encoder_run_routes_the_encoder_through_the_critic(root: Path, critic_run: dict[str, Any]) -> None:
+def test_critic_encoder_run_routes_the_encoder_through_the_critic(root: Path, critic_run: dict[str, Any],
+                                                                  tensorboard_scalars) -> None:
     meta = load_meta(root / "checkpoints" / f"{critic_run['stem']}.meta.json")
     assert meta["policy"] == {"policy": "DrQv2SACPolicy", "features_extractor": "ManipulationExtractor",
                               "replay_buffer": "HerReplayBuffer"}
-    assert 169_000 < meta["memory"]["bytes_per_transition"] < 170_000  # SB3 stores obs and next_obs whole
-    assert REQUIRED_TAGS <= set(scalars(critic_run["run_dir"]))
+    (memory,) = meta["memory"]
+    assert memory["unit"] == "transitions" and memory["device"] == "cpu"
+    assert memory["bytes_per_item"] > 2 * 12 * 84 * 84  # SB3 stores obs and next_obs stacks whole
+    assert REQUIRED_TAGS <= set(tensorboard_scalars(critic_run["run_dir"]))
 
-    from stable_baselines3 import SAC
-
-    model = SAC.load(root / "checkpoints" / f"{critic_run['stem']}.zip", device="cpu", custom_objects=NO_HER)
+    model = load_for_acting(root / "checkpoints" / f"{critic_run['stem']}.zip")
     encoder = model.policy.actor.features_extractor
     assert encoder is model.policy.critic.features_extractor  # one shared encoder
     in_critic = {id(p) for group in model.critic.optimizer.param_groups for p in group["params"]}
     in_actor = {id(p) for group in model.actor.optimizer.param_groups for p in group["params"]}
     encoder_ids = {id(p) for p in encoder.parameters()}
     assert encoder_ids <= in_critic and not encoder_ids & in_actor
+
+
+FRESH_PROCESS_LOAD = """
+import sys
+import numpy as np
+from stable_baselines3 import SAC
+from stable_baselines3.common.vec_env import DummyVecEnv
+from ch09.checkpoints import load_for_acting
+from pixel_wrapper import make_fetch_env
+
+env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", goal_mode="both")])
+obs = env.reset()
+for path in sys.argv[1:]:
+    try:
+        SAC.load(path, device="cpu")
+        print("loaded without env")
+    except AssertionError as exc:
+        print("without env:", exc)
+    trainable = SAC.load(path, env=env, device="cpu")
+    actor = load_for_acting(path)
+    same = np.array_equal(trainable.predict(obs, deterministic=True)[0], actor.predict(obs, deterministic=True)[0])
+    print(type(trainable.policy).__name__, type(trainable.replay_buffer).__name__,
+          type(actor.replay_buffer).__name__, trainable.num_timesteps, same)
+env.close()
+"""
+
+
+def test_a_fresh_process_loads_production_checkpoints(root: Path, nature_run: dict[str, Any],
+                                                      critic_run: dict[str, Any], production) -> None:
+    """As a reader would, in a new interpreter: SAC.load(path, env=env), and the act-only helper without env."""
+    checkpoints = [root / "checkpoints" / f"{run['stem']}.zip" for run in (critic_run, nature_run)]
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, *map(str, checkpoints)], capture_output=True,
+                          text=True, timeout=180, cwd=artifacts.REPO_ROOT,
+                          env=production.environment(PYTHONPATH="scripts:scripts/labs"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("without env:") and "HerReplayBuffer" in lines[0]  # what the README says
+    assert lines[1] == "DrQv2SACPolicy HerReplayBuffer DictReplayBuffer 150 True"
+    assert lines[2].startswith("without env:")
+    assert lines[3] == "MultiInputPolicy FrameStackHerReplayBuffer DictReplayBuffer 150 True"
 
 
 def test_eval_on_a_pixel_checkpoint(root: Path, nature_run: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
@@ -278,11 +314,11 @@ def test_eval_on_a_pixel_checkpoint(root: Path, nature_run: dict[str, Any], caps
     assert "success_rate" in out
 
 
-def test_full_state_runs_evaluate_and_aggregate(root: Path, state_runs: dict[str, Any],
+def test_full_state_runs_evaluate_and_aggregate(root: Path, state_runs: dict[str, Any], tensorboard_scalars,
                                                 capsys: pytest.CaptureFixture) -> None:
     meta1 = load_meta(root / "checkpoints/ch09_fullstate_FetchPush-v4_seed1.meta.json")
     assert meta1["config"]["n_envs"] == 2 and meta1["gradient_steps"] == 2  # UTD 1 with two envs
-    assert REQUIRED_TAGS <= set(scalars(root / "runs/ch09_fullstate/FetchPush-v4/seed1"))
+    assert REQUIRED_TAGS <= set(tensorboard_scalars(root / "runs/ch09_fullstate/FetchPush-v4/seed1"))
 
     code, out, err = run_main(capsys, "aggregate", *map(str, state_runs["evals"].values()),
                               "--artifact-root", str(root))
@@ -297,17 +333,17 @@ def test_full_state_runs_evaluate_and_aggregate(root: Path, state_runs: dict[str
     assert low <= summary["success_rate_mean"] <= high
 
 
-def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any]) -> None:
+def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any], production,
+                                       tensorboard_scalars) -> None:
     """No replay buffer was saved: learning_starts moves past the restored steps (What Can Go Wrong row)."""
-    proc = run_script("train", "--seed", "0", "--total-steps", "350", "--resume", *STATE_BUDGET,
-                      "--artifact-root", str(root))
-    assert_ok(proc)
+    proc = production.check("train", "--seed", "0", "--total-steps", "350", "--resume", *production.STATE_BUDGET,
+                            "--artifact-root", str(root))
     assert "Unable to sample" not in proc.stderr
     run_dir = root / "runs/ch09_fullstate/FetchPush-v4/seed0"
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith("seed0") and p != run_dir], \
         "resume must not open a second folder"
     assert len(list(run_dir.glob("events.out.tfevents*"))) == 2
-    logged = scalars(run_dir)
+    logged = tensorboard_scalars(run_dir)
     steps = [step for step, _ in logged["time/fps"]]
     assert min(steps) <= 200 < max(steps) == 350, steps
     assert max(step for step, _ in logged["train/critic_loss"]) == 350  # updates resumed after the shift
@@ -318,11 +354,9 @@ def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any]) -
     assert meta["config"]["total_steps"] == 350
 
 
-def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path) -> None:
-    args = ["train", "--seed", "5", "--total-steps", "100000", "--save-replay-buffer", *STATE_BUDGET,
-            "--artifact-root", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=script_env())
+def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, production) -> None:
+    process = production.popen("train", "--seed", "5", "--total-steps", "100000", "--save-replay-buffer",
+                               *production.STATE_BUDGET, "--artifact-root", str(tmp_path))
     try:
         deadline = time.time() + 180
         for line in process.stdout:  # wait until learn() runs
@@ -336,20 +370,20 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path) -> None:
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "stopped at step" in err and "--resume" in err
 
-    from stable_baselines3 import SAC
     from stable_baselines3.common.save_util import load_from_pkl
 
     stem = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed5"
-    model = SAC.load(f"{stem}.zip", device="cpu", custom_objects=NO_HER)
+    model = load_for_acting(f"{stem}.zip")
     meta = load_meta(Path(f"{stem}.meta.json"))
     assert 0 < model.num_timesteps == meta["steps_done"] < 100_000
     assert meta["replay_buffer"]["steps"] == model.num_timesteps
     buffer = load_from_pkl(f"{stem}_replay_buffer.pkl")
     assert buffer.size() in (model.num_timesteps, model.num_timesteps - 1)  # the interrupted step is not stored
+    assert not list(stem.parent.glob("*.tmp"))
 
 
 # ------------------------------------------------------------------------------------------------------
-# errors a user can cause: one sentence, non-zero exit
+# errors a user can cause: one sentence, exit code 2
 # ------------------------------------------------------------------------------------------------------
 def test_fresh_run_refuses_to_mix_logs(root: Path, nature_run: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_main(capsys, "train", "--seed", "0", *PIXEL_BUDGET, "--artifact-root", str(root))
@@ -357,23 +391,22 @@ def test_fresh_run_refuses_to_mix_logs(root: Path, nature_run: dict[str, Any], c
 
 
 def test_move_old_run_moves_logs_and_checkpoints_aside(tmp_path: Path) -> None:
-    cfg = ch09.resolve_config(ch09.TrainConfig(full_state=True, artifact_root=str(tmp_path), move_old_run=True))
-    paths = ch09.RunPaths.for_config(cfg)
+    cfg = ch09.resolve_config(ch09.TrainConfig(full_state=True, artifact_root=tmp_path, move_old_run=True))
+    paths = ch09.run_paths(cfg)
     paths.run_dir.mkdir(parents=True)
     (paths.run_dir / "events.out.tfevents.1.host").write_bytes(b"x")
     paths.checkpoint_dir.mkdir(parents=True)
     paths.checkpoint.write_bytes(b"zip")
     other_seed = paths.checkpoint_dir / "ch09_fullstate_FetchPush-v4_seed01.zip"
     other_seed.write_bytes(b"zip")
-    ch09.guard_fresh_run(cfg, paths)
+    guard_fresh_run(paths, move_old_run=True)
     assert not paths.run_dir.exists() and not paths.checkpoint.exists() and other_seed.exists()
     assert len(list(paths.run_dir.parent.glob("seed0.old-*"))) == 1
     assert len(list(paths.checkpoint_dir.glob(f"{paths.stem}.old-*/{paths.stem}.zip"))) == 1
-    ch09.guard_fresh_run(cfg, paths)  # nothing left to move: a second call is a no-op
+    guard_fresh_run(paths, move_old_run=False)  # nothing left to move: a fresh run may start
 
 
-def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Stop(Exception):
         pass
 
@@ -392,9 +425,12 @@ def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypat
 @pytest.mark.parametrize("argv, fragments", [
     (["train", "--env", "FetchJuggle-v4"], ["Unknown --env", "FetchPush-v4"]),
     (["train", "--full-state", "--critic-encoder"], ["--critic-encoder", "--full-state"]),
+    (["train", "--full-state", "--no-native-render"], ["--no-native-render", "--full-state"]),
     (["train", "--encoder", "nature", "--no-spatial-softmax"], ["--encoder manip"]),
     (["train", "--resume"], ["--resume found no checkpoint"]),
     (["eval", "--checkpoint", "/nonexistent/ch09_x.zip"], ["does not exist"]),
+    (["aggregate", "/nonexistent/ch09_x_eval.json"], ["does not exist"]),
+    (["aggregate"], ["needs the eval files"]),
     (["train", "--buffer-size", "0"], ["--buffer-size must be at least 1"]),
 ])
 def test_bad_input_is_one_sentence(argv: list[str], fragments: list[str], tmp_path: Path,
@@ -403,18 +439,23 @@ def test_bad_input_is_one_sentence(argv: list[str], fragments: list[str], tmp_pa
     assert_one_sentence_error(code, err, *fragments)
 
 
-def test_memory_preflight_refuses_a_buffer_that_cannot_fit(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_memory_preflight_refuses_a_buffer_before_any_worker_starts(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A worker start-up deadline of 1 ms: had a worker been spawned before the preflight, the error would be
+    the watchdog's, not the memory sentence."""
     code, out, err = run_main(capsys, "train", "--replay", "sb3", "--buffer-size", "1000000000", "--device", "cpu",
-                              "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "--buffer-size", "or less", "bytes per transition")
-    bytes_per_transition = int(err.split("GB of RAM (")[1].split(" bytes")[0].replace(",", ""))
-    assert 169_000 < bytes_per_transition < 170_000  # SB3 stores obs and next_obs: ~169.5 KB for 12x84x84
+                              "--n-envs", "2", "--worker-timeout", "0.001", "--artifact-root", str(tmp_path))
+    assert_one_sentence_error(code, err, "--buffer-size 1,000,000,000 does not fit", "or fewer",
+                              "--replay framestack")
+    bytes_per_transition = int(err.split(" bytes each)")[0].rsplit("(", 1)[1].replace(",", ""))
+    assert bytes_per_transition > 2 * 12 * 84 * 84  # SB3 stores obs and next_obs stacks whole
+    assert f"x {bytes_per_transition:,} bytes" in out  # the preflight line printed the same figure
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_resume_with_other_flags_is_refused(root: Path, state_runs: dict[str, Any],
+def test_resume_with_other_flags_is_refused(root: Path, state_runs: dict[str, Any], production,
                                             capsys: pytest.CaptureFixture) -> None:
-    flags = [a if a != "32" else "64" for a in STATE_BUDGET]  # --batch-size 64 instead of 32
+    flags = [a if a != "32" else "64" for a in production.STATE_BUDGET]  # --batch-size 64 instead of 32
     code, _, err = run_main(capsys, "train", "--seed", "0", "--total-steps", "999", "--resume", *flags,
                             "--artifact-root", str(root))
     assert_one_sentence_error(code, err, "another config", "--batch-size 64")
@@ -458,9 +499,9 @@ def test_aggregate_refuses_mixed_configs(root: Path, state_runs: dict[str, Any],
     assert_one_sentence_error(code, err, "mix configurations")
 
 
-def test_renderer_unavailable_is_one_sentence(tmp_path: Path) -> None:
-    proc = run_script("train", "--artifact-root", str(tmp_path), "--device", "cpu", MUJOCO_GL="osmesa",
-                      PYOPENGL_PLATFORM="osmesa", timeout=180)
+def test_renderer_unavailable_is_one_sentence(tmp_path: Path, production) -> None:
+    proc = production.run("train", "--artifact-root", str(tmp_path), "--device", "cpu", MUJOCO_GL="osmesa",
+                          PYOPENGL_PLATFORM="osmesa", timeout=180)
     assert_one_sentence_error(proc.returncode, proc.stderr, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
 
 
@@ -491,22 +532,18 @@ def make_hanging_env(hang: bool) -> gym.Env:
 
 
 def test_a_silent_worker_ends_the_run_with_one_sentence() -> None:
-    import functools
-
-    import cloudpickle
-
     # Ship this test's env to the spawned workers by value (they need not import this test module).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        env = ch09.TimeoutSubprocVecEnv([functools.partial(make_hanging_env, False),
-                                         functools.partial(make_hanging_env, True)],
-                                        worker_timeout=3.0, startup_timeout=180.0)
+        env = TimeoutSubprocVecEnv([functools.partial(make_hanging_env, False),
+                                    functools.partial(make_hanging_env, True)],
+                                   worker_timeout=3.0, startup_timeout=180.0)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     try:
         env.reset()
         start = time.time()
-        with pytest.raises(ch09.WorkerTimeoutError, match="Env worker 1 of 2 did not answer within 3 s"):
+        with pytest.raises(WorkerTimeoutError, match="Env worker 1 of 2 did not answer within 3 s"):
             env.step(np.zeros((2, 1), np.float32))
     finally:
         env.close()  # must not wait for the hung worker
@@ -519,15 +556,14 @@ def test_a_silent_worker_ends_the_run_with_one_sentence() -> None:
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("n_envs", [1, 4])
-def test_full_state_reach_learns(n_envs: int, tmp_path: Path) -> None:
+def test_full_state_reach_learns(n_envs: int, tmp_path: Path, production, tensorboard_scalars) -> None:
     """FetchReach-v4 from the state vector reaches >= 0.9 deterministic eval success within 12,000 steps
-    (stock SB3 SAC + HER gets 1.0 at 9,000 steps in about 5 minutes on 2 CPU cores: FACTS.md)."""
+    (the README's learning reference)."""
     start = time.time()
-    proc = run_script("train", "--full-state", "--env", "FetchReach-v4", "--seed", "0", "--total-steps", "12000",
-                      "--n-envs", str(n_envs), "--eval-freq", "1000", "--eval-episodes", "20",
-                      "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
-                      "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
-    assert_ok(proc)
-    curve = scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
+    production.check("train", "--full-state", "--env", "FetchReach-v4", "--seed", "0", "--total-steps", "12000",
+                     "--n-envs", str(n_envs), "--eval-freq", "1000", "--eval-episodes", "20",
+                     "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
+                     "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
+    curve = tensorboard_scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
     print(f"n_envs={n_envs}: {time.time() - start:.0f} s, eval curve {[(s, round(v, 2)) for s, v in curve]}")
     assert max(v for _, v in curve) >= 0.9, curve

@@ -4,7 +4,8 @@ The real inputs come from one tiny run of the production script (state-based Fet
 rendering), made once per module: its TensorBoard folder feeds `loss-phases`, its eval and aggregate files feed
 `investigation`. `env-frame` renders the real FetchPush-v4 scene through the lab wrapper (EGL), and
 `encoder-progression` runs the lab's blob measurement. Every PNG is checked against the size the script promises
-(FIGURE_SIZES * DPI), read from the PNG header itself.
+(FIGURE_SIZES * DPI), read from the PNG header itself. The JSON and event-file figures are drawn once more in a
+fresh interpreter that must not have imported torch, SB3 or MuJoCo.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ch09_figures as figures
+import ch09_pixel_push
 import numpy as np
 import pytest
 
-import ch09_figures as figures
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PRODUCTION = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
 FIGURES = REPO_ROOT / "scripts" / "ch09_figures.py"
 ENV_ID, TAG, SEED = "FetchReach-v4", "fullstate", 0
 TRAIN_STEPS, EVAL_EPISODES = 400, 4
@@ -37,18 +37,15 @@ def run_script(script: Path, *args: str, timeout: float = 240) -> subprocess.Com
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifacts(tmp_path_factory: pytest.TempPathFactory, production) -> Path:
     """A real (tiny) training run, its evaluation and an aggregate, all under a temporary artifact root."""
     root = tmp_path_factory.mktemp("ch09_artifacts")
-    train = run_script(PRODUCTION, "train", "--full-state", "--env", ENV_ID, "--seed", str(SEED),
-                       "--total-steps", str(TRAIN_STEPS), "--buffer-size", "1000", "--batch-size", "32",
-                       "--learning-starts", "100", "--eval-freq", "200", "--eval-episodes", "2",
-                       "--checkpoint-freq", str(TRAIN_STEPS), "--device", "cpu", "--no-progress",
-                       "--artifact-root", str(root))
-    assert train.returncode == 0, train.stderr[-3000:]
+    production.check("train", "--full-state", "--env", ENV_ID, "--seed", str(SEED), "--total-steps", str(TRAIN_STEPS),
+                     "--buffer-size", "1000", "--batch-size", "32", "--learning-starts", "100", "--eval-freq", "200",
+                     "--eval-episodes", "2", "--checkpoint-freq", str(TRAIN_STEPS), "--device", "cpu",
+                     "--no-progress", "--artifact-root", str(root))
     checkpoint = root / "checkpoints" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}.zip"
-    import ch09_pixel_push  # noqa: PLC0415  (in-process: saves a second interpreter start)
-
+    # eval and aggregate in-process: saves two interpreter starts
     assert ch09_pixel_push.main(["eval", "--checkpoint", str(checkpoint), "--n-episodes", str(EVAL_EPISODES),
                                  "--device", "cpu", "--artifact-root", str(root)]) == 0
     eval_file = root / "results" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}_eval.json"
@@ -131,6 +128,28 @@ def test_encoder_progression_from_the_lab_measurement(tmp_path: Path) -> None:
     assert_figure_files(tmp_path, "encoder-progression")
 
 
+LIGHT_FIGURES = """
+import sys
+import ch09_figures
+run, results, out = sys.argv[1:]
+assert ch09_figures.main(["loss-phases", "--run", run, "--out-dir", out]) == 0
+assert ch09_figures.main(["investigation", "--results", results, "--out-dir", out]) == 0
+heavy = sorted(name for name in ("torch", "stable_baselines3", "mujoco", "gymnasium_robotics") if name in sys.modules)
+print("heavy modules:", heavy)
+"""
+
+
+def test_json_and_event_figures_import_no_torch_sb3_or_mujoco(artifacts: Path, tmp_path: Path) -> None:
+    run_dir = artifacts / "runs" / f"ch09_{TAG}" / ENV_ID / f"seed{SEED}"
+    proc = subprocess.run([sys.executable, "-c", LIGHT_FIGURES, str(run_dir), str(artifacts / "results"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": "scripts"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "heavy modules: []" in proc.stdout, proc.stdout
+    assert_figure_files(tmp_path, "loss-phases")
+    assert_figure_files(tmp_path, "investigation")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The rules the figures apply (pure functions)
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +165,7 @@ def test_phase_rule_on_a_hockey_stick() -> None:
     assert figures.detect_phases(steps, np.full(steps.shape, 0.05)) is None  # no hockey stick: all Phase 1
 
 
-def seed_result(tag: str, steps: int, rate: float, seed: int = 0) -> "figures.SeedResult":
+def seed_result(tag: str, steps: int, rate: float, seed: int = 0) -> figures.SeedResult:
     return figures.SeedResult(tag, "FetchPush-v4", seed, steps, rate, 100, (0.0, 1.0))
 
 

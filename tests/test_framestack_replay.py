@@ -1,4 +1,4 @@
-"""Tests for scripts/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
+"""Tests for scripts/ch09/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
 
 The central check is equivalence on a real stream: SAC drives a real pixel FetchPush env (2 envs with
 different time limits, so episodes interleave and end in time-outs) through SB3's own ``_store_transition``,
@@ -15,6 +15,7 @@ import pickle
 import warnings
 from dataclasses import dataclass, field
 
+import bench_replay
 import numpy as np
 import pytest
 import torch as th
@@ -22,10 +23,10 @@ from gymnasium.wrappers import TimeLimit
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
-import bench_replay
 from ch09 import framestack_replay
 from ch09.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
-from pixel_wrapper import available_memory_bytes, make_fetch_env
+from lab_support import available_memory_bytes
+from pixel_wrapper import make_fetch_env, pixel_observation_space
 
 TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs
 STREAM_VEC_STEPS = 36  # 72 env steps: 5 + 3 finished episodes, one running episode per env
@@ -170,8 +171,9 @@ def check_samples_match_stream(stream: Stream, buffer: FrameStackHerReplayBuffer
             got_obs, got_next = samples.observations[key][b].numpy(), samples.next_observations[key][b].numpy()
             if key == "desired_goal" and idx.relabelled[b]:
                 continue
-            assert np.array_equal(got_obs, stream.obs[i][key][env_idx]), f"obs[{key}] differs at step {i}, env {env_idx}"
-            assert np.array_equal(got_next, stream.next_obs[i][key][env_idx]), f"next_obs[{key}] differs at {i}, {env_idx}"
+            where = f"[{key}] at step {i}, env {env_idx}"
+            assert np.array_equal(got_obs, stream.obs[i][key][env_idx]), f"obs{where} differs"
+            assert np.array_equal(got_next, stream.next_obs[i][key][env_idx]), f"next_obs{where} differs"
         reward = samples.rewards[b, 0].item()
         if idx.relabelled[b]:
             goal = samples.observations["desired_goal"][b].numpy()
@@ -179,7 +181,8 @@ def check_samples_match_stream(stream: Stream, buffer: FrameStackHerReplayBuffer
             # The new goal is an achieved goal of the same episode, at this step or later.
             same_episode_future = [
                 j for j in range(len(stream.obs))
-                if stream.episode[j, env_idx] == stream.episode[i, env_idx] and stream.step[j, env_idx] >= stream.step[i, env_idx]
+                if stream.episode[j, env_idx] == stream.episode[i, env_idx]
+                and stream.step[j, env_idx] >= stream.step[i, env_idx]
             ]
             assert any(np.array_equal(goal, stream.next_obs[j]["achieved_goal"][env_idx]) for j in same_episode_future)
             expected = buffer.compute_reward(stream.next_obs[i]["achieved_goal"][env_idx][None], goal[None], [{}])
@@ -270,12 +273,14 @@ def test_rewards_for_envs_in_worker_processes_are_computed_in_this_process():
     try:
         space, spec = pixel_env.observation_space, pixel_env.spec
         buffer = FrameStackHerReplayBuffer(100, space, pixel_env.action_space, env=WorkerVecEnv(spec))
-        assert isinstance(buffer.compute_reward, GoalEnvReward) and "render_mode" not in buffer.compute_reward.env_kwargs
+        assert isinstance(buffer.compute_reward, GoalEnvReward)
+        assert "render_mode" not in buffer.compute_reward.env_kwargs
         rng = np.random.default_rng(0)
         achieved = rng.uniform(1.2, 1.4, (64, 3)).astype(np.float32)
         desired = achieved + rng.normal(0, 0.04, (64, 3)).astype(np.float32)
         expected = pixel_env.compute_reward(achieved, desired, None)
-        assert 0 < (expected == 0).sum() < 64 and np.array_equal(buffer.compute_reward(achieved, desired, None), expected)
+        assert 0 < (expected == 0).sum() < 64
+        assert np.array_equal(buffer.compute_reward(achieved, desired, None), expected)
         assert len(pickle.dumps(buffer.compute_reward)) < 1_000  # pickles as (id, kwargs), never the env
     finally:
         pixel_env.close()
@@ -288,7 +293,7 @@ def test_rewards_for_envs_in_worker_processes_are_computed_in_this_process():
 def test_synthetic_stream_with_many_wraps(frame_stack):
     np.random.seed(4)
     n_envs, image_size, steps = 3, 8, 300
-    space = bench_replay.pixel_observation_space(frame_stack=frame_stack, image_size=image_size)
+    space = pixel_observation_space(frame_stack=frame_stack, image_size=image_size)
     buffer = FrameStackHerReplayBuffer(
         40 * n_envs, space, bench_replay.action_space(), n_envs=n_envs, frame_stack=frame_stack,
         compute_reward=lambda ag, g, info: -(np.linalg.norm(ag - g, axis=-1) > 0.05).astype(np.float32),
@@ -309,7 +314,7 @@ def test_synthetic_stream_with_many_wraps(frame_stack):
 
 def test_a_reset_without_done_closes_the_running_episode():
     calls = list(bench_replay.synthetic_stream(20, 1, 50, image_size=8, seed=5))
-    space = bench_replay.pixel_observation_space(image_size=8)
+    space = pixel_observation_space(image_size=8)
     buffer = FrameStackHerReplayBuffer(100, space, bench_replay.action_space(), n_sampled_goal=0)
     for call in calls[:6]:
         buffer.add(*call)
@@ -321,7 +326,7 @@ def test_a_reset_without_done_closes_the_running_episode():
 
 
 def test_an_episode_longer_than_the_ring_is_refused():
-    space = bench_replay.pixel_observation_space(image_size=8)
+    space = pixel_observation_space(image_size=8)
     buffer = FrameStackHerReplayBuffer(10, space, bench_replay.action_space(), n_sampled_goal=0)
     with pytest.raises(ValueError, match="longer than the 10 rows"):
         for call in bench_replay.synthetic_stream(20, 1, 50, image_size=8):
@@ -332,24 +337,25 @@ def test_an_episode_longer_than_the_ring_is_refused():
 # Memory: bytes per transition, the preflight estimate, the refusal
 # ---------------------------------------------------------------------------------------------------------
 def test_bytes_per_transition_is_under_22000_for_pixels_proprio_and_goals():
-    space, actions = bench_replay.pixel_observation_space(), bench_replay.action_space()
-    per_row = FrameStackHerReplayBuffer.estimate_bytes_per_transition(space, actions)
+    space, actions = pixel_observation_space(), bench_replay.action_space()
+    per_row = FrameStackHerReplayBuffer.bytes_per_row_for(space, actions)
     buffer = FrameStackHerReplayBuffer(1_000, space, actions, n_sampled_goal=4, compute_reward=lambda *a: None)
-    assert buffer.bytes_per_transition == per_row
-    allocated = bench_replay.framestack_allocated_bytes(buffer)
-    assert allocated == per_row * 1_000
-    assert per_row * 51 / 50 <= 22_000  # 50-step episodes take 51 rows
+    assert buffer.bytes_per_row == per_row
+    assert buffer.allocated_bytes() == per_row * 1_000
+    assert buffer.bytes_per_transition(50) == per_row * 51 / 50 <= 22_000  # 50-step episodes take 51 rows
+    (need,) = FrameStackHerReplayBuffer.memory_plan(1_000, space, actions, device="cpu")  # all in RAM on a CPU
+    assert (need.items, need.bytes_per_item, need.device, need.unit) == (1_000, per_row, "cpu", "rows")
 
 
 def test_a_buffer_that_does_not_fit_is_refused_naming_the_largest_that_does():
-    space, actions = bench_replay.pixel_observation_space(), bench_replay.action_space()
+    space, actions = pixel_observation_space(), bench_replay.action_space()
     with pytest.raises(ValueError) as error:
         FrameStackHerReplayBuffer(10**9, space, actions, n_envs=2)
     message = str(error.value)
-    assert "\n" not in message and message.count(". ") == 0 and "buffer_size <= " in message
-    largest = int(message.rsplit("buffer_size <= ", 1)[1].rstrip(".").replace(",", ""))
-    per_row = FrameStackHerReplayBuffer.estimate_bytes_per_transition(space, actions)
-    assert 0 < largest * per_row <= available_memory_bytes() and largest % 2 == 0
+    assert "\n" not in message and message.count(". ") == 0 and " rows or fewer" in message
+    largest = int(message.rsplit("use ", 1)[1].split(" rows or fewer")[0].replace(",", ""))
+    per_row = FrameStackHerReplayBuffer.bytes_per_row_for(space, actions)
+    assert 0 < largest * per_row <= available_memory_bytes()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,7 +378,8 @@ def test_save_and_load_are_byte_identical_in_chunks(stream, tmp_path, monkeypatc
     np.random.seed(5)
     b = copy_.sample(64)
     for key in a.observations:
-        assert th.equal(a.observations[key], b.observations[key]) and th.equal(a.next_observations[key], b.next_observations[key])
+        assert th.equal(a.observations[key], b.observations[key])
+        assert th.equal(a.next_observations[key], b.next_observations[key])
 
     resumed = replay_into(stream, buffer_size=1_000)
     resumed.load(tmp_path / "buffer")  # default: running episodes are closed as time-outs
@@ -410,7 +417,11 @@ def test_sac_trains_with_this_buffer_and_drq(stream):
 @pytest.mark.gpu  # deselected by default (pytest.ini); on a CUDA machine: pytest -m gpu
 def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
     gpu = replay_into(stream, storage_device="cuda")
-    assert gpu.frames.device.type == "cuda" if gpu.frame_shape else True
+    if gpu.frame_shape is None:  # the state stream: nothing to store on the GPU
+        assert gpu.frames is None and [need.device for need in gpu.memory_plan(
+            1_000, gpu.observation_space, gpu.action_space, storage_device="cuda")] == ["cpu"]
+    else:
+        assert gpu.frames.device.type == "cuda"
     np.random.seed(7)
     a = stream.buffer.sample(128)
     np.random.seed(7)
@@ -434,35 +445,31 @@ def test_bench_quick_runs_and_reports_the_memory_ratio(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # The production script with --replay framestack (the pixel default; the pixel runs of
-# tests/test_ch09_pixel_push.py use it already). Helpers come from that file: one definition each.
+# tests/test_ch09_pixel_push.py use it already)
 # ---------------------------------------------------------------------------------------------------------
-def test_full_state_training_with_framestack_on_two_worker_envs_resumes_with_its_buffer(tmp_path):
-    from test_ch09_pixel_push import STATE_BUDGET, assert_ok, load_meta, run_script
-
-    common = ["--replay", "framestack", "--n-envs", "2", "--save-replay-buffer", *STATE_BUDGET,
+def test_full_state_training_with_framestack_on_two_worker_envs_resumes_with_its_buffer(tmp_path, production):
+    common = ["--replay", "framestack", "--n-envs", "2", "--save-replay-buffer", *production.STATE_BUDGET,
               "--artifact-root", str(tmp_path)]
-    assert_ok(run_script("train", "--seed", "0", "--total-steps", "200", *common))
+    production.check("train", "--seed", "0", "--total-steps", "200", *common)
     stem = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0"
-    meta = load_meta(stem.with_suffix(".meta.json"))
+    meta = json.loads(stem.with_suffix(".meta.json").read_text())
     assert meta["policy"]["replay_buffer"] == "FrameStackHerReplayBuffer"
     assert (tmp_path / "checkpoints" / f"{stem.name}_replay_buffer" / "state.json").is_file()
 
-    resumed = run_script("train", "--seed", "0", "--total-steps", "300", "--resume", *common)
-    assert_ok(resumed)
+    resumed = production.check("train", "--seed", "0", "--total-steps", "300", "--resume", *common)
     assert "replay buffer restored" in resumed.stdout
-    meta = load_meta(stem.with_suffix(".meta.json"))
+    meta = json.loads(stem.with_suffix(".meta.json").read_text())
     assert meta["steps_done"] == 300 and meta["sessions"][1]["replay_restored"] is True
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.suffix in (".tmp", ".old")]
+    assert not leftovers, "the atomic buffer-folder swap leaves nothing behind"
 
 
 @pytest.mark.slow
-def test_full_state_reach_learns_with_framestack_on_four_envs(tmp_path):
+def test_full_state_reach_learns_with_framestack_on_four_envs(tmp_path, production, tensorboard_scalars):
     """As test_ch09_pixel_push's Reach learning test, on this buffer with --n-envs 4 (SubprocVecEnv, UTD 1)."""
-    from test_ch09_pixel_push import assert_ok, run_script, scalars
-
-    proc = run_script("train", "--full-state", "--replay", "framestack", "--env", "FetchReach-v4", "--seed", "0",
-                      "--total-steps", "12000", "--n-envs", "4", "--eval-freq", "1000", "--eval-episodes", "20",
-                      "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
-                      "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
-    assert_ok(proc)
-    curve = scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
+    production.check("train", "--full-state", "--replay", "framestack", "--env", "FetchReach-v4", "--seed", "0",
+                     "--total-steps", "12000", "--n-envs", "4", "--eval-freq", "1000", "--eval-episodes", "20",
+                     "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
+                     "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
+    curve = tensorboard_scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
     assert max(v for _, v in curve) >= 0.9, curve

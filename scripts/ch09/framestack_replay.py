@@ -3,10 +3,11 @@
 Why
 ---
 SB3's ``HerReplayBuffer`` stores ``obs`` and ``next_obs`` separately, each with its whole 12x84x84 frame
-stack: 169,520 bytes per transition, so a 1M buffer needs ~170 GB. But consecutive stacks share three of
-their four frames, and ``obs(t+1)`` is ``next_obs(t)``. This buffer keeps each 3x84x84 frame ONCE and
-rebuilds both stacks by index arithmetic when a batch is sampled: ~21.3 KB per env step, 8x less, so a
-1M buffer (~21 GB) fits in RAM, or on the GPU we train on.
+stack: 2K = 8 frames per transition. But consecutive stacks share three of their four frames, and
+``obs(t+1)`` is ``next_obs(t)``. This buffer keeps each 3x84x84 frame ONCE and rebuilds both stacks by
+index arithmetic when a batch is sampled: about one frame per env step, so a buffer SB3 would need a
+large server's RAM for fits in RAM, or on the GPU we train on. ``python scripts/bench_replay.py`` prints
+the bytes per transition of both.
 
 Layout: one row per env step, plus one per episode for the reset frame
 ----------------------------------------------------------------------
@@ -36,7 +37,7 @@ the ring comes round to the start row of an old episode, that whole episode stop
 
 Use
 ---
-    from framestack_replay import FrameStackHerReplayBuffer
+    from ch09.framestack_replay import FrameStackHerReplayBuffer
     model = SAC("MultiInputPolicy", env, replay_buffer_class=FrameStackHerReplayBuffer,
                 replay_buffer_kwargs=dict(n_sampled_goal=4, drq=True))
 
@@ -53,11 +54,11 @@ checks every sampled stack against the stream a real pixel env produced.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -71,14 +72,15 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from stable_baselines3.her.goal_selection_strategy import KEY_TO_GOAL_STRATEGY, GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples  # noqa: E402
-from lab_support import MEMORY_RESERVE_BYTES, available_memory_bytes  # noqa: E402
-from pixel_wrapper import FRAME_STACK  # noqa: E402  (also registers the Fetch envs)
+from ch09.memory import MemoryNeed
+from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples
+from lab_support import check_memory_fits
+from pixel_wrapper import FRAME_STACK  # (importing it registers the Fetch envs)
 
 RewardFn = Callable[[np.ndarray, np.ndarray, Any], np.ndarray]
 
 SAVE_CHUNK_BYTES = 256 * 2**20
-"""save()/load() stream each array in slices of about this many bytes (a 21 GB buffer is never pickled)."""
+"""save()/load() stream each array in slices of about this many bytes (a buffer is never pickled whole)."""
 
 SAVE_FORMAT_VERSION = 1
 
@@ -132,37 +134,41 @@ class GoalEnvReward:
 
 
 # --8<-- [start:frame_stack_rows]
-def frame_stack_rows(ep_start: np.ndarray, step: np.ndarray, frame_stack: int, ring_rows: int) -> np.ndarray:
-    """Rows of the K + 1 frames that make up obs(k) = [:, :K] and next_obs(k) = [:, 1:], oldest first.
+def frame_stack_rows(ep_start: np.ndarray, step: np.ndarray,
+                     frame_stack: int, ring_rows: int) -> np.ndarray:
+    """Rows of the K + 1 frames of obs(k) = [:, :K] and next_obs(k) = [:, 1:].
 
-    | argument  | shape  | meaning                                             |
-    |-----------|--------|-----------------------------------------------------|
-    | ep_start  | (B,)   | ring row of each episode's reset frame f_0          |
-    | step      | (B,)   | k, the transition's index in its episode            |
-    | return    | (B, K+1) | ring rows of f_{k-K+1}, ..., f_k, f_{k+1}, clipped at f_0 |
+    | argument | shape    | meaning                                        |
+    |----------|----------|------------------------------------------------|
+    | ep_start | (B,)     | ring row of each episode's reset frame f_0     |
+    | step     | (B,)     | k, the transition's index in its episode       |
+    | return   | (B, K+1) | rows of f_{k-K+1}, ..., f_k, f_{k+1}, oldest   |
+    |          |          | first, frame indices clipped at 0 (f_0)        |
 
-    Clipping the frame index at 0 repeats the reset frame, exactly as the wrapper's reset fills its stack.
+    Clipping at 0 repeats the reset frame, as the wrapper's reset fills its
+    stack.
     """
-    offsets = step[:, None] - frame_stack + 1 + np.arange(frame_stack + 1)  # frame index i of f_i
+    # frame index i of each f_i the two stacks need
+    offsets = step[:, None] - frame_stack + 1 + np.arange(frame_stack + 1)
     return (ep_start[:, None] + np.maximum(offsets, 0)) % ring_rows
 # --8<-- [end:frame_stack_rows]
 
 
-# --8<-- [start:frame_stack_her_replay_buffer]
 class FrameStackHerReplayBuffer(HerReplayBuffer):
     """HER replay buffer that stores each frame once and rebuilds frame stacks at sample time.
 
     A drop-in ``replay_buffer_class`` for SB3's SAC (SAC passes ``env``, ``device``, ``n_envs``).
 
-    | stored per row (env step)  | shape                  | dtype   | bytes (Push, 12x84x84 + 10 + 3 + 3) |
-    |----------------------------|------------------------|---------|--------------------------------------|
-    | ``frames``                 | (R, n_envs, 3, 84, 84) | uint8   | 21,168 (on ``storage_device``)       |
-    | ``vectors`` (all keys)     | (R, n_envs, d)         | float32 | 4 d: 64 for proprio + both goals     |
-    | ``actions``                | (R, n_envs, a)         | float32 | 16                                   |
-    | ``rewards``, ``dones``, ``timeouts`` | (R, n_envs)  | f32, bool, bool | 6                            |
-    | ``ep_start``, ``ep_length``, ``sampleable`` | (R, n_envs) | int64, int64, bool | 17 (bookkeeping) |
+    | stored per row (env step)                   | shape                  | dtype              | where             |
+    |---------------------------------------------|------------------------|--------------------|-------------------|
+    | ``frames``                                  | (R, n_envs, 3, 84, 84) | uint8              | ``storage_device`` |
+    | ``vectors`` (all non-pixel keys side by side) | (R, n_envs, d)       | float32            | RAM               |
+    | ``actions``                                 | (R, n_envs, a)         | float32            | RAM               |
+    | ``rewards``, ``dones``, ``timeouts``        | (R, n_envs)            | float32, bool, bool | RAM              |
+    | ``ep_start``, ``ep_length``, ``sampleable`` | (R, n_envs)            | int64, int64, bool | RAM (bookkeeping) |
 
-    21,271 bytes per row; a 50-step episode takes 51 rows, so ~21.7 KB per transition (SB3: 169,520).
+    ``bytes_per_row`` adds these up; an L-step episode takes L + 1 rows (its reset frame has one), so
+    ``bytes_per_transition(L)`` is ``bytes_per_row * (L + 1) / L``. ``memory_plan`` says where they live.
 
     Args:
         buffer_size: rows in total (``buffer_size // n_envs`` per env); each episode uses one extra row.
@@ -205,7 +211,8 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         storage_device: th.device | str | None = None,
     ) -> None:
         # We skip HerReplayBuffer/DictReplayBuffer.__init__ on purpose: it would allocate obs AND next_obs
-        # stacks (170 GB for 1M). Subclassing HerReplayBuffer still makes SAC inject env= and set_env().
+        # stacks, the memory this class exists to save. Subclassing HerReplayBuffer still makes SAC inject
+        # env= and call set_env().
         BaseBuffer.__init__(self, buffer_size, observation_space, action_space, device, n_envs=n_envs)
         if optimize_memory_usage:
             raise ValueError(
@@ -222,7 +229,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         # All vector keys share one (R, n_envs, d) array: one write per row, one read per sample.
         self._vector_columns, vector_dtype = self._vector_layout(observation_space, pixel_key)
         self.vector_keys = list(self._vector_columns)
-        self.storage_device = get_device(device if storage_device is None else storage_device)
+        self.storage_device = self._storage_device(device, storage_device)
         self.drq, self.drq_pad = drq, drq_pad
 
         self.goal_selection_strategy = (
@@ -237,7 +244,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 f"HER relabels 'desired_goal' with an 'achieved_goal', but the observation keys are "
                 f"{list(observation_space.spaces)}; build the env with goal_mode='both' or pass n_sampled_goal=0."
             )
-        self._check_capacity(buffer_size)
+        for need in self.memory_plan(buffer_size, observation_space, action_space, device=device, n_envs=n_envs,
+                                     pixel_key=pixel_key, frame_stack=frame_stack, storage_device=storage_device):
+            check_memory_fits(need.what, need.items, need.bytes_per_item, device=need.device, unit=need.unit)
 
         rows, envs = self.buffer_size, self.n_envs
         self.frames: np.ndarray | th.Tensor | None = None  # stays None without a pixel key
@@ -297,15 +306,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         return columns, np.result_type(*[observation_space[key].dtype for key in keys], np.float32)
 
     @staticmethod
-    def estimate_bytes_per_transition(
-        observation_space: spaces.Dict, action_space: spaces.Space, frame_stack: int = FRAME_STACK
-    ) -> int:
-        """Bytes one row (one env step) takes, before anything is allocated: the memory preflight's number.
-
-        A buffer of ``buffer_size`` allocates ``buffer_size`` rows; each episode spends one extra row on
-        its reset frame, so it holds ``buffer_size * L / (L + 1)`` transitions of L-step episodes.
-        """
-        return sum(FrameStackHerReplayBuffer._row_bytes(observation_space, action_space, frame_stack))
+    def _storage_device(device: th.device | str, storage_device: th.device | str | None) -> th.device:
+        """Where the frames live: ``storage_device``, or else the training device (the GPU we train on)."""
+        return get_device(device if storage_device is None else storage_device)
 
     @staticmethod
     def _row_bytes(
@@ -321,36 +324,53 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         bookkeeping_bytes = 8 + 8 + 1  # ep_start int64, ep_length int64, sampleable bool
         return frame_bytes, vector_bytes + action_bytes + scalar_bytes + bookkeeping_bytes
 
+    @classmethod
+    def memory_plan(
+        cls,
+        buffer_size: int,
+        observation_space: spaces.Dict,
+        action_space: spaces.Space,
+        device: th.device | str = "auto",
+        n_envs: int = 1,
+        *,
+        pixel_key: str = PIXEL_KEY,
+        frame_stack: int = FRAME_STACK,
+        storage_device: th.device | str | None = None,
+        **_other_kwargs: Any,
+    ) -> list[MemoryNeed]:
+        """What a buffer built with these arguments allocates, and where, before anything is allocated.
+
+        The constructor checks this plan, and the production script's preflight runs the same plan before
+        any env exists. The other constructor arguments (HER, DrQ) change no array size.
+        """
+        storage = cls._storage_device(device, storage_device)
+        frame_bytes, host_bytes = cls._row_bytes(observation_space, action_space, frame_stack, pixel_key)
+        rows = max(buffer_size // n_envs, 1) * n_envs
+        if storage.type == "cpu":
+            return [MemoryNeed("frame-stack replay buffer", rows, frame_bytes + host_bytes, "cpu", "rows")]
+        plan = [MemoryNeed("replay frames", rows, frame_bytes, str(storage), "rows")] if frame_bytes else []
+        return plan + [MemoryNeed("replay vectors", rows, host_bytes, "cpu", "rows")]
+
+    @classmethod
+    def bytes_per_row_for(
+        cls, observation_space: spaces.Dict, action_space: spaces.Space, frame_stack: int = FRAME_STACK
+    ) -> int:
+        """Bytes of one row (one env step), frames and host arrays together, before anything is allocated."""
+        return sum(cls._row_bytes(observation_space, action_space, frame_stack))
+
     @property
-    def bytes_per_transition(self) -> int:
-        """Bytes per row of this buffer (frames on the storage device + everything else on the host)."""
+    def bytes_per_row(self) -> int:
+        """Bytes of one row of this buffer (frames on the storage device + everything else in RAM)."""
         return sum(self._row_bytes(self.observation_space, self.action_space, self.frame_stack, self.pixel_key))
 
-    def _check_capacity(self, buffer_size: int) -> None:
-        """Refuse, in one sentence, a buffer that does not fit the free memory of where it would live."""
-        frame_bytes, host_bytes = self._row_bytes(
-            self.observation_space, self.action_space, self.frame_stack, self.pixel_key
-        )
-        rows = self.buffer_size * self.n_envs
-        on_gpu = self.storage_device.type == "cuda"
-        budgets = []  # (where, bytes per row there, free bytes there)
-        if on_gpu:
-            free_gpu, _ = th.cuda.mem_get_info(self.storage_device)
-            budgets.append((f"GPU {self.storage_device}", frame_bytes, free_gpu))
-            budgets.append(("host RAM", host_bytes, available_memory_bytes()))
-        else:
-            budgets.append(("host RAM", frame_bytes + host_bytes, available_memory_bytes()))
-        usable = {where: max(free - MEMORY_RESERVE_BYTES, 0) for where, _, free in budgets}
-        for where, per_row, free in budgets:
-            if per_row > 0 and rows * per_row > usable[where]:
-                rows_that_fit = min(usable[w] // p for w, p, _ in budgets if p > 0)
-                largest = rows_that_fit // self.n_envs * self.n_envs  # buffer_size counts rows of all envs
-                raise ValueError(
-                    f"a FrameStackHerReplayBuffer of buffer_size={buffer_size:,} needs "
-                    f"{rows * per_row / 1e9:.1f} GB of {where} ({per_row:,} bytes per row) but only "
-                    f"{usable[where] / 1e9:.1f} GB is usable there ({free / 1e9:.1f} GB free minus a "
-                    f"{MEMORY_RESERVE_BYTES / 2**30:.0f} GiB reserve), so use buffer_size <= {largest:,}."
-                )
+    def bytes_per_transition(self, episode_steps: int) -> float:
+        """Bytes per stored transition when full of ``episode_steps``-step episodes (L + 1 rows per L)."""
+        return self.bytes_per_row * (episode_steps + 1) / episode_steps
+
+    def allocated_bytes(self) -> int:
+        """Bytes this buffer's arrays hold now (frames wherever they live, plus the host arrays)."""
+        return sum(array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
+                   for array in self._arrays().values())
 
     def size(self) -> int:
         """Transitions that can be sampled now (all envs; episodes still running are not counted)."""
@@ -403,6 +423,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     # ----------------------------------------------------------------------------------------------
     # Writing
     # ----------------------------------------------------------------------------------------------
+    # --8<-- [start:frame_stack_add]
     def add(  # type: ignore[override]
         self,
         obs: dict[str, np.ndarray],
@@ -412,39 +433,49 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         done: np.ndarray,
         infos: list[dict[str, Any]],
     ) -> None:
-        """Store one env step of every env: called by SB3's ``_store_transition`` with (n_envs, ...) arrays.
+        """Store one env step of every env (SB3's ``_store_transition``).
 
-        At a done step SB3 has already put ``infos[i]["terminal_observation"]`` into ``next_obs[i]``; the
-        ``obs`` of the NEXT call is then the new episode's reset observation, stored as a start row.
+        At a done step SB3 has already put ``terminal_observation`` into
+        ``next_obs``; the ``obs`` of the NEXT call is then the new episode's
+        reset observation, stored as a start row of its own.
         """
         envs = self._all_envs
         obs_vectors = self._pack(obs)
         self._close_discontinued_episodes(obs_vectors)
         starting = self._open_start < 0
-        if starting.any():  # first step of an episode: its reset observation gets a row of its own
+        if starting.any():  # an episode's first step: its reset frame
             new = envs[starting]
             self._open_start[new] = self._next_row[new]
-            start_rows = self._write_rows(new, self._newest_frames(obs, new), obs_vectors[new])
-            self.dones[start_rows, new] = False  # a start row holds an observation, not a transition
+            start_rows = self._write_rows(
+                new, self._newest_frames(obs, new), obs_vectors[new])
+            # a start row holds an observation, not a transition
+            self.dones[start_rows, new] = False
             self.timeouts[start_rows, new] = False
-        wrapped = self._next_row == self._open_start  # the ring came round to a running episode's start
+        self._refuse_wrapped_episode()
+
+        rows = self._write_rows(envs, self._newest_frames(next_obs, envs),
+                                self._pack(next_obs))
+        done = np.asarray(done, dtype=bool).reshape(self.n_envs)
+        self.actions[rows, envs] = np.asarray(action).reshape(
+            self.n_envs, self.action_dim)
+        self.rewards[rows, envs] = np.asarray(reward).reshape(self.n_envs)
+        self.dones[rows, envs] = done
+        if self.handle_timeout_termination:
+            self.timeouts[rows, envs] = [
+                info.get("TimeLimit.truncated", False) for info in infos]
+        for env_idx in np.flatnonzero(done):
+            self._close_episode(int(env_idx))
+    # --8<-- [end:frame_stack_add]
+
+    def _refuse_wrapped_episode(self) -> None:
+        """The ring came round to a running episode's start row: that episode cannot be kept."""
+        wrapped = self._next_row == self._open_start
         if wrapped.any():
             env_idx = int(np.flatnonzero(wrapped)[0])
             raise ValueError(
                 f"an episode of env {env_idx} is longer than the {self.buffer_size:,} rows each env's ring "
                 "holds (buffer_size // n_envs), so use a buffer_size of at least n_envs x (episode length + 1)."
             )
-
-        rows = self._write_rows(envs, self._newest_frames(next_obs, envs), self._pack(next_obs))
-        done = np.asarray(done, dtype=bool).reshape(self.n_envs)
-        self.actions[rows, envs] = np.asarray(action).reshape(self.n_envs, self.action_dim)
-        self.rewards[rows, envs] = np.asarray(reward).reshape(self.n_envs)
-        self.dones[rows, envs] = done
-        if self.handle_timeout_termination:
-            self.timeouts[rows, envs] = [info.get("TimeLimit.truncated", False) for info in infos]
-        if done.any():
-            for env_idx in np.flatnonzero(done):
-                self._close_episode(int(env_idx))
 
     def _newest_frames(self, source: dict[str, np.ndarray], envs: np.ndarray) -> np.ndarray | None:
         """(n, 3, H, W) view of the newest frame of each stack (the last 3 channels), or None without pixels."""
@@ -526,7 +557,8 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         for env_idx in np.flatnonzero(~continues):
             warnings.warn(
                 f"add() got an observation that does not continue env {env_idx}'s running episode (was the env "
-                "reset without done?); that episode is closed as a time-out."
+                "reset without done?); that episode is closed as a time-out.",
+                stacklevel=3,  # the caller of add()
             )
             self._truncate_episode(int(env_idx), int(last_rows[env_idx]))
 
@@ -557,27 +589,34 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         """A batch of ``batch_size`` transitions, torch tensors on ``device``; pixels stay uint8."""
         return self._gather(self._sample_indices(batch_size), env)
 
+    # --8<-- [start:frame_stack_sample_indices]
     def _sample_indices(self, batch_size: int) -> SampleIndices:
-        """Draw transitions uniformly from finished episodes, then HER goals: all index arithmetic, no data."""
+        """Draw transitions uniformly from finished episodes, then HER goals:
+        all index arithmetic, no data is read."""
         if self._n_sampleable == 0:
             raise RuntimeError(
-                "Unable to sample before the end of the first episode; set learning_starts greater than the "
-                "number of steps in one episode."
-            )
+                "Unable to sample before the end of the first episode; set "
+                "learning_starts greater than the steps of one episode.")
         rows, envs = self._uniform_sampleable(batch_size)
         ep_start = self.ep_start[rows, envs]
         ep_length = self.ep_length[rows, envs]
-        step = (rows - ep_start - 1) % self.buffer_size  # k: rows = ep_start + 1 + k
+        step = (rows - ep_start - 1) % self.buffer_size  # rows = s + 1 + k
 
-        relabelled = np.random.random(batch_size) < self.her_ratio if self.n_sampled_goal > 0 else np.zeros(batch_size, bool)
-        if self.goal_selection_strategy == GoalSelectionStrategy.FUTURE:
-            goal_step = np.random.randint(step, ep_length)  # inclusive of k, as SB3: k <= j <= L - 1
-        elif self.goal_selection_strategy == GoalSelectionStrategy.FINAL:
+        # P(relabel) = k / (k + 1): never when n_sampled_goal k = 0
+        relabelled = np.random.random(batch_size) < self.her_ratio
+        strategy = self.goal_selection_strategy
+        if strategy == GoalSelectionStrategy.FUTURE:
+            # inclusive of k, as in SB3: k <= j <= L - 1
+            goal_step = np.random.randint(step, ep_length)
+        elif strategy == GoalSelectionStrategy.FINAL:
             goal_step = ep_length - 1
         else:  # EPISODE
             goal_step = np.random.randint(0, ep_length)
-        goal_rows = np.where(relabelled, (ep_start + 1 + goal_step) % self.buffer_size, rows)
-        return SampleIndices(rows, envs, ep_start, step, relabelled, goal_rows)
+        goal_rows = (ep_start + 1 + goal_step) % self.buffer_size
+        goal_rows = np.where(relabelled, goal_rows, rows)
+        return SampleIndices(rows, envs, ep_start, step, relabelled,
+                             goal_rows)
+    # --8<-- [end:frame_stack_sample_indices]
 
     def _uniform_sampleable(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, envs) uniform over sampleable slots, by rejection from the filled part of the rings.
@@ -636,19 +675,26 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             return augment_pixel_samples(samples, self.pixel_key, self.drq_pad)
         return samples
 
-    def _gather_stacks(self, idx: SampleIndices) -> tuple[th.Tensor, th.Tensor]:
-        """(B, 3K, H, W) uint8 obs and next_obs stacks, from K + 1 gathered frames per sample."""
-        frame_rows = frame_stack_rows(idx.ep_start, idx.step, self.frame_stack, self.buffer_size)  # (B, K+1)
+    # --8<-- [start:frame_stack_gather_stacks]
+    def _gather_stacks(self, idx: SampleIndices
+                       ) -> tuple[th.Tensor, th.Tensor]:
+        """(B, 3K, H, W) uint8 obs and next_obs stacks from K + 1 frames."""
+        frame_rows = frame_stack_rows(idx.ep_start, idx.step,
+                                      self.frame_stack, self.buffer_size)
         if isinstance(self.frames, np.ndarray):
-            frames = th.from_numpy(self.frames[frame_rows, idx.envs[:, None]]).to(self.device)
-        else:  # frames live on the GPU: only the (B, K+1) index crosses from the host
-            rows = th.as_tensor(frame_rows, device=self.storage_device)
-            envs = th.as_tensor(idx.envs[:, None], device=self.storage_device)
+            frames = self.frames[frame_rows, idx.envs[:, None]]
+            frames = th.from_numpy(frames).to(self.device)
+        else:  # frames on the GPU: only the (B, K+1) index leaves the host
+            device = self.storage_device
+            rows = th.as_tensor(frame_rows, device=device)
+            envs = th.as_tensor(idx.envs[:, None], device=device)
             frames = self.frames[rows, envs].to(self.device)
         batch, (channels, height, width) = len(idx.rows), self.frame_shape
-        stack = self.frame_stack * channels
-        # Views, no copy: merging the (K, C) axes of a (B, K+1, C, H, W) slice is a valid reshape.
-        return frames[:, :-1].reshape(batch, stack, height, width), frames[:, 1:].reshape(batch, stack, height, width)
+        shape = (batch, self.frame_stack * channels, height, width)
+        # Views, no copy: of (B, K+1, C, H, W), frames 0..K-1 are obs(k)
+        # and frames 1..K are next_obs(k); merging (K, C) is a reshape.
+        return frames[:, :-1].reshape(shape), frames[:, 1:].reshape(shape)
+    # --8<-- [end:frame_stack_gather_stacks]
 
     def _to_device(self, array: np.ndarray) -> th.Tensor:
         return th.as_tensor(array).to(self.device)  # the gathered arrays are fresh copies already
@@ -731,7 +777,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
     @staticmethod
     def _chunks(array: np.ndarray | th.Tensor) -> list[tuple[int, int]]:
-        row_bytes = max(array[0:1].nbytes if isinstance(array, np.ndarray) else array[0:1].numel() * array.element_size(), 1)
+        first = array[0:1]
+        row_bytes = max(first.nbytes if isinstance(first, np.ndarray) else first.numel() * first.element_size(), 1)
         step = max(SAVE_CHUNK_BYTES // row_bytes, 1)
         return [(lo, min(lo + step, len(array))) for lo in range(0, len(array), step)]
-# --8<-- [end:frame_stack_her_replay_buffer]

@@ -1,0 +1,130 @@
+"""SB3 callbacks of a long run: checkpoints and stop requests, evaluation, progress, hyper-parameters.
+
+| callback                 | every ...                         | does                                            |
+|--------------------------|-----------------------------------|-------------------------------------------------|
+| ``CheckpointCallback``   | --checkpoint-freq env steps       | periodic checkpoint; ends learn() on a signal   |
+| ``PeriodicEvalCallback`` | --eval-freq env steps             | deterministic episodes -> eval/success_rate     |
+| ``ProgressBarCallback``  | env step                          | tqdm bar with steps/s, ETA, latest success rates |
+| ``HParamCallback``       | start of training                 | the config in TensorBoard's HPARAMS tab         |
+
+The schedules count env steps (``num_timesteps``), not callback calls, so they land on the same steps
+with any ``--n-envs`` and after a resume.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import HParam
+from stable_baselines3.common.vec_env import VecEnv
+
+from ch09.checkpoints import Checkpointer, StopRequest
+
+PROGRESS_POSTFIX_EVERY = 1000
+"""Callback calls between updates of the progress bar's success-rate postfix."""
+
+
+class CheckpointCallback(BaseCallback):
+    """Periodic checkpoints at multiples of ``freq`` env steps, and the stop on SIGINT/SIGTERM."""
+
+    def __init__(self, checkpointer: Checkpointer, stop: StopRequest, freq: int) -> None:
+        super().__init__()
+        self.checkpointer, self.stop, self.freq = checkpointer, stop, freq
+        self.next_checkpoint = 0
+
+    def _on_training_start(self) -> None:
+        self.next_checkpoint = (self.num_timesteps // self.freq + 1) * self.freq
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_checkpoint:
+            self.checkpointer.save(self.model, periodic_steps=self.next_checkpoint)
+            self.next_checkpoint += self.freq
+        return self.stop.signum is None
+
+
+class PeriodicEvalCallback(BaseCallback):
+    """Deterministic evaluation every ``eval_freq`` env steps, logged as eval/success_rate.
+
+    Like SB3's EvalCallback, but scheduled on env steps rather than on callback calls.
+    """
+
+    def __init__(self, eval_env: VecEnv, eval_freq: int, n_episodes: int) -> None:
+        super().__init__()
+        self.eval_env, self.eval_freq, self.n_episodes = eval_env, eval_freq, n_episodes
+        self.next_eval = 0
+        self.last_success_rate: float | None = None
+
+    def _on_training_start(self) -> None:
+        self.next_eval = (self.num_timesteps // self.eval_freq + 1) * self.eval_freq
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self.next_eval:
+            return True
+        self.next_eval += self.eval_freq
+        successes: list[float] = []
+
+        def record_success(locals_: dict[str, Any], _globals: dict[str, Any]) -> None:
+            if locals_["done"] and "is_success" in locals_["info"]:
+                successes.append(float(locals_["info"]["is_success"]))
+
+        returns, lengths = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.n_episodes,
+                                           deterministic=True, return_episode_rewards=True, callback=record_success)
+        self.logger.record("eval/mean_reward", float(np.mean(returns)))
+        self.logger.record("eval/mean_ep_length", float(np.mean(lengths)))
+        if successes:
+            self.last_success_rate = float(np.mean(successes))
+            self.logger.record("eval/success_rate", self.last_success_rate)
+        self.logger.dump(self.num_timesteps)
+        return True
+
+
+class ProgressBarCallback(BaseCallback):
+    """tqdm bar over the whole run (it starts at the restored step on --resume): steps/s and ETA."""
+
+    def __init__(self, total_steps: int, description: str, evaluator: PeriodicEvalCallback | None) -> None:
+        super().__init__()
+        self.total_steps, self.description, self.evaluator = total_steps, description, evaluator
+        self.bar: Any = None
+
+    def _on_training_start(self) -> None:
+        from tqdm import tqdm
+
+        interactive = sys.stderr.isatty()  # in a log file (nohup, docker logs) redraw only once a minute
+        self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True,
+                        desc=self.description, dynamic_ncols=True, smoothing=0.05,
+                        mininterval=1.0 if interactive else 60.0)
+
+    def _on_step(self) -> bool:
+        self.bar.update(self.training_env.num_envs)
+        if self.n_calls % PROGRESS_POSTFIX_EVERY == 0:
+            postfix = {}
+            if self.model.ep_success_buffer:
+                postfix["success"] = f"{np.mean(self.model.ep_success_buffer):.2f}"
+            if self.evaluator is not None and self.evaluator.last_success_rate is not None:
+                postfix["eval"] = f"{self.evaluator.last_success_rate:.2f}"
+            self.bar.set_postfix(postfix, refresh=False)
+        return True
+
+    def _on_training_end(self) -> None:
+        self.bar.close()
+
+
+class HParamCallback(BaseCallback):
+    """Writes the run's configuration to TensorBoard's HPARAMS tab."""
+
+    def __init__(self, hparams: dict[str, Any]) -> None:
+        super().__init__()
+        # TensorBoard takes bools, numbers and strings; anything else (None, lists) is shown as text.
+        self.hparams = {key: (value if isinstance(value, (bool, int, float, str)) else str(value))
+                        for key, value in hparams.items()}
+
+    def _on_training_start(self) -> None:
+        metrics = {"eval/success_rate": 0.0, "rollout/success_rate": 0.0}
+        self.logger.record("hparams", HParam(self.hparams, metrics), exclude=("stdout", "log", "json", "csv"))
+
+    def _on_step(self) -> bool:
+        return True

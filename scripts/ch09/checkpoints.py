@@ -1,0 +1,242 @@
+"""Checkpoints: writing them safely, stopping on a signal, resuming, and loading one back.
+
+| piece                                  | what it does                                                         |
+|----------------------------------------|----------------------------------------------------------------------|
+| ``Checkpointer``                       | latest model, periodic snapshots, replay buffer, metadata            |
+| ``StopRequest``                        | SIGINT/SIGTERM end ``learn()`` at the next step, after a checkpoint   |
+| ``guard_fresh_run``                    | a fresh run never mixes into (or overwrites) an earlier one          |
+| ``restore_replay_buffer``              | on resume: the saved buffer, or ``learning_starts`` moved past it     |
+| ``load_agent``, ``load_for_acting``    | ``SAC.load`` with its failures turned into one sentence each         |
+| ``read_meta``, ``meta_for_checkpoint`` | the ``.meta.json`` beside a checkpoint                               |
+
+Loading a checkpoint yourself
+-----------------------------
+``SAC.load(path, env=env)`` works for every checkpoint of this project when ``env`` is the env it was
+trained on (``scripts/`` and ``scripts/labs/`` on ``sys.path``, so the pickled classes import). Without
+``env=``, SB3 refuses a model whose replay buffer is a ``HerReplayBuffer`` (all of ours), because it
+rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a one-row plain buffer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch as th
+from stable_baselines3 import SAC
+from stable_baselines3.common.vec_env import VecEnv
+
+from ch09.artifacts import CHECKPOINT_FORMAT, PERIODIC_RE, RunPaths, atomic_replace, copy_file, now_iso, write_json
+from ch09.errors import UserError
+from ch09.framestack_replay import FrameStackHerReplayBuffer
+
+ACT_ONLY_OBJECTS = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1, "learning_starts": 0}
+"""``custom_objects`` for a model that only acts: SB3 then builds a one-row plain buffer instead of HER's,
+which needs no env and no memory."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metadata
+# ---------------------------------------------------------------------------------------------------------
+def read_meta(path: Path, what: str) -> dict[str, Any]:
+    """Load a .meta.json, explaining a missing or damaged one."""
+    if not path.is_file():
+        raise UserError(f"No metadata file {path} for {what}; was the checkpoint written by this script?")
+    try:
+        meta = json.loads(path.read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
+            raise ValueError(f"format {meta.get('format')!r}")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"The metadata file {path} is damaged or not this script's ({exc}); "
+                        "restore it from a backup or start a fresh run.") from None
+    return meta
+
+
+def meta_for_checkpoint(checkpoint: Path) -> Path:
+    """``X.zip`` -> ``X.meta.json``; a periodic ``X_500K_steps.zip`` falls back to its run's ``X.meta.json``."""
+    own = checkpoint.with_name(checkpoint.name.removesuffix(".zip") + ".meta.json")
+    if own.is_file():
+        return own
+    match = PERIODIC_RE.match(checkpoint.name.removesuffix(".zip"))
+    if match:
+        return checkpoint.with_name(match["stem"] + ".meta.json")
+    return own
+
+
+def describe_policy(model: SAC) -> dict[str, str]:
+    """What a model actually is (policy, encoder, replay classes), to compare with what metadata claims."""
+    return {
+        "policy": type(model.policy).__name__,
+        "features_extractor": type(model.policy.actor.features_extractor).__name__,
+        "replay_buffer": type(model.replay_buffer).__name__ if model.replay_buffer is not None else "None",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
+               custom_objects: dict[str, Any] | None = None) -> SAC:
+    """``SAC.load`` with the ways it can fail turned into one sentence each."""
+    if not path.is_file():
+        raise UserError(f"Checkpoint {path} does not exist; check the path (periodic ones end in _<N>_steps.zip).")
+    try:
+        return SAC.load(path, env=env, device=device, custom_objects=custom_objects)
+    except ValueError as exc:
+        if "spaces do not match" in str(exc) or "Observation spaces" in str(exc) or "Action spaces" in str(exc):
+            raise UserError(f"Checkpoint {path} was trained on other observations than its .meta.json describes "
+                            f"(a checkpoint from another config?): {str(exc).splitlines()[0]}") from None
+        raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                        "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
+    except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
+        raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
+                        "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
+
+
+def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "cpu") -> SAC:
+    """A checkpoint loaded to act (``predict``), not to train: no HER buffer, so no env is needed.
+
+    Pass ``env`` to have SB3 check that its spaces are the checkpoint's.
+    """
+    return load_agent(Path(path), env, device, custom_objects=ACT_ONLY_OBJECTS)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------
+def save_replay_buffer(model: SAC, path: Path) -> None:
+    """SB3 pickles its buffer into one file; the frame-stack buffer streams its arrays into a folder."""
+    assert model.replay_buffer is not None
+    with atomic_replace(path) as tmp:
+        if isinstance(model.replay_buffer, FrameStackHerReplayBuffer):
+            model.replay_buffer.save(tmp)
+        else:
+            with open(tmp, "wb") as handle:
+                model.save_replay_buffer(handle)
+
+
+class Checkpointer:
+    """Writes the latest checkpoint, the periodic snapshots, the replay buffer and the metadata."""
+
+    def __init__(self, paths: RunPaths, meta: dict[str, Any], replay_buffer_path: Path | None) -> None:
+        """``replay_buffer_path`` None: checkpoints hold the model only (no --save-replay-buffer)."""
+        self.paths, self.meta, self.replay_buffer_path = paths, meta, replay_buffer_path
+        self.session_start = time.time()
+        self.session_start_steps = 0
+        self.previous_wall_time = float(meta.get("wall_time_s", 0.0))
+
+    def start(self, steps: int) -> None:
+        self.session_start, self.session_start_steps = time.time(), steps
+
+    def save(self, model: SAC, periodic_steps: int | None = None) -> Path:
+        with atomic_replace(self.paths.checkpoint) as tmp:
+            model.save(tmp)
+        if periodic_steps is not None:
+            periodic = self.paths.periodic(periodic_steps)
+            copy_file(self.paths.checkpoint, periodic)
+            self.meta.setdefault("periodic_checkpoints", [])
+            if periodic.name not in self.meta["periodic_checkpoints"]:
+                self.meta["periodic_checkpoints"].append(periodic.name)
+        if self.replay_buffer_path is not None and model.replay_buffer is not None:
+            save_replay_buffer(model, self.replay_buffer_path)
+            self.meta["replay_buffer"] = {"path": self.replay_buffer_path.name, "steps": model.num_timesteps}
+        self.write_meta(model)
+        return self.paths.checkpoint
+
+    def write_meta(self, model: SAC) -> None:
+        elapsed = time.time() - self.session_start
+        session_steps = model.num_timesteps - self.session_start_steps
+        self.meta.update({
+            "steps_done": int(model.num_timesteps),
+            "wall_time_s": round(self.previous_wall_time + elapsed, 1),
+            "steps_per_s": round(session_steps / elapsed, 2) if elapsed > 0 else None,
+            "updated_at": now_iso(),
+            "policy": describe_policy(model),
+        })
+        if model.device.type == "cuda":  # networks, batches and (framestack) the replay frames
+            self.meta["gpu_memory_peak_bytes"] = int(th.cuda.max_memory_allocated(model.device))
+        write_json(self.paths.meta, self.meta)
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the checkpoint callback ends ``learn()`` at the next env step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def handler(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:  # a second Ctrl-C: the user does not want to wait for the save
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n[{signal.Signals(signum).name}] saving a checkpoint at the next step, then exiting "
+              "(a second signal quits without saving)", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        previous = {sig: signal.signal(sig, self.handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fresh runs and resumed runs
+# ---------------------------------------------------------------------------------------------------------
+def guard_fresh_run(paths: RunPaths, move_old_run: bool) -> None:
+    """A fresh run must not mix its curves into an old TensorBoard folder nor overwrite old checkpoints."""
+    old_logs = paths.has_tensorboard_events()
+    old_files = paths.own_checkpoint_files()
+    if not old_logs and not old_files:
+        return
+    if not move_old_run:
+        what = f"{paths.run_dir} already holds TensorBoard logs" if old_logs else f"{old_files[0]} already exists"
+        raise UserError(f"{what} from an earlier run of this tag and seed; continue it with --resume, or start over "
+                        "with --move-old-run (which renames the old run with a timestamp).")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    if old_logs:
+        aside = paths.run_dir.with_name(f"{paths.run_dir.name}.old-{stamp}")
+        os.replace(paths.run_dir, aside)
+        print(f"[fresh run] moved old TensorBoard folder to {aside}")
+    if old_files:
+        aside_dir = paths.checkpoint_dir / f"{paths.stem}.old-{stamp}"
+        aside_dir.mkdir(parents=True)
+        for path in old_files:
+            os.replace(path, aside_dir / path.name)
+        print(f"[fresh run] moved {len(old_files)} old checkpoint file(s) to {aside_dir}")
+
+
+# --8<-- [start:restore_replay_buffer]
+def restore_replay_buffer(model: SAC, path: Path, saved: dict | None,
+                          learning_starts: int) -> bool:
+    """Reload the replay buffer saved with the checkpoint; without one,
+    collect ``learning_starts`` fresh steps before updates resume.
+
+    SB3 counts ``learning_starts`` in absolute steps: with an empty buffer
+    and ``learning_starts < num_timesteps`` it would sample at once and
+    fail "Unable to sample before the end of the first episode".
+    """
+    steps = model.num_timesteps
+    buffer = model.replay_buffer
+    if saved and saved.get("steps") == steps and path.exists():
+        if isinstance(buffer, FrameStackHerReplayBuffer):
+            buffer.load(path)
+        else:  # re-attaches HER's env, closes the open episode
+            model.load_replay_buffer(path)
+        print(f"[resume] replay buffer restored from {path} "
+              f"({model.replay_buffer.size():,} transitions)")
+        return True
+    model.learning_starts = steps + learning_starts
+    print(f"[resume] no replay buffer saved at step {steps:,}: collecting "
+          f"{learning_starts:,} fresh steps before updates resume")
+    return False
+# --8<-- [end:restore_replay_buffer]

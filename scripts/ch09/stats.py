@@ -1,0 +1,58 @@
+"""Confidence intervals for success rates: Wilson over episodes, Student t over seeds.
+
+Pure Python and NumPy (no torch, no scipy), so the figure script can use them without the training stack.
+
+| function                | interval of                         | why this one                               |
+|-------------------------|-------------------------------------|--------------------------------------------|
+| ``wilson_interval``     | one seed's success rate (k of n)    | stays inside [0, 1] and is sane at 0/n, n/n |
+| ``seed_mean_interval``  | the mean success rate over seeds    | few seeds: a t quantile, not z             |
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Z_975 = 1.959964
+"""Standard normal quantile for a two-sided 95% interval."""
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 25: 2.060, 30: 2.042}
+"""Two-sided 95% Student-t quantiles t(0.975, df), from the standard table."""
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_975) -> tuple[float, float]:
+    """95% Wilson score interval for a success rate (well-behaved at 0/n and n/n, unlike p +/- z*se)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): tabulated up to 30 degrees of freedom, a Cornish-Fisher expansion beyond."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom (2 seeds), got df={df}.")
+    if df in T_975:
+        return T_975[df]
+    if df < 30:  # between tabulated values: the next smaller df is the conservative (larger) one
+        return T_975[max(k for k in T_975 if k <= df)]
+    return Z_975 + (Z_975**3 + Z_975) / (4 * df)
+
+
+def seed_mean_interval(rates: Sequence[float]) -> tuple[float, float, tuple[float, float]]:
+    """Mean, sample standard deviation and 95% t interval (clipped to [0, 1]) of per-seed success rates.
+
+    Needs two or more seeds; one seed has no spread to estimate (use its Wilson interval instead).
+    """
+    n = len(rates)
+    if n < 2:
+        raise ValueError(f"a t interval over seeds needs at least 2 seeds, got {n}.")
+    mean = sum(rates) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rates) / (n - 1))
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return mean, std, (max(0.0, mean - half), min(1.0, mean + half))
