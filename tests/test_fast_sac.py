@@ -244,18 +244,16 @@ def pixel_data():
     vec_env.close()
 
 
-POLICIES = {
-    "MultiInputPolicy": ("MultiInputPolicy", dict(features_extractor_class=ManipulationExtractor,
-                                                  net_arch=[32, 32])),
-    "DrQv2SACPolicy": (DrQv2SACPolicy, dict(features_extractor_class=ManipulationExtractor, net_arch=[32, 32])),
-}
+PIXEL_POLICY_KWARGS = dict(features_extractor_class=ManipulationExtractor, normalize_images=False, net_arch=[32, 32])
+"""The encoders scale uint8 pixels themselves, so SB3 must not divide by 255 first."""
+POLICIES = {"MultiInputPolicy": "MultiInputPolicy", "DrQv2SACPolicy": DrQv2SACPolicy}
 
 
 def twin_models(vec_env, buffer, policy_name: str, **fast_kwargs) -> tuple[SAC, FastSAC]:
     """A stock SAC and a FastSAC with equal weights, Adam states and entropy coefficient, sharing one buffer."""
-    policy, policy_kwargs = POLICIES[policy_name]
+    policy = POLICIES[policy_name]
     kwargs = dict(buffer_size=10, batch_size=PIXEL_BATCH, learning_starts=0, seed=0, device="cpu", gamma=0.95,
-                  policy_kwargs=policy_kwargs)
+                  policy_kwargs=PIXEL_POLICY_KWARGS)
     stock = SAC(policy, vec_env, **kwargs)
     fast = FastSAC(policy, vec_env, **fast_kwargs, **kwargs)
     for model in (stock, fast):
@@ -534,7 +532,8 @@ def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
     for extra in ({"cuda_graph": False}, kwargs):
         model = FastSAC(DrQv2SACPolicy, env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
                         device="cuda", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
-                        replay_buffer_kwargs=dict(n_sampled_goal=4), **extra)
+                        replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(normalize_images=False),
+                        **extra)
         models.append(model)
     models[0].learn(120)  # fills the buffer (random actions), no update yet
     models[1].replay_buffer = models[0].replay_buffer
