@@ -73,7 +73,7 @@ def test_lab_main_without_a_mode_prints_the_help_with_each_mode(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--verify", "--other"], "choose one of --verify, --other"),
+    (["--verify", "--other"], "--verify and --other are not allowed together"),
     (["--verfy"], "--verfy"),
 ])
 def test_lab_main_refuses_bad_input_in_one_message(capsys, argv, message):

@@ -960,9 +960,9 @@ class RunOptions:
     """Options shared by the modes of this lab."""
 
     steps: int = DemoConfig.steps
-    """env steps for --demo (HER samples only finished 50-step episodes, so at least 200)."""
+    """env steps for --demo (HER samples only finished 50-step episodes, so at least 200)"""
     threads: int = 1
-    """torch CPU threads (1 is polite on a shared machine)."""
+    """torch CPU threads for every mode (1 is polite on a shared machine)"""
 
     def __post_init__(self) -> None:
         if self.steps < MIN_DEMO_STEPS:

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +50,8 @@ class MujocoVersionError(ImportError):
     """The installed mujoco breaks FetchPush-v4; the message is one sentence naming the fix."""
 
 
-if tuple(int(part) for part in _mujoco_version.split(".")[:2]) >= FIRST_BROKEN_MUJOCO:
+_major_minor = re.match(r"(\d+)\.(\d+)", _mujoco_version)  # "3.11.0", also "4.0.0rc1" or "3.12.dev0"
+if _major_minor is not None and (int(_major_minor[1]), int(_major_minor[2])) >= FIRST_BROKEN_MUJOCO:
     raise MujocoVersionError(
         f"mujoco {_mujoco_version} breaks FetchPush-v4 in gymnasium-robotics 1.4.2 (an AssertionError in "
         f"set_joint_qpos under pybind11 3.1), so create a clean virtual environment and "
@@ -138,28 +140,23 @@ def lab_main(
 
     ``modes`` maps a flag name to its function; the first line of the function's docstring is the flag's help.
     ``options`` is a dataclass whose fields become further flags (their docstrings are the help, tyro shows the
-    defaults); each mode is then called with the parsed instance, otherwise with no argument. An option the
-    dataclass refuses (a ``ValueError`` in ``__post_init__``), two modes at once, a bad flag or a renderer that
-    cannot start end in one sentence on stderr and exit code 2. No mode prints the help (exit code 0).
+    defaults); each mode is then called with the parsed instance, otherwise with no argument. The modes form
+    one mutually exclusive group. An option the dataclass refuses (a ``ValueError`` in ``__post_init__``), two
+    modes at once, a bad flag or a renderer that cannot start end in one message on stderr and exit code 2. No
+    mode prints the help (exit code 0).
     """
     import tyro  # the command line only: importing a lab as a library does not need it
 
     def first_line(mode: LabMode) -> str:
         return (mode.__doc__ or "").strip().split("\n")[0].rstrip(".")
 
-    def one_mode_at_most(args: Any) -> None:
-        if options is not None and hasattr(options, "__post_init__"):
-            options.__post_init__(args)
-        chosen = [name for name in modes if getattr(args, name)]
-        if len(chosen) > 1:
-            raise ValueError(f"choose one of {', '.join('--' + name for name in chosen)}, not several.")
-
-    fields = [(name, Annotated[bool, tyro.conf.arg(help=first_line(mode))], dataclasses.field(default=False))
-              for name, mode in modes.items()]
-    parser_class = dataclasses.make_dataclass(
-        "options", fields, bases=(options,) if options is not None else (),
-        namespace={"__post_init__": one_mode_at_most},
-    )
+    one_mode = tyro.conf.create_mutex_group(required=False, title="modes (one at a time)")
+    fields = [
+        (name, Annotated[bool, one_mode, tyro.conf.arg(help=first_line(mode), help_behavior_hint="")],
+         dataclasses.field(default=False))
+        for name, mode in modes.items()
+    ]
+    parser_class = dataclasses.make_dataclass("options", fields, bases=(options,) if options is not None else ())
     description = (doc or "").strip().split("\n\n")[0]
     config = (tyro.conf.FlagCreatePairsOff,)  # `--verify`, without a `--no-verify` twin
     try:  # tyro exits after printing the help (0) or a usage error (2); a lab's main() returns its exit code

@@ -257,11 +257,11 @@ class NormalizedCombinedExtractor(BaseFeaturesExtractor):
 
     features_dim = 512 + (the vector entries present) = 528 with all four.
 
-    Why normalise the vectors: Fetch positions are metres around
-    (1.3, 0.75, 0.42); the puck and goal move by ~0.15 m, and the gripper
-    velocities are ~0.01. Raw, they reach the MLP as a nearly constant offset
-    beside 512 image features. Why a *running mean/std* (per dimension,
-    VecNormalize style) and not the alternatives:
+    Why normalise the vectors: Fetch positions are metres from the robot's
+    base, far from zero, while the puck and goal move by centimetres and the
+    gripper velocities are smaller still. Raw, they reach the MLP as a nearly
+    constant offset beside 512 image features. Why a *running mean/std* (per
+    dimension, VecNormalize style) and not the alternatives:
     - LayerNorm normalises across the entries of one sample: a 3-D goal
       loses its mean and scale, i.e. two of its three degrees of freedom.
     - VecNormalize on the env would also rewrite the goals stored in the
