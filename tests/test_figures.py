@@ -111,7 +111,7 @@ def test_env_frame_measures_the_real_scene(tmp_path: Path) -> None:
     assert scene["frame84"].shape == (84, 84, 3) and scene["frame480"].shape == (480, 480, 3)
     assert [k for k in scene["obs"]] == ["pixels", "proprioception", "achieved_goal", "desired_goal"]
     small, large = scene["footprints"][84], scene["footprints"][480]
-    # FACTS.md, measured independently: at 84x84 after reset(seed=0) the puck covers 11 pixels, the goal 4.
+    # At 84x84 after reset(seed=0) the puck covers 11 pixels, the goal marker 4 (the README's Figures section).
     assert small["puck"].pixel_count == 11 and small["goal"].pixel_count == 4
     for name in ("puck", "gripper", "goal"):
         assert large[name].pixel_count > 10 * small[name].pixel_count, f"{name} not larger at 480x480"
