@@ -87,6 +87,7 @@ replay buffers and VecNormalize sample on the host with the buffer's own ``sampl
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from dataclasses import dataclass
@@ -543,8 +544,6 @@ class FastSAC(SAC):
         fuse_next_obs_pass: bool = False,
         **kwargs: Any,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
         self.precision, self.sb3_order = precision, sb3_order
         self.overlap_collection, self.cuda_graph = overlap_collection, cuda_graph
         self.fuse_next_obs_pass = fuse_next_obs_pass
@@ -555,6 +554,24 @@ class FastSAC(SAC):
         self._in_learn = False
         self._overlap_env: _UpdateWhileEnvsStep | None = None
         super().__init__(*args, **kwargs)
+
+    def _setup_model(self) -> None:
+        # Checked here, not in __init__: FastSAC.load(path, precision=...) sets the options after __init__.
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        super()._setup_model()
+        self._engine = None
+
+    @classmethod
+    def from_sac(cls, model: SAC, **engine_options: Any) -> FastSAC:
+        """A FastSAC with ``model``'s hyper-parameters, weights, optimizer states and env (a new, empty buffer).
+
+        Goes through an in-memory checkpoint, exactly the ``SAC.save`` / ``FastSAC.load`` path a resume takes.
+        """
+        checkpoint = io.BytesIO()
+        model.save(checkpoint)
+        checkpoint.seek(0)
+        return cls.load(checkpoint, env=model.get_env(), device=model.device, **engine_options)
 
     # ---- training --------------------------------------------------------------------------------
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:

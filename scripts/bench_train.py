@@ -1,0 +1,500 @@
+"""Benchmark: training throughput of stock SB3 SAC against FastSAC, on one machine, in one run.
+
+Each measurement is a separate process that builds the agent exactly as ``ch09_pixel_push.py train`` does
+(``build_agent`` from the same flags; ``--engine fast`` converts it with ``FastSAC.from_sac``), collects
+``--learning-starts`` random steps, trains ``--warmup-steps`` more (cuDNN autotuning, the CUDA-graph capture),
+and then trains for ``--seconds`` (at most ``--max-steps`` env steps) while it is timed. Then
+``--train-only-updates`` gradient steps run without any env, timed alone. Concurrent runs (``--concurrent 3``)
+start that many processes of the same measurement with different seeds, which wait for each other before
+timing; their env steps/s add up.
+
+| column           | meaning                                                                        |
+|------------------|--------------------------------------------------------------------------------|
+| env steps/s      | env steps trained per second (summed over concurrent processes)                |
+| updates/s        | gradient steps per second during that training (summed)                        |
+| train-only upd/s | gradient steps per second of ``model.train()`` alone (mean per process)         |
+| x stock          | env steps/s over the stock run's at the same n_envs and batch                  |
+| peak GPU GB      | ``torch.cuda.max_memory_allocated`` of the process (largest of the concurrent)  |
+| bytes/transition | replay bytes per stored transition (the frame-once buffer: rows and the engine's device copy) |
+| GPU util %       | mean of ``nvidia-smi`` utilization.gpu samples while timed (where it answers)  |
+
+Runs (``--runs``; the defaults depend on ``--device``)
+------------------------------------------------------
+| name                 | engine | what                                                                    |
+|----------------------|--------|-------------------------------------------------------------------------|
+| step0-sb3            | sb3    | Step 0: MultiInputPolicy, NatureCNN, DrQ, ``--replay sb3`` (the stock reference) |
+| step2-sb3            | sb3    | Step 2: ``--critic-encoder --no-drq --replay sb3``                       |
+| step2-fast           | fast   | Step 2 through FastSAC, ``--replay framestack`` (frames on the GPU)      |
+| state-sb3            | sb3    | full-state Push, ``--replay sb3`` (the CPU reference)                    |
+| state-fast           | fast   | full-state Push through FastSAC, ``--replay framestack`` (device draw)   |
+| state-fast-sb3replay | fast   | full-state Push through FastSAC, ``--replay sb3`` (host draw)            |
+
+On a GPU the pixel runs are the point. ``--device cpu`` runs the full-state ones at a small and the full
+batch: a proxy for the Python and host overhead the engine removes (on a CPU the update is compute-bound,
+so the pixel figures need a GPU).
+
+Run it
+------
+    bash docker/dev.sh python scripts/bench_train.py --device cpu          # CPU proxy, a few minutes
+    python scripts/bench_train.py --device cuda --n-envs 1 8 --precisions fp32 bf16
+    python scripts/bench_train.py --device cuda --runs step2-fast --concurrent 1 2 3 4
+    python scripts/bench_train.py --quick                                  # seconds: checks the script works
+
+It prints the table and writes JSON to ``results/bench_train_<device>.json`` (or ``--out``) after every
+measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+sys.path.insert(1, str(SCRIPTS_DIR / "labs"))
+
+import numpy as np  # noqa: E402
+import torch as th  # noqa: E402
+import tyro  # noqa: E402
+
+from ch09.errors import USER_ERROR_EXIT, UserError  # noqa: E402
+
+REPO_ROOT = SCRIPTS_DIR.parent
+RESULT_PREFIX = "BENCH_RESULT "
+"""A worker prints its measurement as one JSON line after this prefix."""
+BARRIER_TIMEOUT_S = 900.0
+"""Concurrent workers wait at most this long for each other to finish their warm-up."""
+GPU_UTIL_PERIOD_S = 0.5
+CPU_BATCHES = (32, 256)
+GPU_BATCHES = (256,)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    engine: Literal["sb3", "fast"]
+    flags: dict[str, Any]
+    """TrainConfig fields that pick this configuration (as the production script's flags would)."""
+    what: str
+    pixels: bool = True
+
+
+RUNS = {
+    "step0-sb3": RunSpec("sb3", {"replay": "sb3"}, "stock SB3, Step 0: MultiInputPolicy, NatureCNN, DrQ, HER"),
+    "step2-sb3": RunSpec("sb3", {"critic_encoder": True, "drq": False, "replay": "sb3"},
+                         "stock SB3, Step 2: DrQv2SACPolicy, ManipulationCNN, HER"),
+    "step2-fast": RunSpec("fast", {"critic_encoder": True, "drq": False, "replay": "framestack"},
+                          "FastSAC, Step 2, frame-once replay"),
+    "state-sb3": RunSpec("sb3", {"full_state": True, "replay": "sb3"}, "stock SB3, full-state Push, HER",
+                         pixels=False),
+    "state-fast": RunSpec("fast", {"full_state": True, "replay": "framestack"},
+                          "FastSAC, full-state Push, device HER draw", pixels=False),
+    "state-fast-sb3replay": RunSpec("fast", {"full_state": True, "replay": "sb3"},
+                                    "FastSAC, full-state Push, SB3 HER buffer (host draw)", pixels=False),
+}
+GPU_RUNS = ("step0-sb3", "step2-sb3", "step2-fast")
+CPU_RUNS = ("state-sb3", "state-fast", "state-fast-sb3replay")
+REFERENCE_RUN = {True: "step0-sb3", False: "state-sb3"}
+"""The stock run each row's speed-up is measured against: Step 0 for pixels, full-state SB3 for the proxy."""
+
+
+@dataclass
+class BenchConfig:
+    """Training throughput of stock SB3 SAC vs FastSAC (see the module docstring for the columns)."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Torch device of every run: auto (cuda when available), cuda, cpu."""
+    runs: tuple[str, ...] = ()
+    """Which runs (module docstring); default: the pixel runs on a GPU, the full-state runs on the CPU."""
+    n_envs: tuple[int, ...] = (1,)
+    """Env counts to measure (one update per env step at each)."""
+    batch_sizes: tuple[int, ...] = ()
+    """Batch sizes; default 256 on a GPU, 32 and 256 on the CPU."""
+    precisions: tuple[Literal["fp32", "bf16"], ...] = ("fp32",)
+    """FastSAC precisions to measure (stock runs are fp32)."""
+    concurrent: tuple[int, ...] = (1,)
+    """Numbers of processes to run side by side for each measurement (their env steps/s add up)."""
+    overlap: bool = False
+    """FastSAC with overlapped collection (one-step policy lag)."""
+    learning_starts: int = 1_000
+    """Random-action env steps collected before training (not timed)."""
+    warmup_steps: int = 200
+    """Env steps trained before the timing starts (cuDNN autotuning, CUDA-graph capture)."""
+    seconds: float = 30.0
+    """Seconds of timed training per measurement."""
+    max_steps: int = 20_000
+    """At most this many timed env steps, whatever --seconds says."""
+    train_only_updates: int = 200
+    """Gradient steps timed alone (no env) after the timed training; 0 skips it."""
+    buffer_size: int = 20_000
+    """Replay capacity of every run (small enough for SB3's pixel buffer: ~3.4 GB of RAM)."""
+    timeout: float = 1_800.0
+    """Seconds a measurement (all its concurrent processes) may take before it is stopped."""
+    out: str = ""
+    """JSON output (default: results/bench_train_<device>.json)."""
+    quick: bool = False
+    """Seconds-long budgets on the CPU: checks that the script works (its figures mean nothing)."""
+    worker: str = ""
+    """Internal: run ONE measurement described by this JSON and print its result."""
+
+
+@dataclass
+class Measurement:
+    """One process's job (sent to it as JSON)."""
+
+    run: str
+    n_envs: int
+    batch_size: int
+    precision: str
+    device: str
+    seed: int
+    learning_starts: int
+    warmup_steps: int
+    seconds: float
+    max_steps: int
+    train_only_updates: int
+    buffer_size: int
+    overlap: bool
+    torch_threads: int
+    barrier_dir: str = ""
+    barrier_count: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ======================================================================================================
+# One measurement, in its own process
+# ======================================================================================================
+class _StopAfter:
+    """An SB3 callback (built lazily: SB3 imports stay in the worker) that ends learn() after ``seconds``."""
+
+    @staticmethod
+    def make(seconds: float) -> Any:
+        from stable_baselines3.common.callbacks import BaseCallback
+
+        class StopAfter(BaseCallback):
+            def _on_training_start(self) -> None:
+                self.deadline = time.perf_counter() + seconds
+
+            def _on_step(self) -> bool:
+                return time.perf_counter() < self.deadline
+
+        return StopAfter()
+
+
+class GpuUtilization:
+    """Samples ``nvidia-smi`` utilization.gpu in a thread; ``mean`` is None where nvidia-smi does not answer."""
+
+    def __init__(self, device_index: int) -> None:
+        self.device_index, self.samples = device_index, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        command = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                   "-i", str(self.device_index)]
+        while not self._stop.is_set():
+            try:
+                answer = subprocess.run(command, capture_output=True, text=True, timeout=5)
+                self.samples.append(float(answer.stdout.strip().splitlines()[0]))
+            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+                return
+            self._stop.wait(GPU_UTIL_PERIOD_S)
+
+    def __enter__(self) -> GpuUtilization:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.samples)) if self.samples else None
+
+
+def _wait_for_peers(measurement: Measurement) -> None:
+    if measurement.barrier_count <= 1:
+        return
+    barrier = Path(measurement.barrier_dir)
+    (barrier / f"ready_{measurement.seed}").touch()
+    deadline = time.monotonic() + BARRIER_TIMEOUT_S
+    while len(list(barrier.glob("ready_*"))) < measurement.barrier_count:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other concurrent benchmark processes did not finish their warm-up")
+        time.sleep(0.05)
+
+
+def _synchronize(device: th.device) -> None:
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def bytes_per_transition(model: Any) -> float:
+    """Replay bytes per stored transition, measured on the allocated arrays (and the engine's device copy)."""
+    from ch09.framestack_replay import FrameStackHerReplayBuffer
+    from ch09.memory import allocated_bytes_per_transition
+
+    buffer = model.replay_buffer
+    per_row = float(allocated_bytes_per_transition(buffer))
+    if not isinstance(buffer, FrameStackHerReplayBuffer):
+        return per_row  # SB3: one row is one transition
+    engine = getattr(model, "_engine", None)
+    if engine is not None and engine.view is not None:
+        per_row += engine.view.device_bytes / (buffer.buffer_size * buffer.n_envs)
+    spec = model.get_env().get_attr("spec", indices=[0])[0]
+    episode_steps = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 50
+    return per_row * (episode_steps + 1) / episode_steps  # one extra row per episode: its reset frame
+
+
+def measure(measurement: Measurement) -> dict[str, Any]:
+    """Build, warm up, time: the job of one worker process."""
+    import ch09_pixel_push as production
+
+    from ch09.fast_sac import FastSAC
+    from ch09.vec_env import make_vec_env
+
+    th.set_num_threads(measurement.torch_threads)
+    spec = RUNS[measurement.run]
+    cfg = production.TrainConfig(
+        seed=measurement.seed, n_envs=measurement.n_envs, batch_size=measurement.batch_size,
+        buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
+        device=measurement.device, **spec.flags)
+    cfg = production.resolve_config(cfg)
+    env_fns = [production.env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
+    env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
+    try:
+        model = production.build_agent(cfg, env)
+        if spec.engine == "fast":
+            model.replay_buffer = None  # not saved anyway: free it before FastSAC allocates its own
+            model = FastSAC.from_sac(model, precision=measurement.precision, overlap_collection=measurement.overlap)
+        device = model.device
+        model.learn(measurement.learning_starts + measurement.warmup_steps, log_interval=None)
+        _wait_for_peers(measurement)
+
+        _synchronize(device)
+        steps_before, updates_before = model.num_timesteps, model._n_updates
+        with GpuUtilization(device.index or 0) as utilization:
+            start = time.perf_counter()
+            model.learn(measurement.max_steps, callback=_StopAfter.make(measurement.seconds),
+                        reset_num_timesteps=False, log_interval=None)
+            _synchronize(device)
+            seconds = time.perf_counter() - start
+        steps, updates = model.num_timesteps - steps_before, model._n_updates - updates_before
+
+        train_only = None
+        if measurement.train_only_updates > 0:
+            model.train(gradient_steps=1, batch_size=measurement.batch_size)  # any lazy set-up out of the timing
+            _synchronize(device)
+            start = time.perf_counter()
+            model.train(gradient_steps=measurement.train_only_updates, batch_size=measurement.batch_size)
+            _synchronize(device)
+            train_only = measurement.train_only_updates / (time.perf_counter() - start)
+        engine = getattr(model, "_engine", None)
+        return {
+            **asdict(measurement),
+            "engine": spec.engine,
+            "steps": steps,
+            "updates": updates,
+            "seconds": seconds,
+            "env_steps_per_s": steps / seconds,
+            "updates_per_s": updates / seconds,
+            "train_only_updates_per_s": train_only,
+            "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "bytes_per_transition": bytes_per_transition(model),
+            "gpu_utilization_percent": utilization.mean,
+            "cuda_graph": bool(engine is not None and engine.graph is not None),
+            "device_sampler": bool(engine is not None and engine.view is not None),
+        }
+    finally:
+        env.close()
+
+
+def worker_main(payload: str) -> int:
+    measurement = Measurement(**json.loads(payload))
+    result = measure(measurement)
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    return 0
+
+
+# ======================================================================================================
+# The parent: which measurements, processes side by side, the table and the JSON
+# ======================================================================================================
+def resolve(cfg: BenchConfig) -> BenchConfig:
+    """Defaults that depend on the device, and one-sentence refusals of impossible requests."""
+    if cfg.quick:
+        cfg = replace(cfg, device="cpu", runs=cfg.runs or ("state-sb3", "state-fast"), batch_sizes=(16,),
+                      learning_starts=100, warmup_steps=20, seconds=2.0, max_steps=400, train_only_updates=10,
+                      buffer_size=2_000)
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if th.cuda.is_available() else "cpu"
+    if device == "cuda" and not th.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU here; use --device cpu.")
+    runs = cfg.runs or (GPU_RUNS if device == "cuda" else CPU_RUNS)
+    unknown = [run for run in runs if run not in RUNS]
+    if unknown:
+        raise UserError(f"unknown --runs {', '.join(unknown)}; choose from {', '.join(RUNS)}.")
+    if device == "cpu" and any(RUNS[run].pixels for run in runs):
+        raise UserError("the pixel runs need a GPU to mean anything; on the CPU use the full-state runs "
+                        f"({', '.join(CPU_RUNS)}).")
+    for name in ("n_envs", "batch_sizes", "concurrent"):
+        if any(value < 1 for value in getattr(cfg, name)):
+            raise UserError(f"every --{name.replace('_', '-')} value must be at least 1.")
+    if cfg.seconds <= 0 or cfg.max_steps < 1 or cfg.learning_starts < 1:
+        raise UserError("--seconds must be positive and --max-steps, --learning-starts at least 1.")
+    batches = cfg.batch_sizes or (GPU_BATCHES if device == "cuda" else CPU_BATCHES)
+    return replace(cfg, device=device, runs=tuple(runs), batch_sizes=tuple(batches))
+
+
+def measurements(cfg: BenchConfig) -> list[tuple[Measurement, int]]:
+    """(measurement, processes side by side), stock runs first at each (n_envs, batch)."""
+    jobs = []
+    cpus = os.cpu_count() or 1
+    for n_envs in cfg.n_envs:
+        for batch_size in cfg.batch_sizes:
+            for run in sorted(cfg.runs, key=lambda r: RUNS[r].engine != "sb3"):
+                precisions = cfg.precisions if RUNS[run].engine == "fast" else ("fp32",)
+                for precision in precisions:
+                    for concurrent in cfg.concurrent:
+                        jobs.append((Measurement(
+                            run=run, n_envs=n_envs, batch_size=batch_size, precision=precision,
+                            device=cfg.device, seed=0, learning_starts=cfg.learning_starts,
+                            warmup_steps=cfg.warmup_steps, seconds=cfg.seconds, max_steps=cfg.max_steps,
+                            train_only_updates=cfg.train_only_updates, buffer_size=cfg.buffer_size,
+                            overlap=cfg.overlap and RUNS[run].engine == "fast",
+                            torch_threads=max(1, cpus // (concurrent * (n_envs + 1)))), concurrent))
+    return jobs
+
+
+def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> list[dict[str, Any]]:
+    """``concurrent`` worker processes of one measurement (seeds 0, 1, ...); their results."""
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as barrier:
+        procs = []
+        for seed in range(concurrent):
+            job = replace(measurement, seed=seed, barrier_dir=barrier, barrier_count=concurrent)
+            procs.append(subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(asdict(job))],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT))
+        deadline, results = time.monotonic() + timeout, []
+        for proc in procs:
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                for other in procs:
+                    other.kill()
+                raise UserError(f"{measurement.run} (n_envs {measurement.n_envs}) took longer than --timeout "
+                                f"{timeout:g} s; give it more time or fewer --seconds.") from None
+            lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+            if proc.returncode != 0 or not lines:
+                raise RuntimeError(f"benchmark worker for {measurement.run} failed:\n{err[-3000:]}")
+            results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+    return results
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One table row from the concurrent processes of a measurement."""
+    first = results[0]
+    peak = [r["peak_gpu_memory_bytes"] for r in results if r["peak_gpu_memory_bytes"] is not None]
+    utilization = [r["gpu_utilization_percent"] for r in results if r["gpu_utilization_percent"] is not None]
+    train_only = [r["train_only_updates_per_s"] for r in results if r["train_only_updates_per_s"] is not None]
+    return {
+        "run": first["run"], "engine": first["engine"], "what": RUNS[first["run"]].what,
+        "n_envs": first["n_envs"], "batch_size": first["batch_size"], "precision": first["precision"],
+        "overlap": first["overlap"], "concurrent": len(results),
+        "env_steps_per_s": sum(r["env_steps_per_s"] for r in results),
+        "updates_per_s": sum(r["updates_per_s"] for r in results),
+        "train_only_updates_per_s": float(np.mean(train_only)) if train_only else None,
+        "peak_gpu_memory_bytes": max(peak) if peak else None,
+        "bytes_per_transition": first["bytes_per_transition"],
+        "gpu_utilization_percent": float(np.mean(utilization)) if utilization else None,
+        "cuda_graph": first["cuda_graph"], "device_sampler": first["device_sampler"],
+        "per_process": results,
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        reference = REFERENCE_RUN[RUNS[row["run"]].pixels]
+        stock = [r for r in rows if r["run"] == reference and r["n_envs"] == row["n_envs"]
+                 and r["batch_size"] == row["batch_size"] and r["concurrent"] == 1]
+        row["x_stock"] = row["env_steps_per_s"] / stock[0]["env_steps_per_s"] if stock else None
+        row["stock_reference"] = reference if stock else None
+
+
+def _cell(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], device: str) -> None:
+    header = ("run", "n_envs", "batch", "prec", "procs", "env steps/s", "updates/s", "train-only upd/s",
+              "x stock", "peak GPU GB", "bytes/transition", "GPU util %")
+    table = [header]
+    for row in rows:
+        peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
+        table.append((row["run"], str(row["n_envs"]), str(row["batch_size"]), row["precision"],
+                      str(row["concurrent"]), _cell(row["env_steps_per_s"]), _cell(row["updates_per_s"]),
+                      _cell(row["train_only_updates_per_s"]), _cell(row["x_stock"], 2), _cell(peak, 2),
+                      _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    for line in table:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    if device == "cpu":
+        print("CPU proxy: full-state Push only. The pixel figures (Step 0 stock vs Step 2 FastSAC) need a GPU: "
+              "python scripts/bench_train.py --device cuda")
+
+
+def machine_info() -> dict[str, Any]:
+    info = {"python": platform.python_version(), "torch": th.__version__, "cpus": os.cpu_count(),
+            "platform": platform.platform()}
+    if th.cuda.is_available():
+        info["gpu"] = th.cuda.get_device_name(0)
+    return info
+
+
+def bench(cfg: BenchConfig) -> int:
+    cfg = resolve(cfg)
+    out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / f"bench_train_{cfg.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"config": asdict(cfg), "machine": machine_info(), "rows": []}
+    jobs = measurements(cfg)
+    for number, (measurement, concurrent) in enumerate(jobs, start=1):
+        print(f"[{number}/{len(jobs)}] {measurement.run}: n_envs {measurement.n_envs}, batch "
+              f"{measurement.batch_size}, {measurement.precision}, {concurrent} process(es)", flush=True)
+        report["rows"].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
+        add_ratios(report["rows"])
+        out.write_text(json.dumps(report, indent=1) + "\n")
+    print()
+    print_table(report["rows"], cfg.device)
+    print(f"results: {out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
+    if cfg.worker:
+        return worker_main(cfg.worker)
+    try:
+        return bench(cfg)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return USER_ERROR_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
