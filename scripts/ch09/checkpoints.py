@@ -37,6 +37,8 @@ from stable_baselines3.common.vec_env import VecEnv
 from ch09.artifacts import CHECKPOINT_FORMAT, PERIODIC_RE, RunPaths, atomic_replace, copy_file, now_iso, write_json
 from ch09.errors import UserError
 from ch09.framestack_replay import FrameStackHerReplayBuffer
+from manipulation_encoder import ManipulationExtractor
+from visual_encoder import NormalizedCombinedExtractor
 
 ACT_ONLY_OBJECTS = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1, "learning_starts": 0}
 """``custom_objects`` for a model that only acts: SB3 then builds a one-row plain buffer instead of HER's,
@@ -84,12 +86,14 @@ def describe_policy(model: SAC) -> dict[str, str]:
 # Loading
 # ---------------------------------------------------------------------------------------------------------
 def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
-               custom_objects: dict[str, Any] | None = None) -> SAC:
-    """``SAC.load`` with the ways it can fail turned into one sentence each."""
+               custom_objects: dict[str, Any] | None = None, algorithm: type[SAC] = SAC,
+               **options: Any) -> SAC:
+    """``algorithm.load`` (SAC, or a subclass such as FastSAC with its ``options``) with the ways it can fail
+    turned into one sentence each."""
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist; check the path (periodic ones end in _<N>_steps.zip).")
     try:
-        return SAC.load(path, env=env, device=device, custom_objects=custom_objects)
+        model = algorithm.load(path, env=env, device=device, custom_objects=custom_objects, **options)
     except ValueError as exc:
         if "spaces do not match" in str(exc) or "Observation spaces" in str(exc) or "Action spaces" in str(exc):
             raise UserError(f"Checkpoint {path} was trained on other observations than its .meta.json describes "
@@ -99,6 +103,22 @@ def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
     except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
         raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
                         "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
+    let_the_encoder_scale_pixels(model)
+    return model
+
+
+def let_the_encoder_scale_pixels(model: SAC) -> None:
+    """Pixels are divided by 255 once, inside our encoders; SB3 must only cast them to float.
+
+    Pixel checkpoints saved before the encoders scaled their own input were trained with SB3's
+    ``normalize_images=True`` and SB3 dividing; the encoder now does exactly that division, so switching
+    SB3's off gives the network the same input it was trained on.
+    """
+    if not isinstance(model.policy.features_extractor, (ManipulationExtractor, NormalizedCombinedExtractor)):
+        return
+    for module in model.policy.modules():
+        if hasattr(module, "normalize_images"):
+            module.normalize_images = False
 
 
 def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "cpu") -> SAC:
