@@ -87,6 +87,7 @@ from ch09.checkpoints import (
     restore_replay_buffer,
 )
 from ch09.errors import USER_ERROR_EXIT, UserError
+from ch09.fast_sac import FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
 from ch09.stats import seed_mean_interval, wilson_interval
@@ -155,6 +156,10 @@ class TrainConfig:
     """Seconds an env worker may take to answer (step, reset, start-up) before the run stops with an error."""
     device: str = "auto"
     """Torch device of the networks and of the frame-stack buffer's frames: auto (cuda if available), cuda:1, cpu."""
+    engine: Literal["fast", "sb3"] = "fast"
+    """Update engine: fast (FastSAC: HER draw on the device, one CUDA-graph step) or sb3 (SB3's own SAC.train())."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """FastSAC's encoder passes: fp32, or bf16 (autocast, channels_last on CUDA; weights and losses stay fp32)."""
     eval_freq: int = 50_000
     """Env steps between deterministic evaluations logged as eval/success_rate (0 turns them off)."""
     eval_episodes: int = 20
@@ -334,6 +339,14 @@ def replay_setup(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
     return HerReplayBuffer, her_kwargs
 
 
+def agent_class(cfg: TrainConfig) -> tuple[type[SAC], dict[str, Any]]:
+    """SB3's SAC (``--engine sb3``), or FastSAC and its options: the same algorithm with a faster ``train()``,
+    whose checkpoints are plain SAC checkpoints (``ch09.fast_sac``)."""
+    if cfg.engine == "sb3":
+        return SAC, {}
+    return FastSAC, {"precision": cfg.precision}
+
+
 # --8<-- [start:build_agent]
 def build_agent(cfg: TrainConfig, env: VecEnv) -> SAC:
     """SAC + HER for one investigation step; every piece is a lab component
@@ -344,7 +357,8 @@ def build_agent(cfg: TrainConfig, env: VecEnv) -> SAC:
     """
     policy, policy_kwargs = policy_setup(cfg)
     replay_class, replay_kwargs = replay_setup(cfg)
-    return SAC(
+    algorithm, engine_options = agent_class(cfg)  # SAC or FastSAC
+    return algorithm(
         policy,
         env,
         learning_rate=cfg.learning_rate,
@@ -361,6 +375,7 @@ def build_agent(cfg: TrainConfig, env: VecEnv) -> SAC:
         seed=cfg.seed,
         device=cfg.device,
         verbose=0,
+        **engine_options,
     )
 # --8<-- [end:build_agent]
 
@@ -442,7 +457,8 @@ def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
 
 def resume_agent(cfg: TrainConfig, paths: RunPaths, env: VecEnv, meta: dict[str, Any]) -> tuple[SAC, bool]:
     """The latest checkpoint with its replay buffer (or ``learning_starts`` moved past the restored steps)."""
-    model = load_agent(paths.checkpoint, env, cfg.device)
+    algorithm, engine_options = agent_class(cfg)  # --engine may differ from the saved run's
+    model = load_agent(paths.checkpoint, env, cfg.device, algorithm=algorithm, **engine_options)
     check_policy(model, cfg, paths.checkpoint, "the flags ask for")
     restored = restore_replay_buffer(model, paths.replay_buffer(cfg.replay), meta.get("replay_buffer"),
                                      cfg.learning_starts)
@@ -480,6 +496,7 @@ def train(cfg: TrainConfig) -> int:
         start_steps = model.num_timesteps
         meta["sessions"].append({"started_at": now_iso(), "from_step": start_steps, "replay_restored": restored,
                                  "learning_starts": model.learning_starts, "device": str(model.device),
+                                 "engine": cfg.engine, "precision": cfg.precision,
                                  "git": git_commit()})
 
         # The exact folder, not SB3's tensorboard_log/<name>_<N>: a resume continues the same curves.

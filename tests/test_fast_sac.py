@@ -483,6 +483,23 @@ def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
         assert set(ran_inside) == {0}
 
 
+def test_the_production_script_trains_with_either_engine_and_switches_on_resume(tmp_path, production):
+    """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``)."""
+    import json
+
+    budget = [*production.STATE_BUDGET, "--replay", "framestack", "--artifact-root", str(tmp_path)]
+    production.check("train", "--seed", "0", "--total-steps", "200", *budget)
+    meta_path = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["engine"] == "fast" and meta["sessions"][0]["engine"] == "fast"
+    production.check("train", "--seed", "0", "--total-steps", "300", "--resume", "--engine", "sb3", *budget)
+    meta = json.loads(meta_path.read_text())
+    assert meta["steps_done"] == 300 and meta["config"]["engine"] == "sb3"
+    assert [session["engine"] for session in meta["sessions"]] == ["fast", "sb3"]
+    refused = production.run("train", "--engine", "jax", *budget)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
 def test_bad_precision_is_refused_in_one_sentence():
     with pytest.raises(ValueError, match="precision must be one of"):
         FastSAC("MultiInputPolicy", reach_env(), precision="fp16")
