@@ -1,0 +1,60 @@
+"""Tests for scripts/bench_train.py (stock SB3 vs FastSAC throughput) and scripts/gpu_checks.sh.
+
+The figures of a ``--quick`` run mean nothing (seconds-long budgets on shared cores); what is checked is that
+the script trains both engines for real through the production script's ``build_agent`` and reports what
+it measured, and that bad input ends in one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import bench_train
+import pytest
+import torch as th
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NO_CUDA = not th.cuda.is_available()
+
+
+def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_train.main(["--quick", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {row["run"]: row for row in report["rows"]}
+    assert set(rows) == {"state-sb3", "state-fast"}
+    for row in rows.values():
+        process = row["per_process"][0]
+        assert process["steps"] > 0 and process["updates"] > 0 and row["env_steps_per_s"] > 0
+        assert row["train_only_updates_per_s"] > 0 and row["bytes_per_transition"] > 0
+    assert rows["state-sb3"]["x_stock"] == 1.0 and rows["state-fast"]["x_stock"] > 0
+    assert rows["state-fast"]["device_sampler"] and not rows["state-fast"]["cuda_graph"]  # CPU: eager step
+    assert not rows["state-sb3"]["device_sampler"]
+    printed = capsys.readouterr().out
+    assert "env steps/s" in printed and "need a GPU" in printed
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--runs", "no-such-run", "--device", "cpu"], "unknown --runs"),
+    (["--runs", "step2-fast", "--device", "cpu"], "need a GPU"),
+    (["--device", "cpu", "--n-envs", "0"], "at least 1"),
+    pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(not NO_CUDA, reason="has a GPU")),
+])
+def test_bad_input_is_one_sentence_and_exit_2(argv, fragment, capsys):
+    assert bench_train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_gpu_checks_refuses_an_unknown_stage_and_a_machine_without_gpu(tmp_path):
+    script = REPO_ROOT / "scripts" / "gpu_checks.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path)}
+    unknown = subprocess.run(["bash", str(script), "juggle"], capture_output=True, text=True, env=env, timeout=60)
+    assert unknown.returncode == 2 and "unknown stage 'juggle'" in unknown.stderr
+    if NO_CUDA:
+        no_gpu = subprocess.run(["bash", str(script), "tests"], capture_output=True, text=True, env=env, timeout=120)
+        assert no_gpu.returncode == 2 and len(no_gpu.stderr.strip().splitlines()) == 1
+        assert "no CUDA GPU" in no_gpu.stderr or "lacks" in no_gpu.stderr
