@@ -13,6 +13,7 @@ timing; their env steps/s add up.
 | env steps/s      | env steps trained per second (summed over concurrent processes)                |
 | updates/s        | gradient steps per second during that training (summed)                        |
 | train-only upd/s | gradient steps per second of ``model.train()`` alone (mean per process)         |
+| (with --repeats) | each speed is the median over the interleaved rounds; the JSON keeps every round |
 | x stock          | env steps/s over the stock run's at the same n_envs and batch                  |
 | peak GPU GB      | ``torch.cuda.max_memory_allocated`` of the process (largest of the concurrent)  |
 | bytes/transition | replay bytes per stored transition (the frame-once buffer: rows and the engine's device copy) |
@@ -123,6 +124,9 @@ class BenchConfig:
     """FastSAC precisions to measure (stock runs are fp32)."""
     concurrent: tuple[int, ...] = (1,)
     """Numbers of processes to run side by side for each measurement (their env steps/s add up)."""
+    repeats: int = 1
+    """Rounds over all measurements, interleaved; the table shows each figure's median over the rounds
+    (on a shared machine the load changes between measurements)."""
     overlap: bool = False
     """FastSAC with overlapped collection (one-step policy lag)."""
     learning_starts: int = 1_000
@@ -352,8 +356,8 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     for name in ("n_envs", "batch_sizes", "concurrent"):
         if any(value < 1 for value in getattr(cfg, name)):
             raise UserError(f"every --{name.replace('_', '-')} value must be at least 1.")
-    if cfg.seconds <= 0 or cfg.max_steps < 1 or cfg.learning_starts < 1:
-        raise UserError("--seconds must be positive and --max-steps, --learning-starts at least 1.")
+    if cfg.seconds <= 0 or min(cfg.max_steps, cfg.learning_starts, cfg.repeats) < 1:
+        raise UserError("--seconds must be positive and --max-steps, --learning-starts, --repeats at least 1.")
     batches = cfg.batch_sizes or (GPU_BATCHES if device == "cuda" else CPU_BATCHES)
     return replace(cfg, device=device, runs=tuple(runs), batch_sizes=tuple(batches))
 
@@ -424,6 +428,21 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+MEDIAN_FIELDS = ("env_steps_per_s", "updates_per_s", "train_only_updates_per_s", "gpu_utilization_percent")
+
+
+def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the rounds of a measurement: the median of each speed, every round kept."""
+    row = dict(rounds[-1])
+    for name in MEDIAN_FIELDS:
+        values = [r[name] for r in rounds if r[name] is not None]
+        row[name] = float(np.median(values)) if values else None
+    peaks = [r["peak_gpu_memory_bytes"] for r in rounds if r["peak_gpu_memory_bytes"] is not None]
+    row["peak_gpu_memory_bytes"] = max(peaks) if peaks else None
+    row["rounds"] = [{name: r[name] for name in MEDIAN_FIELDS} for r in rounds]
+    return row
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         reference = REFERENCE_RUN[RUNS[row["run"]].pixels]
@@ -473,12 +492,16 @@ def bench(cfg: BenchConfig) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"config": asdict(cfg), "machine": machine_info(), "rows": []}
     jobs = measurements(cfg)
-    for number, (measurement, concurrent) in enumerate(jobs, start=1):
-        print(f"[{number}/{len(jobs)}] {measurement.run}: n_envs {measurement.n_envs}, batch "
-              f"{measurement.batch_size}, {measurement.precision}, {concurrent} process(es)", flush=True)
-        report["rows"].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
-        add_ratios(report["rows"])
-        out.write_text(json.dumps(report, indent=1) + "\n")
+    rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    for repeat in range(cfg.repeats):
+        for number, (measurement, concurrent) in enumerate(jobs):
+            print(f"[round {repeat + 1}/{cfg.repeats}, {number + 1}/{len(jobs)}] {measurement.run}: n_envs "
+                  f"{measurement.n_envs}, batch {measurement.batch_size}, {measurement.precision}, "
+                  f"{concurrent} process(es)", flush=True)
+            rounds[number].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
+            report["rows"] = [median_row(done) for done in rounds if done]
+            add_ratios(report["rows"])
+            out.write_text(json.dumps(report, indent=1) + "\n")
     print()
     print_table(report["rows"], cfg.device)
     print(f"results: {out}")
