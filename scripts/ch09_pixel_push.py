@@ -74,7 +74,13 @@ from ch09.artifacts import (
     package_versions,
     write_json,
 )
-from ch09.callbacks import CheckpointCallback, HParamCallback, PeriodicEvalCallback, ProgressBarCallback
+from ch09.callbacks import (
+    CheckpointCallback,
+    HParamCallback,
+    PeriodicEvalCallback,
+    ProgressBarCallback,
+    testing_hooks,
+)
 from ch09.checkpoints import (
     Checkpointer,
     StopRequest,
@@ -511,6 +517,7 @@ def train(cfg: TrainConfig) -> int:
             callbacks.append(evaluator)
         if cfg.progress:
             callbacks.append(ProgressBarCallback(cfg.total_steps, paths.stem, evaluator))
+        callbacks += testing_hooks(paths.stem)  # empty unless a test sets CH09_TEST_KILL_AT_STEP
 
         print(f"[train] training steps {start_steps:,} -> {cfg.total_steps:,}; TensorBoard: "
               f"tensorboard --logdir {paths.run_dir.parent.parent}", flush=True)

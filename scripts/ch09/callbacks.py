@@ -6,6 +6,8 @@
 | ``PeriodicEvalCallback`` | --eval-freq env steps             | deterministic episodes -> eval/success_rate     |
 | ``ProgressBarCallback``  | env step                          | tqdm bar with steps/s, ETA, latest success rates |
 | ``HParamCallback``       | start of training                 | the config in TensorBoard's HPARAMS tab         |
+| ``KillAtStepForTests``   | env step (TEST HOOK, off unless   | SIGKILLs its own process once at step N, as the |
+|                          | CH09_TEST_KILL_AT_STEP is set)    | OOM killer or ``kill -9`` would                 |
 
 The schedules count env steps (``num_timesteps``), not callback calls, so they land on the same steps
 with any ``--n-envs`` and after a resume.
@@ -13,6 +15,8 @@ with any ``--n-envs`` and after a resume.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from typing import Any
 
@@ -26,6 +30,10 @@ from ch09.checkpoints import Checkpointer, StopRequest
 
 PROGRESS_POSTFIX_EVERY = 1000
 """Callback calls between updates of the progress bar's success-rate postfix."""
+TEST_KILL_AT_STEP = "CH09_TEST_KILL_AT_STEP"
+"""TEST HOOK environment variable: the env step at which a run's first session SIGKILLs itself."""
+TEST_KILL_RUN = "CH09_TEST_KILL_RUN"
+"""TEST HOOK environment variable: limits CH09_TEST_KILL_AT_STEP to the run with this artifact stem."""
 
 
 class CheckpointCallback(BaseCallback):
@@ -128,3 +136,35 @@ class HParamCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         return True
+
+
+class KillAtStepForTests(BaseCallback):
+    """TEST HOOK, not for users: SIGKILL this process at env step ``kill_at_step``, once per run.
+
+    It is how tests/test_ch09_sweep.py makes a run die mid-way the way the OOM killer or ``kill -9`` would
+    (no handler runs, nothing is saved), to check that the sweep's retry resumes from the last checkpoint.
+    It acts only in a session that started at step 0 (a run's first session): the resumed retry trains on.
+    """
+
+    def __init__(self, kill_at_step: int) -> None:
+        super().__init__()
+        self.kill_at_step = kill_at_step
+        self.armed = False
+
+    def _on_training_start(self) -> None:
+        self.armed = self.num_timesteps == 0
+
+    def _on_step(self) -> bool:
+        if self.armed and self.num_timesteps >= self.kill_at_step:
+            print(f"[test hook] {TEST_KILL_AT_STEP}: SIGKILL at step {self.num_timesteps:,}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return True
+
+
+def testing_hooks(run_stem: str) -> list[BaseCallback]:
+    """The test hooks the environment switches on for this run (none in normal use)."""
+    kill_at_step = os.environ.get(TEST_KILL_AT_STEP)
+    only_run = os.environ.get(TEST_KILL_RUN)
+    if not kill_at_step or (only_run and only_run != run_stem):
+        return []
+    return [KillAtStepForTests(int(kill_at_step))]
