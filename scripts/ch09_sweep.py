@@ -39,6 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
+# cli_guard, the entry points' top-level guard, lives with the labs (scripts/ itself is sys.path[0]).
+sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
+
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
+
 import tyro
 
 from ch09.artifacts import REPO_ROOT
@@ -86,13 +93,12 @@ EVAL_EPISODES = 100
 class SweepConfig:
     """Run the chapter's sweeps (or your own train runs) on Ray: each run is a train command, then its eval."""
 
-    sweep: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SWEEP")] = ""
+    sweep: Annotated[tyro.conf.Positional[str], tyro.conf.arg(metavar="SWEEP", help_behavior_hint="")] = ""
     """reproduce (the Experiment Card, 3 seeds) or investigation (Steps 0, 1, 2, 4, control); or use --runs."""
     runs: Path | None = None
     """A file of train argument lines, one run per line ('#' comments), instead of a named sweep."""
     name: str | None = None
-    """The sweep's name in results/<name>_status.json and results/<name>_logs/; default: the sweep, or the
-    --runs file's name without its suffix."""
+    """Name in results/<name>_status.json and results/<name>_logs/; None: the sweep's, or the --runs file's."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """Seeds of reproduce and investigation."""
     steps: list[str] = field(default_factory=lambda: list(INVESTIGATION_STEPS))
@@ -100,23 +106,19 @@ class SweepConfig:
     n_episodes: int = EVAL_EPISODES
     """Deterministic episodes of each run's final eval."""
     address: str = "local"
-    """local (start Ray on this machine, on loopback only), auto (the cluster this node belongs to), host:port
-    of a cluster's head, or ray://host:10001 (Ray Client)."""
+    """local (a new Ray instance here, loopback only), auto (this node's cluster), host:6379, ray://host:10001."""
     num_cpus: int | None = None
     """CPUs of a local Ray instance; None: all of this machine's."""
     cpus_per_run: float = 1.0
     """CPUs each run reserves (Ray num_cpus): 1, or --n-envs + 1 for runs with render workers."""
     gpus_per_run: float | None = None
-    """GPUs each run reserves (Ray num_gpus); a fraction shares a card (0.33: three runs on one GPU). None:
-    1 when the cluster has a GPU, else 0 (CPU training)."""
+    """GPUs each run reserves (Ray num_gpus; 0.33: three runs share a card); None: 1 if there is a GPU, else 0."""
     max_retries: int = 3
     """Retries of a run whose process dies; each retry resumes from the run's latest checkpoint."""
     artifact_root: Path = REPO_ROOT
-    """Folder for checkpoints/, results/ and runs/. On a cluster it must be an absolute path on a filesystem
-    every node mounts at the same place (the sweep checks that each node sees it), and the repository with
-    its environment must sit at the same path on every node too."""
+    """Folder for checkpoints/, results/, runs/; on a cluster an absolute path every node mounts (checked per node)."""
     dry_run: bool = False
-    """Print the commands the sweep would run (already finished ones as '# done:' comments) and exit."""
+    """Print the commands the sweep would run (finished ones as '# done:' comments) and exit."""
 
 
 # ======================================================================================================
@@ -243,4 +245,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))
