@@ -14,9 +14,9 @@ Layout: one row per env step, plus one per episode for the reset frame
 Every env ``e`` owns a ring of ``R = buffer_size // n_envs`` rows. An episode of ``L`` steps that starts
 at row ``s`` fills ``L + 1`` consecutive rows (mod ``R``)::
 
-    row s         : reset observation o_0   (frame f_0 and the vector keys; no action, never sampled)
+    row s         : reset observation o_0   (frame f_0 and the other keys; no action, never sampled)
     row s + 1 + k : transition k            (action a_k, reward r_k, done/timeout, and o_{k+1}: its newest
-                                             frame f_{k+1} and vector keys; for the last step the
+                                             frame f_{k+1} and other keys; for the last step the
                                              ``terminal_observation`` SB3 substitutes for next_obs)
 
 The pixel wrapper's stack at frame time tau is ``(f_{tau-3}, f_{tau-2}, f_{tau-1}, f_tau)`` with
@@ -26,7 +26,7 @@ with ``K = frame_stack`` and ``clip(x) = max(x, 0)``::
     obs(k)      = stack(k):     rows s + clip(k - K + 1 + j),  j = 0 .. K-1
     next_obs(k) = stack(k + 1): rows s + clip(k - K + 2 + j),  j = 0 .. K-1
 
-Both together read only K + 1 distinct rows per sample. The vector keys of ``obs(k)`` are row ``s + k``,
+Both together read only K + 1 distinct rows per sample. The other keys of ``obs(k)`` are row ``s + k``,
 those of ``next_obs(k)`` row ``s + k + 1``. HER's "future" goal for transition k is the achieved goal of
 ``next_obs(j)`` for ``j ~ U{k, ..., L-1}`` (inclusive, as in SB3): row ``s + 1 + j``. All of it is vectorised
 over the batch; the reward of a relabelled goal comes from ``compute_reward`` called once per batch,
@@ -41,11 +41,23 @@ Use
     model = SAC("MultiInputPolicy", env, replay_buffer_class=FrameStackHerReplayBuffer,
                 replay_buffer_kwargs=dict(n_sampled_goal=4, drq=True))
 
-SAC passes ``env`` itself (this is a ``HerReplayBuffer`` subclass). ``compute_reward`` then runs in this
-process: the sub-env's own method under DummyVecEnv, and under SubprocVecEnv a state-only copy of the
-registered task built here (``GoalEnvReward``); ``compute_reward=`` overrides both.
-Observation spaces without a pixel key (full-state runs) work too: then this is simply a compact,
-vectorised HER buffer.
+It takes the ``replay_buffer_kwargs`` of SB3's ``HerReplayBuffer`` (``n_sampled_goal``,
+``goal_selection_strategy``, ``copy_info_dict``, ``handle_timeout_termination``), and SB3's off-policy
+algorithms (SAC, TD3, DDPG, DQN) pass ``env`` themselves, since this is a ``HerReplayBuffer`` subclass;
+``save_replay_buffer`` / ``load_replay_buffer`` pickle it as they pickle SB3's (``save()`` / ``load()``
+stream a large one to a folder instead).
+
+``compute_reward`` runs in this process: the sub-env's own method under DummyVecEnv, and under
+SubprocVecEnv a state-only copy of the registered task built here (``GoalEnvReward``); ``compute_reward=``
+overrides both. When no copy can be built (an env made by a function and never registered, such as SB3's
+``BitFlippingEnv``), the buffer says so in one warning and asks env 0's worker process, as SB3 does
+(``env_method("compute_reward", ...)``): one round trip per sampled batch.
+
+Only the ``pixel_key`` is stored frame by frame. Every other key is stored as it comes, exactly: the
+float Boxes side by side in one array (their common float dtype holds every value of each), any other key
+(an image, integers, booleans, a Discrete space) in an array of its own shape and dtype, as SB3 stores it.
+Observation spaces without a pixel key (full-state runs, ``BitFlippingEnv``) work too: then this is simply
+a compact, vectorised HER buffer.
 
 ``python scripts/bench_replay.py`` compares it with SB3's buffer; ``tests/test_framestack_replay.py``
 checks every sampled stack against the stream a real pixel env produced.
@@ -53,7 +65,10 @@ checks every sampled stack against the stream a real pixel env produced.
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +80,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
-from stable_baselines3.common.preprocessing import get_action_dim
+from stable_baselines3.common.preprocessing import get_action_dim, get_obs_shape
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.utils import get_device
 from stable_baselines3.common.vec_env import VecEnv, VecNormalize
@@ -86,6 +101,16 @@ SAVE_FORMAT_VERSION = 1
 
 MIN_ACCEPTANCE = 0.25
 """Below this fraction of sampleable slots, sampling switches from rejection to an exact index list."""
+
+TRUNCATION_WARNING = (
+    "The last trajectory in the replay buffer will be truncated.\n"
+    "If you are in the same episode as when the replay buffer was saved,\n"
+    "you should use `truncate_last_trajectory=False` to avoid that issue."
+)
+"""SB3's ``HerReplayBuffer.truncate_last_trajectory`` warning, word for word (code that filters it keeps working)."""
+
+TERMINAL_OBSERVATION = "terminal_observation"
+"""The info key SB3's VecEnvs add at a done: the episode's last observation, which the buffer stores as a row."""
 
 
 @dataclass
@@ -124,9 +149,18 @@ class GoalEnvReward:
         self.env_kwargs = {k: v for k, v in (env_kwargs or {}).items() if k not in self.RENDER_KWARGS}
         self._env: Any = None
 
+    def build(self) -> None:
+        """Make the copy now (a call does it on first use); raises what ``gym.make`` raises for this id."""
+        if self._env is not None:
+            return
+        env = gym.make(self.env_id, **self.env_kwargs)
+        if not callable(getattr(env.unwrapped, "compute_reward", None)):
+            env.close()
+            raise AttributeError(f"{self.env_id} has no compute_reward")
+        self._env = env
+
     def __call__(self, achieved_goal: np.ndarray, desired_goal: np.ndarray, info: Any) -> np.ndarray:
-        if self._env is None:
-            self._env = gym.make(self.env_id, **self.env_kwargs)
+        self.build()
         return self._env.unwrapped.compute_reward(achieved_goal, desired_goal, info)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -157,32 +191,41 @@ def frame_stack_rows(ep_start: np.ndarray, step: np.ndarray,
 class FrameStackHerReplayBuffer(HerReplayBuffer):
     """HER replay buffer that stores each frame once and rebuilds frame stacks at sample time.
 
-    A drop-in ``replay_buffer_class`` for SB3's SAC (SAC passes ``env``, ``device``, ``n_envs``).
+    A drop-in ``replay_buffer_class`` for SB3's SAC, TD3, DDPG and DQN (they pass ``env``, ``device``,
+    ``n_envs``).
 
-    | stored per row (env step)                   | shape                  | dtype              | where             |
-    |---------------------------------------------|------------------------|--------------------|-------------------|
-    | ``frames``                                  | (R, n_envs, 3, 84, 84) | uint8              | ``storage_device`` |
-    | ``vectors`` (all non-pixel keys side by side) | (R, n_envs, d)       | float32            | RAM               |
-    | ``actions``                                 | (R, n_envs, a)         | float32            | RAM               |
-    | ``rewards``, ``dones``, ``timeouts``        | (R, n_envs)            | float32, bool, bool | RAM              |
-    | ``ep_start``, ``ep_length``, ``sampleable`` | (R, n_envs)            | int64, int64, bool | RAM (bookkeeping) |
+    | stored per row (env step)                   | shape                  | dtype                | where              |
+    |---------------------------------------------|------------------------|----------------------|--------------------|
+    | ``frames`` (the ``pixel_key``, one frame)   | (R, n_envs, 3, 84, 84) | uint8                | ``storage_device`` |
+    | ``vectors`` (the float keys side by side)   | (R, n_envs, d)         | their common float   | RAM                |
+    | ``key_arrays[key]`` (every other key)       | (R, n_envs, *shape)    | the key's own        | RAM                |
+    | ``actions``                                 | (R, n_envs, a)         | float32 (DQN: int64) | RAM                |
+    | ``rewards``, ``dones``, ``timeouts``        | (R, n_envs)            | float32, bool, bool  | RAM                |
+    | ``ep_start``, ``ep_length``, ``sampleable`` | (R, n_envs)            | int64, int64, bool   | RAM (bookkeeping)  |
+    | ``infos`` (with ``copy_info_dict``)         | (R, n_envs)            | object: dicts        | RAM, not counted   |
 
-    ``bytes_per_row`` adds these up; an L-step episode takes L + 1 rows (its reset frame has one), so
-    ``bytes_per_transition(L)`` is ``bytes_per_row * (L + 1) / L``. ``memory_plan`` says where they live.
+    ``bytes_per_row`` adds these up (all but ``infos``, whose size only the env knows); an L-step episode
+    takes L + 1 rows (its reset frame has one), so ``bytes_per_transition(L)`` is
+    ``bytes_per_row * (L + 1) / L``. ``memory_plan`` says where they live.
 
     Args:
         buffer_size: rows in total (``buffer_size // n_envs`` per env); each episode uses one extra row.
         observation_space: dict space; ``pixel_key`` (a ``(3K, H, W)`` uint8 frame stack) is optional.
-        action_space: Box action space.
-        env: the training VecEnv (SAC injects it); used only to find ``compute_reward``.
+        action_space: Box action space, or Discrete for DQN.
+        env: the training VecEnv (the algorithm injects it); used only to find ``compute_reward``.
         device: training device; sampled tensors land there.
         n_envs: number of parallel envs; their episodes interleave, each env has its own ring.
         optimize_memory_usage: must be False: this buffer is the memory-optimised variant already.
         handle_timeout_termination: time-limit truncations are not terminal (``dones`` sampled as 0).
         n_sampled_goal: k; a sample is relabelled with probability k / (k + 1).
         goal_selection_strategy: "future" (default), "final" or "episode".
+        copy_info_dict: keep each transition's info dict and pass the relabelled transitions' infos to
+            ``compute_reward`` (an object array of deep copies), as SB3 does; otherwise it gets empty dicts.
+            The kept copy leaves out ``terminal_observation``: that is the episode's last observation, which
+            the buffer stores as a row already (a whole frame stack, for pixels). For pixels this keeps the
+            memory goal: one small Python dict per transition next to a frame (README: lean replay).
         compute_reward: vectorised ``(achieved_goal, desired_goal, infos) -> rewards``; None reads it from
-            an in-process env.
+            an in-process env (see the module docstring), or else asks ``env.env_method``.
         drq: apply DrQ random shifts (independently) to the sampled obs and next_obs pixels (no-op without pixels).
         drq_pad: largest DrQ shift in pixels.
         pixel_key: key of the stacked frames in the observation dict.
@@ -203,6 +246,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         handle_timeout_termination: bool = True,
         n_sampled_goal: int = 4,
         goal_selection_strategy: GoalSelectionStrategy | str = "future",
+        copy_info_dict: bool = False,
         compute_reward: RewardFn | None = None,
         drq: bool = False,
         drq_pad: int = DRQ_PAD,
@@ -226,9 +270,12 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self.pixel_key = pixel_key
         self.frame_stack = int(frame_stack)
         self.frame_shape = self._frame_shape(observation_space, pixel_key, self.frame_stack)  # None: no pixels
-        # All vector keys share one (R, n_envs, d) array: one write per row, one read per sample.
+        # The float keys share one (R, n_envs, d) array: one write per row, one read per sample. Every other
+        # key keeps its own shape and dtype (an int64 or a uint8 image cast to float would not be exact/lean).
         self._vector_columns, vector_dtype = self._vector_layout(observation_space, pixel_key)
         self.vector_keys = list(self._vector_columns)
+        self.array_keys = self._array_keys(observation_space, pixel_key)
+        self._obs_shapes = {key: get_obs_shape(observation_space[key]) for key in observation_space.spaces}
         self.storage_device = self._storage_device(device, storage_device)
         self.drq, self.drq_pad = drq, drq_pad
 
@@ -239,7 +286,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         )
         self.n_sampled_goal = n_sampled_goal
         self.her_ratio = 1 - 1.0 / (n_sampled_goal + 1)  # P(relabel) = k / (k + 1)
-        if n_sampled_goal > 0 and not {"achieved_goal", "desired_goal"} <= set(self.vector_keys):
+        if n_sampled_goal > 0 and not {"achieved_goal", "desired_goal"} <= set(self._obs_shapes) - {pixel_key}:
             raise ValueError(
                 f"HER relabels 'desired_goal' with an 'achieved_goal', but the observation keys are "
                 f"{list(observation_space.spaces)}; build the env with goal_mode='both' or pass n_sampled_goal=0."
@@ -257,6 +304,10 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 self.frames = th.zeros((rows, envs, *self.frame_shape), dtype=th.uint8, device=self.storage_device)
         vector_width = sum(columns.stop - columns.start for columns in self._vector_columns.values())
         self.vectors = np.zeros((rows, envs, vector_width), dtype=vector_dtype)
+        self.key_arrays = {
+            key: np.zeros((rows, envs, *self._obs_shapes[key]), dtype=observation_space[key].dtype)
+            for key in self.array_keys
+        }
         self.actions = np.zeros((rows, envs, self.action_dim), dtype=self._maybe_cast_dtype(action_space.dtype))
         self.rewards = np.zeros((rows, envs), dtype=np.float32)
         self.dones = np.zeros((rows, envs), dtype=bool)
@@ -271,6 +322,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._rows_written = np.zeros(envs, dtype=np.int64)
         self._open_start = np.full(envs, -1, dtype=np.int64)  # start row of the running episode, -1 if none
         self._n_sampleable = 0
+        # With copy_info_dict: each transition row's info dict (start rows hold None).
+        self.copy_info_dict = copy_info_dict
+        self.infos: np.ndarray | None = np.full((rows, envs), None, dtype=object) if copy_info_dict else None
 
         self.env = None
         self._user_compute_reward = compute_reward
@@ -298,12 +352,24 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         return channels // frame_stack, height, width
 
     @staticmethod
+    def _is_vector_key(space: spaces.Space) -> bool:
+        """A float Box: packed with the others, exactly (the common float dtype holds each one's values)."""
+        return isinstance(space, spaces.Box) and np.issubdtype(space.dtype, np.floating)
+
+    @staticmethod
     def _vector_layout(observation_space: spaces.Dict, pixel_key: str) -> tuple[dict[str, slice], np.dtype]:
-        """Columns of each non-pixel key in the shared vector array, and that array's dtype."""
-        keys = [key for key in observation_space.spaces if key != pixel_key]
+        """Columns of each float key (not the pixel key) in the shared vector array, and that array's dtype."""
+        keys = [key for key, space in observation_space.spaces.items()
+                if key != pixel_key and FrameStackHerReplayBuffer._is_vector_key(space)]
         edges = np.cumsum([0, *[int(np.prod(observation_space[key].shape)) for key in keys]])
         columns = {key: slice(int(lo), int(hi)) for key, lo, hi in zip(keys, edges[:-1], edges[1:])}
         return columns, np.result_type(*[observation_space[key].dtype for key in keys], np.float32)
+
+    @staticmethod
+    def _array_keys(observation_space: spaces.Dict, pixel_key: str) -> list[str]:
+        """The keys stored in an array of their own: all but the pixel key and the float keys."""
+        return [key for key, space in observation_space.spaces.items()
+                if key != pixel_key and not FrameStackHerReplayBuffer._is_vector_key(space)]
 
     @staticmethod
     def _storage_device(device: th.device | str, storage_device: th.device | str | None) -> th.device:
@@ -319,10 +385,14 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         frame_bytes = int(np.prod(shape)) if shape is not None else 0
         columns, dtype = FrameStackHerReplayBuffer._vector_layout(observation_space, pixel_key)
         vector_bytes = sum(column.stop - column.start for column in columns.values()) * dtype.itemsize
-        action_bytes = get_action_dim(action_space) * 4  # float32, as SB3 stores actions
+        key_bytes = sum(int(np.prod(get_obs_shape(observation_space[key]))) * observation_space[key].dtype.itemsize
+                        for key in FrameStackHerReplayBuffer._array_keys(observation_space, pixel_key))
+        # float32 for float actions, as SB3 stores them; Discrete (DQN) keeps its int64
+        action_dtype = np.dtype(FrameStackHerReplayBuffer._maybe_cast_dtype(action_space.dtype))
+        action_bytes = get_action_dim(action_space) * action_dtype.itemsize
         scalar_bytes = 4 + 1 + 1  # reward float32, done bool, timeout bool
         bookkeeping_bytes = 8 + 8 + 1  # ep_start int64, ep_length int64, sampleable bool
-        return frame_bytes, vector_bytes + action_bytes + scalar_bytes + bookkeeping_bytes
+        return frame_bytes, vector_bytes + key_bytes + action_bytes + scalar_bytes + bookkeeping_bytes
 
     @classmethod
     def memory_plan(
@@ -381,7 +451,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     # ----------------------------------------------------------------------------------------------
     def set_env(self, env: VecEnv) -> None:
         super().set_env(env)  # raises if an env is already set, as SB3 does
-        if self._user_compute_reward is None:
+        if self._user_compute_reward is None and self.n_sampled_goal > 0:  # without HER no reward is recomputed
             self.compute_reward = self._in_process_compute_reward(env)
 
     @staticmethod
@@ -390,15 +460,36 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
         DummyVecEnv: the first sub-env's own method. SubprocVecEnv: the envs live in worker processes, so we
         build a state-only copy of the registered task here (``GoalEnvReward``), which costs no rendering.
+        When none can be built, say so once: from then on every sampled batch waits for a worker process.
         """
         envs = getattr(env, "envs", None)
         if envs:
-            return envs[0].get_wrapper_attr("compute_reward")
+            try:
+                return envs[0].get_wrapper_attr("compute_reward")
+            except AttributeError:
+                raise ValueError(
+                    f"HER needs the env's compute_reward(achieved_goal, desired_goal, info), but {envs[0]} has "
+                    "none; pass compute_reward= to the buffer, or n_sampled_goal=0 to train without HER."
+                ) from None
         try:
             spec = env.get_attr("spec", indices=[0])[0]
         except (AttributeError, EOFError, OSError):
-            return None
-        return GoalEnvReward(spec.id, spec.kwargs) if spec is not None else None
+            spec = None
+        reason = "its envs have no gymnasium spec"
+        if spec is not None:
+            twin = GoalEnvReward(spec.id, spec.kwargs)
+            try:
+                twin.build()
+                return twin
+            except Exception as error:  # any failure (NameNotFound for an unregistered env): do as SB3 does
+                reason = f"gym.make({spec.id!r}) failed here ({type(error).__name__}: {error})"
+        warnings.warn(
+            f"FrameStackHerReplayBuffer cannot compute rewards in this process: {reason}. Relabelled rewards "
+            "now come from env.env_method('compute_reward', ...), a round trip to a worker process per sampled "
+            "batch; pass compute_reward= to the buffer to avoid it.",
+            stacklevel=3,  # the caller of set_env()
+        )
+        return None
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()  # drops env, as SB3 does
@@ -406,19 +497,26 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             state["compute_reward"] = None  # a bound method of a MuJoCo env; set_env() finds it again
         return state
 
-    def _relabelled_rewards(self, achieved_goal: np.ndarray, desired_goal: np.ndarray) -> np.ndarray:
-        infos = [{} for _ in range(len(achieved_goal))]  # Fetch's reward needs no info
+    def _relabelled_infos(self, rows: np.ndarray, envs: np.ndarray) -> np.ndarray | list[dict[str, Any]]:
+        """What ``compute_reward`` gets as ``info``, as SB3 passes it: deep copies of the kept infos (an object
+        array) with ``copy_info_dict``, else empty dicts (Fetch's reward needs no info)."""
+        if self.infos is None:
+            return [{} for _ in range(len(rows))]
+        return copy.deepcopy(self.infos[rows, envs])  # compute_reward may change them; the kept ones stay
+
+    def _relabelled_rewards(self, achieved_goal: np.ndarray, desired_goal: np.ndarray,
+                            infos: np.ndarray | list[dict[str, Any]]) -> np.ndarray:
         if self.compute_reward is not None:
             rewards = self.compute_reward(achieved_goal, desired_goal, infos)
         elif self.env is not None:
-            # SubprocVecEnv: one round trip per batch (pass compute_reward= to avoid it).
+            # No in-process reward (see set_env): one round trip per batch, as SB3 does.
             rewards = self.env.env_method("compute_reward", achieved_goal, desired_goal, infos, indices=[0])[0]
         else:
             raise RuntimeError(
                 "FrameStackHerReplayBuffer has no compute_reward for relabelled goals; pass compute_reward= "
-                "or an env (SAC does this for you)."
+                "or an env (SB3's algorithms do this for you)."
             )
-        return np.asarray(rewards, dtype=np.float32)
+        return np.asarray(rewards, dtype=np.float32).reshape(len(achieved_goal))
 
     # ----------------------------------------------------------------------------------------------
     # Writing
@@ -441,20 +539,18 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         """
         envs = self._all_envs
         obs_vectors = self._pack(obs)
-        self._close_discontinued_episodes(obs_vectors)
+        self._close_discontinued_episodes(obs, obs_vectors)
         starting = self._open_start < 0
         if starting.any():  # an episode's first step: its reset frame
             new = envs[starting]
             self._open_start[new] = self._next_row[new]
-            start_rows = self._write_rows(
-                new, self._newest_frames(obs, new), obs_vectors[new])
+            start_rows = self._write_rows(new, obs, obs_vectors)
             # a start row holds an observation, not a transition
             self.dones[start_rows, new] = False
             self.timeouts[start_rows, new] = False
         self._refuse_wrapped_episode()
 
-        rows = self._write_rows(envs, self._newest_frames(next_obs, envs),
-                                self._pack(next_obs))
+        rows = self._write_rows(envs, next_obs, self._pack(next_obs))
         done = np.asarray(done, dtype=bool).reshape(self.n_envs)
         self.actions[rows, envs] = np.asarray(action).reshape(
             self.n_envs, self.action_dim)
@@ -463,9 +559,16 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         if self.handle_timeout_termination:
             self.timeouts[rows, envs] = [
                 info.get("TimeLimit.truncated", False) for info in infos]
+        if self.copy_info_dict:
+            self._keep_infos(rows, infos)
         for env_idx in np.flatnonzero(done):
             self._close_episode(int(env_idx))
     # --8<-- [end:frame_stack_add]
+
+    def _keep_infos(self, rows: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """copy_info_dict: keep each env's info at its transition row, without the terminal observation."""
+        for row, env_idx, info in zip(rows, self._all_envs, infos):
+            self.infos[row, env_idx] = {key: value for key, value in info.items() if key != TERMINAL_OBSERVATION}
 
     def _refuse_wrapped_episode(self) -> None:
         """The ring came round to a running episode's start row: that episode cannot be kept."""
@@ -491,17 +594,27 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             return np.zeros((self.n_envs, 0), dtype=self.vectors.dtype)
         return np.concatenate([np.asarray(source[key]).reshape(self.n_envs, -1) for key in self.vector_keys], axis=1)
 
-    def _write_rows(self, envs: np.ndarray, frames: np.ndarray | None, vectors: np.ndarray) -> np.ndarray:
-        """Write one row per env in ``envs`` (its newest frame, its vector keys) at its next row; return the rows."""
+    def _key_values(self, source: dict[str, np.ndarray], key: str) -> np.ndarray:
+        """(n_envs, *shape) of an array key, as SB3 shapes it (a Discrete key's (n_envs,) becomes (n_envs, 1))."""
+        return np.asarray(source[key]).reshape(self.n_envs, *self._obs_shapes[key])
+
+    def _write_rows(self, envs: np.ndarray, source: dict[str, np.ndarray], vectors: np.ndarray) -> np.ndarray:
+        """Write one row per env in ``envs`` at its next row: the newest frame and every other key of ``source``
+        (``vectors`` is its ``_pack``, all envs); return the rows."""
         rows = self._next_row[envs]
+        some = len(envs) != self.n_envs  # only the envs starting an episode
         self._free_rows(rows, envs)
+        frames = self._newest_frames(source, envs)
         if isinstance(self.frames, np.ndarray):
             self.frames[rows, envs] = frames
         elif frames is not None:  # one host-to-device copy of the new frames, then a scatter on the device
             flat_rows = th.as_tensor(rows * self.n_envs + envs, device=self.storage_device)
             new_frames = th.from_numpy(np.ascontiguousarray(frames)).to(self.storage_device)
             self.frames.view(-1, *self.frame_shape).index_copy_(0, flat_rows, new_frames)
-        self.vectors[rows, envs] = vectors
+        self.vectors[rows, envs] = vectors[envs] if some else vectors
+        for key, array in self.key_arrays.items():
+            values = self._key_values(source, key)
+            array[rows, envs] = values[envs] if some else values
         self.ep_start[rows, envs] = self._open_start[envs]
         self.ep_length[rows, envs] = 0
         self._next_row[envs] = (rows + 1) % self.buffer_size
@@ -511,10 +624,23 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     def _unpack(self, packed: np.ndarray) -> dict[str, np.ndarray]:
         """Inverse of ``_pack`` for a (B, d) batch: per-key (B, *shape) arrays in each key's dtype."""
         return {
-            key: np.ascontiguousarray(packed[:, columns]).reshape(len(packed), *self.observation_space[key].shape)
+            key: np.ascontiguousarray(packed[:, columns]).reshape(len(packed), *self._obs_shapes[key])
             .astype(self.observation_space[key].dtype, copy=False)
             for key, columns in self._vector_columns.items()
         }
+
+    def _read_observations(self, rows: np.ndarray, envs: np.ndarray) -> dict[str, np.ndarray]:
+        """Every key but the pixel key at (rows, envs): (B, *shape) fresh arrays, each in its key's dtype."""
+        observations = self._unpack(self.vectors[rows, envs])
+        observations.update({key: array[rows, envs] for key, array in self.key_arrays.items()})
+        return observations
+
+    def _read_key(self, key: str, rows: np.ndarray, envs: np.ndarray) -> np.ndarray:
+        """One key (not the pixel key) at (rows, envs), as ``_read_observations`` gives it."""
+        if key in self.key_arrays:
+            return self.key_arrays[key][rows, envs]
+        packed = self.vectors[rows, envs, self._vector_columns[key]]
+        return packed.reshape(len(rows), *self._obs_shapes[key]).astype(self.observation_space[key].dtype, copy=False)
 
     def _free_rows(self, rows: np.ndarray, envs: np.ndarray) -> None:
         """Before overwriting a row: if an old episode starts there, retire the whole episode.
@@ -542,18 +668,22 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._n_sampleable += length
         self._open_start[env_idx] = -1
 
-    def _close_discontinued_episodes(self, obs_vectors: np.ndarray) -> None:
+    def _close_discontinued_episodes(self, obs: dict[str, np.ndarray], obs_vectors: np.ndarray) -> None:
         """This is subtle: the env may have been reset WITHOUT a done (a second ``learn()`` call, a resume).
 
         Then ``obs`` does not continue the running episode, and appending to it would splice two episodes
-        into one frame stack. obs(t) must equal the stored next_obs(t-1); we compare the (host-side) vector
-        keys, which a reset changes, and close a broken episode as a time-out.
+        into one frame stack. obs(t) must equal the stored next_obs(t-1); we compare the (host-side) keys
+        other than pixels, which a reset changes, and close a broken episode as a time-out.
         """
         running = self._open_start >= 0
-        if not self.vector_keys or not running.any():
+        if not (self.vector_keys or self.array_keys) or not running.any():
             return
         last_rows = (self._next_row - 1) % self.buffer_size
-        continues = (self.vectors[last_rows, self._all_envs] == obs_vectors).all(axis=1) | ~running
+        continues = (self.vectors[last_rows, self._all_envs] == obs_vectors).all(axis=1)
+        for key, array in self.key_arrays.items():
+            stored = array[last_rows, self._all_envs].reshape(self.n_envs, -1)
+            continues &= (stored == self._key_values(obs, key).reshape(self.n_envs, -1)).all(axis=1)
+        continues |= ~running
         for env_idx in np.flatnonzero(~continues):
             warnings.warn(
                 f"add() got an observation that does not continue env {env_idx}'s running episode (was the env "
@@ -569,8 +699,14 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._close_episode(env_idx)
 
     def truncate_last_trajectory(self) -> None:
-        """Close every running episode as a time-out (after a resume the envs start fresh episodes)."""
-        for env_idx in np.flatnonzero(self._open_start >= 0):
+        """Close every running episode as a time-out (after a resume the envs start fresh episodes).
+
+        Warns as SB3's buffer does, with its words, when there is a running episode to close.
+        """
+        running = np.flatnonzero(self._open_start >= 0)
+        if len(running):
+            warnings.warn(TRUNCATION_WARNING, stacklevel=2)
+        for env_idx in running:
             self._truncate_episode(int(env_idx), int((self._next_row[env_idx] - 1) % self.buffer_size))
 
     def reset(self) -> None:
@@ -643,16 +779,17 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     def _gather(self, idx: SampleIndices, env: VecNormalize | None = None) -> DictReplayBufferSamples:
         """Read the transitions ``idx`` names: rebuild frame stacks, relabel goals, recompute rewards."""
         obs_rows = (idx.rows - 1) % self.buffer_size  # obs(k) is row s + k; next_obs(k) is row s + k + 1
-        obs = self._unpack(self.vectors[obs_rows, idx.envs])
-        next_obs = self._unpack(self.vectors[idx.rows, idx.envs])
+        obs = self._read_observations(obs_rows, idx.envs)
+        next_obs = self._read_observations(idx.rows, idx.envs)
         rewards = self.rewards[idx.rows, idx.envs].copy()
         if idx.relabelled.any():
             her = idx.relabelled
-            new_goals = self.vectors[idx.goal_rows[her], idx.envs[her], self._vector_columns["achieved_goal"]]
+            new_goals = self._read_key("achieved_goal", idx.goal_rows[her], idx.envs[her])
             obs["desired_goal"][her] = new_goals
             next_obs["desired_goal"][her] = new_goals  # the goal is fixed within a transition
             # r_k = reward(next achieved goal, new goal): s_{k+1} is what action a_k achieved.
-            rewards[her] = self._relabelled_rewards(next_obs["achieved_goal"][her], new_goals)
+            infos = self._relabelled_infos(idx.rows[her], idx.envs[her])
+            rewards[her] = self._relabelled_rewards(next_obs["achieved_goal"][her], new_goals, infos)
         dones = self.dones[idx.rows, idx.envs].astype(np.float32)
         if self.handle_timeout_termination:
             dones *= 1.0 - self.timeouts[idx.rows, idx.envs]  # a time-out is not terminal
@@ -706,20 +843,25 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         arrays: dict[str, np.ndarray | th.Tensor] = {}
         if self.frame_shape is not None:
             arrays["frames"] = self.frames
+        arrays["vectors"] = self.vectors
+        # a file name per key: "obs.<key>", any character a file name should not hold replaced by "_"
+        arrays.update({f"obs.{re.sub(r'[^A-Za-z0-9_.-]', '_', key)}": array for key, array in self.key_arrays.items()})
         arrays.update(
-            vectors=self.vectors, actions=self.actions, rewards=self.rewards, dones=self.dones, timeouts=self.timeouts,
+            actions=self.actions, rewards=self.rewards, dones=self.dones, timeouts=self.timeouts,
             ep_start=self.ep_start, ep_length=self.ep_length, sampleable=self.sampleable,
         )
         return arrays
 
     def _meta(self) -> dict[str, Any]:
-        return {
+        meta = {
             "format_version": SAVE_FORMAT_VERSION,
             "rows_per_env": self.buffer_size,
             "n_envs": self.n_envs,
             "frame_stack": self.frame_stack,
             "arrays": {name: [list(array.shape), str(array.dtype)] for name, array in self._arrays().items()},
         }
+        # Only when set, so folders saved before copy_info_dict existed still load.
+        return meta | {"copy_info_dict": True} if self.copy_info_dict else meta
 
     def save(self, directory: str | Path) -> None:
         """Write the buffer to ``directory`` (created): ``<array>.npy`` files written slice by slice + state.json."""
@@ -733,6 +875,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 out[lo:hi] = chunk if isinstance(chunk, np.ndarray) else chunk.cpu().numpy()
             out.flush()
             del out
+        if self.infos is not None:  # Python dicts: pickled, as SB3 pickles its whole buffer
+            with open(directory / "infos.pkl", "wb") as handle:
+                pickle.dump(self.infos, handle, protocol=pickle.HIGHEST_PROTOCOL)
         state = self._meta() | {
             "next_row": self._next_row.tolist(),
             "rows_written": self._rows_written.tolist(),
@@ -757,7 +902,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         if saved != expected:
             raise ValueError(
                 f"the buffer saved in {directory} has layout {saved} but this one was built as {expected}; "
-                "build it with the same buffer_size, n_envs, observation space and frame_stack."
+                "build it with the same buffer_size, n_envs, observation space, frame_stack and copy_info_dict."
             )
         for name, array in self._arrays().items():
             source = np.load(directory / f"{name}.npy", mmap_mode="r")
@@ -768,6 +913,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 else:
                     array[lo:hi].copy_(th.from_numpy(chunk))
             del source
+        if self.infos is not None:
+            with open(directory / "infos.pkl", "rb") as handle:
+                self.infos[:] = pickle.load(handle)
         self._next_row = np.array(state["next_row"], dtype=np.int64)
         self._rows_written = np.array(state["rows_written"], dtype=np.int64)
         self._open_start = np.array(state["open_start"], dtype=np.int64)
