@@ -40,6 +40,10 @@ from typing import Any
 # The labs import each other by bare module name; scripts/ itself is sys.path[0] when this file runs.
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
+
 import numpy as np
 import torch as th
 import tyro
@@ -357,4 +361,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

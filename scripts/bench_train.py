@@ -64,6 +64,10 @@ from typing import Any, Literal
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(1, str(SCRIPTS_DIR / "labs"))
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
+
 import numpy as np  # noqa: E402
 import torch as th  # noqa: E402
 import tyro  # noqa: E402
@@ -520,4 +524,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

@@ -58,6 +58,10 @@ from typing import Any
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # before matplotlib loads: a failing import or an early SIGTERM is one line
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.patches import Patch, Rectangle
@@ -929,4 +933,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

@@ -45,6 +45,12 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))  # cli_guard: standard library only
+
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a bug is one line and a crash log, never a traceback
+
 SCRIPTS_DIR = Path(__file__).resolve().parent
 LABS_DIR = SCRIPTS_DIR / "labs"
 MANIFEST_PATH = SCRIPTS_DIR / "snippets_manifest.json"
@@ -345,4 +351,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))
