@@ -21,7 +21,10 @@ The investigation, one command per step (``bash docker/dev.sh python scripts/ch0
 Subcommands
     train      train one seed; artifacts under --artifact-root (default: the repository root)
     eval       eval --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip [--n-episodes 100] [--seed S]
-    aggregate  aggregate results/ch09_<tag>_<env>_seed*_eval.json   (mean +/- std over seeds, t-based CI)
+               eval --checkpoint URL [--sha256 HEX], eval --from-release FOLDER_OR_URL [--steps 1M]
+    aggregate  aggregate results/ch09_<tag>_<env>_seed*_eval.json   (mean +/- std over seeds, t-based CI;
+               the eval files of one run's snapshots give success against steps)
+    package    package --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip   (a release folder to publish)
 
 Artifacts of ``train`` (``<tag>`` comes from the flags, e.g. ``manip_noDrQ_criticEnc``; ``<env>`` = FetchPush-v4)
     checkpoints/ch09_<tag>_<env>_seed<N>.zip               latest model (rewritten at every checkpoint)
@@ -66,7 +69,9 @@ from ch09.artifacts import (
     AGGREGATE_FORMAT,
     CHECKPOINT_FORMAT,
     EVAL_FORMAT,
+    PERIODIC_RE,
     REPO_ROOT,
+    SUCCESS_VS_STEPS_FORMAT,
     RunPaths,
     artifact_root,
     git_commit,
@@ -92,10 +97,12 @@ from ch09.checkpoints import (
     read_meta,
     restore_replay_buffer,
 )
+from ch09.digest import sha256_file
 from ch09.errors import USER_ERROR_EXIT, UserError
 from ch09.fast_sac import FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
+from ch09.release import checkpoint_for_eval, package_run
 from ch09.stats import seed_mean_interval, wilson_interval
 from ch09.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
@@ -190,8 +197,16 @@ class TrainConfig:
 class EvalConfig:
     """Evaluate a checkpoint: deterministic episodes on the env it was trained on."""
 
-    checkpoint: Path
-    """Checkpoint .zip to evaluate; its .meta.json (or the run's) says which env to rebuild."""
+    checkpoint: str | None = None
+    """Checkpoint .zip to evaluate: a path, or an http(s) URL (downloaded into checkpoints/, checked against the
+    SHA256SUMS beside it or --sha256); its .meta.json (or the run's) says which env to rebuild."""
+    from_release: str | None = None
+    """A release folder written by `package`, or its URL: evaluates its final model (a snapshot with --steps),
+    after checking its SHA256SUMS."""
+    steps: str | None = None
+    """With --from-release: the snapshot to evaluate, e.g. 500K, 1M, 1.5M."""
+    sha256: str | None = None
+    """SHA-256 the checkpoint must have (from its publisher), checked before anything in it is loaded."""
     n_episodes: int = 100
     """Deterministic episodes to run."""
     seed: int | None = None
@@ -212,7 +227,19 @@ class AggregateConfig:
     """Folder whose results/ receives the aggregate JSON."""
 
 
-COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig}
+@dataclass
+class PackageConfig:
+    """Write a release folder for a finished run, ready to upload: checkpoints, metadata, eval, curves, SHA256SUMS."""
+
+    checkpoint: Path
+    """The run's final checkpoint, checkpoints/ch09_<tag>_<env>_seed<N>.zip; its periodic snapshots come along."""
+    out: Path | None = None
+    """Release folder to write (an earlier release there is replaced); None: releases/<checkpoint name>."""
+    artifact_root: Path | None = None
+    """Folder holding the run's results/, runs/ and releases/; None: the one above the checkpoint's folder."""
+
+
+COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig, "package": PackageConfig}
 
 EXPERIMENT_FIELDS = ("env", "seed", "full_state", "encoder", "critic_encoder", "drq", "spatial_softmax",
                      "native_render", "replay", "buffer_size", "her_n_sampled_goal", "batch_size", "learning_rate",
@@ -584,11 +611,11 @@ def train_config_of(meta: dict[str, Any], checkpoint: Path) -> TrainConfig:
 
 
 def evaluate(cfg: EvalConfig) -> int:
-    checkpoint = cfg.checkpoint.expanduser().resolve()
-    if not checkpoint.is_file():
-        raise UserError(f"Checkpoint {checkpoint} does not exist; pass the .zip that train wrote under checkpoints/.")
     if cfg.n_episodes < 1:
         raise UserError(f"--n-episodes must be at least 1, got {cfg.n_episodes}.")
+    # Loading a checkpoint runs the code pickled in it: one from elsewhere is checked against its digest first.
+    checkpoint = checkpoint_for_eval(cfg.checkpoint, cfg.from_release, cfg.steps, cfg.sha256,
+                                     artifact_root(cfg.artifact_root) / "checkpoints")
     meta = read_meta(meta_for_checkpoint(checkpoint), f"checkpoint {checkpoint}")
     train_cfg = train_config_of(meta, checkpoint)
     seed = train_cfg.seed + EVAL_SEED_OFFSET if cfg.seed is None else cfg.seed
@@ -611,6 +638,8 @@ def evaluate(cfg: EvalConfig) -> int:
     result = {
         "format": EVAL_FORMAT,
         "checkpoint": str(checkpoint),
+        "checkpoint_source": cfg.from_release or cfg.checkpoint,
+        "checkpoint_sha256": sha256_file(checkpoint),
         "name": stem,
         "tag": meta["tag"],
         "env_id": meta["env_id"],
@@ -662,8 +691,8 @@ def aggregate(cfg: AggregateConfig) -> int:
     if len(configs) > 1:
         raise UserError(f"The eval files mix configurations {sorted(configs)}; aggregate one tag and env at a time.")
     seeds = [r["train_seed"] for r in results]
-    if len(set(seeds)) < len(seeds):
-        raise UserError(f"Several eval files share a training seed ({sorted(seeds)}); pass one file per seed.")
+    if len(set(seeds)) < len(seeds):  # snapshots of a run: one row per step count
+        return aggregate_over_steps(results, cfg)
 
     rates = [float(r["success_rate"]) for r in results]
     n = len(rates)
@@ -702,10 +731,107 @@ def aggregate(cfg: AggregateConfig) -> int:
     return 0
 
 
+def aggregate_over_steps(results: list[dict[str, Any]], cfg: AggregateConfig) -> int:
+    """Success against training steps: the eval files of a run's snapshots (of one seed or several), one row
+    per step count, with a t interval over the seeds at that step (Wilson where there is one seed)."""
+    pairs = [(r["train_seed"], r["checkpoint_steps"]) for r in results]
+    if len(set(pairs)) < len(pairs):
+        repeated = sorted({pair for pair in pairs if pairs.count(pair) > 1})
+        raise UserError(f"Several eval files are of the same seed at the same step count (seed, steps: {repeated}); "
+                        "pass one file per seed and snapshot.")
+    by_steps: dict[int, list[dict[str, Any]]] = {}
+    for result in results:
+        by_steps.setdefault(int(result["checkpoint_steps"]), []).append(result)
+    rows = []
+    for steps, group in sorted(by_steps.items()):
+        rates = [float(r["success_rate"]) for r in group]
+        if len(group) > 1:
+            mean, std, ci = seed_mean_interval(rates)
+            method = f"Student t over seeds, 95%, df={len(group) - 1}"
+        else:
+            mean, std, ci = rates[0], 0.0, tuple(group[0]["success_ci95"])
+            method = "Wilson over the single seed's episodes, 95%"
+        rows.append({"steps": steps, "n_seeds": len(group), "seeds": sorted(r["train_seed"] for r in group),
+                     "episodes_per_seed": sorted({r["n_episodes"] for r in group}), "success_rate_mean": mean,
+                     "success_rate_std": std, "success_rate_ci95": [round(ci[0], 4), round(ci[1], 4)],
+                     "ci_method": method, "files": [r["name"] for r in group]})
+    tag, env_id = results[0]["tag"], results[0]["env_id"]
+    summary = {"format": SUCCESS_VS_STEPS_FORMAT, "tag": tag, "env_id": env_id, "rows": rows,
+               "created_at": now_iso()}
+    out = artifact_root(cfg.artifact_root) / "results" / f"ch09_{tag}_{env_id}_success_vs_steps.json"
+    write_json(out, summary)
+    print(f"ch09_{tag} {env_id}: success against training steps")
+    print(f"  {'steps':>12}  {'seeds':>5}  {'success':>7}  95% CI")
+    for row in rows:
+        low, high = row["success_rate_ci95"]
+        print(f"  {row['steps']:>12,}  {row['n_seeds']:>5}  {row['success_rate_mean']:>7.2f}  [{low:.2f}, {high:.2f}]")
+    print(f"wrote {out}")
+    return 0
+
+
+# ======================================================================================================
+# package: a release folder of a finished run, for the checkpoint track
+# ======================================================================================================
+RUN_ONLY_FIELDS = ("resume", "move_old_run", "compare_sb3", "progress", "artifact_root")
+"""Train flags that say how a session ran, not what was trained: left out of a release's train command."""
+
+
+def train_command(config: dict[str, Any]) -> str:
+    """The ``train`` command line of a recorded config: the flags that differ from the defaults, without those
+    ``resolve_config`` fills in by itself (the encoder, the replay, DrQ off for --full-state)."""
+    defaults = asdict(TrainConfig())
+    given = {f.name: config[f.name] for f in dataclasses.fields(TrainConfig)
+             if f.name in config and f.name not in RUN_ONLY_FIELDS and config[f.name] != defaults[f.name]}
+    try:
+        resolved = asdict(resolve_config(TrainConfig(**given)))
+        for name in ("encoder", "replay", "drq"):
+            without = {k: v for k, v in given.items() if k != name}
+            if name in given and asdict(resolve_config(TrainConfig(**without))) == resolved:
+                given = without
+    except (UserError, TypeError):
+        pass  # a config this version cannot rebuild: show every recorded difference
+    flags = []
+    for name, value in given.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(defaults[name], bool):
+            flags.append(flag if value else f"--no-{flag[2:]}")
+        else:
+            flags.append(f"{flag} {value}")
+    return " ".join(["train", *flags])
+
+
+def package(cfg: PackageConfig) -> int:
+    checkpoint = cfg.checkpoint.expanduser().resolve()
+    if not checkpoint.is_file():
+        raise UserError(f"Checkpoint {checkpoint} does not exist; pass the run's final .zip under checkpoints/.")
+    stem = checkpoint.name.removesuffix(".zip")
+    if periodic := PERIODIC_RE.match(stem):
+        raise UserError(f"{checkpoint.name} is a periodic snapshot; package the run's final checkpoint "
+                        f"{periodic['stem']}.zip (its snapshots come with it).")
+    root = artifact_root(cfg.artifact_root) if cfg.artifact_root is not None else checkpoint.parent.parent
+    meta_path = meta_for_checkpoint(checkpoint)
+    meta = read_meta(meta_path, f"checkpoint {checkpoint}")
+    eval_path = root / "results" / f"{stem}_eval.json"
+    if not eval_path.is_file():
+        root_flag = f" --artifact-root {root}" if root != REPO_ROOT else ""
+        raise UserError(f"There is no {eval_path}, and a release reports its success rate; evaluate the checkpoint "
+                        f"first with `python scripts/ch09_pixel_push.py eval --checkpoint {checkpoint} "
+                        f"--n-episodes 100{root_flag}`.")
+    out = cfg.out.expanduser().resolve() if cfg.out is not None else root / "releases" / stem
+    sums = package_run(checkpoint, meta_path, meta, read_eval_file(eval_path), root, out, train_command(meta["config"]))
+    zips = [name for name in sums if name.endswith(".zip")]
+    print(f"[package] {out}: {len(sums)} files, {len(zips)} checkpoint(s), "
+          f"{sum((out / name).stat().st_size for name in sums):,} bytes; SHA-256 of {stem}.zip: {sums[stem + '.zip']}")
+    print(f"[package] check it: (cd {out} && sha256sum -c SHA256SUMS); upload the folder as it is, then evaluate "
+          f"it with: python scripts/ch09_pixel_push.py eval --from-release <its URL or {out}>")
+    return 0
+
+
 # ======================================================================================================
 # Command line
 # ======================================================================================================
-def parse_command_line(argv: Sequence[str] | None = None) -> TrainConfig | EvalConfig | AggregateConfig:
+def parse_command_line(argv: Sequence[str] | None = None
+                       ) -> TrainConfig | EvalConfig | AggregateConfig | PackageConfig:
     """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
     return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
                                                 description=__doc__.split("\n")[0])
@@ -718,6 +844,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return train(cfg)
         if isinstance(cfg, EvalConfig):
             return evaluate(cfg)
+        if isinstance(cfg, PackageConfig):
+            return package(cfg)
         return aggregate(cfg)
     except (UserError, RendererUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)

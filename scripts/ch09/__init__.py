@@ -13,6 +13,8 @@ is small enough to read in one sitting:
 | ``vec_env``            | env worker processes with a watchdog                                          |
 | ``memory``             | the replay-buffer memory preflight                                            |
 | ``stats``              | Wilson and Student-t intervals (pure Python, no torch)                        |
+| ``digest``             | SHA-256 of checkpoints, ``SHA256SUMS`` files, the one-sentence mismatch       |
+| ``release``            | ``package`` (a release folder to publish), verified resumable downloads       |
 | ``framestack_replay``  | the frame-once HER replay buffer                                              |
 
 Modules here import each other as ``ch09.<module>`` and the labs by bare name; none of them edits ``sys.path``

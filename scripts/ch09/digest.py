@@ -7,6 +7,7 @@ therefore checked against a known digest BEFORE anything in it is unpickled:
 |----------------------|-----------------------------------------------------------------------|
 | ``sha256_file``      | hex digest of a file, read in chunks (checkpoints can be gigabytes)   |
 | ``read_sha256sums``  | parse a ``SHA256SUMS`` file (``sha256sum`` format: ``<hex>  <name>``) |
+| ``parse_sha256sums`` | the same for its text (a ``SHA256SUMS`` fetched over HTTP)            |
 | ``write_sha256sums`` | write one for the files of a folder, in the same format               |
 | ``verify_sha256``    | raise ``DigestMismatchError`` (one sentence) if a file's digest differs |
 
@@ -49,13 +50,18 @@ def is_hex_digest(text: str) -> bool:
 
 def read_sha256sums(path: Path) -> dict[str, str]:
     """``{file name: hex digest}`` from a ``SHA256SUMS`` file; a malformed line raises ``ValueError``."""
+    return parse_sha256sums(Path(path).read_text(), str(path))
+
+
+def parse_sha256sums(text: str, source: str) -> dict[str, str]:
+    """``{file name: hex digest}`` from the text of a ``SHA256SUMS`` file (``source`` names it in errors)."""
     digests: dict[str, str] = {}
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not is_hex_digest(parts[0]):
-            raise ValueError(f"{path}:{number} is not a '<sha256>  <file name>' line; regenerate the file.")
+            raise ValueError(f"{source}:{number} is not a '<sha256>  <file name>' line; regenerate the file.")
         digests[parts[1].lstrip("*").strip()] = parts[0].lower()
     return digests
 
@@ -69,8 +75,11 @@ def write_sha256sums(folder: Path, names: Iterable[str]) -> Path:
     return target
 
 
-def verify_sha256(path: Path, expected: str) -> str:
-    """Return the digest of ``path`` if it equals ``expected``; otherwise raise ``DigestMismatchError``."""
+def verify_sha256(path: Path, expected: str, label: str | None = None) -> str:
+    """Return the digest of ``path`` if it equals ``expected``; otherwise raise ``DigestMismatchError``.
+
+    ``label`` names the file in the message (default: its path), e.g. the URL a ``.part`` file came from.
+    """
     if not is_hex_digest(expected):
         raise DigestMismatchError(
             f"{expected!r} is not a SHA-256 digest; pass the 64 hexadecimal characters from the release's SHA256SUMS."
@@ -78,7 +87,7 @@ def verify_sha256(path: Path, expected: str) -> str:
     actual = sha256_file(path)
     if actual != expected.strip().lower():
         raise DigestMismatchError(
-            f"{path} has SHA-256 {actual[:16]}... but {expected.strip().lower()[:16]}... was expected, so it is not "
-            "the published file (damaged or altered) and was not loaded; download it again from the release."
+            f"{label or path} has SHA-256 {actual[:16]}... but {expected.strip().lower()[:16]}... was expected, so it "
+            "is not the published file (damaged or altered) and was not loaded; download it again from the release."
         )
     return actual
