@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Chapter 9 figures, each one a command you can re-run on your own environment, logs and results.
 
-The book's four figures are not drawings: every number on them is measured when the command runs.
+The book's figures are not drawings: every number on them is measured when the command runs.
 
     figure               what it shows                                            where the numbers come from
     -------------------  -------------------------------------------------------  ------------------------------------
@@ -14,6 +14,9 @@ The book's four figures are not drawings: every number on them is measured when 
                          with the three training phases shaded                    TensorBoard's own EventAccumulator
     investigation        success rate per investigation step (Steps 0-4) as bars  results/*_eval.json (or aggregate
                          with 95% confidence intervals, the breakthrough marked   files) written by ch09_pixel_push.py
+    rollout              one episode of a checkpoint as a filmstrip: 6-8 evenly   the checkpoint, run deterministically
+                         spaced frames of the camera view (goal marker shown)     on the env it was trained on
+                         above the 84x84 observation the policy acted on          (ch09/video.py's EpisodeRecorder)
 
 The loss-phases and investigation figures read only JSON and event files, so they load no torch, SB3 or MuJoCo.
 
@@ -24,6 +27,7 @@ Usage (PNG and SVG land in figures/, which git ignores; --out-dir changes that):
     python scripts/ch09_figures.py loss-phases --run runs/ch09_manip_noDrQ_criticEnc/FetchPush-v4/seed0
     python scripts/ch09_figures.py loss-phases --run ... --phases 1.2M,3.5M     # boundaries by hand
     python scripts/ch09_figures.py investigation --results results/
+    python scripts/ch09_figures.py rollout --checkpoint checkpoints/ch09_manip_noDrQ_criticEnc_FetchPush-v4_seed0.zip
 
 The three-phase rule (loss-phases, class PhaseRule), stated once so the figure can be checked by hand:
     s(t)   = success rate smoothed with TensorBoard's debiased exponential moving average (--smoothing, 0.6)
@@ -83,12 +87,14 @@ FIGURE_SIZES: dict[str, tuple[float, float]] = {  # inches (width, height)
     "encoder-progression": (14.0, 6.4),
     "loss-phases": (8.0, 7.5),
     "investigation": (10.5, 5.6),
+    "rollout": (16.0, 5.0),
 }
 FILE_STEMS = {  # figures/<stem>.png and .svg
     "env-frame": "ch09_env_frame",
     "encoder-progression": "ch09_encoder_progression",
     "loss-phases": "ch09_loss_phases",
     "investigation": "ch09_investigation",
+    "rollout": "ch09_rollout",  # + _<checkpoint name>: a Phase-1 and a Phase-3 checkpoint get two files
 }
 PHASE_COLORS = ("#d62728", "#ff7f0e", "#2ca02c")  # failure, hockey stick, convergence
 PHASE_NAMES = ("Phase 1: failure", "Phase 2: hockey stick", "Phase 3: convergence")
@@ -855,6 +861,93 @@ def plot_investigation(results_dir: Path, out_dir: Path, env_id: str | None = No
 
 
 # ===============================================================================================================
+# Figure 5: rollout -- one episode of a checkpoint, as the camera and the policy saw it
+# ===============================================================================================================
+ROLLOUT_FRAME_CHOICES = (6, 7, 8)
+
+
+def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
+    """One deterministic episode of ``checkpoint`` on the env it was trained on, recorded frame by frame.
+
+    The same steps as ``ch09_pixel_push.py eval``: the env its metadata names, the policy loaded to act, the
+    first episode seeded with the training seed + 10000 unless ``seed`` says otherwise (so the figure shows
+    the episode ``eval --video 1`` records). Imports torch, SB3 and MuJoCo, here only.
+    """
+    import ch09_pixel_push as production
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from ch09.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
+    from ch09.video import CAMERA_SIZE, EpisodeRecorder
+    from pixel_wrapper import make_fetch_env
+
+    checkpoint = checkpoint.expanduser().resolve()
+    if not checkpoint.is_file():
+        raise FigureInputError(f"checkpoint {checkpoint} does not exist; pass a .zip that train wrote under "
+                               "checkpoints/")
+    meta = read_meta(meta_for_checkpoint(checkpoint), f"checkpoint {checkpoint}")
+    train_cfg = production.train_config_of(meta, checkpoint)
+    eval_seed = train_cfg.seed + production.EVAL_SEED_OFFSET if seed is None else seed
+    env = make_fetch_env(train_cfg.env, pixels=not train_cfg.full_state, native_render=train_cfg.native_render,
+                         goal_mode=production.GOAL_MODE)
+    recorder = EpisodeRecorder(env, CAMERA_SIZE)
+    try:
+        model = load_for_acting(checkpoint, DummyVecEnv([lambda: recorder]), "cpu")
+        production.check_policy(model, train_cfg, checkpoint, "its metadata describes")
+        recorder.record_next(1)
+        production.run_episodes(model, recorder, 1, eval_seed)
+    finally:
+        recorder.close()
+    (episode,) = recorder.take()
+    return {"episode": episode, "meta": meta, "steps": int(model.num_timesteps), "eval_seed": eval_seed,
+            "checkpoint": checkpoint}
+
+
+def plot_rollout(rollout: dict[str, Any], out_dir: Path, n_frames: int = 8) -> list[Path]:
+    """Draw what record_rollout recorded: ``n_frames`` evenly spaced frames, the reset and the last included."""
+    episode, meta = rollout["episode"], rollout["meta"]
+    picks = np.linspace(0, episode.length, n_frames).round().astype(int)
+    rows = 1 if episode.observation is None else 2
+    fig, axes = plt.subplots(rows, n_frames, figsize=FIGURE_SIZES["rollout"], layout="constrained", squeeze=False)
+    for col, t in enumerate(picks):
+        ax = axes[0, col]
+        ax.imshow(episode.camera[t])
+        colour = PHASE_COLORS[2] if episode.success[t] else "black"
+        ax.set_title(f"step {t}\n{episode.distance[t]:.3f} m to goal" + ("\nsuccess" if episode.success[t] else ""),
+                     fontsize=9, color=colour)
+        if rows == 2:
+            axes[1, col].imshow(episode.observation[t], interpolation="nearest")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    size = episode.camera[0].shape[0]
+    axes[0, 0].set_ylabel(f"camera {size}x{size}\n(goal marker shown)", fontsize=9)
+    if rows == 2:
+        obs = episode.observation[0].shape[0]
+        axes[1, 0].set_ylabel(f"policy input {obs}x{obs}\n(newest frame, goal hidden)", fontsize=9)
+    outcome = "success" if episode.success[-1] else "no success"
+    note = "" if rows == 2 else "; full-state run: the policy reads the state vector, there is no observation image"
+    fig.suptitle(f"{meta['tag']} on {meta['env_id']}, seed {meta['seed']}, {step_label(rollout['steps'])} steps: "
+                 f"one deterministic episode (reset seed {rollout['eval_seed']}), {outcome} after "
+                 f"{episode.length} steps{note}", fontsize=11)
+    stem = f"{FILE_STEMS['rollout']}_{rollout['checkpoint'].name.removesuffix('.zip')}"
+    return save_figure(fig, "rollout", out_dir, stem=stem)
+
+
+def rollout_figure(checkpoint: Path, seed: int | None, n_frames: int, out_dir: Path) -> list[Path]:
+    """record_rollout + plot_rollout, with the production script's one-sentence errors kept as one sentence."""
+    try:
+        from ch09.errors import UserError
+        from pixel_wrapper import RendererUnavailableError  # runs the lab's mujoco pin guard
+    except ImportError as err:
+        raise FigureInputError(str(err)) from None
+    try:
+        rollout = record_rollout(checkpoint, seed)
+    except (UserError, RendererUnavailableError) as err:
+        raise FigureInputError(str(err)) from None
+    return plot_rollout(rollout, out_dir, n_frames)
+
+
+# ===============================================================================================================
 # Command line
 # ===============================================================================================================
 def build_parser() -> argparse.ArgumentParser:
@@ -889,6 +982,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--highlight", type=int, default=None, choices=sorted(STEP_CHANGES),
                    help="step to mark as the breakthrough (default: the step that beats every earlier step by "
                         f"the most, at least {BREAKTHROUGH_MIN_GAIN * 100:.0f} points)")
+    p = add("rollout", "one episode of a checkpoint as a filmstrip: camera view above the 84x84 observation")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint .zip written by train")
+    p.add_argument("--seed", type=int, default=None,
+                   help="reset seed of the episode (default: the training seed + 10000, eval's first episode)")
+    p.add_argument("--frames", type=int, default=8, choices=ROLLOUT_FRAME_CHOICES,
+                   help="evenly spaced frames to show, the first and the last included (default 8)")
     return parser
 
 
@@ -922,6 +1021,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not 0.0 <= args.smoothing < 1.0:
                 parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
             paths = plot_loss_phases(args.run, args.out_dir, phases, args.smoothing, args.success_curve)
+        elif args.figure == "rollout":
+            paths = rollout_figure(args.checkpoint, args.seed, args.frames, args.out_dir)
         else:
             paths = plot_investigation(args.results, args.out_dir, args.env, args.highlight)
     except FigureInputError as err:
