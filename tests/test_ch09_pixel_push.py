@@ -381,7 +381,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, producti
     assert meta["replay_buffer"]["steps"] == model.num_timesteps
     buffer = load_from_pkl(f"{stem}_replay_buffer.pkl")
     assert buffer.size() in (model.num_timesteps, model.num_timesteps - 1)  # the interrupted step is not stored
-    assert not list(stem.parent.glob("*.tmp"))
+    assert not list(stem.parent.glob("*.tmp*"))  # temporaries are <name>.tmp-<pid>-<n>
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 | ``RunPaths``                            | checkpoints/, runs/ and the replay-buffer path of one run         |
 | ``format_steps`` / ``parse_steps``      | 500000 <-> '500K': the step labels of periodic checkpoints        |
 | ``atomic_replace``                      | THE atomic write: JSON, model zips, copies and buffer folders     |
+| ``clean_interrupted_writes``            | what a killed write left behind: stale temporaries, a ``.old``    |
 | ``write_json``                          | a JSON artifact through ``atomic_replace``                        |
 | ``package_versions``, ``git_commit``    | what a result was made with, stored next to it                    |
 
@@ -14,6 +15,8 @@ loading torch, SB3 or MuJoCo.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import json
 import os
 import platform
@@ -27,6 +30,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from ch09.errors import ArtifactWriteError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The repository root: the default --artifact-root."""
@@ -129,6 +134,39 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+TEMPORARY_MARK = ".tmp-"
+"""Temporaries are named ``<target>.tmp-<pid>-<n>``: unique per write, and the writer's pid tells a stale one."""
+WRITE_FAILURES = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+"""The ``OSError``s of a write that the user fixes (space, permissions, a failing disk), not a bug."""
+_write_counter = itertools.count()
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (0 if absent)."""
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        return path.stat().st_size if path.exists() else 0
+    except OSError:
+        return 0
+
+
+def write_failure(path: Path, exc: OSError, bytes_written: int) -> ArtifactWriteError:
+    """The one sentence of a failed write: the folder, the bytes it needs, the bytes free there."""
+    folder = path.parent
+    needed = max(bytes_written, size_on_disk(path))  # the partial temporary, or the version it would replace
+    try:
+        free: int | None = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    free_text = f"{free:,} bytes are free there" if free is not None else "its free space is unknown"
+    reason = exc.strerror or str(exc)
+    return ArtifactWriteError(
+        f"Cannot write {path.name} in {folder} ({reason}): it needs at least {needed:,} bytes and {free_text}; "
+        f"the partial file was removed and any earlier {path.name} is intact, so free space (or make the folder "
+        "writable, or pass another --artifact-root) and run the command again.", str(path), reason, needed, free)
+
+
 @contextmanager
 def atomic_replace(path: Path) -> Iterator[Path]:
     """Let the block write a file or a folder at a temporary path, then put it at ``path`` in one rename.
@@ -136,15 +174,31 @@ def atomic_replace(path: Path) -> Iterator[Path]:
     A crash (or Ctrl-C) inside the block leaves ``path`` as it was: a reader never finds a half-written
     checkpoint behind the expected name. A file is fsynced before the rename. A folder (the frame-stack
     replay buffer) replaces the old one through a ``.old`` name, removed once the new folder is in place.
+    A full disk or an unwritable folder raises ``ArtifactWriteError`` (one sentence), the temporary removed.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    _remove(tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        raise write_failure(path, exc, 0) from None
+    tmp = path.with_name(f"{path.name}{TEMPORARY_MARK}{os.getpid()}-{next(_write_counter)}")
     try:
         yield tmp
+        _publish(tmp, path)
+    except OSError as exc:
+        written = size_on_disk(tmp)
+        _remove(tmp)
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        raise write_failure(path, exc, written) from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Put the finished temporary at ``path``: one rename for a file, two for a folder."""
     if tmp.is_dir():
         old = path.with_name(path.name + ".old")
         _remove(old)
@@ -156,6 +210,47 @@ def atomic_replace(path: Path) -> Iterator[Path]:
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process named in ``<target>.tmp-<pid>-<n>`` still runs (and is not this one)."""
+    pid_text = temporary.name.rpartition(TEMPORARY_MARK)[2].split("-")[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, owned by someone else
+        return True
+    return True
+
+
+def clean_interrupted_writes(folder: Path, stem: str) -> list[str]:
+    """Undo what a killed write of ``stem``'s files left in ``folder``; returns one note per repair.
+
+    Removes temporaries (``<stem>...tmp-<pid>-<n>``, and the older ``.tmp`` names) whose writer is gone;
+    a ``.old`` folder is the previous replay buffer when the kill fell between the two renames of
+    ``_publish``: it is put back if the new one is missing, removed otherwise.
+    """
+    if not folder.is_dir():
+        return []
+    notes = []
+    for path in sorted(folder.iterdir()):
+        if not path.name.startswith((stem + ".", stem + "_")):  # not seed10's files when this is seed1
+            continue
+        if (TEMPORARY_MARK in path.name and not _writer_alive(path)) or path.name.endswith(".tmp"):
+            _remove(path)
+            notes.append(f"removed {path.name}, left by an interrupted write")
+        elif path.name.endswith(".old"):
+            target = path.with_name(path.name.removesuffix(".old"))
+            if target.exists():
+                _remove(path)
+                notes.append(f"removed {path.name}, left by an interrupted write")
+            else:
+                os.replace(path, target)
+                notes.append(f"restored {target.name} from {path.name} (a write was interrupted between renames)")
+    return notes
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -19,8 +19,8 @@ rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a o
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -34,10 +34,20 @@ import torch as th
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.artifacts import CHECKPOINT_FORMAT, PERIODIC_RE, RunPaths, atomic_replace, copy_file, now_iso, write_json
+from ch09.artifacts import (
+    CHECKPOINT_FORMAT,
+    PERIODIC_RE,
+    RunPaths,
+    atomic_replace,
+    copy_file,
+    now_iso,
+    size_on_disk,
+    write_json,
+)
 from ch09.digest import sha256_file
-from ch09.errors import UserError
+from ch09.errors import ArtifactWriteError, UserError
 from ch09.framestack_replay import FrameStackHerReplayBuffer
+from ch09.validation import Number, OptionalDict, check_fields, read_json_object
 from manipulation_encoder import ManipulationExtractor
 from visual_encoder import NormalizedCombinedExtractor
 
@@ -49,17 +59,24 @@ which needs no env and no memory."""
 # ---------------------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------------------
+META_FIELDS = {"format": str, "tag": str, "env_id": str, "seed": int, "config": dict, "steps_done": int,
+               "wall_time_s": Number, "sessions": list, "periodic_checkpoints": list, "replay_buffer": OptionalDict}
+"""The fields of a .meta.json that eval and --resume read, with their JSON types: checked before any is used."""
+
+
 def read_meta(path: Path, what: str) -> dict[str, Any]:
-    """Load a .meta.json, explaining a missing or damaged one."""
+    """Load a .meta.json, explaining a missing, damaged or wrongly shaped one (every file read is untrusted)."""
     if not path.is_file():
         raise UserError(f"No metadata file {path} for {what}; was the checkpoint written by this script?")
-    try:
-        meta = json.loads(path.read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT or "config" not in meta:
-            raise ValueError(f"format {meta.get('format')!r}")
-    except (ValueError, OSError) as exc:
-        raise UserError(f"The metadata file {path} is damaged or not this script's ({exc}); "
-                        "restore it from a backup or start a fresh run.") from None
+    fix = "restore it from a backup or start a fresh run"
+    meta = read_json_object(path, "The metadata file", fix)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"The metadata file {path} has format {meta.get('format')!r}, not {CHECKPOINT_FORMAT!r} "
+                        f"(not this script's); {fix}.")
+    check_fields(meta, META_FIELDS, f"The metadata file {path}", fix)
+    if meta["replay_buffer"] is not None:
+        check_fields(meta["replay_buffer"], {"path": str, "steps": int}, f"The metadata file {path} (replay_buffer)",
+                     fix)
     return meta
 
 
@@ -158,6 +175,47 @@ class Checkpointer:
         self.session_start, self.session_start_steps = time.time(), steps
 
     def save(self, model: SAC, periodic_steps: int | None = None) -> Path:
+        """Write the latest checkpoint (and the ``periodic_steps`` snapshot, the buffer, the metadata).
+
+        A write that fails (a full disk, a folder made read-only) raises ``ArtifactWriteError``: one
+        sentence with the folder and the bytes needed; its temporary is gone and the files of earlier
+        checkpoints are intact and load.
+        """
+        try:
+            return self._write(model, periodic_steps)
+        except ArtifactWriteError as exc:
+            last = int(self.meta.get("steps_done", 0))
+            then = (f"the checkpoint files of step {last:,} are intact, so free space there and continue with the "
+                    "same command plus --resume" if last else
+                    "no checkpoint had been written yet, so free space there and run the same command again")
+            free = f"{exc.bytes_free:,} bytes free" if exc.bytes_free is not None else "free space unknown"
+            raise ArtifactWriteError(
+                f"The checkpoint of step {model.num_timesteps:,} was not saved: writing {Path(exc.path).name} in "
+                f"{Path(exc.path).parent} failed ({exc.reason}; at least {exc.bytes_needed:,} bytes needed, "
+                f"{free}); the partial file was removed and {then}.",
+                exc.path, exc.reason, exc.bytes_needed, exc.bytes_free) from None
+
+    def write_missed_snapshot(self, model: SAC, freq: int) -> Path | None:
+        """On resume: the periodic snapshot of the restored step, if a kill during its copy lost it.
+
+        The latest checkpoint is written before the snapshot is copied from it, so a run killed during the
+        copy resumes from exactly that step; the schedule would then go on to the next multiple.
+        """
+        steps = model.num_timesteps
+        periodic = self.paths.periodic(steps)
+        if steps == 0 or steps % freq or periodic.exists():
+            return None
+        try:
+            copy_file(self.paths.checkpoint, periodic)
+        except ArtifactWriteError as exc:
+            raise ArtifactWriteError(f"{exc} (while writing the missed snapshot of step {steps:,})", exc.path,
+                                     exc.reason, exc.bytes_needed, exc.bytes_free) from None
+        if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
+            self.meta["periodic_checkpoints"].append(periodic.name)
+        print(f"[resume] wrote the periodic snapshot {periodic.name} that an interrupted run had not finished")
+        return periodic
+
+    def _write(self, model: SAC, periodic_steps: int | None) -> Path:
         with atomic_replace(self.paths.checkpoint) as tmp:
             model.save(tmp)
         # Each zip's SHA-256, recorded when it is written: a published copy can be checked against it.
@@ -219,10 +277,20 @@ class StopRequest:
 # Fresh runs and resumed runs
 # ---------------------------------------------------------------------------------------------------------
 def guard_fresh_run(paths: RunPaths, move_old_run: bool) -> None:
-    """A fresh run must not mix its curves into an old TensorBoard folder nor overwrite old checkpoints."""
+    """A fresh run must not mix its curves into an old TensorBoard folder nor overwrite old checkpoints.
+
+    A TensorBoard folder with events but no checkpoint is a run stopped before its first checkpoint
+    (nothing to resume, nothing lost): it is moved aside with a note, so the same command starts again.
+    """
     old_logs = paths.has_tensorboard_events()
     old_files = paths.own_checkpoint_files()
     if not old_logs and not old_files:
+        return
+    if old_logs and not old_files and not move_old_run:
+        aside = paths.run_dir.with_name(f"{paths.run_dir.name}.old-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        os.replace(paths.run_dir, aside)
+        print(f"[fresh run] {paths.run_dir} held TensorBoard logs but no checkpoint (a run stopped before its "
+              f"first checkpoint, nothing to resume): moved them to {aside}")
         return
     if not move_old_run:
         what = f"{paths.run_dir} already holds TensorBoard logs" if old_logs else f"{old_files[0]} already exists"
@@ -239,6 +307,23 @@ def guard_fresh_run(paths: RunPaths, move_old_run: bool) -> None:
         for path in old_files:
             os.replace(path, aside_dir / path.name)
         print(f"[fresh run] moved {len(old_files)} old checkpoint file(s) to {aside_dir}")
+
+
+def check_room_to_resume(paths: RunPaths, replay_buffer_path: Path | None) -> None:
+    """Refuse a --resume whose next checkpoint cannot fit on the disk, before anything is built.
+
+    The next checkpoint is about as large as the current one, and the atomic write keeps both until the
+    rename, so that is the room it needs next to the current files.
+    """
+    needed = sum(size_on_disk(path) for path in (paths.checkpoint, paths.meta, replay_buffer_path) if path is not None)
+    try:
+        free = shutil.disk_usage(paths.checkpoint_dir).free
+    except OSError:
+        return
+    if free < needed:
+        raise UserError(f"--resume needs room for the next checkpoint in {paths.checkpoint_dir}: about {needed:,} "
+                        f"bytes (the size of the current one), but only {free:,} are free; free space there (or copy "
+                        "checkpoints/ and runs/ to a larger disk and pass --artifact-root) and resume again.")
 
 
 # --8<-- [start:restore_replay_buffer]
