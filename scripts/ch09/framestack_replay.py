@@ -497,6 +497,14 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             state["compute_reward"] = None  # a bound method of a MuJoCo env; set_env() finds it again
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # A buffer pickled before keys had arrays of their own and before copy_info_dict (float keys only).
+        if "key_arrays" not in state:
+            self.key_arrays, self.array_keys = {}, []
+            self._obs_shapes = {key: get_obs_shape(space) for key, space in self.observation_space.spaces.items()}
+            self.copy_info_dict, self.infos = False, None
+
     def _relabelled_infos(self, rows: np.ndarray, envs: np.ndarray) -> np.ndarray | list[dict[str, Any]]:
         """What ``compute_reward`` gets as ``info``, as SB3 passes it: deep copies of the kept infos (an object
         array) with ``copy_info_dict``, else empty dicts (Fetch's reward needs no info)."""
