@@ -54,6 +54,10 @@ from typing import Annotated, Any, Literal
 # The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
+
 import gymnasium as gym
 import numpy as np
 import tyro
@@ -72,8 +76,10 @@ from ch09.artifacts import (
     PERIODIC_RE,
     REPO_ROOT,
     SUCCESS_VS_STEPS_FORMAT,
+    WRITE_FAILURES,
     RunPaths,
     artifact_root,
+    clean_interrupted_writes,
     git_commit,
     now_iso,
     package_versions,
@@ -89,6 +95,7 @@ from ch09.callbacks import (
 from ch09.checkpoints import (
     Checkpointer,
     StopRequest,
+    check_room_to_resume,
     describe_policy,
     guard_fresh_run,
     load_agent,
@@ -104,6 +111,16 @@ from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
 from ch09.release import checkpoint_for_eval, package_run
 from ch09.stats import seed_mean_interval, wilson_interval
+from ch09.validation import (
+    Number,
+    check_device,
+    check_fields,
+    check_range,
+    check_seed,
+    check_writable_folder,
+    positive_seconds,
+    read_json_object,
+)
 from ch09.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
 from image_augmentation import HerDrQDictReplayBuffer
@@ -263,6 +280,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--gamma and --tau must lie in (0, 1] and --learning-rate must be positive.")
     if cfg.resume and cfg.move_old_run:
         raise UserError("--resume continues the earlier run and --move-old-run moves it aside; give only one.")
+    check_seed("seed", cfg.seed)
 
     if cfg.full_state:
         pixel_only = {"--encoder": cfg.encoder is not None, "--critic-encoder": cfg.critic_encoder,
@@ -278,6 +296,18 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError("--no-spatial-softmax changes the ManipulationCNN head; use it with --encoder manip.")
     cfg.replay = cfg.replay or PIXEL_DEFAULT_REPLAY
     return cfg
+
+
+def check_train_arguments(cfg: TrainConfig) -> None:
+    """What ``resolve_config`` cannot judge from the flags alone: this machine's devices and folders, and a
+    run that would never train. Called before anything is built (no env, no worker, no model)."""
+    if cfg.learning_starts >= cfg.total_steps:
+        raise UserError(f"--learning-starts {cfg.learning_starts:,} >= --total-steps {cfg.total_steps:,}: the run "
+                        "would only collect random steps and never update; lower --learning-starts or raise "
+                        "--total-steps.")
+    positive_seconds("worker_timeout", cfg.worker_timeout)
+    check_device("device", cfg.device)
+    check_writable_folder("artifact_root", cfg.artifact_root)
 
 
 def config_tag(cfg: TrainConfig) -> str:
@@ -500,10 +530,15 @@ def resume_agent(cfg: TrainConfig, paths: RunPaths, env: VecEnv, meta: dict[str,
 
 def train(cfg: TrainConfig) -> int:
     cfg = resolve_config(cfg)
+    check_train_arguments(cfg)
     tag, paths = config_tag(cfg), run_paths(cfg)
     print(f"[train] {paths.stem}: {'state' if cfg.full_state else 'pixels'}, replay {cfg.replay}, "
           f"{cfg.n_envs} env(s), artifacts under {paths.root}")
+    for note in clean_interrupted_writes(paths.checkpoint_dir, paths.stem):  # a kill mid-write leaves these
+        print(f"[train] {note}")
     meta = resume_meta(cfg, paths) if cfg.resume else None
+    if meta is not None:
+        check_room_to_resume(paths, paths.replay_buffer(cfg.replay) if cfg.save_replay_buffer else None)
     if meta is not None and meta.get("steps_done", 0) >= cfg.total_steps:
         print(f"[resume] {paths.checkpoint} already has {meta['steps_done']:,} steps >= --total-steps "
               f"{cfg.total_steps:,}; raise --total-steps to train further.")
@@ -536,6 +571,7 @@ def train(cfg: TrainConfig) -> int:
         model.set_logger(configure(str(paths.run_dir), ["tensorboard"]))
         checkpointer = Checkpointer(paths, meta, paths.replay_buffer(cfg.replay) if cfg.save_replay_buffer else None)
         checkpointer.start(start_steps)
+        checkpointer.write_missed_snapshot(model, cfg.checkpoint_freq)  # a kill during the last copy lost it
         stop = StopRequest()
         evaluator = PeriodicEvalCallback(eval_env, cfg.eval_freq, cfg.eval_episodes) if eval_env else None
         callbacks: list[BaseCallback] = [CheckpointCallback(checkpointer, stop, cfg.checkpoint_freq),
@@ -563,6 +599,12 @@ def train(cfg: TrainConfig) -> int:
         meta["sessions"][-1].update({"to_step": model.num_timesteps, "ended_at": now_iso(),
                                      "steps_per_s": meta["steps_per_s"]})
         write_json(paths.meta, meta)
+    except OSError as exc:  # a TensorBoard write on a full disk (our own writes raise ArtifactWriteError)
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        where = exc.filename or paths.root
+        raise UserError(f"Writing {where} failed ({exc.strerror}); free space there (or pass another --artifact-root) "
+                        "and continue with the same command plus --resume if a checkpoint was saved.") from None
     finally:
         for vec_env in (env, eval_env):
             if vec_env is not None:
@@ -613,6 +655,10 @@ def train_config_of(meta: dict[str, Any], checkpoint: Path) -> TrainConfig:
 def evaluate(cfg: EvalConfig) -> int:
     if cfg.n_episodes < 1:
         raise UserError(f"--n-episodes must be at least 1, got {cfg.n_episodes}.")
+    if cfg.seed is not None:
+        check_seed("seed", cfg.seed)
+    check_device("device", cfg.device)
+    check_writable_folder("artifact_root", cfg.artifact_root)
     # Loading a checkpoint runs the code pickled in it: one from elsewhere is checked against its digest first.
     checkpoint = checkpoint_for_eval(cfg.checkpoint, cfg.from_release, cfg.steps, cfg.sha256,
                                      artifact_root(cfg.artifact_root) / "checkpoints")
@@ -670,15 +716,24 @@ def evaluate(cfg: EvalConfig) -> int:
 # ======================================================================================================
 # aggregate: one number per configuration, as the Reproduce It block reports it
 # ======================================================================================================
+EVAL_FIELDS = {"format": str, "name": str, "tag": str, "env_id": str, "train_seed": int, "checkpoint_steps": int,
+               "n_episodes": int, "success_rate": Number, "success_ci95": list, "mean_final_goal_distance": Number}
+"""The fields of an eval JSON that aggregate reads, with their JSON types: checked before any is used."""
+
+
 def read_eval_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"Eval file {path} does not exist; run `eval --checkpoint ...` for each seed first.")
-    try:
-        data = json.loads(path.read_text())
-        if data.get("format") != EVAL_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}")
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path} is not an eval result of this script ({exc}).") from None
+    """An eval result of this script, its shape checked (every file read is untrusted)."""
+    fix = "pass the *_eval.json files that `eval --checkpoint ...` wrote, one per seed"
+    data = read_json_object(path, "Eval file", fix)
+    if data.get("format") != EVAL_FORMAT:
+        raise UserError(f"{path} has format {data.get('format')!r}, not {EVAL_FORMAT!r} (not an eval result of this "
+                        f"script); {fix}.")
+    check_fields(data, EVAL_FIELDS, f"Eval file {path}", fix)
+    check_range(data["success_rate"], 0.0, 1.0, f"success_rate in {path}", fix)
+    interval = data["success_ci95"]
+    if len(interval) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in interval):
+        raise UserError(f"Eval file {path}: success_ci95 should be two numbers [low, high], found "
+                        f"{json.dumps(interval)[:40]}; {fix}.")
     return data
 
 
@@ -686,6 +741,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     if not cfg.files:
         raise UserError("aggregate needs the eval files of one configuration, e.g. "
                         "results/ch09_<tag>_<env>_seed*_eval.json.")
+    check_writable_folder("artifact_root", cfg.artifact_root)
     results = [read_eval_file(path.expanduser()) for path in cfg.files]
     configs = {(r["tag"], r["env_id"]) for r in results}
     if len(configs) > 1:
@@ -838,7 +894,18 @@ def parse_command_line(argv: Sequence[str] | None = None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, run the subcommand under the top-level guard: one line on stderr for whatever ends it.
+
+    A bug's traceback goes to ``<artifact root>/logs/crash-<time>-<pid>.log`` (cli_guard says where).
+    """
     cfg = parse_command_line(argv)
+    root = getattr(cfg, "artifact_root", None) or REPO_ROOT
+    return run_guarded(functools.partial(run_command, cfg), log_dir=Path(root).expanduser() / "logs",
+                       interrupted="the checkpoints saved before are intact; run the same command again, with "
+                                   "--resume if it had saved one")
+
+
+def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig) -> int:
     try:
         if isinstance(cfg, TrainConfig):
             return train(cfg)
@@ -853,9 +920,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorkerTimeoutError as exc:  # the workers did not even start
         print(f"error: {exc}; try fewer --n-envs or a larger --worker-timeout.", file=sys.stderr)
         return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        print("error: interrupted before a checkpoint could be saved; nothing new was written.", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
