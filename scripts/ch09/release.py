@@ -60,9 +60,10 @@ from ch09.digest import (
 from ch09.errors import UserError
 
 DOWNLOAD_ATTEMPTS = 5
-"""Connections per file: a server that closes mid-file is asked for the rest (HTTP Range) this many times."""
+"""Connections in a row that bring no new byte before a download gives up; one that does starts the count
+again, so a long download over a flaky link keeps going (each time asking for the rest with HTTP Range)."""
 RETRY_DELAY_S = 1.0
-"""Seconds before the second attempt; each later attempt waits one more of these."""
+"""Seconds before asking again; after each connection in a row that brought nothing, one more of these."""
 READ_TIMEOUT_S = 60.0
 """Seconds without a byte before a connection counts as broken (and is resumed)."""
 CHUNK_BYTES = 1 << 20
@@ -344,21 +345,27 @@ def fetch_text(url: str, missing_ok: bool = False) -> str | None:
 
 
 def _retrying(url: str, part: Path | None, attempt_once: Callable[[], T]) -> T:
-    """Run ``attempt_once`` until it succeeds, at most ``DOWNLOAD_ATTEMPTS`` times; then one sentence."""
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+    """Run ``attempt_once`` until it succeeds; ``DOWNLOAD_ATTEMPTS`` broken connections in a row that add
+    nothing to ``part`` end it in one sentence."""
+    def size() -> int:
+        return part.stat().st_size if part is not None and part.exists() else 0
+
+    fruitless = 0
+    while True:
+        before = size()
         try:
             return attempt_once()
         except _Interrupted as exc:
-            have = f"{part.stat().st_size:,} bytes kept in {part}" if part is not None and part.exists() else ""
-            if attempt == DOWNLOAD_ATTEMPTS:
+            fruitless = 0 if size() > before else fruitless + 1
+            have = f"{size():,} bytes kept in {part}" if size() else ""
+            if fruitless == DOWNLOAD_ATTEMPTS:
                 resume = f"; run the same command again to resume from the {have}" if have else \
                     "; run the same command again later"
-                raise UserError(f"The download of {url} broke off {DOWNLOAD_ATTEMPTS} times (last: {exc})"
-                                f"{resume}.") from None
-            print(f"[download] {url}: connection lost ({exc}){'; ' + have if have else ''}; "
-                  f"asking again ({attempt + 1} of {DOWNLOAD_ATTEMPTS})", flush=True)
-            time.sleep(RETRY_DELAY_S * attempt)
-    raise AssertionError("unreachable")
+                raise UserError(f"The download of {url} broke off {DOWNLOAD_ATTEMPTS} times in a row without "
+                                f"getting further (last: {exc}){resume}.") from None
+            print(f"[download] {url}: connection lost ({exc}){'; ' + have if have else ''}; asking again",
+                  flush=True)
+            time.sleep(RETRY_DELAY_S * (1 + fruitless))
 
 
 def _open(url: str, offset: int) -> http.client.HTTPResponse:
