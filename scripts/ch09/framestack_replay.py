@@ -322,7 +322,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._rows_written = np.zeros(envs, dtype=np.int64)
         self._open_start = np.full(envs, -1, dtype=np.int64)  # start row of the running episode, -1 if none
         self._n_sampleable = 0
-        # With copy_info_dict: each transition row's info dict (start rows hold None).
+        # With copy_info_dict: each transition row's info dict (read only where a transition is sampled).
         self.copy_info_dict = copy_info_dict
         self.infos: np.ndarray | None = np.full((rows, envs), None, dtype=object) if copy_info_dict else None
 
