@@ -15,7 +15,8 @@
 Transitions are identified by their action: random continuous actions are unique, so a sampled action names
 the ``add()`` call (and env) it came from, and what was sampled is compared with what ``add()`` received.
 SubprocVecEnvs are started with ``fork`` (a worker starts in milliseconds; ``forkserver``, SB3's default,
-imports torch again in each worker) and shared by the module.
+imports torch again in each worker) and shared by the module. The performance check runs with this buffer
+by default; its twin with SB3's own buffer, the reference, is marked slow (``pytest -m slow``).
 """
 
 from __future__ import annotations
