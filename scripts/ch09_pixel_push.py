@@ -32,6 +32,7 @@ Artifacts of ``train`` (``<tag>`` comes from the flags, e.g. ``manip_noDrQ_criti
     checkpoints/ch09_<tag>_<env>_seed<N>_<500K>_steps.zip  one every --checkpoint-freq steps
     runs/ch09_<tag>/<env>/seed<N>/                          TensorBoard (one folder per seed, continued on resume)
     results/ch09_<tag>_<env>_seed<N>_eval.json             written by ``eval``
+    results/videos/ch09_<tag>_<env>_seed<N>_<steps>_ep<k>.mp4  written by ``eval --video N`` (listed in the JSON)
 
 Every mistake a user can make (a resume without a checkpoint, a buffer larger than the memory, a hung
 render worker, a missing EGL) ends in one sentence that says what to do, and exit code 2.
@@ -46,7 +47,7 @@ import multiprocessing as mp
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -80,6 +81,7 @@ from ch09.artifacts import (
     RunPaths,
     artifact_root,
     clean_interrupted_writes,
+    format_steps,
     git_commit,
     now_iso,
     package_versions,
@@ -88,6 +90,7 @@ from ch09.artifacts import (
 from ch09.callbacks import (
     CheckpointCallback,
     HParamCallback,
+    NoCudaNotice,
     PeriodicEvalCallback,
     ProgressBarCallback,
     testing_hooks,
@@ -122,6 +125,7 @@ from ch09.validation import (
     read_json_object,
 )
 from ch09.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
+from ch09.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder, VideoFolder
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
 from image_augmentation import HerDrQDictReplayBuffer
 from lab_support import MemoryBudgetError, RendererUnavailableError
@@ -194,6 +198,9 @@ class TrainConfig:
     """Env steps between deterministic evaluations logged as eval/success_rate (0 turns them off)."""
     eval_episodes: int = 20
     """Episodes per evaluation during training."""
+    eval_video: bool = True
+    """Log the first episode of every evaluation under eval/video in TensorBoard (camera beside observation);
+    --no-eval-video turns it off (the README says what it costs)."""
     checkpoint_freq: int = 500_000
     """Env steps between periodic checkpoints (named ..._500K_steps.zip, ..._1M_steps.zip, ...)."""
     save_replay_buffer: bool = False
@@ -226,6 +233,10 @@ class EvalConfig:
     """SHA-256 the checkpoint must have (from its publisher), checked before anything in it is loaded."""
     n_episodes: int = 100
     """Deterministic episodes to run."""
+    video: int = 0
+    """Record the first N episodes as videos in results/videos/: the camera view beside the 84x84 observation."""
+    video_format: Literal["mp4", "gif"] = "mp4"
+    """Format of --video files: mp4 (H.264) or gif (larger, plays anywhere)."""
     seed: int | None = None
     """Seed of the first episode's reset; None: the training seed + 10000 (goals unseen in training)."""
     device: str = "auto"
@@ -343,6 +354,19 @@ def make_monitored_env(env_id: str, pixels: bool, native_render: bool, in_worker
 def env_factory(cfg: TrainConfig, in_worker: bool = False) -> functools.partial[gym.Env]:
     """A picklable zero-argument env constructor (SubprocVecEnv ships it to each worker)."""
     return functools.partial(make_monitored_env, cfg.env, not cfg.full_state, cfg.native_render, in_worker)
+
+
+def eval_env_factory(cfg: TrainConfig) -> Callable[[], gym.Env]:
+    """The periodic evaluation's env: the training env, inside an EpisodeRecorder when eval/video is on."""
+    make_env = env_factory(cfg)
+    if not cfg.eval_video:
+        return make_env
+    return lambda: EpisodeRecorder(make_env(), camera_size=TENSORBOARD_CAMERA_SIZE)
+
+
+def eval_recorder(eval_env: DummyVecEnv) -> EpisodeRecorder | None:
+    recorder = eval_env.envs[0]
+    return recorder if isinstance(recorder, EpisodeRecorder) else None
 
 
 def training_spaces(cfg: TrainConfig) -> tuple[spaces.Dict, spaces.Space]:
@@ -553,7 +577,7 @@ def train(cfg: TrainConfig) -> int:
     eval_env: VecEnv | None = None
     try:
         if cfg.eval_freq > 0:
-            eval_env = DummyVecEnv([env_factory(cfg)])
+            eval_env = DummyVecEnv([eval_env_factory(cfg)])
             eval_env.seed(cfg.seed + EVAL_SEED_OFFSET)
         if meta is None:
             meta = new_meta(cfg, paths, memory)
@@ -573,13 +597,16 @@ def train(cfg: TrainConfig) -> int:
         checkpointer.start(start_steps)
         checkpointer.write_missed_snapshot(model, cfg.checkpoint_freq)  # a kill during the last copy lost it
         stop = StopRequest()
-        evaluator = PeriodicEvalCallback(eval_env, cfg.eval_freq, cfg.eval_episodes) if eval_env else None
+        evaluator = PeriodicEvalCallback(eval_env, cfg.eval_freq, cfg.eval_episodes,
+                                         recorder=eval_recorder(eval_env)) if eval_env else None
         callbacks: list[BaseCallback] = [CheckpointCallback(checkpointer, stop, cfg.checkpoint_freq),
                                          HParamCallback({**asdict(cfg), "tag": tag})]
         if evaluator is not None:
             callbacks.append(evaluator)
         if cfg.progress:
             callbacks.append(ProgressBarCallback(cfg.total_steps, paths.stem, evaluator))
+        if not cfg.full_state:
+            callbacks.append(NoCudaNotice(cfg.total_steps))  # says nothing on a CUDA device
         callbacks += testing_hooks(paths.stem)  # empty unless a test sets CH09_TEST_KILL_AT_STEP
 
         print(f"[train] training steps {start_steps:,} -> {cfg.total_steps:,}; TensorBoard: "
@@ -652,6 +679,13 @@ def train_config_of(meta: dict[str, Any], checkpoint: Path) -> TrainConfig:
         raise UserError(f"The metadata of {checkpoint} does not describe a training config ({exc}).") from None
 
 
+def eval_video_folder(cfg: EvalConfig, meta: dict[str, Any], steps: int) -> VideoFolder:
+    """Where ``eval --video`` writes: results/videos/ch09_<tag>_<env>_seed<N>_<steps>_ep<k>.<mp4|gif>."""
+    root = artifact_root(cfg.artifact_root)
+    run_stem = RunPaths.for_run(root, meta["tag"], meta["env_id"], meta["seed"]).stem
+    return VideoFolder(root / "results" / "videos", run_stem, format_steps(steps), cfg.video_format, root)
+
+
 def evaluate(cfg: EvalConfig) -> int:
     if cfg.n_episodes < 1:
         raise UserError(f"--n-episodes must be at least 1, got {cfg.n_episodes}.")
@@ -659,6 +693,11 @@ def evaluate(cfg: EvalConfig) -> int:
         check_seed("seed", cfg.seed)
     check_device("device", cfg.device)
     check_writable_folder("artifact_root", cfg.artifact_root)
+    if not 0 <= cfg.video <= cfg.n_episodes:
+        raise UserError(f"--video is how many of the --n-episodes {cfg.n_episodes} episodes to record, so it lies "
+                        f"in 0..{cfg.n_episodes}; got {cfg.video}.")
+    if cfg.video:
+        check_writable_folder("artifact_root", artifact_root(cfg.artifact_root) / "results" / "videos")
     # Loading a checkpoint runs the code pickled in it: one from elsewhere is checked against its digest first.
     checkpoint = checkpoint_for_eval(cfg.checkpoint, cfg.from_release, cfg.steps, cfg.sha256,
                                      artifact_root(cfg.artifact_root) / "checkpoints")
@@ -671,6 +710,10 @@ def evaluate(cfg: EvalConfig) -> int:
     try:
         model = load_for_acting(checkpoint, DummyVecEnv([lambda: env]), cfg.device)  # spaces checked, no buffer
         check_policy(model, train_cfg, checkpoint, "its metadata describes")
+        videos = eval_video_folder(cfg, meta, int(model.num_timesteps))
+        if cfg.video:
+            env = EpisodeRecorder(env, on_episode=videos)  # same episodes: it renders from a copy of the state
+            env.record_next(cfg.video)
         start = time.time()
         episodes = run_episodes(model, env, cfg.n_episodes, seed)
         elapsed = time.time() - start
@@ -699,6 +742,7 @@ def evaluate(cfg: EvalConfig) -> int:
         "ci_method": "Wilson score interval, 95%",
         "mean_final_goal_distance": float(np.mean([e["final_goal_distance"] for e in episodes])),
         "episodes": episodes,
+        "videos": videos.written,
         "wall_time_s": round(elapsed, 1),
         "config": meta["config"],
         "versions": package_versions(),
@@ -710,6 +754,8 @@ def evaluate(cfg: EvalConfig) -> int:
     print(f"{stem}: success_rate {rate:.2f} (95% CI {low:.2f}-{high:.2f}, {len(episodes)} episodes), "
           f"mean final goal distance {result['mean_final_goal_distance']:.3f} m, at {model.num_timesteps:,} steps")
     print(f"wrote {out}")
+    for video in videos.written:
+        print(f"wrote {artifact_root(cfg.artifact_root) / video['file']} ({video['frames']} frames)")
     return 0
 
 

@@ -27,8 +27,9 @@ class ProductionScript:
     path = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
     STATE_BUDGET = ("--full-state", "--buffer-size", "1000", "--batch-size", "32", "--learning-starts", "100",
                     "--eval-freq", "200", "--eval-episodes", "2", "--checkpoint-freq", "100", "--device", "cpu",
-                    "--no-progress")
-    """A tiny full-state run: a few hundred steps train, evaluate and checkpoint in seconds."""
+                    "--no-progress", "--no-eval-video")
+    """A tiny full-state run: a few hundred steps train, evaluate and checkpoint in seconds (eval/video, which
+    renders and encodes an episode per evaluation, is tested in test_video.py)."""
 
     @staticmethod
     def environment(**extra: str) -> dict[str, str]:

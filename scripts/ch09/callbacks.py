@@ -3,8 +3,10 @@
 | callback                 | every ...                         | does                                            |
 |--------------------------|-----------------------------------|-------------------------------------------------|
 | ``CheckpointCallback``   | --checkpoint-freq env steps       | periodic checkpoint; ends learn() on a signal   |
-| ``PeriodicEvalCallback`` | --eval-freq env steps             | deterministic episodes -> eval/success_rate     |
+| ``PeriodicEvalCallback`` | --eval-freq env steps             | deterministic episodes -> eval/success_rate,    |
+|                          |                                   | one of them as a video -> eval/video            |
 | ``ProgressBarCallback``  | env step                          | tqdm bar with steps/s, ETA, latest success rates |
+| ``NoCudaNotice``         | first updates (pixels, no CUDA)   | one line: measured s/update, time for the run   |
 | ``HParamCallback``       | start of training                 | the config in TensorBoard's HPARAMS tab         |
 | ``KillAtStepForTests``   | env step (TEST HOOK, off unless   | SIGKILLs its own process once at step N, as the |
 |                          | CH09_TEST_KILL_AT_STEP is set)    | OOM killer or ``kill -9`` would                 |
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 import numpy as np
@@ -27,6 +30,7 @@ from stable_baselines3.common.logger import HParam
 from stable_baselines3.common.vec_env import VecEnv
 
 from ch09.checkpoints import Checkpointer, StopRequest
+from ch09.video import EpisodeRecorder, log_tensorboard_video
 
 PROGRESS_POSTFIX_EVERY = 1000
 """Callback calls between updates of the progress bar's success-rate postfix."""
@@ -57,12 +61,16 @@ class CheckpointCallback(BaseCallback):
 class PeriodicEvalCallback(BaseCallback):
     """Deterministic evaluation every ``eval_freq`` env steps, logged as eval/success_rate.
 
-    Like SB3's EvalCallback, but scheduled on env steps rather than on callback calls.
+    Like SB3's EvalCallback, but scheduled on env steps rather than on callback calls. With a ``recorder``
+    (the eval env's ``EpisodeRecorder``), the first evaluated episode is logged as an animated image under
+    eval/video and its cost in seconds (camera renders + GIF encoding) under eval/video_seconds; eval/seconds
+    is the whole evaluation's wall time.
     """
 
-    def __init__(self, eval_env: VecEnv, eval_freq: int, n_episodes: int) -> None:
+    def __init__(self, eval_env: VecEnv, eval_freq: int, n_episodes: int,
+                 recorder: EpisodeRecorder | None = None) -> None:
         super().__init__()
-        self.eval_env, self.eval_freq, self.n_episodes = eval_env, eval_freq, n_episodes
+        self.eval_env, self.eval_freq, self.n_episodes, self.recorder = eval_env, eval_freq, n_episodes, recorder
         self.next_eval = 0
         self.last_success_rate: float | None = None
 
@@ -79,6 +87,10 @@ class PeriodicEvalCallback(BaseCallback):
             if locals_["done"] and "is_success" in locals_["info"]:
                 successes.append(float(locals_["info"]["is_success"]))
 
+        start = time.perf_counter()
+        if self.recorder is not None:
+            self.recorder.record_next(1)  # evaluate_policy's first reset starts it
+            recording_before = self.recorder.seconds
         returns, lengths = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.n_episodes,
                                            deterministic=True, return_episode_rewards=True, callback=record_success)
         self.logger.record("eval/mean_reward", float(np.mean(returns)))
@@ -86,28 +98,52 @@ class PeriodicEvalCallback(BaseCallback):
         if successes:
             self.last_success_rate = float(np.mean(successes))
             self.logger.record("eval/success_rate", self.last_success_rate)
+        if self.recorder is not None:
+            self._log_video(self.recorder.seconds - recording_before)
+        self.logger.record("eval/seconds", time.perf_counter() - start)  # the whole evaluation, video included
         self.logger.dump(self.num_timesteps)
         return True
 
+    def _log_video(self, recording_seconds: float) -> None:
+        start = time.perf_counter()
+        for episode in self.recorder.take()[:1]:
+            frames = list(episode.frames(f"{self.num_timesteps:,} steps"))
+            log_tensorboard_video(self.logger, "eval/video", frames, self.num_timesteps)
+            self.logger.record("eval/video_seconds", recording_seconds + time.perf_counter() - start)
+
 
 class ProgressBarCallback(BaseCallback):
-    """tqdm bar over the whole run (it starts at the restored step on --resume): steps/s and ETA."""
+    """tqdm bar over the whole run (it starts at the restored step on --resume): steps/s and ETA.
+
+    The random-action steps before ``learning_starts`` run far faster than training steps (no update), so
+    their rate would promise an ETA many times too short: they get a bar of their own, and the bar that
+    follows measures its rate, and so its ETA, from the first update on.
+    """
 
     def __init__(self, total_steps: int, description: str, evaluator: PeriodicEvalCallback | None) -> None:
         super().__init__()
         self.total_steps, self.description, self.evaluator = total_steps, description, evaluator
         self.bar: Any = None
+        self.updating = False
 
-    def _on_training_start(self) -> None:
+    def _new_bar(self, description: str) -> None:
         from tqdm import tqdm
 
         interactive = sys.stderr.isatty()  # in a log file (nohup, docker logs) redraw only once a minute
         self.bar = tqdm(total=self.total_steps, initial=self.num_timesteps, unit="step", unit_scale=True,
-                        desc=self.description, dynamic_ncols=True, smoothing=0.05,
+                        desc=description, dynamic_ncols=True, smoothing=0.05,
                         mininterval=1.0 if interactive else 60.0)
+
+    def _on_training_start(self) -> None:
+        self.updating = self.num_timesteps > self.model.learning_starts
+        self._new_bar(self.description if self.updating else f"{self.description} (random actions)")
 
     def _on_step(self) -> bool:
         self.bar.update(self.training_env.num_envs)
+        if not self.updating and self.num_timesteps > self.model.learning_starts:  # SB3 updates from here on
+            self.updating = True
+            self.bar.close()
+            self._new_bar(self.description)
         if self.n_calls % PROGRESS_POSTFIX_EVERY == 0:
             postfix = {}
             if self.model.ep_success_buffer:
@@ -119,6 +155,70 @@ class ProgressBarCallback(BaseCallback):
 
     def _on_training_end(self) -> None:
         self.bar.close()
+
+
+def human_duration(seconds: float) -> str:
+    """2.3 years, 9.7 days, 5.2 h, 14 min, 40 s: a duration in the unit a reader plans with."""
+    for unit, size in (("years", 365.25 * 86_400), ("days", 86_400), ("h", 3_600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if seconds < 100 * size else f"{seconds / size:,.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+class NoCudaNotice(BaseCallback):
+    """Pixels without CUDA: measure the first updates, print what they mean for the run, and go on.
+
+    SB3 calls ``train()`` (the ``gradient_steps`` updates) after a rollout ends and before the next one
+    starts, so the time between those two callbacks is the update time, and the time from one rollout
+    start to the next is a whole training iteration (``n_envs`` env steps plus their updates), which the
+    projection uses. The first iteration (allocations, warm-up) is not counted; the median of the next
+    ``MEASURED_ITERATIONS`` is, so an evaluation falling among them does not inflate the figure.
+    """
+
+    MEASURED_ITERATIONS = 5
+
+    def __init__(self, total_steps: int) -> None:
+        super().__init__()
+        self.total_steps = total_steps
+        self.active = False
+        self.update_started: float | None = None
+        self.iteration_started: float | None = None
+        self.update_seconds: list[float] = []
+        self.iteration_seconds: list[float] = []
+
+    def _on_training_start(self) -> None:
+        self.active = self.model.device.type != "cuda"
+        self.session_steps = self.total_steps - self.num_timesteps
+
+    def _on_rollout_end(self) -> None:
+        if self.active and self.num_timesteps > self.model.learning_starts:
+            self.update_started = time.perf_counter()
+
+    def _on_rollout_start(self) -> None:
+        if not self.active:
+            return
+        now = time.perf_counter()
+        if self.update_started is not None and self.iteration_started is not None:  # train() ran since the last
+            self.update_seconds.append(now - self.update_started)
+            self.iteration_seconds.append(now - self.iteration_started)
+        self.update_started, self.iteration_started = None, now
+        if len(self.update_seconds) > self.MEASURED_ITERATIONS:  # the first one was the warm-up
+            self.active = False
+            self._print(self.update_seconds[1:], self.iteration_seconds[1:])
+
+    def _print(self, update_seconds: list[float], iteration_seconds: list[float]) -> None:
+        import torch
+        from tqdm import tqdm
+
+        per_update = float(np.median(update_seconds)) / max(self.model.gradient_steps, 1)
+        per_step = float(np.median(iteration_seconds)) / self.training_env.num_envs
+        where = "no CUDA GPU" if not torch.cuda.is_available() else f"training on {self.model.device}, not CUDA"
+        tqdm.write(f"{where}: a pixel update takes {per_update:.3g} s here, so {self.session_steps:,} steps would "
+                   f"take ~{human_duration(per_step * self.session_steps)}; use a GPU, or --full-state to check "
+                   "the pipeline", file=sys.stdout)
+
+    def _on_step(self) -> bool:
+        return True
 
 
 class HParamCallback(BaseCallback):
