@@ -523,14 +523,17 @@ def test_full_state_reach_learns_with_the_fast_engine(seed):
             if locals_["done"]:
                 successes.append(float(locals_["info"]["is_success"]))
 
+        curve = []
         for _ in range(12):
             model.learn(1_000, reset_num_timesteps=False)
             successes.clear()
             evaluate_policy(model, eval_env, n_eval_episodes=20, deterministic=True, callback=record_success)
-            best = max(best, float(np.mean(successes)))
+            curve.append((model.num_timesteps, float(np.mean(successes))))
+            best = max(best, curve[-1][1])
             if best >= 0.9:
                 break
-        assert best >= 0.9, best
+        print(f"FastSAC, FetchReach-v4, seed {seed}: eval success by step {curve}")  # shown with pytest -s
+        assert best >= 0.9, curve
     finally:
         env.close()
         eval_env.close()
@@ -539,8 +542,8 @@ def test_full_state_reach_learns_with_the_fast_engine(seed):
 # ---------------------------------------------------------------------------------------------------------
 # On a CUDA GPU: pytest -m gpu
 # ---------------------------------------------------------------------------------------------------------
-BF16_LOSS_RTOL = 0.05
-"""bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (relative)."""
+BF16_LOSS_RTOL, BF16_LOSS_ATOL = 0.05, 1e-3
+"""bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (or 1e-3)."""
 
 
 def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
@@ -555,6 +558,7 @@ def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
     models[0].learn(120)  # fills the buffer (random actions), no update yet
     models[1].replay_buffer = models[0].replay_buffer
     models[1].set_parameters(copy.deepcopy(models[0].get_parameters()))
+    models[1].set_logger(Logger(folder=None, output_formats=[]))  # it never ran learn(), which sets one up
     return models[0], models[1]
 
 
@@ -577,4 +581,5 @@ def test_bf16_losses_track_fp32_on_cuda():
         th.manual_seed(6)
         model.train(gradient_steps=1, batch_size=64)
     for key in ("train/critic_loss", "train/actor_loss"):
-        assert logged_losses(bf16)[key] == pytest.approx(logged_losses(fp32)[key], rel=BF16_LOSS_RTOL), key
+        assert logged_losses(bf16)[key] == pytest.approx(logged_losses(fp32)[key], rel=BF16_LOSS_RTOL,
+                                                         abs=BF16_LOSS_ATOL), key

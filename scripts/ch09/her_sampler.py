@@ -444,6 +444,8 @@ def device_sampler_supported(buffer: Any, vec_normalize: Any) -> str | None:
         return f"the replay buffer is {type(buffer).__name__}, not FrameStackHerReplayBuffer"
     if vec_normalize is not None:
         return "VecNormalize rescales sampled observations on the host"
+    if getattr(buffer, "key_arrays", None):  # keys that are not float vectors (ints, extra images)
+        return f"the keys {list(buffer.key_arrays)} are stored apart from the float vectors"
     if not math.isfinite(buffer.her_ratio):
         return "the buffer's her_ratio is not a number"
     return None
