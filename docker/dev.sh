@@ -11,6 +11,8 @@
 # uid/gid so files written to checkpoints/, results/ and runs/ are yours, not root's.
 # Otherwise it uses a local virtual environment in .venv/, created on first use and reinstalled
 # only when requirements.txt changes. DEV_MODE=docker|native forces one of the two.
+# DEV_BASE_IMAGE names the Debian bookworm image the Dockerfile starts from (default debian:bookworm-slim),
+# e.g. a local copy on a machine that cannot reach Docker Hub.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,12 +29,31 @@ docker_available() {
   command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1
 }
 
+build_image() {  # TAG BASE CMD...: one sentence, and the way out, when the image cannot be built
+  local tag="$1" base="$2" log
+  shift 2
+  log="${TMPDIR:-/tmp}/${image_name}-build-${tag#*:}.log"
+  echo "[dev.sh] building $tag from $base (once, several minutes; later runs reuse it; log: $log)" >&2
+  # The context is requirements.txt alone (.dockerignore): the repository is mounted at run time.
+  if ! docker build --build-arg "BASE_IMAGE=$base" -t "$tag" -f docker/Dockerfile "$repo_root" >"$log" 2>&1; then
+    local reason
+    reason="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-200)"
+    echo "[dev.sh] the Docker image could not be built from docker/Dockerfile on base $base (${reason:-no output}," \
+         "full log: $log); without Docker run DEV_MODE=native bash docker/dev.sh $*" >&2
+    exit 1
+  fi
+}
+
 run_in_docker() {
-  local tag
-  tag="$image_name:$(fingerprint docker/Dockerfile "$requirements")"
+  if ! docker_available; then
+    echo "[dev.sh] DEV_MODE=docker, but no Docker engine answers \`docker info\`; start one, or run" \
+         "DEV_MODE=native bash docker/dev.sh ${*}" >&2
+    exit 1
+  fi
+  local base="${DEV_BASE_IMAGE:-debian:bookworm-slim}" tag
+  tag="$image_name:$(fingerprint docker/Dockerfile "$requirements" <(echo "$base"))"
   if ! docker image inspect "$tag" >/dev/null 2>&1; then
-    echo "[dev.sh] building $tag (once; later runs reuse it)" >&2
-    docker build -t "$tag" -f docker/Dockerfile "$repo_root" >&2
+    build_image "$tag" "$base" "$@"
   fi
   local -a flags=(--rm --init -v "$repo_root:/workspace" -w /workspace
                   -u "$(id -u):$(id -g)" -e HOME=/tmp -e "MUJOCO_GL=${MUJOCO_GL:-egl}"
