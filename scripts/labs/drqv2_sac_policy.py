@@ -69,6 +69,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a refused mujoco, a missing package, an early SIGTERM: one line, no traceback
+
 import numpy as np
 import torch as th
 import torch.nn.functional as F
@@ -1010,4 +1014,4 @@ if __name__ == "__main__":
     # Classes defined in __main__ would be pickled by value and loaded as look-alike copies.
     import drqv2_sac_policy
 
-    sys.exit(drqv2_sac_policy.main())
+    sys.exit(run_guarded(drqv2_sac_policy.main))

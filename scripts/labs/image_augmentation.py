@@ -55,6 +55,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a refused mujoco, a missing package, an early SIGTERM: one line, no traceback
+
 import numpy as np
 import torch
 from gymnasium import spaces
@@ -597,4 +601,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

@@ -5,6 +5,7 @@ The labs start with their lesson; the plumbing they share lives here, so a reade
 | piece                                                 | what it does                                          |
 |-------------------------------------------------------|-------------------------------------------------------|
 | environment guard (runs on import)                    | refuses a mujoco that breaks FetchPush-v4, picks EGL  |
+| ``exit_code`` on the errors below                     | ``cli_guard`` prints their sentence alone, exit 2     |
 | ``RendererUnavailableError``                          | the one sentence a broken renderer ends in            |
 | ``make_render_context_current``, ``close_render_context`` | several MuJoCo envs rendering in one process      |
 | ``available_memory_bytes``, ``check_memory_fits``     | the one "does this buffer fit" check                  |
@@ -26,6 +27,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Annotated, Any
 
+from cli_guard import USER_ERROR_EXIT
+
 # ---------------------------------------------------------------------------------------------------------
 # Environment guard: the project's ONE check of the MuJoCo version and the OpenGL backend
 # ---------------------------------------------------------------------------------------------------------
@@ -37,10 +40,17 @@ os.environ.setdefault("PYOPENGL_PLATFORM", os.environ["MUJOCO_GL"])
 MUJOCO_PIN = "3.11.0"
 FIRST_BROKEN_MUJOCO = (3, 12)
 
+
+class MissingPackageError(ImportError):
+    """A pinned package is not installed; the message is one sentence naming the fix."""
+
+    exit_code = USER_ERROR_EXIT  # the entry points' guard (cli_guard) prints the sentence alone
+
+
 try:
     _mujoco_version = metadata.version("mujoco")
 except metadata.PackageNotFoundError as _exc:
-    raise ImportError(
+    raise MissingPackageError(
         "mujoco is not installed in this Python environment; run `pip install -r requirements.txt` "
         f"(it pins mujoco=={MUJOCO_PIN}) or use `bash docker/dev.sh`."
     ) from _exc
@@ -48,6 +58,8 @@ except metadata.PackageNotFoundError as _exc:
 
 class MujocoVersionError(ImportError):
     """The installed mujoco breaks FetchPush-v4; the message is one sentence naming the fix."""
+
+    exit_code = USER_ERROR_EXIT
 
 
 _major_minor = re.match(r"(\d+)\.(\d+)", _mujoco_version)  # "3.11.0", also "4.0.0rc1" or "3.12.dev0"
@@ -74,7 +86,7 @@ except ModuleNotFoundError as _exc:
     if _exc.name != "gymnasium_robotics":
         _renderer_import_error = _exc  # e.g. PyOpenGL missing: a rendering problem
     else:
-        raise ImportError(
+        raise MissingPackageError(
             "gymnasium-robotics is not installed in this Python environment; run `pip install -r requirements.txt` "
             "or use `bash docker/dev.sh`."
         ) from _exc
@@ -84,6 +96,8 @@ except Exception as _exc:  # any backend failure: ImportError, AttributeError, m
 
 class RendererUnavailableError(RuntimeError):
     """MuJoCo cannot render off-screen with the selected ``MUJOCO_GL`` backend."""
+
+    exit_code = USER_ERROR_EXIT
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> RendererUnavailableError:
@@ -284,6 +298,8 @@ MEMORY_RESERVE_BYTES = 2 * 1024**3
 
 class MemoryBudgetError(ValueError):
     """A buffer would not fit in the memory that is free; the message says the largest size that would."""
+
+    exit_code = USER_ERROR_EXIT
 
 
 def free_memory_bytes(device: Any = "cpu") -> int:

@@ -38,6 +38,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a refused mujoco, a missing package, an early SIGTERM: one line, no traceback
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -522,4 +526,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_guarded(main))

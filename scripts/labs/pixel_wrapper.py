@@ -47,6 +47,10 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a refused mujoco, a missing package, an early SIGTERM: one line, no traceback
+
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
@@ -770,4 +774,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_guarded(main))

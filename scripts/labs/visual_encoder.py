@@ -51,6 +51,10 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cli_guard import guard_entry_point, run_guarded
+
+guard_entry_point(__name__)  # a refused mujoco, a missing package, an early SIGTERM: one line, no traceback
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -740,4 +744,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_guarded(main))

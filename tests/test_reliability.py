@@ -1,0 +1,387 @@
+"""Reliability: each numbered case of issue 13, typed as a hostile user would, must end in one line.
+
+Every case runs its exact command and checks the exit code (2 for a mistake the user can fix, 128 + the
+signal for a signal), ONE line on stderr that names the fix, and no ``Traceback``. Where the process itself
+matters (a failing import, a signal, a kill, a full disk) the command runs in a fresh interpreter; where it
+does not, in-process through ``main(argv)``, which runs under the same top-level guard.
+
+| case | what                                                        | test                                     |
+|------|-------------------------------------------------------------|------------------------------------------|
+| 1    | ``--seed -1`` / ``>= 2**32``                                | test_1_seed_out_of_range                 |
+| 2    | ``--artifact-root`` a file, under a file, unwritable        | test_2_artifact_root_that_is_no_folder   |
+| 3    | ``--device tpu``; ``--device cuda`` without CUDA            | test_3_device_that_does_not_exist        |
+| 4    | ``--worker-timeout -1 --n-envs 2``                          | test_4_worker_timeout_not_positive       |
+| 5    | a ``.meta.json`` of the wrong shape, on eval and on resume   | test_5_metadata_of_the_wrong_shape       |
+| 6    | ``aggregate`` on a JSON list or a wrongly typed eval file   | test_6_aggregate_input_of_the_wrong_shape|
+| 7    | a full disk during a checkpoint, then ``--resume`` on it     | test_7_full_disk_during_a_checkpoint     |
+| 8    | mujoco >= 3.12 (and the file requirements.txt points to)    | test_8_mujoco_refusal_is_one_sentence    |
+| 9    | ``--learning-starts 5000 --total-steps 300``                | test_9_run_that_would_never_train        |
+| 10   | a kill during the periodic snapshot copy                    | test_10_interrupted_snapshot_is_repaired |
+| 11   | SIGTERM in the first seconds; a kill before checkpoint one  | test_11_*                                |
+
+Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds each).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ch09_pixel_push as ch09
+import pytest
+
+import cli_guard
+from ch09.checkpoints import load_for_acting, read_meta
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REACH = ("--env", "FetchReach-v4", "--full-state", "--buffer-size", "1000", "--batch-size", "32",
+         "--learning-starts", "100", "--eval-freq", "0", "--checkpoint-freq", "100", "--device", "cpu",
+         "--no-progress")
+"""A tiny full-state run: ~100-200 env steps/s here, a checkpoint every 100 steps."""
+STEM = "ch09_fullstate_FetchReach-v4_seed0"
+
+
+# ------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------
+def assert_one_line(code: int, err: str, want_code: int, *fragments: str) -> str:
+    """Exit code ``want_code``, exactly one non-empty stderr line starting 'error:', holding ``fragments``."""
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert code == want_code, f"exit {code}, want {want_code}; stderr:\n{err}"
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
+    return lines[0]
+
+
+def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = ch09.main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Files an interrupted write may leave: ``*.tmp``, ``*.tmp-<pid>-<n>``, ``*.old``."""
+    return [p for p in folder.rglob("*") if ".tmp" in p.name or p.name.endswith(".old")]
+
+
+def wait_for(predicate, timeout: float, process: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if process.poll() is not None or time.time() > deadline:
+            out, err = process.communicate(timeout=30) if process.poll() is None else process.communicate()
+            pytest.fail(f"{what} never happened (exit {process.returncode}):\n{out[-2000:]}\n{err[-2000:]}")
+        time.sleep(0.02)
+
+
+def steps_done(meta: Path) -> int:
+    try:
+        return int(json.loads(meta.read_text())["steps_done"])
+    except (OSError, ValueError, KeyError):  # not written yet, or being replaced
+        return -1
+
+
+# ------------------------------------------------------------------------------------------------------
+# 1-4, 9: flags checked where they are parsed, before any env or model exists
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--seed", str(2**32)],
+                                  ["eval", "--checkpoint", "x.zip", "--seed", "-1"]])
+def test_1_seed_out_of_range(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, *argv, "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, "--seed", "[0, 2**32)")
+    assert out == ""  # refused before anything was built or printed
+
+
+@pytest.mark.parametrize("kind", ["file", "under a file", "/proc"])
+def test_2_artifact_root_that_is_no_folder(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    root = {"file": a_file, "under a file": a_file / "sub", "/proc": Path("/proc/x")}[kind]
+    code, out, err = run_main(capsys, "train", *REACH, "--artifact-root", str(root))
+    line = assert_one_line(code, err, 2, "--artifact-root", "pass a folder")
+    assert {"file": "is a file", "under a file": "lies under", "/proc": "cannot be written"}[kind] in line
+    assert out == ""  # no env, no preflight, no model: nothing printed
+
+
+def test_3_device_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, "train", *REACH, "--device", "tpu", "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, "--device 'tpu'", "cpu")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is valid here")
+    code, out, err = run_main(capsys, "train", *REACH, "--device", "cuda", "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, "--device cuda", "--device cpu")
+    assert out == "" and not (tmp_path / "checkpoints").exists()  # no run (and no metadata claiming cuda)
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0"])
+def test_4_worker_timeout_not_positive(timeout: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, "train", *REACH, "--worker-timeout", timeout, "--n-envs", "2",
+                              "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, "--worker-timeout must be a positive number")
+    assert out == ""
+
+
+def test_9_run_that_would_never_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run_main(capsys, "train", "--learning-starts", "5000", "--total-steps", "300",
+                              "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, "--learning-starts 5,000", "--total-steps 300", "never update")
+
+
+# ------------------------------------------------------------------------------------------------------
+# 5, 6: every file read back is checked for shape, not only for JSON syntax
+# ------------------------------------------------------------------------------------------------------
+WRONG_META = {
+    "a list": lambda meta: [1, 2, 3],
+    "config a string": lambda meta: {**meta, "config": "garbage"},
+    "steps_done a string": lambda meta: {**meta, "steps_done": "many"},
+}
+
+
+@pytest.mark.parametrize("shape", list(WRONG_META))
+@pytest.mark.parametrize("command", ["eval", "resume"])
+def test_5_metadata_of_the_wrong_shape(shape: str, command: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture) -> None:
+    cfg = ch09.resolve_config(ch09.TrainConfig(env="FetchReach-v4", full_state=True, artifact_root=tmp_path))
+    paths = ch09.run_paths(cfg)
+    paths.checkpoint_dir.mkdir(parents=True)
+    paths.checkpoint.write_bytes(b"never unpickled: the metadata is refused first")
+    paths.meta.write_text(json.dumps(WRONG_META[shape](ch09.new_meta(cfg, paths, memory=[])), default=str))
+    if command == "eval":
+        argv = ["eval", "--checkpoint", str(paths.checkpoint), "--artifact-root", str(tmp_path)]
+    else:
+        argv = ["train", *REACH, "--resume", "--total-steps", "300", "--artifact-root", str(tmp_path)]
+    code, _, err = run_main(capsys, *argv)
+    line = assert_one_line(code, err, 2, str(paths.meta), "restore it from a backup or start a fresh run")
+    assert {"a list": "holds a JSON list", "config a string": "'config' should be an object",
+            "steps_done a string": "'steps_done' should be an integer"}[shape] in line
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ([1, 2, 3], "holds a JSON list"),
+    ({"format": "ch09-eval-v1"}, "has no field 'name'"),
+    ({"format": "ch09-eval-v1", "name": "x", "tag": "t", "env_id": "e", "train_seed": 0, "checkpoint_steps": 1,
+      "n_episodes": 10, "success_rate": "high", "success_ci95": [0, 1], "mean_final_goal_distance": 0.1},
+     "'success_rate' should be a number"),
+])
+def test_6_aggregate_input_of_the_wrong_shape(content: object, fragment: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "ch09_x_seed0_eval.json"
+    path.write_text(json.dumps(content))
+    code, _, err = run_main(capsys, "aggregate", str(path), "--artifact-root", str(tmp_path))
+    assert_one_line(code, err, 2, str(path), fragment, "eval --checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------------
+# 7: a full disk while checkpointing (a small tmpfs; as a normal user, a folder made read-only mid-run)
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """(folder, how): a 16 MiB tmpfs when we may mount one, else a folder we can make read-only (non-root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = False
+    if os.geteuid() == 0 and shutil.which("mount"):
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)],
+                                 capture_output=True).returncode == 0
+    if not mounted and os.geteuid() == 0:
+        pytest.skip("root without permission to mount a tmpfs: no way to fill a disk or deny a write here")
+    try:
+        yield folder, "tmpfs" if mounted else "read-only"
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        else:
+            for path in [folder, *folder.rglob("*")]:
+                if path.is_dir():
+                    path.chmod(0o755)
+
+
+def fill(folder: Path, how: str) -> None:
+    """Leave too little room for a checkpoint: fill the tmpfs but 256 KiB, or make checkpoints/ read-only."""
+    if how == "read-only":
+        (folder / "checkpoints").chmod(0o555)
+        return
+    stat = os.statvfs(folder)
+    with open(folder / "filler", "wb") as handle:
+        handle.write(b"\0" * (stat.f_bavail * stat.f_frsize - 256 * 1024))
+
+
+def unfill(folder: Path, how: str) -> None:
+    if how == "read-only":
+        (folder / "checkpoints").chmod(0o755)
+    else:
+        (folder / "filler").unlink()
+
+
+def test_7_full_disk_during_a_checkpoint(small_disk: tuple[Path, str], production) -> None:
+    root, how = small_disk
+    argv = ["train", *REACH, "--total-steps", "3000", "--artifact-root", str(root)]
+    process = production.popen(*argv)
+    try:
+        wait_for(lambda: steps_done(root / "checkpoints" / f"{STEM}.meta.json") >= 100, 180, process,
+                 "the first checkpoint")
+        fill(root, how)
+        _, err = process.communicate(timeout=180)
+    finally:
+        process.kill()
+    line = assert_one_line(process.returncode, err, 2, "was not saved", str(root / "checkpoints"), "bytes needed",
+                           "--resume")
+    assert "No space left" in line or "Permission denied" in line
+    assert temporaries(root) == [], "an interrupted write left its temporary behind"
+    meta = read_meta(root / "checkpoints" / f"{STEM}.meta.json", "the test")
+    assert meta["steps_done"] >= 100 and meta["periodic_checkpoints"]
+    for name in [f"{STEM}.zip", *meta["periodic_checkpoints"]]:  # every checkpoint written before still loads
+        assert load_for_acting(root / "checkpoints" / name).num_timesteps >= 100
+
+    resume = ["train", *REACH, "--total-steps", "400", "--resume", "--artifact-root", str(root)]
+    if how == "tmpfs":  # the still-full disk is refused before anything is built
+        proc = production.run(*resume)
+        assert_one_line(proc.returncode, proc.stderr, 2, "--resume needs room", "bytes")
+    unfill(root, how)
+    production.check(*resume)  # once there is room, the same command continues
+    assert load_for_acting(root / "checkpoints" / f"{STEM}.zip").num_timesteps == 400
+
+
+# ------------------------------------------------------------------------------------------------------
+# 8: mujoco >= 3.12 is refused in one sentence (an installed-package record that says 3.12.0)
+# ------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mujoco_3_12(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """An environment whose PYTHONPATH puts a ``mujoco-3.12.0.dist-info`` record first: what
+    ``importlib.metadata.version("mujoco")`` reports after ``pip install mujoco==3.12.0``."""
+    site = tmp_path_factory.mktemp("mujoco_3_12")
+    record = site / "mujoco-3.12.0.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: mujoco\nVersion: 3.12.0\n")
+    return {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize("script", ["scripts/labs/pixel_wrapper.py --verify", "scripts/ch09_pixel_push.py train"])
+def test_8_mujoco_refusal_is_one_sentence(script: str, mujoco_3_12: dict[str, str]) -> None:
+    proc = subprocess.run([sys.executable, *script.split()], capture_output=True, text=True, timeout=300,
+                          cwd=REPO_ROOT, env={**os.environ, **mujoco_3_12})
+    assert_one_line(proc.returncode, proc.stderr, 2, "mujoco 3.12.0", "pip install mujoco==3.11.0")
+
+
+def test_8_requirements_point_to_the_file_with_the_check() -> None:
+    text = (REPO_ROOT / "requirements.txt").read_text()
+    pointed = [word.strip("()`,;.") for word in text.split() if word.strip("()`,;.").endswith(".py")]
+    assert pointed, "requirements.txt should say which file refuses a newer mujoco"
+    for name in pointed:
+        assert "MujocoVersionError" in (REPO_ROOT / name).read_text(), f"{name} holds no mujoco version check"
+
+
+# ------------------------------------------------------------------------------------------------------
+# 10: a kill during the periodic snapshot copy
+# ------------------------------------------------------------------------------------------------------
+def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None:
+    """The state a SIGKILL during the copy of ``_200_steps.zip`` leaves: the latest checkpoint at step 200
+    (written first), the metadata still at step 100 (written last), a partial temporary of the snapshot
+    and no snapshot. A resume removes the temporary and writes the missed snapshot."""
+    production.check("train", *REACH, "--total-steps", "200", "--artifact-root", str(tmp_path))
+    checkpoints = tmp_path / "checkpoints"
+    snapshot = checkpoints / f"{STEM}_200_steps.zip"
+    dead_writer = subprocess.Popen(["true"])  # a pid that no longer runs, like the killed writer's
+    dead_writer.wait()
+    partial = checkpoints / f"{snapshot.name}.tmp-{dead_writer.pid}-0"
+    partial.write_bytes(snapshot.read_bytes()[:1000])
+    snapshot.unlink()
+    legacy = checkpoints / f"{snapshot.name}.tmp"  # the name earlier versions used
+    legacy.write_bytes(b"partial")
+    meta_path = checkpoints / f"{STEM}.meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["steps_done"] = 100
+    meta["periodic_checkpoints"] = [f"{STEM}_100_steps.zip"]
+    meta_path.write_text(json.dumps(meta))
+
+    proc = production.check("train", *REACH, "--total-steps", "300", "--resume", "--artifact-root", str(tmp_path))
+    assert f"removed {partial.name}" in proc.stdout and f"removed {legacy.name}" in proc.stdout
+    assert f"wrote the periodic snapshot {snapshot.name}" in proc.stdout
+    assert temporaries(tmp_path) == []
+    assert load_for_acting(snapshot).num_timesteps == 200
+    assert load_for_acting(checkpoints / f"{STEM}_300_steps.zip").num_timesteps == 300
+    assert snapshot.name in read_meta(meta_path, "the test")["periodic_checkpoints"]
+
+
+def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
+    """Another process still writing (its pid alive) keeps its temporary; seed10's files are not seed1's."""
+    from ch09.artifacts import clean_interrupted_writes
+
+    live = tmp_path / f"run_seed1.zip.tmp-{os.getppid()}-3"
+    other_seed = tmp_path / "run_seed10.zip.tmp"
+    for path in (live, other_seed):
+        path.write_bytes(b"x")
+    assert clean_interrupted_writes(tmp_path, "run_seed1") == []
+    assert live.exists() and other_seed.exists()
+
+
+# ------------------------------------------------------------------------------------------------------
+# 11: SIGTERM in the first seconds; a kill before the first checkpoint
+# ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("delay", [1.0, 4.0])  # during the imports; while the run is set up
+def test_11_sigterm_in_the_first_seconds(delay: float, tmp_path: Path, production) -> None:
+    process = production.popen("train", *REACH, "--total-steps", "100000", "--artifact-root", str(tmp_path))
+    try:
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    if "stopped at step" in err:  # the machine was fast: training had begun and saved a checkpoint first
+        assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+        return
+    assert_one_line(process.returncode, err, 128 + signal.SIGTERM, "SIGTERM", "run the same command again")
+
+
+def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_path: Path, production) -> None:
+    argv = ["train", *REACH, "--total-steps", "200", "--artifact-root", str(tmp_path)]
+    run_dir = tmp_path / "runs" / "ch09_fullstate" / "FetchReach-v4" / "seed0"
+    process = production.popen(*argv)
+    try:
+        wait_for(lambda: any(run_dir.glob("events.out.tfevents*")), 180, process, "the TensorBoard events file")
+        process.send_signal(signal.SIGKILL)  # as the OOM killer would: no handler runs
+        process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert not (tmp_path / "checkpoints" / f"{STEM}.zip").exists(), "the kill came after the first checkpoint"
+
+    proc = production.check(*argv)  # the same command, no --resume, no --move-old-run
+    assert "no checkpoint" in proc.stdout and "moved them to" in proc.stdout
+    assert len(list(run_dir.parent.glob("seed0.old-*"))) == 1
+    assert load_for_acting(tmp_path / "checkpoints" / f"{STEM}.zip").num_timesteps == 200
+
+
+# ------------------------------------------------------------------------------------------------------
+# the guard itself: a bug is one line pointing to a log file with the whole traceback
+# ------------------------------------------------------------------------------------------------------
+def test_a_bug_is_one_line_and_a_crash_log(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def buggy() -> int:
+        return {}["missing"]
+
+    code = cli_guard.run_guarded(buggy, log_dir=tmp_path / "logs")
+    line = assert_one_line(code, capsys.readouterr().err, cli_guard.BUG_EXIT, "unexpected KeyError", "report")
+    log = next((tmp_path / "logs").glob("crash-*.log"))
+    assert str(log) in line
+    text = log.read_text()
+    assert "Traceback" in text and "buggy" in text and "KeyError" in text
+
+
+def test_every_entry_point_installs_the_guard() -> None:
+    entry_points = ["scripts/ch09_pixel_push.py", "scripts/ch09_figures.py", "scripts/bench_replay.py",
+                    "scripts/snippets.py", *(f"scripts/labs/{lab}.py" for lab in (
+                        "pixel_wrapper", "visual_encoder", "manipulation_encoder", "image_augmentation",
+                        "drqv2_sac_policy"))]
+    entry_points += [p for p in ("scripts/bench_train.py", "scripts/ch09_sweep.py") if (REPO_ROOT / p).exists()]
+    sources = {p: (REPO_ROOT / p).read_text() for p in entry_points}
+    missing = [p for p, text in sources.items()
+               if "guard_entry_point(__name__)" not in text or "run_guarded" not in text]
+    assert not missing, f"entry points without the top-level guard: {missing}"
