@@ -52,9 +52,10 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from ch09.artifacts import REPO_ROOT
-from ch09.errors import USER_ERROR_EXIT
+from ch09.errors import USER_ERROR_EXIT, UserError
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import allocated_bytes_per_transition
+from ch09.validation import check_device
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_DIM, make_fetch_env, pixel_observation_space
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
@@ -345,9 +346,10 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     config = tyro.cli(BenchConfig, args=argv, prog="bench_replay.py", description=__doc__.split("\n\n")[0])
-    if config.device.startswith("cuda") and not th.cuda.is_available():
-        print("error: --device cuda needs a CUDA build of torch and a GPU; this machine has none, so use "
-              "--device cpu.", file=sys.stderr)
+    try:
+        check_device("device", config.device)  # 'tpu', or cuda without CUDA: one sentence before anything runs
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return USER_ERROR_EXIT
     if config.quick:
         config = replace(config, **QUICK)
