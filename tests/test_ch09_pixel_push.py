@@ -419,8 +419,9 @@ def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypat
         raise Stop
 
     monkeypatch.setattr(ch09, "print_bridge", fake_bridge)
-    with pytest.raises(Stop):
-        ch09.main(["train", "--critic-encoder", "--bridge", "--artifact-root", str(tmp_path), "--device", "cpu"])
+    with pytest.raises(Stop):  # run_command: main() without the top-level guard, which would report the Stop
+        ch09.run_command(ch09.parse_command_line(["train", "--critic-encoder", "--bridge", "--artifact-root",
+                                                  str(tmp_path), "--device", "cpu"]))
     assert calls == ["bridge"] and not (tmp_path / "checkpoints").exists()
 
 
