@@ -212,6 +212,8 @@ class Checkpointer:
                                      exc.reason, exc.bytes_needed, exc.bytes_free) from None
         if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
             self.meta["periodic_checkpoints"].append(periodic.name)
+        if isinstance(self.meta.get("sha256"), dict):  # as save() records it for every snapshot it writes
+            self.meta["sha256"][periodic.name] = sha256_file(periodic)
         print(f"[resume] wrote the periodic snapshot {periodic.name} that an interrupted run had not finished")
         return periodic
 
