@@ -190,6 +190,41 @@ def test_the_exact_list_serves_a_buffer_with_few_sampleable_slots():
     assert set(idx.rows.tolist()) == {1, 2}  # both transitions of the finished episode, nothing else
 
 
+def chi_square_is_plausible(counts: np.ndarray) -> bool:
+    """Counts of equally likely outcomes: chi-square within 5 standard deviations of its mean (df)."""
+    expected = counts.sum() / len(counts)
+    chi_square, df = float(((counts - expected) ** 2 / expected).sum()), len(counts) - 1
+    return chi_square < df + 5 * math.sqrt(2 * df)
+
+
+def test_device_draw_is_uniform_over_slots_and_future_goals():
+    """Over many draws every sampleable slot is equally likely, and so is every future step of a goal."""
+    synthetic = SyntheticStream(n_envs=3, rows_per_env=200, lengths=(2, 12))
+    for _ in range(500):  # the rings wrap: old episodes are retired, new ones running
+        synthetic.step()
+    buffer = synthetic.buffer
+    view = DeviceReplayView(buffer, "cpu")
+    view.sync()
+    assert not bool(view.use_exact_list), "this test is about the rejection path"
+    th.manual_seed(0)
+    counts = np.zeros(buffer.sampleable.shape)
+    offsets: dict[int, list[int]] = {}
+    for _ in range(100):
+        _, idx = sample_her_batch(view, 1024, TorchGoalReward(0.05))
+        rows, envs, step = idx.rows.numpy(), idx.envs.numpy(), idx.step.numpy()
+        np.add.at(counts, (rows, envs), 1)
+        goal_step = (idx.goal_rows.numpy() - idx.ep_start.numpy() - 1) % buffer.buffer_size
+        span = buffer.ep_length[rows, envs] - step  # the future goal is uniform over span steps
+        for n, offset in zip(span[idx.relabelled.numpy()], (goal_step - step)[idx.relabelled.numpy()]):
+            offsets.setdefault(int(n), []).append(int(offset))
+    assert counts[~buffer.sampleable].sum() == 0
+    assert chi_square_is_plausible(counts[buffer.sampleable])
+    for span, drawn in offsets.items():
+        assert min(drawn) >= 0 and max(drawn) < span
+        if span > 1:
+            assert chi_square_is_plausible(np.bincount(drawn, minlength=span)), span
+
+
 def test_the_device_copy_follows_wraps_closes_retirements_and_resets():
     """A GPU-style copy (``copy_host_arrays=True``) equals the buffer after every sync of a messy stream."""
     synthetic = SyntheticStream(n_envs=3, rows_per_env=40, lengths=(2, 9))
