@@ -161,10 +161,17 @@ def write_failure(path: Path, exc: OSError, bytes_written: int) -> ArtifactWrite
         free = None
     free_text = f"{free:,} bytes are free there" if free is not None else "its free space is unknown"
     reason = exc.strerror or str(exc)
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "make the folder writable"
+    elif exc.errno == errno.EIO:
+        fix = "check the disk"
+    else:
+        fix = "free space there"
     return ArtifactWriteError(
         f"Cannot write {path.name} in {folder} ({reason}): it needs at least {needed:,} bytes and {free_text}; "
-        f"the partial file was removed and any earlier {path.name} is intact, so free space (or make the folder "
-        "writable, or pass another --artifact-root) and run the command again.", str(path), reason, needed, free)
+        f"the partial file was removed and any earlier {path.name} is intact, so {fix} (or pass another "
+        "--artifact-root) and run the command again.",
+        str(path), reason, needed, free, fix)
 
 
 @contextmanager

@@ -185,15 +185,15 @@ class Checkpointer:
             return self._write(model, periodic_steps)
         except ArtifactWriteError as exc:
             last = int(self.meta.get("steps_done", 0))
-            then = (f"the checkpoint files of step {last:,} are intact, so free space there and continue with the "
+            then = (f"the checkpoint files of step {last:,} are intact, so {exc.fix} and continue with the "
                     "same command plus --resume" if last else
-                    "no checkpoint had been written yet, so free space there and run the same command again")
+                    f"no checkpoint had been written yet, so {exc.fix} and run the same command again")
             free = f"{exc.bytes_free:,} bytes free" if exc.bytes_free is not None else "free space unknown"
             raise ArtifactWriteError(
                 f"The checkpoint of step {model.num_timesteps:,} was not saved: writing {Path(exc.path).name} in "
                 f"{Path(exc.path).parent} failed ({exc.reason}; at least {exc.bytes_needed:,} bytes needed, "
                 f"{free}); the partial file was removed and {then}.",
-                exc.path, exc.reason, exc.bytes_needed, exc.bytes_free) from None
+                exc.path, exc.reason, exc.bytes_needed, exc.bytes_free, exc.fix) from None
 
     def write_missed_snapshot(self, model: SAC, freq: int) -> Path | None:
         """On resume: the periodic snapshot of the restored step, if a kill during its copy lost it.
@@ -209,7 +209,7 @@ class Checkpointer:
             copy_file(self.paths.checkpoint, periodic)
         except ArtifactWriteError as exc:
             raise ArtifactWriteError(f"{exc} (while writing the missed snapshot of step {steps:,})", exc.path,
-                                     exc.reason, exc.bytes_needed, exc.bytes_free) from None
+                                     exc.reason, exc.bytes_needed, exc.bytes_free, exc.fix) from None
         if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
             self.meta["periodic_checkpoints"].append(periodic.name)
         if isinstance(self.meta.get("sha256"), dict):  # as save() records it for every snapshot it writes

@@ -23,6 +23,8 @@ class UserError(Exception):
 class ArtifactWriteError(UserError):
     """Writing an artifact failed (disk full, read-only, I/O error); the temporary is already removed."""
 
-    def __init__(self, message: str, path: str, reason: str, bytes_needed: int, bytes_free: int | None) -> None:
+    def __init__(self, message: str, path: str, reason: str, bytes_needed: int, bytes_free: int | None,
+                 fix: str) -> None:
         super().__init__(message)
         self.path, self.reason, self.bytes_needed, self.bytes_free = path, reason, bytes_needed, bytes_free
+        self.fix = fix  # what to do about it: 'free space there', 'make the folder writable', ...
