@@ -284,11 +284,12 @@ PIXEL_POLICY_KWARGS = dict(features_extractor_class=ManipulationExtractor, norma
 POLICIES = {"MultiInputPolicy": "MultiInputPolicy", "DrQv2SACPolicy": DrQv2SACPolicy}
 
 
-def twin_models(vec_env, buffer, policy_name: str, **fast_kwargs) -> tuple[SAC, FastSAC]:
+def twin_models(vec_env, buffer, policy_name: str, sac_kwargs: dict | None = None,
+                **fast_kwargs) -> tuple[SAC, FastSAC]:
     """A stock SAC and a FastSAC with equal weights, Adam states and entropy coefficient, sharing one buffer."""
     policy = POLICIES[policy_name]
     kwargs = dict(buffer_size=10, batch_size=PIXEL_BATCH, learning_starts=0, seed=0, device="cpu", gamma=0.95,
-                  policy_kwargs=PIXEL_POLICY_KWARGS)
+                  policy_kwargs=PIXEL_POLICY_KWARGS, **(sac_kwargs or {}))
     stock = SAC(policy, vec_env, **kwargs)
     fast = FastSAC(policy, vec_env, **fast_kwargs, **kwargs)
     for model in (stock, fast):
@@ -299,17 +300,19 @@ def twin_models(vec_env, buffer, policy_name: str, **fast_kwargs) -> tuple[SAC, 
     th.manual_seed(1)
     stock.train(gradient_steps=2, batch_size=PIXEL_BATCH)
     fast.set_parameters(copy.deepcopy(stock.get_parameters()))  # deep: load_state_dict would share Adam's tensors
-    fast.log_ent_coef.data.copy_(stock.log_ent_coef.data)
+    if stock.log_ent_coef is not None:
+        fast.log_ent_coef.data.copy_(stock.log_ent_coef.data)
     return stock, fast
 
 
 def assert_same_state(a: SAC, b: SAC, atol: float = ATOL) -> None:
     for (name, x), (_, y) in zip(a.policy.state_dict().items(), b.policy.state_dict().items()):
         assert th.allclose(x, y, atol=atol, rtol=0), f"{name}: max diff {(x - y).abs().max():.2e}"
-    assert th.allclose(a.log_ent_coef, b.log_ent_coef, atol=atol, rtol=0)
     for name in ("actor", "critic"):
         _assert_same_optimizer(getattr(a, name).optimizer, getattr(b, name).optimizer, atol)
-    _assert_same_optimizer(a.ent_coef_optimizer, b.ent_coef_optimizer, atol)
+    if a.ent_coef_optimizer is not None:
+        assert th.allclose(a.log_ent_coef, b.log_ent_coef, atol=atol, rtol=0)
+        _assert_same_optimizer(a.ent_coef_optimizer, b.ent_coef_optimizer, atol)
 
 
 def _assert_same_optimizer(x: th.optim.Optimizer, y: th.optim.Optimizer, atol: float) -> None:
@@ -323,7 +326,7 @@ def _assert_same_optimizer(x: th.optim.Optimizer, y: th.optim.Optimizer, atol: f
 
 def logged_losses(model: SAC) -> dict[str, float]:
     keys = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
-    return {key: float(model.logger.name_to_value[key]) for key in keys}
+    return {key: float(model.logger.name_to_value[key]) for key in keys if key in model.logger.name_to_value}
 
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
@@ -339,6 +342,22 @@ def test_sb3_order_update_equals_sac_train(pixel_data, policy_name, replay):
     fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
     assert fast._engine is not None and fast._engine.view is None  # SB3's buffer: sampled by the buffer itself
     assert_same_state(stock, fast)
+    for key, value in logged_losses(stock).items():
+        assert logged_losses(fast)[key] == pytest.approx(value, abs=ATOL), key
+
+
+@pytest.mark.parametrize("sac_kwargs", [{"target_update_interval": 2}, {"ent_coef": 0.1}],
+                         ids=["target_update_interval", "fixed_ent_coef"])
+def test_sb3_order_equals_sac_train_for_other_sac_settings(pixel_data, sac_kwargs):
+    """Two gradient steps in one call, so the Polyak update of every other step (SB3 counts within the call)."""
+    vec_env, buffers = pixel_data
+    stock, fast = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy", sac_kwargs, sb3_order=True)
+    for model in (stock, fast):
+        np.random.seed(4)
+        th.manual_seed(4)
+        model.train(gradient_steps=2, batch_size=PIXEL_BATCH)
+    assert_same_state(stock, fast)
+    assert logged_losses(fast).keys() == logged_losses(stock).keys()
     for key, value in logged_losses(stock).items():
         assert logged_losses(fast)[key] == pytest.approx(value, abs=ATOL), key
 
@@ -377,10 +396,10 @@ def reference_reduced_update(model: SAC, batch) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("policy_name", list(POLICIES))
-@pytest.mark.parametrize("replay", ["plain", "drq"])
-def test_reduced_pass_update_equals_its_equations(pixel_data, policy_name, replay):
+@pytest.mark.parametrize("replay, fuse", [("plain", False), ("drq", False), ("plain", True)])
+def test_reduced_pass_update_equals_its_equations(pixel_data, policy_name, replay, fuse):
     vec_env, buffers = pixel_data
-    reference, fast = twin_models(vec_env, buffers[replay], policy_name)
+    reference, fast = twin_models(vec_env, buffers[replay], policy_name, fuse_next_obs_pass=fuse)
     np.random.seed(3)
     th.manual_seed(3)
     expected = reference_reduced_update(reference, buffers[replay].sample(PIXEL_BATCH, env=None))
@@ -390,6 +409,23 @@ def test_reduced_pass_update_equals_its_equations(pixel_data, policy_name, repla
     assert_same_state(reference, fast)
     for key, value in expected.items():
         assert logged_losses(fast)[key] == pytest.approx(value, abs=ATOL), key
+
+
+def test_bf16_encoder_passes_run_on_the_cpu_and_stay_close_to_fp32(pixel_data):
+    vec_env, buffers = pixel_data
+    fp32, bf16 = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy", precision="bf16")
+    fp32 = FastSAC.from_sac(fp32)  # the same weights through FastSAC in fp32 (from_sac: as a resume loads)
+    fp32.replay_buffer = bf16.replay_buffer
+    fp32.set_logger(Logger(folder=None, output_formats=[]))
+    for model in (fp32, bf16):
+        np.random.seed(5)
+        th.manual_seed(5)
+        model.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    assert bf16._engine.bf16 and not bf16._engine.channels_last  # channels_last is for CUDA only
+    for key in ("train/critic_loss", "train/actor_loss"):
+        assert logged_losses(bf16)[key] == pytest.approx(logged_losses(fp32)[key], rel=BF16_LOSS_RTOL,
+                                                         abs=BF16_LOSS_ATOL), key
+        assert logged_losses(bf16)[key] != logged_losses(fp32)[key], "bf16 should change the numbers a little"
 
 
 def test_routing_of_drqv2_policy_survives_the_engine(pixel_data):
