@@ -36,7 +36,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
 from test_framestack_replay import N_SAMPLED_GOAL, record_stream
 
-from ch09.fast_sac import FastSAC, Routing, squashed_gaussian_sample
+from ch09.fast_sac import FastSAC, Routing, make_capturable, squashed_gaussian_sample
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
 from drqv2_sac_policy import DrQv2SACPolicy, routing_report
@@ -496,6 +496,31 @@ def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed 420 260 <class 'float'>" in done.stdout, done.stdout
+
+
+def test_capturable_optimizers_are_saved_as_stock_sb3_writes_them(tmp_path):
+    """What a CUDA-graph run leaves in its optimizers (capturable, tensor lr, device step counters) never reaches
+    the checkpoint: plain SB3 on the CPU loads it and steps its Adam (a saved capturable=True would fail)."""
+    env = reach_env()
+    try:
+        model = reach_model(env)
+        model.learn(150)
+        optimizers = [model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer]
+        for optimizer in optimizers:
+            make_capturable(optimizer, th.device("cpu"))  # what the engine does on CUDA, here on the CPU
+        model._update_learning_rate(optimizers)
+        assert all(isinstance(g["lr"], th.Tensor) and float(g["lr"]) == pytest.approx(3e-4)
+                   for optimizer in optimizers for g in optimizer.param_groups)
+        model.save(tmp_path / "capturable.zip")
+        stock = SAC.load(tmp_path / "capturable.zip", env=env, device="cpu")
+        for optimizer in (stock.actor.optimizer, stock.critic.optimizer, stock.ent_coef_optimizer):
+            assert all(g["capturable"] is False and isinstance(g["lr"], float) for g in optimizer.param_groups)
+            assert all(state["step"].device.type == "cpu" for state in optimizer.state.values())
+        stock.learning_starts = stock.num_timesteps + 60
+        stock.learn(100, reset_num_timesteps=False)
+        assert stock._n_updates == 50 + 40
+    finally:
+        env.close()
 
 
 def test_fast_sac_loads_a_stock_checkpoint_and_trains(tmp_path):
