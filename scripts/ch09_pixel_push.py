@@ -143,6 +143,10 @@ LOG_INTERVAL_EPISODES = 4
 """SB3 writes the rollout/ and train/ curves every this many episodes."""
 
 
+CHAPTER_HER_N_SAMPLED_GOAL = 8
+"""The Experiment Card's k; runs with another k carry it in their artifact names."""
+
+
 # ======================================================================================================
 # Configuration: one dataclass per subcommand; the docstring under each field is its --help text
 # ======================================================================================================
@@ -172,8 +176,9 @@ class TrainConfig:
     """sb3 (HerReplayBuffer: obs, next_obs stored whole) or framestack (each frame once); None: framestack if pixels."""
     buffer_size: int = 500_000
     """Replay capacity in transitions (the Experiment Card's 500K). The preflight refuses one that does not fit."""
-    her_n_sampled_goal: int = 8
-    """HER relabelled goals per real transition (k; 'future' strategy). 8 is the chapter's value, Ch5 used 4."""
+    her_n_sampled_goal: int = CHAPTER_HER_N_SAMPLED_GOAL
+    """HER relabelled goals per real transition (k; 'future' strategy). 8 is the chapter's value, Ch5 used 4;
+    any other k is part of the artifact names (_k4)."""
     batch_size: int = 256
     """Transitions per gradient step."""
     learning_starts: int = 1_000
@@ -322,9 +327,11 @@ def check_train_arguments(cfg: TrainConfig) -> None:
 
 
 def config_tag(cfg: TrainConfig) -> str:
-    """``fullstate``, or ``<nature|manip>[_noSS][_noDrQ][_criticEnc][_resize480]`` (e.g. manip_noDrQ_criticEnc)."""
+    """``fullstate``, or ``<nature|manip>[_noSS][_noDrQ][_criticEnc][_resize480]`` (e.g. manip_noDrQ_criticEnc),
+    then ``_k<N>`` when HER relabels N goals instead of the chapter's (Exercise 2's k=4 gets its own files)."""
+    her_suffix = "" if cfg.her_n_sampled_goal == CHAPTER_HER_N_SAMPLED_GOAL else f"_k{cfg.her_n_sampled_goal}"
     if cfg.full_state:
-        return "fullstate"
+        return "fullstate" + her_suffix
     tag = cfg.encoder or "nature"
     if cfg.encoder == "manip" and not cfg.spatial_softmax:
         tag += "_noSS"
@@ -334,7 +341,7 @@ def config_tag(cfg: TrainConfig) -> str:
         tag += "_criticEnc"
     if not cfg.native_render:
         tag += "_resize480"
-    return tag
+    return tag + her_suffix
 
 
 def run_paths(cfg: TrainConfig) -> RunPaths:

@@ -149,6 +149,15 @@ def test_each_investigation_step_maps_to_its_components(step: str) -> None:
     assert replay_kwargs["n_sampled_goal"] == 8 and replay_kwargs["goal_selection_strategy"] == "future"
 
 
+def test_another_her_k_gets_its_own_artifact_names() -> None:
+    chapter = parse_train("--critic-encoder", "--no-drq", "--her-n-sampled-goal", "8")
+    exercise = parse_train("--critic-encoder", "--no-drq", "--her-n-sampled-goal", "4")
+    assert ch09.config_tag(chapter) == "manip_noDrQ_criticEnc"
+    assert ch09.config_tag(exercise) == "manip_noDrQ_criticEnc_k4"
+    assert ch09.config_tag(parse_train("--full-state", "--her-n-sampled-goal", "4")) == "fullstate_k4"
+    assert ch09.run_paths(exercise).stem != ch09.run_paths(chapter).stem
+
+
 def test_the_flags_the_chapter_prints(capsys: pytest.CaptureFixture) -> None:
     cfg = parse_train("--seed", "0", "--critic-encoder", "--no-drq", "--buffer-size", "500000",
                       "--her-n-sampled-goal", "8", "--total-steps", "5000000", "--checkpoint-freq", "500000")

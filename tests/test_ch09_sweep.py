@@ -254,7 +254,7 @@ def test_bad_runs_file_line_is_one_sentence(line: str, fragment: str, tmp_path: 
 
 def test_two_lines_with_the_same_artifact_names_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs_file = tmp_path / "runs.txt"
-    runs_file.write_text("--seed 0 --full-state\n--seed 0 --full-state --her-n-sampled-goal 4\n")
+    runs_file.write_text("--seed 0 --full-state\n--seed 0 --full-state --batch-size 128\n")
     code = ch09_sweep.main(["--runs", str(runs_file), "--dry-run"])
     assert_one_sentence_error(code, capsys.readouterr().err, "both train ch09_fullstate_FetchPush-v4_seed0")
 
