@@ -2,10 +2,10 @@
 
 Why
 ---
-On a GPU, SB3's ``SAC.train()`` is launch- and host-bound: per gradient step it samples with NumPy, copies the
-batch to the device, calls ``.item()`` four times (each a wait for the GPU) and launches a few hundred small
-kernels from Python. ``FastSAC`` keeps SB3's algorithm object (collection, callbacks, logger, ``save``/``load``)
-and replaces only ``train()``:
+On a GPU, SB3's ``SAC.train()`` keeps the GPU waiting on the host: per gradient step it samples with NumPy,
+copies the batch to the device, calls ``.item()`` four times (each a wait for the GPU) and launches every small
+kernel of the update one by one from Python. ``FastSAC`` keeps SB3's algorithm object (collection, callbacks,
+logger, ``save``/``load``) and replaces only ``train()``:
 
 1. the batch of every gradient step is drawn on the device (``ch09.her_sampler``: HER relabelling and the
    sparse Fetch reward in torch, frames gathered from the frame-once buffer where they live);
