@@ -429,7 +429,7 @@ class SacUpdateEngine:
         if self.view is not None:
             self.view.sync()
         if self.use_graph and self.graph is not None and self._addresses() != self._captured_addresses:
-            self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS  # an optimizer reloaded its state
+            self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS  # capture again, after a warm-up
         self.metric_sums.zero_()
         for gradient_step in range(gradient_steps):
             if self.use_graph:
@@ -461,13 +461,17 @@ class SacUpdateEngine:
         self.graph.replay()
 
     def _addresses(self) -> list[int]:
-        """Where the graph's persistent tensors live; a change means a captured pointer went stale."""
-        tensors = [*self.actor_params, *self.critic_params, *self.polyak_targets]
+        """Where the graph's persistent tensors live (weights, gradients, Adam states, learning rates); a change
+        (an optimizer reloaded, a ``zero_grad()`` that freed the gradients) means a captured pointer went stale."""
+        params = [*self.actor_params, *self.critic_params, *self.polyak_targets]
+        if self.model.log_ent_coef is not None:
+            params.append(self.model.log_ent_coef)
+        tensors: list[th.Tensor | None] = [*params, *(p.grad for p in params)]
         for optimizer in self.optimizers:
             for state in optimizer.state.values():
                 tensors.extend(v for v in state.values() if isinstance(v, th.Tensor))
             tensors.extend(g["lr"] for g in optimizer.param_groups if isinstance(g["lr"], th.Tensor))
-        return [t.data_ptr() for t in tensors]
+        return [t.data_ptr() if t is not None else 0 for t in tensors]
 
     def mean_metrics(self, steps: int) -> dict[str, float]:
         """The mean of each logged loss over the last ``run`` (one device-to-host read)."""
