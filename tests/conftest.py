@@ -53,6 +53,42 @@ class ProductionScript:
                                 stderr=subprocess.PIPE, text=True, env=self.environment(), cwd=REPO_ROOT)
 
 
+class CommandLine:
+    """``ch09_pixel_push.main`` in this process, and the contract every refused command line keeps."""
+
+    def __init__(self, capsys: pytest.CaptureFixture) -> None:
+        self._capsys = capsys
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        """Run ``main(argv)``: (exit code, stdout, stderr)."""
+        import ch09_pixel_push
+
+        code = ch09_pixel_push.main(list(argv))
+        captured = self._capsys.readouterr()
+        return code, captured.out, captured.err
+
+    @staticmethod
+    def assert_one_line(code: int, err: str, want_code: int, *fragments: str) -> str:
+        """Exit code ``want_code``, exactly one non-empty stderr line, starting 'error:' and holding ``fragments``."""
+        lines = [line for line in err.strip().splitlines() if line.strip()]
+        assert "Traceback" not in err, err
+        assert code == want_code, f"exit {code}, want {want_code}; stderr:\n{err}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
+        for fragment in fragments:
+            assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
+        return lines[0]
+
+    def assert_user_error(self, code: int, err: str, *fragments: str) -> str:
+        """A user error: exit code 2 and one sentence naming the fix."""
+        return self.assert_one_line(code, err, 2, *fragments)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture) -> CommandLine:
+    """``cli.run("train", ...)`` runs the production script in-process; ``cli.assert_user_error(...)`` checks."""
+    return CommandLine(capsys)
+
+
 @pytest.fixture(scope="session")
 def production() -> ProductionScript:
     """Runs ``scripts/ch09_pixel_push.py`` as a subprocess: ``production.check("train", ...)``."""

@@ -53,19 +53,7 @@ def hparams(run_dir: Path) -> dict[str, Any]:
             for key, value in info.hparams.items()}
 
 
-def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = ch09.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def assert_one_sentence_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, f"a user error must exit with code 2, got {code}"
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
 
 
 def load_meta(path: Path) -> dict[str, Any]:
@@ -310,9 +298,9 @@ def test_a_fresh_process_loads_production_checkpoints(root: Path, nature_run: di
     assert lines[3] == "MultiInputPolicy FrameStackHerReplayBuffer DictReplayBuffer 150 True"
 
 
-def test_eval_on_a_pixel_checkpoint(root: Path, nature_run: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+def test_eval_on_a_pixel_checkpoint(cli, root: Path, nature_run: dict[str, Any]) -> None:
     periodic = root / "checkpoints" / f"{nature_run['stem']}_100_steps.zip"  # uses the run's .meta.json
-    code, out, err = run_main(capsys, "eval", "--checkpoint", str(periodic), "--n-episodes", "2", "--seed", "3",
+    code, out, err = cli.run("eval", "--checkpoint", str(periodic), "--n-episodes", "2", "--seed", "3",
                               "--device", "cpu", "--artifact-root", str(root))
     assert code == 0, err
     result = load_meta(root / "results" / f"{nature_run['stem']}_100_steps_eval.json")
@@ -325,13 +313,13 @@ def test_eval_on_a_pixel_checkpoint(root: Path, nature_run: dict[str, Any], caps
     assert "success_rate" in out
 
 
-def test_full_state_runs_evaluate_and_aggregate(root: Path, state_runs: dict[str, Any], tensorboard_scalars,
-                                                capsys: pytest.CaptureFixture) -> None:
+def test_full_state_runs_evaluate_and_aggregate(cli, root: Path, state_runs: dict[str, Any],
+                                                tensorboard_scalars) -> None:
     meta1 = load_meta(root / "checkpoints/ch09_fullstate_FetchPush-v4_seed1.meta.json")
     assert meta1["config"]["n_envs"] == 2 and meta1["gradient_steps"] == 2  # UTD 1 with two envs
     assert REQUIRED_TAGS <= set(tensorboard_scalars(root / "runs/ch09_fullstate/FetchPush-v4/seed1"))
 
-    code, out, err = run_main(capsys, "aggregate", *map(str, state_runs["evals"].values()),
+    code, out, err = cli.run("aggregate", *map(str, state_runs["evals"].values()),
                               "--artifact-root", str(root))
     assert code == 0, err
     assert "+/-" in out and "(2 seeds x 2 episodes)" in out
@@ -396,9 +384,9 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, producti
 # ------------------------------------------------------------------------------------------------------
 # errors a user can cause: one sentence, exit code 2
 # ------------------------------------------------------------------------------------------------------
-def test_fresh_run_refuses_to_mix_logs(root: Path, nature_run: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_main(capsys, "train", "--seed", "0", *PIXEL_BUDGET, "--artifact-root", str(root))
-    assert_one_sentence_error(code, err, "--resume", "--move-old-run")
+def test_fresh_run_refuses_to_mix_logs(cli, root: Path, nature_run: dict[str, Any]) -> None:
+    code, _, err = cli.run("train", "--seed", "0", *PIXEL_BUDGET, "--artifact-root", str(root))
+    cli.assert_user_error(code, err, "--resume", "--move-old-run")
 
 
 def test_move_old_run_moves_logs_and_checkpoints_aside(tmp_path: Path) -> None:
@@ -445,19 +433,17 @@ def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypat
     (["aggregate"], ["needs the eval files"]),
     (["train", "--buffer-size", "0"], ["--buffer-size must be at least 1"]),
 ])
-def test_bad_input_is_one_sentence(argv: list[str], fragments: list[str], tmp_path: Path,
-                                   capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_main(capsys, *argv, "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, *fragments)
+def test_bad_input_is_one_sentence(cli, argv: list[str], fragments: list[str], tmp_path: Path) -> None:
+    code, _, err = cli.run(*argv, "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, *fragments)
 
 
-def test_memory_preflight_refuses_a_buffer_before_any_worker_starts(tmp_path: Path,
-                                                                     capsys: pytest.CaptureFixture) -> None:
+def test_memory_preflight_refuses_a_buffer_before_any_worker_starts(cli, tmp_path: Path) -> None:
     """A worker start-up deadline of 1 ms: had a worker been spawned before the preflight, the error would be
     the watchdog's, not the memory sentence."""
-    code, out, err = run_main(capsys, "train", "--replay", "sb3", "--buffer-size", "1000000000", "--device", "cpu",
+    code, out, err = cli.run("train", "--replay", "sb3", "--buffer-size", "1000000000", "--device", "cpu",
                               "--n-envs", "2", "--worker-timeout", "0.001", "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "--buffer-size 1,000,000,000 does not fit", "or fewer",
+    cli.assert_user_error(code, err, "--buffer-size 1,000,000,000 does not fit", "or fewer",
                               "--replay framestack")
     bytes_per_transition = int(err.split(" bytes each)")[0].rsplit("(", 1)[1].replace(",", ""))
     assert bytes_per_transition > 2 * 12 * 84 * 84  # SB3 stores obs and next_obs stacks whole
@@ -465,56 +451,53 @@ def test_memory_preflight_refuses_a_buffer_before_any_worker_starts(tmp_path: Pa
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_resume_with_other_flags_is_refused(root: Path, state_runs: dict[str, Any], production,
-                                            capsys: pytest.CaptureFixture) -> None:
+def test_resume_with_other_flags_is_refused(cli, root: Path, state_runs: dict[str, Any], production) -> None:
     flags = [a if a != "32" else "64" for a in production.STATE_BUDGET]  # --batch-size 64 instead of 32
-    code, _, err = run_main(capsys, "train", "--seed", "0", "--total-steps", "999", "--resume", *flags,
+    code, _, err = cli.run("train", "--seed", "0", "--total-steps", "999", "--resume", *flags,
                             "--artifact-root", str(root))
-    assert_one_sentence_error(code, err, "another config", "--batch-size 64")
+    cli.assert_user_error(code, err, "another config", "--batch-size 64")
 
 
-def test_eval_refuses_damaged_and_mismatched_checkpoints(root: Path, nature_run: dict[str, Any],
-                                                         state_runs: dict[str, Any], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_eval_refuses_damaged_and_mismatched_checkpoints(cli, root: Path, nature_run: dict[str, Any],
+                                                         state_runs: dict[str, Any], tmp_path: Path) -> None:
     checkpoints = root / "checkpoints"
     # A truncated zip behind the expected name (what an interrupted non-atomic write would leave).
     damaged = tmp_path / "ch09_fullstate_FetchPush-v4_seed0.zip"
     damaged.write_bytes((checkpoints / "ch09_fullstate_FetchPush-v4_seed0.zip").read_bytes()[:2000])
     (tmp_path / "ch09_fullstate_FetchPush-v4_seed0.meta.json").write_text(
         (checkpoints / "ch09_fullstate_FetchPush-v4_seed0.meta.json").read_text())
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(damaged), "--device", "cpu",
+    code, _, err = cli.run("eval", "--checkpoint", str(damaged), "--device", "cpu",
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "cannot be loaded")
+    cli.assert_user_error(code, err, "cannot be loaded")
 
     # A full-state checkpoint next to a pixel run's metadata: another config.
     mismatched = tmp_path / "mismatch.zip"
     mismatched.write_bytes((checkpoints / "ch09_fullstate_FetchPush-v4_seed1.zip").read_bytes())
     (tmp_path / "mismatch.meta.json").write_text((checkpoints / f"{nature_run['stem']}.meta.json").read_text())
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(mismatched), "--device", "cpu",
+    code, _, err = cli.run("eval", "--checkpoint", str(mismatched), "--device", "cpu",
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "another config")
+    cli.assert_user_error(code, err, "another config")
 
     # No metadata at all.
     lonely = tmp_path / "lonely.zip"
     lonely.write_bytes(b"PK")
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(lonely), "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "No metadata file")
+    code, _, err = cli.run("eval", "--checkpoint", str(lonely), "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, "No metadata file")
 
 
-def test_aggregate_refuses_mixed_configs(root: Path, state_runs: dict[str, Any], tmp_path: Path,
-                                         capsys: pytest.CaptureFixture) -> None:
+def test_aggregate_refuses_mixed_configs(cli, root: Path, state_runs: dict[str, Any], tmp_path: Path) -> None:
     other = load_meta(state_runs["evals"][1])
     other["tag"] = "nature"
     (tmp_path / "other_eval.json").write_text(json.dumps(other))
-    code, _, err = run_main(capsys, "aggregate", str(state_runs["evals"][0]), str(tmp_path / "other_eval.json"),
+    code, _, err = cli.run("aggregate", str(state_runs["evals"][0]), str(tmp_path / "other_eval.json"),
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "mix configurations")
+    cli.assert_user_error(code, err, "mix configurations")
 
 
-def test_renderer_unavailable_is_one_sentence(tmp_path: Path, production) -> None:
+def test_renderer_unavailable_is_one_sentence(cli, tmp_path: Path, production) -> None:
     proc = production.run("train", "--artifact-root", str(tmp_path), "--device", "cpu", MUJOCO_GL="osmesa",
                           PYOPENGL_PLATFORM="osmesa", timeout=180)
-    assert_one_sentence_error(proc.returncode, proc.stderr, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
+    cli.assert_user_error(proc.returncode, proc.stderr, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
 
 
 # ------------------------------------------------------------------------------------------------------

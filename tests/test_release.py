@@ -38,19 +38,7 @@ EVAL_FLAGS = ("--n-episodes", "3", "--device", "cpu")
 # ------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------
-def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = ch09.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
-
-def assert_one_sentence_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, f"a user error must exit with code 2, got {code}"
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
 
 
 def sha256_of(path: Path) -> str:
@@ -195,11 +183,10 @@ def test_package_writes_a_complete_release(run: dict[str, Any], tensorboard_scal
     assert "--steps 200" in card and ("Licence" in card)
 
 
-def test_eval_from_a_served_release_equals_the_local_file(run: dict[str, Any], tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture) -> None:
+def test_eval_from_a_served_release_equals_the_local_file(cli, run: dict[str, Any], tmp_path: Path) -> None:
     with ReleaseServer(run["release"]) as server:
         for steps, name in ((None, f"{STEM}.zip"), ("200", f"{STEM}_200_steps.zip")):
-            code, out, err = run_main(capsys, "eval", "--from-release", server.url + "/",
+            code, out, err = cli.run("eval", "--from-release", server.url + "/",
                                       *(["--steps", steps] if steps else []), *EVAL_FLAGS,
                                       "--artifact-root", str(tmp_path))
             assert code == 0, err
@@ -214,15 +201,14 @@ def test_eval_from_a_served_release_equals_the_local_file(run: dict[str, Any], t
     assert final_names(tmp_path / "checkpoints") == {f"{STEM}.zip", f"{STEM}_200_steps.zip", f"{STEM}.meta.json"}
 
     # The same release as a local folder: checked against its SHA256SUMS, evaluated in place.
-    code, _, err = run_main(capsys, "eval", "--from-release", str(run["release"]), *EVAL_FLAGS,
+    code, _, err = cli.run("eval", "--from-release", str(run["release"]), *EVAL_FLAGS,
                             "--artifact-root", str(tmp_path / "local"))
     assert code == 0, err
     result = json.loads((tmp_path / "local/results" / f"{STEM}_eval.json").read_text())
     assert episodes_of(result) == episodes_of(run["local"][f"{STEM}.zip"])
 
 
-def test_a_tampered_zip_is_refused_before_loading(run: dict[str, Any], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_a_tampered_zip_is_refused_before_loading(cli, run: dict[str, Any], tmp_path: Path) -> None:
     tampered = tmp_path / "tampered_release"
     shutil.copytree(run["release"], tampered)
     data = bytearray((tampered / f"{STEM}.zip").read_bytes())
@@ -231,28 +217,27 @@ def test_a_tampered_zip_is_refused_before_loading(run: dict[str, Any], tmp_path:
 
     downloads = tmp_path / "downloads"
     with ReleaseServer(tampered) as server:
-        code, _, err = run_main(capsys, "eval", "--from-release", server.url, *EVAL_FLAGS,
+        code, _, err = cli.run("eval", "--from-release", server.url, *EVAL_FLAGS,
                                 "--artifact-root", str(downloads))
-    assert_one_sentence_error(code, err, "SHA-256", "not the published file", "was not loaded")
+    cli.assert_user_error(code, err, "SHA-256", "not the published file", "was not loaded")
     assert f"{STEM}.zip" not in final_names(downloads / "checkpoints")
     assert not (downloads / "checkpoints" / f"{STEM}.zip{release.PART_SUFFIX}").exists()
     assert not (downloads / "results").exists()  # nothing was evaluated
 
-    code, _, err = run_main(capsys, "eval", "--from-release", str(tampered), *EVAL_FLAGS,
+    code, _, err = cli.run("eval", "--from-release", str(tampered), *EVAL_FLAGS,
                             "--artifact-root", str(downloads))
-    assert_one_sentence_error(code, err, "SHA-256", "not the published file")
+    cli.assert_user_error(code, err, "SHA-256", "not the published file")
 
 
-def test_a_wrong_sha256_is_refused_before_loading(run: dict[str, Any], tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
+def test_a_wrong_sha256_is_refused_before_loading(cli, run: dict[str, Any], tmp_path: Path) -> None:
     checkpoint = run["checkpoints"] / f"{STEM}.zip"
     wrong = "0" * 64
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(checkpoint), "--sha256", wrong, *EVAL_FLAGS,
+    code, _, err = cli.run("eval", "--checkpoint", str(checkpoint), "--sha256", wrong, *EVAL_FLAGS,
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "SHA-256", "was not loaded")
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(checkpoint), "--sha256", "abc", *EVAL_FLAGS,
+    cli.assert_user_error(code, err, "SHA-256", "was not loaded")
+    code, _, err = cli.run("eval", "--checkpoint", str(checkpoint), "--sha256", "abc", *EVAL_FLAGS,
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "--sha256", "64 hexadecimal")
+    cli.assert_user_error(code, err, "--sha256", "64 hexadecimal")
     assert not (tmp_path / "results").exists()
 
     # A bare URL: without a SHA256SUMS beside it, only --sha256 can vouch for it.
@@ -263,22 +248,22 @@ def test_a_wrong_sha256_is_refused_before_loading(run: dict[str, Any], tmp_path:
     downloads = tmp_path / "downloads"
     with ReleaseServer(bare) as server:
         url = f"{server.url}/{STEM}.zip"
-        code, _, err = run_main(capsys, "eval", "--checkpoint", url, *EVAL_FLAGS, "--artifact-root", str(downloads))
-        assert_one_sentence_error(code, err, "No digest is known", "--sha256")
+        code, _, err = cli.run("eval", "--checkpoint", url, *EVAL_FLAGS, "--artifact-root", str(downloads))
+        cli.assert_user_error(code, err, "No digest is known", "--sha256")
         assert not any(name == f"{STEM}.zip" for name, _, _ in server.requests)  # not even downloaded
-        code, _, err = run_main(capsys, "eval", "--checkpoint", url, "--sha256", wrong, *EVAL_FLAGS,
+        code, _, err = cli.run("eval", "--checkpoint", url, "--sha256", wrong, *EVAL_FLAGS,
                                 "--artifact-root", str(downloads))
-        assert_one_sentence_error(code, err, "downloaded from", "not the published file")
+        cli.assert_user_error(code, err, "downloaded from", "not the published file")
         assert f"{STEM}.zip" not in final_names(downloads / "checkpoints")
-        code, _, err = run_main(capsys, "eval", "--checkpoint", url, "--sha256", sha256_of(bare / f"{STEM}.zip"),
+        code, _, err = cli.run("eval", "--checkpoint", url, "--sha256", sha256_of(bare / f"{STEM}.zip"),
                                 *EVAL_FLAGS, "--artifact-root", str(downloads))
         assert code == 0, err
 
     # --sha256 that contradicts the release's SHA256SUMS: refused before any download.
     with ReleaseServer(run["release"]) as server:
-        code, _, err = run_main(capsys, "eval", "--from-release", server.url, "--sha256", wrong, *EVAL_FLAGS,
+        code, _, err = cli.run("eval", "--from-release", server.url, "--sha256", wrong, *EVAL_FLAGS,
                                 "--artifact-root", str(tmp_path / "other"))
-        assert_one_sentence_error(code, err, "--sha256", "differs from")
+        cli.assert_user_error(code, err, "--sha256", "differs from")
         assert not any(name.endswith(".zip") for name, _, _ in server.requests)
 
 
@@ -292,8 +277,7 @@ class TouchOnUnpickle:
         return pathlib.Path.touch, (self.marker,)
 
 
-def test_loading_runs_code_and_the_digest_check_stops_it(run: dict[str, Any], tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture) -> None:
+def test_loading_runs_code_and_the_digest_check_stops_it(cli, run: dict[str, Any], tmp_path: Path) -> None:
     """A zip whose pickled policy class runs code: loading it does (the threat is real); eval with the
     published digest refuses it before that."""
     original = run["checkpoints"] / f"{STEM}.zip"
@@ -309,9 +293,9 @@ def test_loading_runs_code_and_the_digest_check_stops_it(run: dict[str, Any], tm
             target.writestr(item, content)
     shutil.copyfile(run["checkpoints"] / f"{STEM}.meta.json", tmp_path / f"{STEM}.meta.json")
 
-    code, _, err = run_main(capsys, "eval", "--checkpoint", str(evil), "--sha256", sha256_of(original), *EVAL_FLAGS,
+    code, _, err = cli.run("eval", "--checkpoint", str(evil), "--sha256", sha256_of(original), *EVAL_FLAGS,
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "not the published file", "was not loaded")
+    cli.assert_user_error(code, err, "not the published file", "was not loaded")
     assert not marker.exists()
 
     with pytest.raises(Exception):  # noqa: B017 (whatever SB3 makes of the result, the code has run)
@@ -319,9 +303,9 @@ def test_loading_runs_code_and_the_digest_check_stops_it(run: dict[str, Any], tm
     assert marker.exists()
 
 
-def test_an_interrupted_download_resumes(run: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_interrupted_download_resumes(cli, run: dict[str, Any], tmp_path: Path) -> None:
     with ReleaseServer(run["release"], cut_zips=2) as server:
-        code, out, err = run_main(capsys, "eval", "--from-release", server.url, *EVAL_FLAGS,
+        code, out, err = cli.run("eval", "--from-release", server.url, *EVAL_FLAGS,
                                   "--artifact-root", str(tmp_path))
     assert code == 0, err
     assert out.count("connection lost") == 2 and "SHA-256 verified" in out
@@ -332,12 +316,11 @@ def test_an_interrupted_download_resumes(run: dict[str, Any], tmp_path: Path, ca
     assert episodes_of(result) == episodes_of(run["local"][f"{STEM}.zip"])
 
 
-def test_a_download_that_keeps_breaking_off_fails_in_one_sentence(run: dict[str, Any], tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+def test_a_download_that_keeps_breaking_off_fails_in_one_sentence(cli, run: dict[str, Any], tmp_path: Path) -> None:
     with ReleaseServer(run["release"], cut_zips=99, honour_range=False) as server:
-        code, _, err = run_main(capsys, "eval", "--from-release", server.url, *EVAL_FLAGS,
+        code, _, err = cli.run("eval", "--from-release", server.url, *EVAL_FLAGS,
                                 "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "broke off", "run the same command again")
+    cli.assert_user_error(code, err, "broke off", "run the same command again")
     # The first connection brought half the file; then DOWNLOAD_ATTEMPTS in a row started over and got no further.
     assert sum(name == f"{STEM}.zip" for name, _, _ in server.requests) == release.DOWNLOAD_ATTEMPTS + 1
     assert final_names(tmp_path / "checkpoints") == {f"{STEM}.meta.json"}  # the zip only as .part
@@ -350,36 +333,33 @@ def test_a_download_that_keeps_breaking_off_fails_in_one_sentence(run: dict[str,
     (["eval", "--from-release", "/nonexistent/release"], ["is not a release folder"]),
     (["eval", "--from-release", "http://127.0.0.1:9/release"], ["Cannot reach"]),
 ])
-def test_bad_checkpoint_sources_are_one_sentence(argv: list[str], fragments: list[str], tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_main(capsys, *argv, "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, *fragments)
+def test_bad_checkpoint_sources_are_one_sentence(cli, argv: list[str], fragments: list[str], tmp_path: Path) -> None:
+    code, _, err = cli.run(*argv, "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, *fragments)
 
 
-def test_release_snapshots_and_package_refusals(run: dict[str, Any], tmp_path: Path,
-                                                capsys: pytest.CaptureFixture) -> None:
-    code, _, err = run_main(capsys, "eval", "--from-release", str(run["release"]), "--steps", "1M",
+def test_release_snapshots_and_package_refusals(cli, run: dict[str, Any], tmp_path: Path) -> None:
+    code, _, err = cli.run("eval", "--from-release", str(run["release"]), "--steps", "1M",
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "no snapshot at 1M steps", "100, 200, 300")
+    cli.assert_user_error(code, err, "no snapshot at 1M steps", "100, 200, 300")
 
     # package: a snapshot instead of the run, a run without its evaluation, an --out that is not a release.
     checkpoints = run["checkpoints"]
-    code, _, err = run_main(capsys, "package", "--checkpoint", str(checkpoints / f"{STEM}_100_steps.zip"))
-    assert_one_sentence_error(code, err, "periodic snapshot", f"{STEM}.zip")
-    code, _, err = run_main(capsys, "package", "--checkpoint", str(checkpoints / f"{STEM}.zip"),
+    code, _, err = cli.run("package", "--checkpoint", str(checkpoints / f"{STEM}_100_steps.zip"))
+    cli.assert_user_error(code, err, "periodic snapshot", f"{STEM}.zip")
+    code, _, err = cli.run("package", "--checkpoint", str(checkpoints / f"{STEM}.zip"),
                             "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "eval --checkpoint", "--n-episodes 100")
-    code, _, err = run_main(capsys, "package", "--checkpoint", str(checkpoints / f"{STEM}.zip"),
+    cli.assert_user_error(code, err, "eval --checkpoint", "--n-episodes 100")
+    code, _, err = cli.run("package", "--checkpoint", str(checkpoints / f"{STEM}.zip"),
                             "--out", str(checkpoints))
-    assert_one_sentence_error(code, err, "not a release folder", "--out")
+    cli.assert_user_error(code, err, "not a release folder", "--out")
     assert (checkpoints / f"{STEM}.zip").is_file()
 
 
-def test_aggregate_over_snapshots_gives_success_against_steps(run: dict[str, Any], tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_aggregate_over_snapshots_gives_success_against_steps(cli, run: dict[str, Any], tmp_path: Path) -> None:
     results = run["root"] / "results"
     files = [results / f"{STEM}_200_steps_eval.json", results / f"{STEM}_eval.json"]
-    code, out, err = run_main(capsys, "aggregate", *map(str, files), "--artifact-root", str(tmp_path))
+    code, out, err = cli.run("aggregate", *map(str, files), "--artifact-root", str(tmp_path))
     assert code == 0, err
     summary = json.loads((tmp_path / "results/ch09_fullstate_FetchReach-v4_success_vs_steps.json").read_text())
     assert [row["steps"] for row in summary["rows"]] == [200, 300]
@@ -387,5 +367,5 @@ def test_aggregate_over_snapshots_gives_success_against_steps(run: dict[str, Any
         [run["local"][f"{STEM}_200_steps.zip"]["success_rate"], run["local"][f"{STEM}.zip"]["success_rate"]]
     assert "success against training steps" in out
 
-    code, _, err = run_main(capsys, "aggregate", str(files[1]), str(files[1]), "--artifact-root", str(tmp_path))
-    assert_one_sentence_error(code, err, "same seed at the same step count")
+    code, _, err = cli.run("aggregate", str(files[1]), str(files[1]), "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, "same seed at the same step count")

@@ -50,22 +50,6 @@ STEM = "ch09_fullstate_FetchReach-v4_seed0"
 # ------------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------------
-def assert_one_line(code: int, err: str, want_code: int, *fragments: str) -> str:
-    """Exit code ``want_code``, exactly one non-empty stderr line starting 'error:', holding ``fragments``."""
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert "Traceback" not in err, err
-    assert code == want_code, f"exit {code}, want {want_code}; stderr:\n{err}"
-    assert len(lines) == 1 and lines[0].startswith("error: "), f"want one 'error: ...' line, got:\n{err}"
-    for fragment in fragments:
-        assert fragment in lines[0], f"{fragment!r} missing from: {lines[0]}"
-    return lines[0]
-
-
-def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    code = ch09.main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
 
 def temporaries(folder: Path) -> list[Path]:
     """Files an interrupted write may leave: ``*.tmp``, ``*.tmp-<pid>-<n>``, ``*.old``."""
@@ -93,47 +77,47 @@ def steps_done(meta: Path) -> int:
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["train", "--seed", "-1"], ["train", "--seed", str(2**32)],
                                   ["eval", "--checkpoint", "x.zip", "--seed", "-1"]])
-def test_1_seed_out_of_range(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run_main(capsys, *argv, "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, "--seed", "[0, 2**32)")
+def test_1_seed_out_of_range(cli, argv: list[str], tmp_path: Path) -> None:
+    code, out, err = cli.run(*argv, "--artifact-root", str(tmp_path))
+    cli.assert_one_line(code, err, 2, "--seed", "[0, 2**32)")
     assert out == ""  # refused before anything was built or printed
 
 
 @pytest.mark.parametrize("kind", ["file", "under a file", "/proc"])
-def test_2_artifact_root_that_is_no_folder(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_2_artifact_root_that_is_no_folder(cli, kind: str, tmp_path: Path) -> None:
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     root = {"file": a_file, "under a file": a_file / "sub", "/proc": Path("/proc/x")}[kind]
-    code, out, err = run_main(capsys, "train", *REACH, "--artifact-root", str(root))
-    line = assert_one_line(code, err, 2, "--artifact-root", "pass a folder")
+    code, out, err = cli.run("train", *REACH, "--artifact-root", str(root))
+    line = cli.assert_one_line(code, err, 2, "--artifact-root", "pass a folder")
     assert {"file": "is a file", "under a file": "lies under", "/proc": "cannot be written"}[kind] in line
     assert out == ""  # no env, no preflight, no model: nothing printed
 
 
-def test_3_device_that_does_not_exist(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run_main(capsys, "train", *REACH, "--device", "tpu", "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, "--device 'tpu'", "cpu")
+def test_3_device_that_does_not_exist(cli, tmp_path: Path) -> None:
+    code, out, err = cli.run("train", *REACH, "--device", "tpu", "--artifact-root", str(tmp_path))
+    cli.assert_one_line(code, err, 2, "--device 'tpu'", "cpu")
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is valid here")
-    code, out, err = run_main(capsys, "train", *REACH, "--device", "cuda", "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, "--device cuda", "--device cpu")
+    code, out, err = cli.run("train", *REACH, "--device", "cuda", "--artifact-root", str(tmp_path))
+    cli.assert_one_line(code, err, 2, "--device cuda", "--device cpu")
     assert out == "" and not (tmp_path / "checkpoints").exists()  # no run (and no metadata claiming cuda)
 
 
 @pytest.mark.parametrize("timeout", ["-1", "0"])
-def test_4_worker_timeout_not_positive(timeout: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run_main(capsys, "train", *REACH, "--worker-timeout", timeout, "--n-envs", "2",
+def test_4_worker_timeout_not_positive(cli, timeout: str, tmp_path: Path) -> None:
+    code, out, err = cli.run("train", *REACH, "--worker-timeout", timeout, "--n-envs", "2",
                               "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, "--worker-timeout must be a positive number")
+    cli.assert_one_line(code, err, 2, "--worker-timeout must be a positive number")
     assert out == ""
 
 
-def test_9_run_that_would_never_train(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run_main(capsys, "train", "--learning-starts", "5000", "--total-steps", "300",
+def test_9_run_that_would_never_train(cli, tmp_path: Path) -> None:
+    code, out, err = cli.run("train", "--learning-starts", "5000", "--total-steps", "300",
                               "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, "--learning-starts 5,000", "--total-steps 300", "never update")
+    cli.assert_one_line(code, err, 2, "--learning-starts 5,000", "--total-steps 300", "never update")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -148,8 +132,7 @@ WRONG_META = {
 
 @pytest.mark.parametrize("shape", list(WRONG_META))
 @pytest.mark.parametrize("command", ["eval", "resume"])
-def test_5_metadata_of_the_wrong_shape(shape: str, command: str, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture) -> None:
+def test_5_metadata_of_the_wrong_shape(cli, shape: str, command: str, tmp_path: Path) -> None:
     cfg = ch09.resolve_config(ch09.TrainConfig(env="FetchReach-v4", full_state=True, artifact_root=tmp_path))
     paths = ch09.run_paths(cfg)
     paths.checkpoint_dir.mkdir(parents=True)
@@ -159,8 +142,8 @@ def test_5_metadata_of_the_wrong_shape(shape: str, command: str, tmp_path: Path,
         argv = ["eval", "--checkpoint", str(paths.checkpoint), "--artifact-root", str(tmp_path)]
     else:
         argv = ["train", *REACH, "--resume", "--total-steps", "300", "--artifact-root", str(tmp_path)]
-    code, _, err = run_main(capsys, *argv)
-    line = assert_one_line(code, err, 2, str(paths.meta), "restore it from a backup or start a fresh run")
+    code, _, err = cli.run(*argv)
+    line = cli.assert_one_line(code, err, 2, str(paths.meta), "restore it from a backup or start a fresh run")
     assert {"a list": "holds a JSON list", "config a string": "'config' should be an object",
             "steps_done a string": "'steps_done' should be an integer"}[shape] in line
 
@@ -172,12 +155,11 @@ def test_5_metadata_of_the_wrong_shape(shape: str, command: str, tmp_path: Path,
       "n_episodes": 10, "success_rate": "high", "success_ci95": [0, 1], "mean_final_goal_distance": 0.1},
      "'success_rate' should be a number"),
 ])
-def test_6_aggregate_input_of_the_wrong_shape(content: object, fragment: str, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture) -> None:
+def test_6_aggregate_input_of_the_wrong_shape(cli, content: object, fragment: str, tmp_path: Path) -> None:
     path = tmp_path / "ch09_x_seed0_eval.json"
     path.write_text(json.dumps(content))
-    code, _, err = run_main(capsys, "aggregate", str(path), "--artifact-root", str(tmp_path))
-    assert_one_line(code, err, 2, str(path), fragment, "eval --checkpoint")
+    code, _, err = cli.run("aggregate", str(path), "--artifact-root", str(tmp_path))
+    cli.assert_one_line(code, err, 2, str(path), fragment, "eval --checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -222,7 +204,7 @@ def unfill(folder: Path, how: str) -> None:
         (folder / "filler").unlink()
 
 
-def test_7_full_disk_during_a_checkpoint(small_disk: tuple[Path, str], production) -> None:
+def test_7_full_disk_during_a_checkpoint(cli, small_disk: tuple[Path, str], production) -> None:
     root, how = small_disk
     argv = ["train", *REACH, "--total-steps", "3000", "--artifact-root", str(root)]
     process = production.popen(*argv)
@@ -233,7 +215,7 @@ def test_7_full_disk_during_a_checkpoint(small_disk: tuple[Path, str], productio
         _, err = process.communicate(timeout=180)
     finally:
         process.kill()
-    line = assert_one_line(process.returncode, err, 2, "was not saved", str(root / "checkpoints"), "bytes needed",
+    line = cli.assert_one_line(process.returncode, err, 2, "was not saved", str(root / "checkpoints"), "bytes needed",
                            "--resume")
     assert "No space left" in line or "Permission denied" in line
     assert temporaries(root) == [], "an interrupted write left its temporary behind"
@@ -245,7 +227,7 @@ def test_7_full_disk_during_a_checkpoint(small_disk: tuple[Path, str], productio
     resume = ["train", *REACH, "--total-steps", "400", "--resume", "--artifact-root", str(root)]
     if how == "tmpfs":  # the still-full disk is refused before anything is built
         proc = production.run(*resume)
-        assert_one_line(proc.returncode, proc.stderr, 2, "--resume needs room", "bytes")
+        cli.assert_one_line(proc.returncode, proc.stderr, 2, "--resume needs room", "bytes")
     unfill(root, how)
     production.check(*resume)  # once there is room, the same command continues
     assert load_for_acting(root / "checkpoints" / f"{STEM}.zip").num_timesteps == 400
@@ -266,10 +248,10 @@ def mujoco_3_12(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("script", ["scripts/labs/pixel_wrapper.py --verify", "scripts/ch09_pixel_push.py train"])
-def test_8_mujoco_refusal_is_one_sentence(script: str, mujoco_3_12: dict[str, str]) -> None:
+def test_8_mujoco_refusal_is_one_sentence(cli, script: str, mujoco_3_12: dict[str, str]) -> None:
     proc = subprocess.run([sys.executable, *script.split()], capture_output=True, text=True, timeout=300,
                           cwd=REPO_ROOT, env={**os.environ, **mujoco_3_12})
-    assert_one_line(proc.returncode, proc.stderr, 2, "mujoco 3.12.0", "pip install mujoco==3.11.0")
+    cli.assert_one_line(proc.returncode, proc.stderr, 2, "mujoco 3.12.0", "pip install mujoco==3.11.0")
 
 
 def test_8_requirements_point_to_the_file_with_the_check() -> None:
@@ -333,7 +315,7 @@ def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
 # 11: SIGTERM in the first seconds; a kill before the first checkpoint
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("delay", [1.0, 4.0])  # during the imports; while the run is set up
-def test_11_sigterm_in_the_first_seconds(delay: float, tmp_path: Path, production) -> None:
+def test_11_sigterm_in_the_first_seconds(cli, delay: float, tmp_path: Path, production) -> None:
     process = production.popen("train", *REACH, "--total-steps", "100000", "--artifact-root", str(tmp_path))
     try:
         time.sleep(delay)
@@ -344,7 +326,7 @@ def test_11_sigterm_in_the_first_seconds(delay: float, tmp_path: Path, productio
     if "stopped at step" in err:  # the machine was fast: training had begun and saved a checkpoint first
         assert process.returncode == 128 + signal.SIGTERM and "Traceback" not in err
         return
-    assert_one_line(process.returncode, err, 128 + signal.SIGTERM, "SIGTERM", "run the same command again")
+    cli.assert_one_line(process.returncode, err, 128 + signal.SIGTERM, "SIGTERM", "run the same command again")
 
 
 def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_path: Path, production) -> None:
@@ -368,12 +350,12 @@ def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_
 # ------------------------------------------------------------------------------------------------------
 # the guard itself: a bug is one line pointing to a log file with the whole traceback
 # ------------------------------------------------------------------------------------------------------
-def test_a_bug_is_one_line_and_a_crash_log(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_bug_is_one_line_and_a_crash_log(cli, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     def buggy() -> int:
         return {}["missing"]
 
     code = cli_guard.run_guarded(buggy, log_dir=tmp_path / "logs")
-    line = assert_one_line(code, capsys.readouterr().err, cli_guard.BUG_EXIT, "unexpected KeyError", "report")
+    line = cli.assert_one_line(code, capsys.readouterr().err, cli_guard.BUG_EXIT, "unexpected KeyError", "report")
     log = next((tmp_path / "logs").glob("crash-*.log"))
     assert str(log) in line
     text = log.read_text()
