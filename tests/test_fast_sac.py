@@ -642,12 +642,17 @@ BF16_LOSS_RTOL, BF16_LOSS_ATOL = 0.05, 1e-3
 """bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (or 1e-3)."""
 
 
-def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
+GPU_REPLAYS = {"framestack": (FrameStackHerReplayBuffer, "device draw inside the graph"),
+               "sb3": (HerReplayBuffer, "host draw copied into the graph's batch tensors")}
+
+
+def gpu_pair(replay: str = "framestack", **kwargs) -> tuple[FastSAC, FastSAC]:
+    """Two FastSAC on CUDA with equal weights and one buffer: eager (cuda_graph=False) and ``kwargs``."""
     env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
     models = []
     for extra in ({"cuda_graph": False}, kwargs):
         model = FastSAC(DrQv2SACPolicy, env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
-                        device="cuda", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                        device="cuda", gamma=0.95, replay_buffer_class=GPU_REPLAYS[replay][0],
                         replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(normalize_images=False),
                         **extra)
         models.append(model)
@@ -658,14 +663,28 @@ def gpu_pair(**kwargs) -> tuple[FastSAC, FastSAC]:
     return models[0], models[1]
 
 
+def assert_close_in_bulk(a: SAC, b: SAC, atol: float = 1e-5, fraction: float = 0.01) -> None:
+    """All but ``fraction`` of the weights within ``atol``: a different batch or noise stream would move most
+    of them by up to a learning rate per step, while floating-point noise can flip Adam's sign on the few
+    whose gradient is about zero."""
+    a_state, b_state = a.policy.state_dict(), b.policy.state_dict()
+    diff = th.cat([(a_state[k].float() - b_state[k].float()).abs().flatten() for k in a_state])
+    assert float((diff > atol).float().mean()) < fraction, f"{float((diff > atol).float().mean()):.3%} differ"
+
+
 @pytest.mark.gpu
-def test_captured_step_equals_eager_step_on_cuda():
-    eager, graphed = gpu_pair(cuda_graph=True)
+@pytest.mark.parametrize("replay", list(GPU_REPLAYS))
+def test_captured_step_equals_eager_step_on_cuda(replay, monkeypatch):
+    # The same (deterministic) kernels in both, so only the capture can make a difference.
+    monkeypatch.setattr(th.backends.cudnn, "deterministic", True)
+    eager, graphed = gpu_pair(replay, cuda_graph=True)
     for model in (eager, graphed):
-        th.manual_seed(5)
+        np.random.seed(5)  # the host draw of SB3's buffer
+        th.manual_seed(5)  # the device draw, the actor's noise (replays draw the same numbers as eager steps)
         model.train(gradient_steps=10, batch_size=64)  # graphed: 3 eager warm-up steps, capture, 7 replays
     assert graphed._engine.graph is not None and eager._engine.graph is None
-    assert_same_state(eager, graphed, atol=1e-4)
+    assert (graphed._engine.view is not None) == (replay == "framestack")
+    assert_close_in_bulk(eager, graphed)
     for key, value in logged_losses(eager).items():
         assert logged_losses(graphed)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
