@@ -1,7 +1,7 @@
 """Benchmark: training throughput of stock SB3 SAC against FastSAC, on one machine, in one run.
 
 Each measurement is a separate process that builds the agent exactly as ``ch09_pixel_push.py train`` does
-(``build_agent`` from the same flags; ``--engine fast`` converts it with ``FastSAC.from_sac``), collects
+(``build_agent`` from the same flags, ``--engine sb3`` or ``--engine fast`` and ``--precision`` included), collects
 ``--learning-starts`` random steps, trains ``--warmup-steps`` more (cuDNN autotuning, the CUDA-graph capture),
 and then trains for ``--seconds`` (at most ``--max-steps`` env steps) while it is timed. Then
 ``--train-only-updates`` gradient steps run without any env, timed alone. Concurrent runs (``--concurrent 3``)
@@ -270,7 +270,6 @@ def measure(measurement: Measurement) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process."""
     import ch09_pixel_push as production
 
-    from ch09.fast_sac import FastSAC
     from ch09.vec_env import make_vec_env
 
     th.set_num_threads(measurement.torch_threads)
@@ -278,15 +277,14 @@ def measure(measurement: Measurement) -> dict[str, Any]:
     cfg = production.TrainConfig(
         seed=measurement.seed, n_envs=measurement.n_envs, batch_size=measurement.batch_size,
         buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
-        device=measurement.device, **spec.flags)
+        device=measurement.device, engine=spec.engine, precision=measurement.precision, **spec.flags)
     cfg = production.resolve_config(cfg)
     env_fns = [production.env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
-        model = production.build_agent(cfg, env)
-        if spec.engine == "fast":
-            model.replay_buffer = None  # not saved anyway: free it before FastSAC allocates its own
-            model = FastSAC.from_sac(model, precision=measurement.precision, overlap_collection=measurement.overlap)
+        model = production.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
+        if measurement.overlap:
+            model.overlap_collection = True  # FastSAC's option; not a `train` flag
         device = model.device
         model.learn(measurement.learning_starts + measurement.warmup_steps, log_interval=None)
         _wait_for_peers(measurement)
