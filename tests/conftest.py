@@ -6,13 +6,22 @@ labs on ``sys.path``, so tests import them by bare module name, exactly as when 
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from gymnasium.wrappers import TimeLimit
+from stable_baselines3 import SAC
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
+
+from ch09.framestack_replay import FrameStackHerReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,3 +135,128 @@ class LabScript:
 def lab_script() -> LabScript:
     """Runs a lab as a subprocess: ``lab_script.run("pixel_wrapper", "--verify")``."""
     return LabScript()
+
+
+TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs
+STREAM_VEC_STEPS = 36  # 72 env steps: 5 + 3 finished episodes, one running episode per env
+N_SAMPLED_GOAL = 4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A real replay stream, recorded through SB3's own collection path (test_framestack_replay, test_fast_sac)
+# ---------------------------------------------------------------------------------------------------------
+class Recorder(VecEnvWrapper):
+    """Keeps a copy of every observation the VecEnv returned (reset and step), with dones and infos."""
+
+    def __init__(self, venv):
+        super().__init__(venv)
+        self.returned: list[dict[str, np.ndarray]] = []
+        self.dones: list[np.ndarray] = []
+        self.infos: list[list[dict]] = []
+
+    def reset(self):
+        obs = self.venv.reset()
+        self.returned.append(copy.deepcopy(obs))
+        return obs
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        self.returned.append(copy.deepcopy(obs))
+        self.dones.append(dones.copy())
+        self.infos.append(copy.deepcopy(infos))
+        return obs, rewards, dones, infos
+
+
+@dataclass
+class Stream:
+    """What the env produced, per add() call i and env e, and the add() calls themselves."""
+
+    vec_env: Recorder
+    buffer: FrameStackHerReplayBuffer
+    obs: list[dict[str, np.ndarray]]  # the observation the policy saw before step i
+    next_obs: list[dict[str, np.ndarray]]  # what step i led to (the terminal observation at a done)
+    actions: np.ndarray  # (T, E, A) the buffer actions add() received
+    rewards: np.ndarray  # (T, E)
+    dones: np.ndarray  # (T, E)
+    episode: np.ndarray  # (T, E) episode counter per env
+    step: np.ndarray  # (T, E) index inside the episode
+    add_calls: list[tuple] = field(default_factory=list)
+    time_limits: tuple[int, ...] = TIME_LIMITS  # per env
+    n_sampled_goal: int = N_SAMPLED_GOAL  # the buffer's HER k
+
+    def locate(self, env_idx: int, action: np.ndarray) -> int:
+        """The add() call whose action for env ``env_idx`` is ``action`` (random actions are unique tags)."""
+        matches = np.flatnonzero((self.actions[:, env_idx] == action).all(axis=1))
+        assert len(matches) == 1, f"sampled action of env {env_idx} matches {len(matches)} recorded steps"
+        return int(matches[0])
+
+    def finished(self) -> set[tuple[int, int]]:
+        """(call, env) of every transition whose episode ended within the stream."""
+        result = set()
+        for env_idx in range(self.dones.shape[1]):
+            last_done = np.flatnonzero(self.dones[:, env_idx])[-1]
+            result |= {(i, env_idx) for i in range(last_done + 1)}
+        return result
+
+
+def record_stream(pixels: bool, buffer_size: int = 1_000) -> Stream:
+    """SAC (random actions, no updates) drives 2 Fetch envs into a FrameStackHerReplayBuffer; a spy keeps add()."""
+    from pixel_wrapper import make_fetch_env  # loads mujoco: only for the tests that record a stream
+
+    def make(limit: int):
+        return lambda: TimeLimit(make_fetch_env("FetchPush-v4", pixels=pixels, goal_mode="both"), limit)
+
+    vec_env = Recorder(DummyVecEnv([make(limit) for limit in TIME_LIMITS]))
+    model = SAC("MultiInputPolicy", vec_env, buffer_size=buffer_size, learning_starts=10**6, seed=0, device="cpu",
+                replay_buffer_class=FrameStackHerReplayBuffer,
+                replay_buffer_kwargs=dict(n_sampled_goal=N_SAMPLED_GOAL))
+    buffer = model.replay_buffer
+    add_calls: list[tuple] = []
+    real_add = buffer.add
+
+    def spy(*args):
+        add_calls.append(copy.deepcopy(args))
+        real_add(*args)
+
+    buffer.add = spy
+    model.learn(STREAM_VEC_STEPS * len(TIME_LIMITS))
+    del buffer.add
+
+    dones = np.array(vec_env.dones)
+    next_obs = []
+    for returned, done, infos in zip(vec_env.returned[1:], vec_env.dones, vec_env.infos):
+        nxt = copy.deepcopy(returned)
+        for env_idx in np.flatnonzero(done):
+            for key in nxt:
+                nxt[key][env_idx] = infos[env_idx]["terminal_observation"][key]
+        next_obs.append(nxt)
+    episode = np.zeros_like(dones, dtype=np.int64)
+    step = np.zeros_like(dones, dtype=np.int64)
+    for i in range(1, len(dones)):
+        episode[i] = episode[i - 1] + dones[i - 1]
+        step[i] = np.where(dones[i - 1], 0, step[i - 1] + 1)
+    return Stream(
+        vec_env=vec_env, buffer=buffer, obs=vec_env.returned[:-1], next_obs=next_obs,
+        actions=np.array([call[2] for call in add_calls]), rewards=np.array([call[3] for call in add_calls]),
+        dones=dones, episode=episode, step=step, add_calls=add_calls,
+    )
+
+
+@pytest.fixture(scope="module", params=["pixels", "state"])
+def stream(request: pytest.FixtureRequest) -> Iterator[Stream]:
+    """A recorded real stream (pixel and full-state FetchPush), one per test module that asks for it."""
+    recorded = record_stream(pixels=request.param == "pixels")
+    yield recorded
+    recorded.vec_env.close()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The CI machine has 2 shared cores: one torch thread avoids oversubscription in in-process SAC runs
+    (``pytestmark = pytest.mark.usefixtures("one_torch_thread")`` in the modules that train)."""
+    import torch as th
+
+    threads = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(threads)

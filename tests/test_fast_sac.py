@@ -34,7 +34,6 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
-from test_framestack_replay import N_SAMPLED_GOAL, record_stream
 
 from ch09.fast_sac import FastSAC, Routing, make_capturable, squashed_gaussian_sample
 from ch09.framestack_replay import FrameStackHerReplayBuffer
@@ -52,13 +51,7 @@ PIXEL_BATCH = 8
 PIXEL_STEPS = 110  # two finished 50-step episodes and a running one
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine has 2 shared cores: one torch thread avoids oversubscription."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -83,13 +76,6 @@ def test_torch_reward_equals_compute_reward_on_random_goals(env_id, pixels):
 # ---------------------------------------------------------------------------------------------------------
 # The device draw against the NumPy sampler's contract, on a real stream (pixels and full state)
 # ---------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["pixels", "state"])
-def stream(request):
-    recorded = record_stream(pixels=request.param == "pixels")
-    yield recorded
-    recorded.vec_env.close()
-
-
 def test_device_draw_keeps_the_numpy_sampler_contract(stream):
     buffer = stream.buffer
     view = DeviceReplayView(buffer, "cpu")
@@ -124,7 +110,7 @@ def test_device_draw_keeps_the_numpy_sampler_contract(stream):
         assert samples.dones[b, 0].item() == 0.0  # Fetch only times out
     assert seen == stream.finished(), "every finished transition should be drawn, and only those"
 
-    p = N_SAMPLED_GOAL / (N_SAMPLED_GOAL + 1)
+    p = stream.n_sampled_goal / (stream.n_sampled_goal + 1)
     fraction = float(idx.relabelled.float().mean())
     assert abs(fraction - p) <= 4 * math.sqrt(p * (1 - p) / N_SAMPLES), fraction
     for key, space in buffer.observation_space.spaces.items():

@@ -49,13 +49,7 @@ OBSERVATION_KINDS = {  # BitFlippingEnv's three observation spaces
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine has 2 shared cores: one torch thread avoids oversubscription in the training runs."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def recording_add(buffer: Any) -> list[tuple]:

@@ -5,6 +5,7 @@ different time limits, so episodes interleave and end in time-outs) through SB3'
 a VecEnv wrapper records every observation the pixel wrapper produced, and every sampled obs/next_obs must
 equal the recorded one at that (env, step), byte for byte. A spy on ``add()`` keeps the exact calls so the
 same stream can be replayed into other buffers (a small ring that wraps, a reloaded copy, GPU storage).
+The recording is conftest's ``stream`` fixture (test_fast_sac.py checks the device sampler on it too).
 """
 
 from __future__ import annotations
@@ -13,151 +14,36 @@ import copy
 import json
 import pickle
 import warnings
-from dataclasses import dataclass, field
 
 import bench_replay
 import numpy as np
 import pytest
 import torch as th
-from gymnasium.wrappers import TimeLimit
 from stable_baselines3 import SAC
-from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
 from ch09 import framestack_replay
 from ch09.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
 from lab_support import available_memory_bytes
 from pixel_wrapper import make_fetch_env, pixel_observation_space
 
-TIME_LIMITS = (7, 10)  # per env: episodes of different lengths interleave and end in time-outs
-STREAM_VEC_STEPS = 36  # 72 env steps: 5 + 3 finished episodes, one running episode per env
 N_SAMPLES = 1024  # enough to hit each of the ~65 finished transitions many times
-N_SAMPLED_GOAL = 4
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Recording a real stream through SB3's own collection path
-# ---------------------------------------------------------------------------------------------------------
-class Recorder(VecEnvWrapper):
-    """Keeps a copy of every observation the VecEnv returned (reset and step), with dones and infos."""
-
-    def __init__(self, venv):
-        super().__init__(venv)
-        self.returned: list[dict[str, np.ndarray]] = []
-        self.dones: list[np.ndarray] = []
-        self.infos: list[list[dict]] = []
-
-    def reset(self):
-        obs = self.venv.reset()
-        self.returned.append(copy.deepcopy(obs))
-        return obs
-
-    def step_wait(self):
-        obs, rewards, dones, infos = self.venv.step_wait()
-        self.returned.append(copy.deepcopy(obs))
-        self.dones.append(dones.copy())
-        self.infos.append(copy.deepcopy(infos))
-        return obs, rewards, dones, infos
-
-
-@dataclass
-class Stream:
-    """What the env produced, per add() call i and env e, and the add() calls themselves."""
-
-    vec_env: Recorder
-    buffer: FrameStackHerReplayBuffer
-    obs: list[dict[str, np.ndarray]]  # the observation the policy saw before step i
-    next_obs: list[dict[str, np.ndarray]]  # what step i led to (the terminal observation at a done)
-    actions: np.ndarray  # (T, E, A) the buffer actions add() received
-    rewards: np.ndarray  # (T, E)
-    dones: np.ndarray  # (T, E)
-    episode: np.ndarray  # (T, E) episode counter per env
-    step: np.ndarray  # (T, E) index inside the episode
-    add_calls: list[tuple] = field(default_factory=list)
-
-    def locate(self, env_idx: int, action: np.ndarray) -> int:
-        """The add() call whose action for env ``env_idx`` is ``action`` (random actions are unique tags)."""
-        matches = np.flatnonzero((self.actions[:, env_idx] == action).all(axis=1))
-        assert len(matches) == 1, f"sampled action of env {env_idx} matches {len(matches)} recorded steps"
-        return int(matches[0])
-
-    def finished(self) -> set[tuple[int, int]]:
-        """(call, env) of every transition whose episode ended within the stream."""
-        result = set()
-        for env_idx in range(self.dones.shape[1]):
-            last_done = np.flatnonzero(self.dones[:, env_idx])[-1]
-            result |= {(i, env_idx) for i in range(last_done + 1)}
-        return result
-
-
-def record_stream(pixels: bool, buffer_size: int = 1_000) -> Stream:
-    def make(limit: int):
-        return lambda: TimeLimit(make_fetch_env("FetchPush-v4", pixels=pixels, goal_mode="both"), limit)
-
-    vec_env = Recorder(DummyVecEnv([make(limit) for limit in TIME_LIMITS]))
-    model = SAC("MultiInputPolicy", vec_env, buffer_size=buffer_size, learning_starts=10**6, seed=0, device="cpu",
-                replay_buffer_class=FrameStackHerReplayBuffer,
-                replay_buffer_kwargs=dict(n_sampled_goal=N_SAMPLED_GOAL))
-    buffer = model.replay_buffer
-    add_calls: list[tuple] = []
-    real_add = buffer.add
-
-    def spy(*args):
-        add_calls.append(copy.deepcopy(args))
-        real_add(*args)
-
-    buffer.add = spy
-    model.learn(STREAM_VEC_STEPS * len(TIME_LIMITS))
-    del buffer.add
-
-    dones = np.array(vec_env.dones)
-    next_obs = []
-    for returned, done, infos in zip(vec_env.returned[1:], vec_env.dones, vec_env.infos):
-        nxt = copy.deepcopy(returned)
-        for env_idx in np.flatnonzero(done):
-            for key in nxt:
-                nxt[key][env_idx] = infos[env_idx]["terminal_observation"][key]
-        next_obs.append(nxt)
-    episode = np.zeros_like(dones, dtype=np.int64)
-    step = np.zeros_like(dones, dtype=np.int64)
-    for i in range(1, len(dones)):
-        episode[i] = episode[i - 1] + dones[i - 1]
-        step[i] = np.where(dones[i - 1], 0, step[i - 1] + 1)
-    return Stream(
-        vec_env=vec_env, buffer=buffer, obs=vec_env.returned[:-1], next_obs=next_obs,
-        actions=np.array([call[2] for call in add_calls]), rewards=np.array([call[3] for call in add_calls]),
-        dones=dones, episode=episode, step=step, add_calls=add_calls,
-    )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The CI machine has 2 shared cores: one torch thread avoids oversubscription in the SAC runs."""
-    threads = th.get_num_threads()
-    th.set_num_threads(1)
-    yield
-    th.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", params=["pixels", "state"])
-def stream(request):
-    recorded = record_stream(pixels=request.param == "pixels")
-    yield recorded
-    recorded.vec_env.close()
-
-
-def replay_into(stream: Stream, **kwargs) -> FrameStackHerReplayBuffer:
+def replay_into(stream, **kwargs) -> FrameStackHerReplayBuffer:
     """A fresh buffer fed the same add() calls SB3 made."""
-    kwargs = dict(buffer_size=1_000, n_sampled_goal=N_SAMPLED_GOAL) | kwargs
+    kwargs = dict(buffer_size=1_000, n_sampled_goal=stream.n_sampled_goal) | kwargs
     buffer = FrameStackHerReplayBuffer(
         observation_space=stream.buffer.observation_space, action_space=stream.buffer.action_space,
-        device="cpu", n_envs=len(TIME_LIMITS), compute_reward=stream.buffer.compute_reward, **kwargs,
+        device="cpu", n_envs=len(stream.time_limits), compute_reward=stream.buffer.compute_reward, **kwargs,
     )
     for call in stream.add_calls:
         buffer.add(*copy.deepcopy(call))
     return buffer
 
 
-def check_samples_match_stream(stream: Stream, buffer: FrameStackHerReplayBuffer, n_samples: int = N_SAMPLES) -> set:
+def check_samples_match_stream(stream, buffer: FrameStackHerReplayBuffer, n_samples: int = N_SAMPLES) -> set:
     """Every sampled obs/next_obs equals the recorded one; HER goals and rewards are right. Returns (call, env)s."""
     idx = buffer._sample_indices(n_samples)
     samples = buffer._gather(idx)
@@ -217,16 +103,16 @@ def test_samples_are_tensors_on_the_device_with_pixels_uint8(stream):
 def test_a_small_ring_wraps_and_keeps_only_intact_episodes(stream):
     np.random.seed(1)
     rows_per_env = 25  # fewer than the 40+ rows each env writes: the oldest episodes are overwritten
-    buffer = replay_into(stream, buffer_size=rows_per_env * len(TIME_LIMITS))
+    buffer = replay_into(stream, buffer_size=rows_per_env * len(stream.time_limits))
     assert (buffer._rows_written > rows_per_env).all()
     seen = check_samples_match_stream(stream, buffer, n_samples=512)
-    for env_idx in range(len(TIME_LIMITS)):
+    for env_idx in range(len(stream.time_limits)):
         episodes = {int(stream.episode[i, e]) for i, e in seen if e == env_idx}
         last_finished = int(stream.episode[np.flatnonzero(stream.dones[:, env_idx])[-1], env_idx])
         assert last_finished in episodes and 0 not in episodes  # newest kept, oldest retired
         for ep in episodes:  # a kept episode is kept whole
             steps = {i for i, e in seen if e == env_idx and stream.episode[i, e] == ep}
-            assert len(steps) == TIME_LIMITS[env_idx]
+            assert len(steps) == stream.time_limits[env_idx]
     assert buffer.size() == sum(buffer.sampleable.sum(axis=0))
 
 
@@ -234,7 +120,7 @@ def test_relabelled_fraction_is_binomial_k_over_k_plus_1(stream):
     np.random.seed(2)
     n = 20 * 256
     relabelled = np.concatenate([stream.buffer._sample_indices(256).relabelled for _ in range(20)])
-    p = N_SAMPLED_GOAL / (N_SAMPLED_GOAL + 1)
+    p = stream.n_sampled_goal / (stream.n_sampled_goal + 1)
     sigma = np.sqrt(p * (1 - p) / n)
     assert abs(relabelled.mean() - p) < 4 * sigma, f"relabelled {relabelled.mean():.3f}, expected {p:.3f}"
     no_her = replay_into(stream, n_sampled_goal=0)
@@ -383,7 +269,7 @@ def test_save_and_load_are_byte_identical_in_chunks(stream, tmp_path, monkeypatc
 
     resumed = replay_into(stream, buffer_size=1_000)
     resumed.load(tmp_path / "buffer")  # default: running episodes are closed as time-outs
-    running_steps = sum(int(stream.step[-1, e]) + 1 for e in range(len(TIME_LIMITS)) if not stream.dones[-1, e])
+    running_steps = sum(int(stream.step[-1, e]) + 1 for e in range(len(stream.time_limits)) if not stream.dones[-1, e])
     assert (resumed._open_start == -1).all() and resumed.size() == stream.buffer.size() + running_steps
     with pytest.raises(ValueError, match="same buffer_size"):
         replay_into(stream, buffer_size=500).load(tmp_path / "buffer")
