@@ -113,7 +113,7 @@ from ch09.fast_sac import FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
 from ch09.release import checkpoint_for_eval, package_run
-from ch09.stats import seed_mean_interval, wilson_interval
+from ch09.stats import success_summary, wilson_interval
 from ch09.validation import (
     Number,
     check_device,
@@ -805,12 +805,7 @@ def aggregate(cfg: AggregateConfig) -> int:
 
     rates = [float(r["success_rate"]) for r in results]
     n = len(rates)
-    if n > 1:
-        mean, std, ci = seed_mean_interval(rates)
-        method = f"Student t over seeds, 95%, df={n - 1}"
-    else:
-        mean, std, ci = rates[0], 0.0, tuple(results[0]["success_ci95"])
-        method = "Wilson over the single seed's episodes, 95%"
+    mean, std, ci, method = success_summary(rates, results[0]["success_ci95"])
     episodes = sorted({r["n_episodes"] for r in results})
     tag, env_id = next(iter(configs))
     summary = {
@@ -854,12 +849,7 @@ def aggregate_over_steps(results: list[dict[str, Any]], cfg: AggregateConfig) ->
     rows = []
     for steps, group in sorted(by_steps.items()):
         rates = [float(r["success_rate"]) for r in group]
-        if len(group) > 1:
-            mean, std, ci = seed_mean_interval(rates)
-            method = f"Student t over seeds, 95%, df={len(group) - 1}"
-        else:
-            mean, std, ci = rates[0], 0.0, tuple(group[0]["success_ci95"])
-            method = "Wilson over the single seed's episodes, 95%"
+        mean, std, ci, method = success_summary(rates, group[0]["success_ci95"])
         rows.append({"steps": steps, "n_seeds": len(group), "seeds": sorted(r["train_seed"] for r in group),
                      "episodes_per_seed": sorted({r["n_episodes"] for r in group}), "success_rate_mean": mean,
                      "success_rate_std": std, "success_rate_ci95": [round(ci[0], 4), round(ci[1], 4)],

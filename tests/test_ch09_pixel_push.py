@@ -202,6 +202,10 @@ def test_wilson_and_t_intervals() -> None:
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
     assert (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-3)
     assert stats.seed_mean_interval([0.0, 0.0, 0.1])[2][0] == 0.0  # clipped to [0, 1]
+    one_seed = stats.success_summary([0.9], single_seed_ci=(0.82, 0.95))
+    assert one_seed[1:3] == (0.0, (0.82, 0.95)) and one_seed[3].startswith("Wilson")
+    three_seeds = stats.success_summary([0.5, 0.6, 0.7], single_seed_ci=(0.0, 1.0))
+    assert three_seeds[2] == pytest.approx((0.6 - half, 0.6 + half), abs=1e-3) and "df=2" in three_seeds[3]
 
 
 # ------------------------------------------------------------------------------------------------------

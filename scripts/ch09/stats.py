@@ -6,6 +6,7 @@ Pure Python and NumPy (no torch, no scipy), so the figure script can use them wi
 |-------------------------|-------------------------------------|--------------------------------------------|
 | ``wilson_interval``     | one seed's success rate (k of n)    | stays inside [0, 1] and is sane at 0/n, n/n |
 | ``seed_mean_interval``  | the mean success rate over seeds    | few seeds: a t quantile, not z             |
+| ``success_summary``     | eval results of one config (1+ seeds) | t over seeds, or the one seed's Wilson    |
 """
 
 from __future__ import annotations
@@ -56,3 +57,16 @@ def seed_mean_interval(rates: Sequence[float]) -> tuple[float, float, tuple[floa
     std = math.sqrt(sum((r - mean) ** 2 for r in rates) / (n - 1))
     half = t_quantile_975(n - 1) * std / math.sqrt(n)
     return mean, std, (max(0.0, mean - half), min(1.0, mean + half))
+
+
+def success_summary(rates: Sequence[float], single_seed_ci: Sequence[float]
+                    ) -> tuple[float, float, tuple[float, float], str]:
+    """Mean, std, 95% interval and how it was computed, for the success rates of one or more seeds.
+
+    One seed has no spread over seeds: its own Wilson interval over episodes (``single_seed_ci``) is used.
+    """
+    if len(rates) > 1:
+        mean, std, ci = seed_mean_interval(rates)
+        return mean, std, ci, f"Student t over seeds, 95%, df={len(rates) - 1}"
+    return float(rates[0]), 0.0, (float(single_seed_ci[0]), float(single_seed_ci[1])), \
+        "Wilson over the single seed's episodes, 95%"
