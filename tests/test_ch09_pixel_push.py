@@ -146,6 +146,30 @@ def test_another_her_k_gets_its_own_artifact_names() -> None:
     assert ch09.run_paths(exercise).stem != ch09.run_paths(chapter).stem
 
 
+def test_a_pixel_checkpoint_saved_before_the_encoders_scaled_pixels_still_acts(tmp_path: Path) -> None:
+    """Older pixel checkpoints let SB3 divide by 255 (normalize_images=True); the encoders divide now, so the
+    load helper switches SB3's division off and the network gets the input it was trained on."""
+    from stable_baselines3 import SAC
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    from manipulation_encoder import ManipulationExtractor
+    from pixel_wrapper import make_fetch_env
+
+    env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    try:
+        old_style = SAC("MultiInputPolicy", env, buffer_size=10, learning_starts=10**6, device="cpu", seed=0,
+                        policy_kwargs=dict(features_extractor_class=ManipulationExtractor))  # SB3 divides
+        old_style.save(tmp_path / "old.zip")
+        obs = env.reset()
+        with pytest.raises(ValueError, match="normalize_images=False"):
+            old_style.predict(obs, deterministic=True)  # the encoder refuses pixels divided twice
+        loaded = load_for_acting(tmp_path / "old.zip")
+        action, _ = loaded.predict(obs, deterministic=True)
+        assert not loaded.policy.normalize_images and np.isfinite(action).all()
+    finally:
+        env.close()
+
+
 def test_the_flags_the_chapter_prints(capsys: pytest.CaptureFixture) -> None:
     cfg = parse_train("--seed", "0", "--critic-encoder", "--no-drq", "--buffer-size", "500000",
                       "--her-n-sampled-goal", "8", "--total-steps", "5000000", "--checkpoint-freq", "500000")

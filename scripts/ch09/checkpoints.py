@@ -132,9 +132,10 @@ def let_the_encoder_scale_pixels(model: SAC) -> None:
     ``normalize_images=True`` and SB3 dividing; the encoder now does exactly that division, so switching
     SB3's off gives the network the same input it was trained on.
     """
-    if not isinstance(model.policy.features_extractor, (ManipulationExtractor, NormalizedCombinedExtractor)):
+    modules = list(model.policy.modules())
+    if not any(isinstance(module, (ManipulationExtractor, NormalizedCombinedExtractor)) for module in modules):
         return
-    for module in model.policy.modules():
+    for module in modules:  # the policy, its actor, critic and target critic each keep the flag
         if hasattr(module, "normalize_images"):
             module.normalize_images = False
 
