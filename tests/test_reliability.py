@@ -362,6 +362,25 @@ def test_a_bug_is_one_line_and_a_crash_log(cli, tmp_path: Path, capsys: pytest.C
     assert "Traceback" in text and "buggy" in text and "KeyError" in text
 
 
+@pytest.mark.parametrize("where", ["in main", "before main"])
+def test_a_reader_that_closes_the_pipe_is_no_bug(where: str, tmp_path: Path) -> None:
+    """`... --help | head -3`: the output outlives its reader. That is not a bug: no crash log, no error line.
+
+    10 MB of output overflows any pipe buffer, so the write after the reader left fails for certain.
+    """
+    flood = "[print('x' * 100) for _ in range(100_000)]"
+    body = f"sys.exit(cli_guard.run_guarded(lambda: {flood} and 0))" if where == "in main" else flood
+    script = (f"import sys; sys.path.insert(0, {str(REPO_ROOT / 'scripts' / 'labs')!r}); import cli_guard; "
+              f"cli_guard.guard_entry_point('__main__'); {body}")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `head` does after its lines
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == cli_guard.BROKEN_PIPE_EXIT, err.decode()[-2000:]
+    assert err == b""
+
+
 def test_every_entry_point_installs_the_guard() -> None:
     entry_points = ["scripts/ch09_pixel_push.py", "scripts/ch09_figures.py", "scripts/bench_replay.py",
                     "scripts/snippets.py", *(f"scripts/labs/{lab}.py" for lab in (

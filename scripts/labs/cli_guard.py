@@ -25,6 +25,7 @@ use it too.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -41,6 +42,8 @@ BUG_EXIT = 70
 """Exit code of an unexpected exception (``EX_SOFTWARE`` in sysexits.h): a bug to report, not the user's input."""
 DEFAULT_LOG_DIR = Path(__file__).resolve().parents[2] / "logs"
 """Where crash logs go when the entry point names no artifact root: the repository's logs/."""
+BROKEN_PIPE_EXIT = 128 + signal.SIGPIPE
+"""Exit code when the program reading our output closed the pipe early, as a shell reports SIGPIPE."""
 REPORT_HOW = "please report it with that file attached (README, 'Reporting a problem')"
 
 
@@ -101,6 +104,9 @@ def _report(exc: BaseException, log_dir: Path) -> int:
     if code is not None:
         print(f"error: {exc}", file=sys.stderr)
         return code
+    if isinstance(exc, BrokenPipeError):  # the reader of our output left (`... --help | head`): not a bug
+        _silence_stdout()
+        return BROKEN_PIPE_EXIT
     if isinstance(exc, (KeyboardInterrupt, TerminationRequest)):  # during the imports
         signum = signal.SIGTERM if isinstance(exc, TerminationRequest) else signal.SIGINT
         print(f"error: stopped by {signal.Signals(signum).name} before it started; nothing was written, run the "
@@ -112,6 +118,13 @@ def _report(exc: BaseException, log_dir: Path) -> int:
     print(f"error: unexpected {type(exc).__name__}{f' ({summary})' if summary else ''}, a bug rather than "
           f"your input; {where}: {REPORT_HOW}.", file=sys.stderr)
     return BUG_EXIT
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush does not fail on the closed pipe again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def write_crash_log(exc: BaseException, log_dir: Path) -> Path | None:
