@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -135,6 +137,32 @@ def test_each_investigation_step_maps_to_its_components(step: str) -> None:
     replay_class, replay_kwargs = ch09.replay_setup(cfg)
     assert replay_class.__name__ == replay
     assert replay_kwargs["n_sampled_goal"] == 8 and replay_kwargs["goal_selection_strategy"] == "future"
+
+
+def readme_production_commands() -> list[list[str]]:
+    """Every production command README.md prints: code-block lines (continuations joined, shell variables set
+    to a value) and the ``train ...`` cells of the investigation table ("Prefix each command with ...")."""
+    text = (ch09.REPO_ROOT / "README.md").read_text()
+    commands = []
+    for block in text.split("```")[1::2]:
+        for line in block.replace("\\\n", " ").splitlines():
+            if "ch09_pixel_push.py" in line and not line.lstrip().startswith("#"):
+                line = line.split("ch09_pixel_push.py", 1)[1].split("  #", 1)[0]
+                line = line.replace("$seed", "0").replace("$steps", "1M").replace("$R", "releases/x")
+                commands.append(shlex.split(line))
+    commands += [shlex.split(cell) for cell in re.findall(r"^\| [^|]+ \| `(train [^`]+)`", text, re.MULTILINE)]
+    return commands
+
+
+def test_every_command_the_readme_prints_parses() -> None:
+    commands = readme_production_commands()
+    assert len(commands) >= 15, f"found only {len(commands)} commands: the README's layout changed"
+    for argv in commands:
+        try:
+            cfg = ch09.parse_command_line(argv)
+        except SystemExit as exc:
+            pytest.fail(f"the README's `ch09_pixel_push.py {' '.join(argv)}` does not parse (exit {exc.code})")
+        assert type(cfg).__name__.lower().startswith(argv[0][:3]), argv
 
 
 def test_another_her_k_gets_its_own_artifact_names() -> None:
