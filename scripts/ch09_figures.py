@@ -73,7 +73,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
 from ch09.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
-from ch09.stats import seed_mean_interval, wilson_interval
+from ch09.stats import success_summary, wilson_interval
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
@@ -677,7 +677,6 @@ class InvestigationBar:
     seeds: list[SeedResult]
     mean: float = 0.0
     ci95: tuple[float, float] = (0.0, 1.0)
-    ci_method: str = ""
 
 
 def load_seed_results(results_dir: Path) -> list[SeedResult]:
@@ -728,17 +727,11 @@ def budget_key(steps: int) -> float:
 def bar_statistics(bar: InvestigationBar) -> None:
     """Mean over seeds and its 95% interval: Wilson over episodes for one seed, Student t over seeds otherwise.
 
-    The same two intervals `ch09_pixel_push.py aggregate` reports, computed with the same functions.
+    The same rule `ch09_pixel_push.py aggregate` reports (``stats.success_summary``).
     """
-    rates = [s.success_rate for s in bar.seeds]
-    if len(rates) == 1:
-        seed = bar.seeds[0]
-        bar.mean = seed.success_rate
-        bar.ci95 = wilson_interval(round(seed.success_rate * seed.n_episodes), seed.n_episodes)
-        bar.ci_method = f"Wilson, {seed.n_episodes} episodes"
-    else:
-        bar.mean, _std, bar.ci95 = seed_mean_interval(rates)
-        bar.ci_method = f"t over {len(rates)} seeds"
+    first = bar.seeds[0]
+    one_seed_ci = wilson_interval(round(first.success_rate * first.n_episodes), first.n_episodes)
+    bar.mean, _std, bar.ci95, _method = success_summary([s.success_rate for s in bar.seeds], one_seed_ci)
 
 
 def investigation_bars(results: list[SeedResult]) -> list[InvestigationBar]:
