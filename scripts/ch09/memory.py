@@ -98,7 +98,7 @@ def memory_preflight(plan: Sequence[MemoryNeed]) -> list[dict[str, Any]]:
               f"{need.total_bytes / 1e9:.2f} GB on {need.device} "
               f"({free / 1e9:.1f} GB free)")
         check_memory_fits(need.what, need.items, need.bytes_per_item,
-                          device=need.device, unit=need.unit)
+                          device=need.device, unit=need.unit, free=free)
         report.append({**asdict(need), "free_bytes": free})
     return report
 # --8<-- [end:memory_preflight]

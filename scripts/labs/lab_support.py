@@ -315,17 +315,18 @@ def free_memory_bytes(device: Any = "cpu") -> int:
 
 def check_memory_fits(
     what: str, n_items: int, bytes_per_item: int, device: Any = "cpu", unit: str = "transitions",
-    reserve: int = MEMORY_RESERVE_BYTES,
+    reserve: int = MEMORY_RESERVE_BYTES, free: int | None = None,
 ) -> int:
     """Refuse, in one sentence, ``n_items`` x ``bytes_per_item`` that would not fit on ``device``.
 
-    Returns the bytes needed. ``reserve`` bytes stay free for everything else. numpy and torch allocate
+    Returns the bytes needed. ``reserve`` bytes stay free for everything else; ``free`` is a reading of
+    ``free_memory_bytes(device)`` the caller already made (read now when None). numpy and torch allocate
     lazily, so without this check a too-large buffer fails hours later, when it fills.
     """
     import torch
 
     needed = n_items * bytes_per_item
-    free = free_memory_bytes(device)
+    free = free_memory_bytes(device) if free is None else free
     usable = max(free - reserve, 0)
     if needed > usable:
         where = "RAM" if torch.device(device).type == "cpu" else f"GPU memory on {device}"
