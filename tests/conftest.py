@@ -199,6 +199,26 @@ class Stream:
         return result
 
 
+def recording_add(buffer: Any) -> list[tuple]:
+    """Make ``buffer.add`` keep a deep copy of every call's arguments, in order; returns that list
+    (``del buffer.add`` restores the class's method)."""
+    calls: list[tuple] = []
+    real_add = buffer.add
+
+    def add(*args):
+        calls.append(copy.deepcopy(args))
+        real_add(*args)
+
+    buffer.add = add
+    return calls
+
+
+@pytest.fixture(name="recording_add", scope="session")
+def recording_add_fixture() -> Any:
+    """``recording_add(buffer)`` for the test modules (the add() spy of the recorded streams)."""
+    return recording_add
+
+
 def record_stream(pixels: bool, buffer_size: int = 1_000) -> Stream:
     """SAC (random actions, no updates) drives 2 Fetch envs into a FrameStackHerReplayBuffer; a spy keeps add()."""
     from pixel_wrapper import make_fetch_env  # loads mujoco: only for the tests that record a stream
@@ -211,14 +231,7 @@ def record_stream(pixels: bool, buffer_size: int = 1_000) -> Stream:
                 replay_buffer_class=FrameStackHerReplayBuffer,
                 replay_buffer_kwargs=dict(n_sampled_goal=N_SAMPLED_GOAL))
     buffer = model.replay_buffer
-    add_calls: list[tuple] = []
-    real_add = buffer.add
-
-    def spy(*args):
-        add_calls.append(copy.deepcopy(args))
-        real_add(*args)
-
-    buffer.add = spy
+    add_calls = recording_add(buffer)
     model.learn(STREAM_VEC_STEPS * len(TIME_LIMITS))
     del buffer.add
 

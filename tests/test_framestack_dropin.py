@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import bench_replay
@@ -50,19 +51,6 @@ OBSERVATION_KINDS = {  # BitFlippingEnv's three observation spaces
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def recording_add(buffer: Any) -> list[tuple]:
-    """Make ``buffer.add`` keep a deep copy of every call's arguments, in order; returns that list."""
-    calls: list[tuple] = []
-    real_add = buffer.add
-
-    def add(*args):
-        calls.append(copy.deepcopy(args))
-        real_add(*args)
-
-    buffer.add = add
-    return calls
 
 
 def locate(calls: list[tuple], action: th.Tensor) -> tuple[int, int]:
@@ -166,7 +154,8 @@ def test_off_policy_algorithm_learns_saves_loads_and_continues(algorithm, vec_en
 # ---------------------------------------------------------------------------------------------------------
 # Every key of any shape and dtype, stored exactly
 # ---------------------------------------------------------------------------------------------------------
-def bit_flipping_stream(kind: str, env_fn: Any = BitFlippingEnv, copy_info_dict: bool = False):
+def bit_flipping_stream(recording_add: Callable, kind: str, env_fn: Any = BitFlippingEnv,
+                        copy_info_dict: bool = False):
     """SB3's own collection (SAC's ``_store_transition``, random actions) on 2 envs whose episodes end
     at different steps; returns (buffer, recorded add() calls, vec env)."""
     options = OBSERVATION_KINDS[kind]
@@ -181,9 +170,9 @@ def bit_flipping_stream(kind: str, env_fn: Any = BitFlippingEnv, copy_info_dict:
 
 
 @pytest.mark.parametrize("kind", list(OBSERVATION_KINDS))
-def test_every_key_is_stored_exactly(kind):
+def test_every_key_is_stored_exactly(recording_add, kind):
     np.random.seed(0)
-    buffer, calls, vec_env = bit_flipping_stream(kind)
+    buffer, calls, vec_env = bit_flipping_stream(recording_add, kind)
     sb3 = replay(calls, HerReplayBuffer(1_000, buffer.observation_space, buffer.action_space, env=vec_env,
                                         device="cpu", n_envs=2, n_sampled_goal=2))
     assert buffer.vector_keys == [] and buffer.array_keys == list(buffer.observation_space.spaces)  # no float key
@@ -258,9 +247,10 @@ class InfoRewardBitFlippingEnv(BitFlippingEnv):
         return task_reward - cost
 
 
-def test_copy_info_dict_rewards_equal_sb3s():
+def test_copy_info_dict_rewards_equal_sb3s(recording_add):
     np.random.seed(2)
-    buffer, calls, vec_env = bit_flipping_stream("bits", InfoRewardBitFlippingEnv, copy_info_dict=True)
+    buffer, calls, vec_env = bit_flipping_stream(recording_add, "bits", InfoRewardBitFlippingEnv,
+                                                 copy_info_dict=True)
     sb3 = replay(calls, HerReplayBuffer(1_000, buffer.observation_space, buffer.action_space, env=vec_env,
                                         device="cpu", n_envs=2, n_sampled_goal=2, copy_info_dict=True))
     reward_env = vec_env.envs[0].unwrapped
@@ -285,7 +275,7 @@ PIXEL_VEC_STEPS = 14
 
 
 @pytest.fixture(scope="module")
-def pixel_stream():
+def pixel_stream(recording_add):
     """(buffer, add() calls, vec env) of 2 pixel FetchPush envs through SAC's collection, copy_info_dict on."""
     def make(limit: int):
         return lambda: TimeLimit(make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both"), limit)
