@@ -108,7 +108,7 @@ from ch09.checkpoints import (
     restore_replay_buffer,
 )
 from ch09.digest import sha256_file
-from ch09.errors import USER_ERROR_EXIT, UserError
+from ch09.errors import UserError
 from ch09.fast_sac import FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
@@ -128,7 +128,7 @@ from ch09.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
 from ch09.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder, VideoFolder
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
 from image_augmentation import HerDrQDictReplayBuffer
-from lab_support import MemoryBudgetError, RendererUnavailableError
+from lab_support import MemoryBudgetError
 from manipulation_encoder import ManipulationExtractor
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, SUPPORTED_ENV_IDS, make_fetch_env, pixel_observation_space
 from visual_encoder import NormalizedCombinedExtractor
@@ -949,6 +949,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig) -> int:
+    """The subcommand. Its user errors (``UserError``, the labs' renderer and memory errors) carry an
+    ``exit_code``, so the top-level guard prints their one sentence."""
     try:
         if isinstance(cfg, TrainConfig):
             return train(cfg)
@@ -957,12 +959,8 @@ def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig)
         if isinstance(cfg, PackageConfig):
             return package(cfg)
         return aggregate(cfg)
-    except (UserError, RendererUnavailableError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
     except WorkerTimeoutError as exc:  # the workers did not even start
-        print(f"error: {exc}; try fewer --n-envs or a larger --worker-timeout.", file=sys.stderr)
-        return USER_ERROR_EXIT
+        raise UserError(f"{exc}; try fewer --n-envs or a larger --worker-timeout.") from None
 
 
 if __name__ == "__main__":
