@@ -23,6 +23,7 @@ It prints a table and writes JSON to ``results/bench_replay_<device>.json`` (or 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -52,7 +53,6 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
 from ch09.artifacts import REPO_ROOT
-from ch09.errors import USER_ERROR_EXIT, UserError
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import allocated_bytes_per_transition
 from ch09.validation import check_device
@@ -345,12 +345,13 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, then benchmark under the top-level guard (a user error: one sentence, exit 2)."""
     config = tyro.cli(BenchConfig, args=argv, prog="bench_replay.py", description=__doc__.split("\n\n")[0])
-    try:
-        check_device("device", config.device)  # 'tpu', or cuda without CUDA: one sentence before anything runs
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    return run_guarded(functools.partial(bench, config))
+
+
+def bench(config: BenchConfig) -> int:
+    check_device("device", config.device)  # 'tpu', or cuda without CUDA: one sentence before anything runs
     if config.quick:
         config = replace(config, **QUICK)
     torch_threads = th.get_num_threads()
@@ -363,4 +364,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(main))
+    sys.exit(main())

@@ -47,6 +47,7 @@ measurement.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -72,7 +73,7 @@ import numpy as np  # noqa: E402
 import torch as th  # noqa: E402
 import tyro  # noqa: E402
 
-from ch09.errors import USER_ERROR_EXIT, UserError  # noqa: E402
+from ch09.errors import UserError  # noqa: E402
 
 REPO_ROOT = SCRIPTS_DIR.parent
 RESULT_PREFIX = "BENCH_RESULT "
@@ -512,14 +513,8 @@ def bench(cfg: BenchConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
-    if cfg.worker:
-        return worker_main(cfg.worker)
-    try:
-        return bench(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
+    return run_guarded(functools.partial(worker_main, cfg.worker) if cfg.worker else functools.partial(bench, cfg))
 
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(main))
+    sys.exit(main())

@@ -32,6 +32,7 @@ in ``results/<sweep>_status.json``, each run's output in ``results/<sweep>_logs/
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -49,7 +50,7 @@ guard_entry_point(__name__)  # before the heavy imports: a failing import or an 
 import tyro
 
 from ch09.artifacts import REPO_ROOT
-from ch09.errors import USER_ERROR_EXIT, UserError
+from ch09.errors import UserError
 from ch09.sweep_plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
@@ -234,15 +235,10 @@ def run(cfg: SweepConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = tyro.cli(SweepConfig, args=argv, prog="ch09_sweep.py", description=__doc__.split("\n")[0])
-    try:
-        return run(cfg)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return USER_ERROR_EXIT
-    except KeyboardInterrupt:
-        print("error: interrupted before the sweep started; nothing was run.", file=sys.stderr)
-        return 130
+    # Ctrl-C during the sweep is run_sweep's (each run saves); one reaching the guard came before any run.
+    return run_guarded(functools.partial(run, cfg),
+                       interrupted="the sweep had not started its runs, so nothing was run; run the same command again")
 
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(main))
+    sys.exit(main())
