@@ -52,10 +52,10 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from ch09.artifacts import REPO_ROOT
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.memory import allocated_bytes_per_transition
-from ch09.validation import check_device
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.memory import allocated_bytes_per_transition
+from ch09.run.artifacts import REPO_ROOT
+from ch09.run.validation import check_device
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_DIM, make_fetch_env, pixel_observation_space
 
 SCRIPTS_DIR = Path(__file__).resolve().parent

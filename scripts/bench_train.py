@@ -252,8 +252,8 @@ def _synchronize(device: th.device) -> None:
 
 def bytes_per_transition(model: Any) -> float:
     """Replay bytes per stored transition, measured on the allocated arrays (and the engine's device copy)."""
-    from ch09.framestack_replay import FrameStackHerReplayBuffer
-    from ch09.memory import allocated_bytes_per_transition
+    from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+    from ch09.engine.memory import allocated_bytes_per_transition
 
     buffer = model.replay_buffer
     per_row = float(allocated_bytes_per_transition(buffer))
@@ -271,7 +271,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process."""
     import ch09_pixel_push as production
 
-    from ch09.vec_env import make_vec_env
+    from ch09.run.vec_env import make_vec_env
 
     th.set_num_threads(measurement.torch_threads)
     spec = RUNS[measurement.run]

@@ -16,7 +16,7 @@ The book's figures are not drawings: every number on them is measured when the c
                          with 95% confidence intervals, the breakthrough marked   files) written by ch09_pixel_push.py
     rollout              one episode of a checkpoint as a filmstrip: 6-8 evenly   the checkpoint, run deterministically
                          spaced frames of the camera view (goal marker shown)     on the env it was trained on
-                         above the 84x84 observation the policy acted on          (ch09/video.py's EpisodeRecorder)
+                         above the 84x84 observation the policy acted on          (ch09/run/video.py's EpisodeRecorder)
 
 The loss-phases and investigation figures read only JSON and event files, so they load no torch, SB3 or MuJoCo.
 
@@ -72,8 +72,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
-from ch09.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
-from ch09.stats import success_summary, wilson_interval
+from ch09.run.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
+from ch09.run.stats import success_summary, wilson_interval
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
@@ -869,8 +869,8 @@ def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
     import ch09_pixel_push as production
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from ch09.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
-    from ch09.video import CAMERA_SIZE, EpisodeRecorder
+    from ch09.run.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
+    from ch09.run.video import CAMERA_SIZE, EpisodeRecorder
     from pixel_wrapper import make_fetch_env
 
     checkpoint = checkpoint.expanduser().resolve()

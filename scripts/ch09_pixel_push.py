@@ -70,7 +70,11 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.her import HerReplayBuffer
 
-from ch09.artifacts import (
+from ch09.engine.fast_sac import FastSAC
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.memory import memory_plan, memory_preflight
+from ch09.errors import UserError
+from ch09.run.artifacts import (
     AGGREGATE_FORMAT,
     CHECKPOINT_FORMAT,
     EVAL_FORMAT,
@@ -87,7 +91,7 @@ from ch09.artifacts import (
     package_versions,
     write_json,
 )
-from ch09.callbacks import (
+from ch09.run.callbacks import (
     CheckpointCallback,
     HParamCallback,
     NoCudaNotice,
@@ -95,7 +99,7 @@ from ch09.callbacks import (
     ProgressBarCallback,
     testing_hooks,
 )
-from ch09.checkpoints import (
+from ch09.run.checkpoints import (
     Checkpointer,
     StopRequest,
     check_room_to_resume,
@@ -107,14 +111,10 @@ from ch09.checkpoints import (
     read_meta,
     restore_replay_buffer,
 )
-from ch09.digest import sha256_file
-from ch09.errors import UserError
-from ch09.fast_sac import FastSAC
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.memory import memory_plan, memory_preflight
-from ch09.release import checkpoint_for_eval, package_run
-from ch09.stats import success_summary, wilson_interval
-from ch09.validation import (
+from ch09.run.digest import sha256_file
+from ch09.run.release import checkpoint_for_eval, package_run
+from ch09.run.stats import success_summary, wilson_interval
+from ch09.run.validation import (
     Number,
     check_device,
     check_fields,
@@ -124,8 +124,8 @@ from ch09.validation import (
     positive_seconds,
     read_json_object,
 )
-from ch09.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
-from ch09.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder, VideoFolder
+from ch09.run.vec_env import WorkerTimeoutError, ignore_stop_signals, make_vec_env
+from ch09.run.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder, VideoFolder
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
 from image_augmentation import HerDrQDictReplayBuffer
 from lab_support import MemoryBudgetError
@@ -435,7 +435,7 @@ def replay_setup(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
 
 def agent_class(cfg: TrainConfig) -> tuple[type[SAC], dict[str, Any]]:
     """SB3's SAC (``--engine sb3``), or FastSAC and its options: the same algorithm with a faster ``train()``,
-    whose checkpoints are plain SAC checkpoints (``ch09.fast_sac``)."""
+    whose checkpoints are plain SAC checkpoints (``ch09.engine.fast_sac``)."""
     if cfg.engine == "sb3":
         return SAC, {}
     return FastSAC, {"precision": cfg.precision}

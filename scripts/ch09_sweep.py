@@ -49,9 +49,9 @@ guard_entry_point(__name__)  # before the heavy imports: a failing import or an 
 
 import tyro
 
-from ch09.artifacts import REPO_ROOT
 from ch09.errors import UserError
-from ch09.sweep_plan import (
+from ch09.run.artifacts import REPO_ROOT
+from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
     Run,
@@ -212,25 +212,25 @@ def run(cfg: SweepConfig) -> int:
     for variable, seconds in RAY_CLIENT_TIMEOUTS.items():
         os.environ.setdefault(variable, seconds)  # read when ray is imported
     try:
-        from ch09 import sweep_ray
+        from ch09.sweep import launch
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "ray":
             raise
         raise UserError("Ray is not installed in this environment; install the pinned version with `pip install "
                         "-r requirements.txt` (ray==2.60.0), or print the commands with --dry-run.") from None
-    cluster = sweep_ray.connect(cfg.address, cfg.num_cpus)
+    cluster = launch.connect(cfg.address, cfg.num_cpus)
     try:
         gpus = cfg.gpus_per_run if cfg.gpus_per_run is not None else (1.0 if cluster.gpus > 0 else 0.0)
-        sweep_ray.check_placement(cfg.cpus_per_run, gpus, root, remote=cfg.address != "local")
+        launch.check_placement(cfg.cpus_per_run, gpus, root, remote=cfg.address != "local")
         print(f"[sweep] {name}: {len(runs)} run(s) on Ray at {cfg.address} ({cluster.nodes} node(s), "
               f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); each run reserves {cfg.cpus_per_run:g} CPU(s) and "
               f"{gpus:g} GPU(s), up to {cfg.max_retries} retries; artifacts under {root}", flush=True)
-        print(sweep_ray.dashboard_line(cluster), flush=True)
-        plan = sweep_ray.SweepPlan(name, runs, root, cfg.n_episodes, aggregate, figure, cfg.cpus_per_run, gpus,
+        print(launch.dashboard_line(cluster), flush=True)
+        plan = launch.SweepPlan(name, runs, root, cfg.n_episodes, aggregate, figure, cfg.cpus_per_run, gpus,
                                    cfg.max_retries)
-        return sweep_ray.run_sweep(plan, cluster)
+        return launch.run_sweep(plan, cluster)
     finally:
-        sweep_ray.ray.shutdown()
+        launch.ray.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from gymnasium.wrappers import TimeLimit
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
-from ch09.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

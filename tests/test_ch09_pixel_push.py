@@ -28,9 +28,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from ch09 import artifacts, stats
-from ch09.checkpoints import guard_fresh_run, load_for_acting
-from ch09.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
+from ch09.run import artifacts, stats
+from ch09.run.checkpoints import guard_fresh_run, load_for_acting
+from ch09.run.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
 
 REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rollout/success_rate",
                  "eval/success_rate", "time/fps"}
@@ -319,7 +319,7 @@ import sys
 import numpy as np
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv
-from ch09.checkpoints import load_for_acting
+from ch09.run.checkpoints import load_for_acting
 from pixel_wrapper import make_fetch_env
 
 env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", goal_mode="both")])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ch09.checkpoints import load_for_acting
+from ch09.run.checkpoints import load_for_acting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_TIMEOUT_S = 3600

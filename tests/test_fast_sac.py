@@ -1,4 +1,4 @@
-"""Tests for scripts/ch09/fast_sac.py (FastSAC) and scripts/ch09/her_sampler.py (the device-side HER draw).
+"""Tests for ch09/engine/fast_sac.py (FastSAC) and ch09/engine/her_sampler.py (the device-side HER draw).
 
 What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run with ``pytest -m gpu``):
 
@@ -35,9 +35,9 @@ from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
 
-from ch09.fast_sac import FastSAC, Routing, make_capturable, squashed_gaussian_sample
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
+from ch09.engine.fast_sac import FastSAC, Routing, make_capturable, squashed_gaussian_sample
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
 from drqv2_sac_policy import DrQv2SACPolicy, routing_report
 from image_augmentation import HerDrQDictReplayBuffer
 from manipulation_encoder import ManipulationExtractor
@@ -475,7 +475,7 @@ def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
         model = SAC.load({str(tmp_path / 'fast.zip')!r}, env=env, device="cpu")
         model.learning_starts = model.num_timesteps + 60  # the buffer was not saved: refill it first
         model.learn(120, reset_num_timesteps=False)
-        assert type(model) is SAC and "ch09.fast_sac" not in sys.modules
+        assert type(model) is SAC and "ch09.engine.fast_sac" not in sys.modules
         print("resumed", model.num_timesteps, model._n_updates, type(model.actor.optimizer.param_groups[0]["lr"]))
         env.close()
     """)

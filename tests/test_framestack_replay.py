@@ -1,4 +1,4 @@
-"""Tests for scripts/ch09/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
+"""Tests for scripts/ch09/engine/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
 
 The central check is equivalence on a real stream: SAC drives a real pixel FetchPush env (2 envs with
 different time limits, so episodes interleave and end in time-outs) through SB3's own ``_store_transition``,
@@ -21,8 +21,8 @@ import pytest
 import torch as th
 from stable_baselines3 import SAC
 
-from ch09 import framestack_replay
-from ch09.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
+from ch09.engine import framestack_replay
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
 from lab_support import available_memory_bytes
 from pixel_wrapper import make_fetch_env, pixel_observation_space
 

@@ -27,8 +27,8 @@ from typing import Any
 import ch09_pixel_push as ch09
 import pytest
 
-from ch09 import release
-from ch09.checkpoints import load_for_acting
+from ch09.run import release
+from ch09.run.checkpoints import load_for_acting
 
 STEM = "ch09_fullstate_FetchReach-v4_seed0"
 EVAL_FLAGS = ("--n-episodes", "3", "--device", "cpu")

@@ -37,7 +37,7 @@ import ch09_pixel_push as ch09
 import pytest
 
 import cli_guard
-from ch09.checkpoints import load_for_acting, read_meta
+from ch09.run.checkpoints import load_for_acting, read_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REACH = ("--env", "FetchReach-v4", "--full-state", "--buffer-size", "1000", "--batch-size", "32",
@@ -294,14 +294,14 @@ def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None
     repaired = read_meta(meta_path, "the test")
     assert snapshot.name in repaired["periodic_checkpoints"]
     if "sha256" in repaired:  # the digest the checkpoint track checks a published snapshot against
-        from ch09.digest import sha256_file
+        from ch09.run.digest import sha256_file
 
         assert repaired["sha256"][snapshot.name] == sha256_file(snapshot)
 
 
 def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
     """Another process still writing (its pid alive) keeps its temporary; seed10's files are not seed1's."""
-    from ch09.artifacts import clean_interrupted_writes
+    from ch09.run.artifacts import clean_interrupted_writes
 
     live = tmp_path / f"run_seed1.zip.tmp-{os.getppid()}-3"
     other_seed = tmp_path / "run_seed10.zip.tmp"

@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ch09.artifacts import atomic_replace
+from ch09.run.artifacts import atomic_replace
 from pixel_wrapper import (  # imports lab_support first: MUJOCO_GL and the mujoco pin guard, before mujoco loads
     GOAL_MARKER_SITE,
     PIXEL_KEY,

@@ -29,8 +29,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import HParam
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.checkpoints import Checkpointer, StopRequest
-from ch09.video import EpisodeRecorder, log_tensorboard_video
+from ch09.run.checkpoints import Checkpointer, StopRequest
+from ch09.run.video import EpisodeRecorder, log_tensorboard_video
 
 PROGRESS_POSTFIX_EVERY = 1000
 """Callback calls between updates of the progress bar's success-rate postfix."""

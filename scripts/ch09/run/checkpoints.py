@@ -34,7 +34,9 @@ import torch as th
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.artifacts import (
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.errors import ArtifactWriteError, UserError
+from ch09.run.artifacts import (
     CHECKPOINT_FORMAT,
     PERIODIC_RE,
     RunPaths,
@@ -44,10 +46,8 @@ from ch09.artifacts import (
     size_on_disk,
     write_json,
 )
-from ch09.digest import sha256_file
-from ch09.errors import ArtifactWriteError, UserError
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.validation import Number, OptionalDict, check_fields, read_json_object
+from ch09.run.digest import sha256_file
+from ch09.run.validation import Number, OptionalDict, check_fields, read_json_object
 from manipulation_encoder import ManipulationExtractor
 from visual_encoder import NormalizedCombinedExtractor
 

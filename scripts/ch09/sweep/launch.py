@@ -43,7 +43,7 @@ from typing import Any
 import ray
 
 from ch09.errors import USER_ERROR_EXIT, UserError
-from ch09.sweep_plan import (
+from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
     Run,
@@ -57,7 +57,7 @@ from ch09.sweep_plan import (
     shown_path,
     train_args,
 )
-from ch09.sweep_progress import ProgressView, RunStatus, TensorBoardProgress
+from ch09.sweep.progress import ProgressView, RunStatus, TensorBoardProgress
 
 CONNECT_TIMEOUT_S = 5.0
 """How long a cluster address may take to accept a TCP connection before the sweep says it does not answer."""

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ch09.artifacts import now_iso, write_json
+from ch09.run.artifacts import now_iso, write_json
 
 STATUS_FORMAT = "ch09-sweep-status-v1"
 """The ``format`` field of results/<sweep>_status.json."""

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ch09.artifacts import CHECKPOINT_FORMAT, EVAL_FORMAT, REPO_ROOT, RunPaths
 from ch09.errors import UserError
+from ch09.run.artifacts import CHECKPOINT_FORMAT, EVAL_FORMAT, REPO_ROOT, RunPaths
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
 FIGURE_SCRIPT = REPO_ROOT / "scripts" / "ch09_figures.py"

@@ -7,7 +7,7 @@ copies the batch to the device, calls ``.item()`` four times (each a wait for th
 kernel of the update one by one from Python. ``FastSAC`` keeps SB3's algorithm object (collection, callbacks,
 logger, ``save``/``load``) and replaces only ``train()``:
 
-1. the batch of every gradient step is drawn on the device (``ch09.her_sampler``: HER relabelling and the
+1. the batch of every gradient step is drawn on the device (``ch09.engine.her_sampler``: HER relabelling and the
    sparse Fetch reward in torch, frames gathered from the frame-once buffer where they live);
 2. critic, actor, entropy coefficient and Polyak target update are ONE step function with no host sync (no
    ``.item()``, ``.cpu()`` or Python branch on a tensor value); the losses are summed on the device and read
@@ -77,7 +77,7 @@ Checkpoints stay plain SB3
 
 Use
 ---
-    from ch09.fast_sac import FastSAC
+    from ch09.engine.fast_sac import FastSAC
     model = FastSAC(DrQv2SACPolicy, env, replay_buffer_class=FrameStackHerReplayBuffer, precision="fp32", ...)
 
 Any SAC configuration this engine does not cover (gSDE, a custom actor or critic ``forward``) trains with
@@ -103,7 +103,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
 
-from ch09.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
+from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
 from drqv2_sac_policy import CriticEncoderActor, CriticEncoderCritic
 
 PRECISIONS = ("fp32", "bf16")

@@ -46,8 +46,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ch09.artifacts import EVAL_FORMAT, PERIODIC_RE, REPO_ROOT, atomic_replace, format_steps, parse_steps
-from ch09.digest import (
+from ch09.errors import UserError
+from ch09.run.artifacts import EVAL_FORMAT, PERIODIC_RE, REPO_ROOT, atomic_replace, format_steps, parse_steps
+from ch09.run.digest import (
     SHA256SUMS_NAME,
     DigestMismatchError,
     is_hex_digest,
@@ -57,7 +58,6 @@ from ch09.digest import (
     verify_sha256,
     write_sha256sums,
 )
-from ch09.errors import UserError
 
 DOWNLOAD_ATTEMPTS = 5
 """Connections in a row that bring no new byte before a download gives up; one that does starts the count

@@ -51,7 +51,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 
-from ch09.framestack_replay import MIN_ACCEPTANCE, FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import MIN_ACCEPTANCE, FrameStackHerReplayBuffer
 from image_augmentation import random_shift_aug
 
 RANDOM_RANGE = 2**62
