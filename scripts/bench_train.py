@@ -63,9 +63,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
-sys.path.insert(1, str(SCRIPTS_DIR / "labs"))
 
-from cli_guard import guard_entry_point, run_guarded
+try:
+    from cli_guard import guard_entry_point, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 

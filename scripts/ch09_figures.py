@@ -57,12 +57,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# env-frame and encoder-progression import the labs (by bare module name, as the labs import each other)
-# lazily; scripts/ itself is sys.path[0] when this file runs.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
-from cli_guard import guard_entry_point, run_guarded
+try:
+    from cli_guard import guard_entry_point, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before matplotlib loads: a failing import or an early SIGTERM is one line
 

@@ -52,10 +52,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-# The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, run_guarded
+try:
+    from cli_guard import guard_entry_point, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
 

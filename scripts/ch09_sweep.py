@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-# cli_guard, the entry points' top-level guard, lives with the labs (scripts/ itself is sys.path[0]).
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, run_guarded
+try:
+    from cli_guard import guard_entry_point, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
