@@ -138,7 +138,7 @@ def connect(address: str, num_cpus: int | None) -> Cluster:
     """``ray.init`` for a local instance (on loopback only) or an existing cluster; scripts/ reaches the workers."""
     pythonpath = os.pathsep.join(p for p in (str(TRAIN_SCRIPT.parent), os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address == "local":
             # Without this, a local instance binds to the machine's network address; a sweep on one machine
@@ -461,7 +461,7 @@ def run_sweep(plan: SweepPlan, cluster: Cluster) -> int:
                       commands=[display(TRAIN_SCRIPT, train_args(run, None)),
                                 display(TRAIN_SCRIPT, eval_args(run, run.paths.checkpoint, plan.n_episodes))])
             for run in plan.runs]
-    board = ray.remote(num_cpus=0)(StatusBoard).remote(rows)
+    board: Any = ray.remote(num_cpus=0)(StatusBoard).remote(rows)
     task_fn = ray.remote(execute_run)
     refs = {}
     for run in plan.runs:

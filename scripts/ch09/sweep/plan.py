@@ -206,12 +206,13 @@ def eval_json_path(root: Path, checkpoint: Path) -> Path:
 def disk_state(run: Run, n_episodes: int) -> DiskState:
     paths = run.paths
     meta = read_json(paths.meta)
-    meta_ok = meta is not None and meta.get("format") == CHECKPOINT_FORMAT
-    steps_done = int(meta.get("steps_done", 0)) if meta_ok else 0
-    sessions = len(meta.get("sessions", [])) if meta_ok else 0
+    if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
+        meta = {}
+    steps_done = int(meta.get("steps_done", 0))
+    sessions = len(meta.get("sessions", []))
     resumable = paths.checkpoint.is_file() and paths.meta.is_file()
     leftovers = not resumable and (paths.has_tensorboard_events() or bool(paths.own_checkpoint_files()))
-    trained = resumable and meta_ok and steps_done >= run.total_steps
+    trained = resumable and bool(meta) and steps_done >= run.total_steps
 
     eval_checkpoint = paths.checkpoint
     at_budget = paths.periodic(run.total_steps)
