@@ -47,9 +47,12 @@ DrQ-v2's ``update_actor(obs.detach())``. Where the critic step does not change f
 passes per step: SB3 5; reduced 3 with a shared encoder (DrQv2SACPolicy), 4 with separate encoders
 (MultiInputPolicy). ``sb3_order=True`` restores SB3's five passes in SB3's order; ``tests/test_fast_sac.py``
 checks it against ``SAC.train()`` and the default against a plain implementation of the equations above.
-Gradients flow where SB3 sends them and nowhere else: f_a(s) carries a gradient only if the actor optimizer
-holds f_a (DrQv2SACPolicy's actor sees sg(f(s))), f_c(s) only if the critic optimizer holds f_c, and each
-backward computes only the gradients its optimizer steps (``backward(inputs=...)``).
+Gradients flow where SB3 sends them and nowhere else. The routing is the policy's own: the engine maps features
+to actions and Q values through the actor's and critic's feature heads where they define them (the lab's
+``CriticEncoderActor.dist_params_from_features`` with its ``sg(f(s))``, ``CriticEncoderCritic.q_values``), so an
+edit of the lab's detach reaches this engine exactly as it reaches ``SAC.train()``. f_c(s) carries a gradient
+only if the critic optimizer holds f_c, and each backward computes only the gradients SB3's would that an
+optimizer can step, plus the actor's encoder when the actor's head lets the loss reach it (``backward(inputs=...)``).
 
 s and s' are not concatenated into one online-encoder pass by default: the gradient of pass 1 would then run
 the backward over both halves. ``fuse_next_obs_pass=True`` does it anyway (fewer, larger kernels), for a
@@ -80,9 +83,10 @@ Use
     from ch09.engine.fast_sac import FastSAC
     model = FastSAC(DrQv2SACPolicy, env, replay_buffer_class=FrameStackHerReplayBuffer, precision="fp32", ...)
 
-Any SAC configuration this engine does not cover (gSDE, a custom actor or critic ``forward``) trains with
-SB3's own ``train()`` and a warning saying why. Tasks without a torch reward (not a Fetch goal task), SB3's
-replay buffers and VecNormalize sample on the host with the buffer's own ``sample()``; the step is the same.
+Any SAC configuration this engine does not cover (gSDE, an actor or critic that overrides SB3's method without a
+feature head) trains with SB3's own ``train()`` and a warning saying why. Tasks without a torch reward (not a Fetch
+goal task), SB3's replay buffers and VecNormalize sample on the host with the buffer's own ``sample()``; the step
+is the same.
 """
 
 from __future__ import annotations
@@ -104,14 +108,17 @@ from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
 
 from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
-from drqv2_sac_policy import CriticEncoderActor, CriticEncoderCritic
 
 PRECISIONS = ("fp32", "bf16")
 GRAPH_WARMUP_STEPS = 3
 """Eager gradient steps (on a side stream) before the capture: cuDNN picks its kernels, Adam creates its state."""
 
-SUPPORTED_ACTOR_HEADS = (Actor.get_action_dist_params, CriticEncoderActor.get_action_dist_params)
-SUPPORTED_CRITIC_FORWARDS = (ContinuousCritic.forward, CriticEncoderCritic.forward)
+ACTOR_FEATURE_HEAD = "dist_params_from_features"
+"""The actor method that maps features to (mean, log_std, kwargs) through the actor's own routing (the lab's
+CriticEncoderActor detaches there); SB3's Actor has none and routes nothing, so the engine writes its formula out."""
+CRITIC_FEATURE_HEAD = "q_values"
+"""The critic method that maps (features, actions) to the twin Q values through the critic's own routing (the lab's
+CriticEncoderCritic detaches for Q(s, pi(s))); SB3's ContinuousCritic has none."""
 CAPTURABLE_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 ENGINE_ATTRIBUTES = (
@@ -148,14 +155,31 @@ def squashed_gaussian_sample(mean: th.Tensor, log_std: th.Tensor, epsilon: float
 
 
 def _actor_head(actor: Actor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """Actor.get_action_dist_params after the features: (mean, clamped log_std)."""
+    """get_action_dist_params after the features: (mean, clamped log_std), through the actor's own feature head
+    when it has one (the lab's, with its detach), else SB3's Actor formula."""
+    feature_head = getattr(actor, ACTOR_FEATURE_HEAD, None)
+    if feature_head is not None:
+        mean, log_std, _ = feature_head(features)
+        return mean, log_std
     latent = actor.latent_pi(features)
     return actor.mu(latent), th.clamp(actor.log_std(latent), LOG_STD_MIN, LOG_STD_MAX)
 
 
 def _q_values(critic: ContinuousCritic, features: th.Tensor, actions: th.Tensor) -> list[th.Tensor]:
+    """The twin Q values after the features, through the critic's own feature head when it has one (the lab's)."""
+    feature_head = getattr(critic, CRITIC_FEATURE_HEAD, None)
+    if feature_head is not None:
+        return list(feature_head(features, actions))
     q_input = th.cat([features, actions], dim=1)
     return [q_net(q_input) for q_net in critic.q_networks]
+
+
+def _head_passes_gradient(actor: Actor) -> bool:
+    """Whether the actor's head lets a gradient through to its features: asked of the head itself, once, on a
+    probe batch (the lab's CriticEncoderActor answers no: its detach)."""
+    probe = th.zeros(2, actor.features_dim, device=next(actor.parameters()).device, requires_grad=True)
+    mean, log_std = _actor_head(actor, probe)
+    return th.autograd.grad((mean.sum() + log_std.sum()), probe, allow_unused=True)[0] is not None
 
 
 def _optimizer_params(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
@@ -164,18 +188,20 @@ def _optimizer_params(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which loss trains which encoder: read from the optimizers, so it holds for any of the three layouts.
+    """Which loss reaches which encoder: the optimizers say what each step updates, the actor's head says whether
+    the actor loss differentiates its features at all (the lab's detach), so it holds for any layout.
 
-    | layout                                   | shared | actor trains it | critic trains it |
-    |------------------------------------------|--------|-----------------|------------------|
-    | MultiInputPolicy (separate encoders)     | no     | f_a: yes        | f_c: yes         |
-    | DrQv2SACPolicy (DrQ-v2 routing)          | yes    | no              | yes              |
-    | SACPolicy(share_features_extractor=True) | yes    | yes             | no               |
+    | layout                                   | shared | actor optimizer | critic optimizer | actor head   |
+    |------------------------------------------|--------|-----------------|------------------|--------------|
+    | MultiInputPolicy (separate encoders)     | no     | holds f_a       | holds f_c        | passes grad  |
+    | DrQv2SACPolicy (DrQ-v2 routing)          | yes    | not f           | holds f          | detaches     |
+    | SACPolicy(share_features_extractor=True) | yes    | holds f         | not f            | passes grad  |
     """
 
     shared_encoder: bool
     actor_trains_encoder: bool
     critic_trains_encoder: bool
+    actor_head_passes_gradient: bool = True
 
     @classmethod
     def of(cls, policy: Any) -> Routing:
@@ -186,7 +212,27 @@ class Routing:
             shared_encoder=actor_encoder is critic_encoder,
             actor_trains_encoder=any(id(p) in actor_held for p in actor_encoder.parameters()),
             critic_trains_encoder=any(id(p) in critic_held for p in critic_encoder.parameters()),
+            actor_head_passes_gradient=_head_passes_gradient(policy.actor),
         )
+
+    @property
+    def critic_may_reuse_actor_pass(self) -> bool:
+        """f_c(s) = f_a(s) is pass 1 again, unless both losses would backpropagate through that one pass."""
+        return self.shared_encoder and not (self.critic_trains_encoder and self.actor_head_passes_gradient)
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _routing_unknown(module: Any, sb3_class: type, sb3_method: str, feature_head: str) -> bool:
+    """True when the class overrides SB3's method below its feature head (or has none): then the engine could not
+    call its routing without bypassing the override."""
+    override = _defining_class(type(module), sb3_method)
+    if override is sb3_class:
+        return False
+    head = _defining_class(type(module), feature_head)
+    return head is None or not issubclass(head, override)
 
 
 def unsupported_reason(model: SAC) -> str | None:
@@ -194,11 +240,13 @@ def unsupported_reason(model: SAC) -> str | None:
     policy = model.policy
     if model.use_sde:
         return "gSDE exploration (use_sde=True)"
-    if type(policy.actor).get_action_dist_params not in SUPPORTED_ACTOR_HEADS:
-        return f"the actor class {type(policy.actor).__name__} overrides get_action_dist_params"
+    if _routing_unknown(policy.actor, Actor, "get_action_dist_params", ACTOR_FEATURE_HEAD):
+        return (f"the actor class {type(policy.actor).__name__} overrides get_action_dist_params without a "
+                f"{ACTOR_FEATURE_HEAD} method")
     for name in ("critic", "critic_target"):
-        if type(getattr(policy, name)).forward not in SUPPORTED_CRITIC_FORWARDS:
-            return f"the {name} class {type(getattr(policy, name)).__name__} overrides forward"
+        if _routing_unknown(getattr(policy, name), ContinuousCritic, "forward", CRITIC_FEATURE_HEAD):
+            return (f"the {name} class {type(getattr(policy, name)).__name__} overrides forward without a "
+                    f"{CRITIC_FEATURE_HEAD} method")
     if not isinstance(policy.actor.action_dist, SquashedDiagGaussianDistribution):
         return f"the action distribution is {type(policy.actor.action_dist).__name__}"
     return None
@@ -268,6 +316,9 @@ class SacUpdateEngine:
                           stacklevel=2)
             self.use_graph = False
         self.actor_params = _optimizer_params(self.actor.optimizer)
+        if self.routing.actor_head_passes_gradient and not self.routing.actor_trains_encoder:
+            # What SB3's actor_loss.backward() differentiates too: the actor's encoder, stepped by no optimizer.
+            self.actor_params += list(self.actor.features_extractor.parameters())
         self.critic_params = _optimizer_params(self.critic.optimizer)
         self.polyak_sources = list(self.critic.parameters())
         self.polyak_targets = list(self.critic_target.parameters())
@@ -360,10 +411,9 @@ class SacUpdateEngine:
             actor_z = self._encode(actor, obs)  # pass 1
         else:
             actor_z, next_actor_z = self._encode_with_next(actor, obs, next_obs)  # passes 1 + 2 as one
-        if not self.sb3_order and routing.shared_encoder:
+        if not self.sb3_order and routing.critic_may_reuse_actor_pass:
             critic_z = actor_z if routing.critic_trains_encoder else actor_z.detach()  # pass 4 = pass 1
-        if not routing.actor_trains_encoder:
-            actor_z = actor_z.detach()  # DrQv2SACPolicy: sg(f(s)); no gradient would reach an optimizer anyway
+        # The actor's head routes its features (the lab's CriticEncoderActor: sg(f(s))), exactly as in SAC.train().
         actions_pi, log_prob = squashed_gaussian_sample(*_actor_head(actor, actor_z), self.epsilon)  # eps1
         log_prob = log_prob.reshape(-1, 1)
 
