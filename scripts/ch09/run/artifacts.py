@@ -33,7 +33,7 @@ from typing import Any
 
 from ch09.errors import ArtifactWriteError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 """The repository root: the default --artifact-root."""
 
 CHECKPOINT_FORMAT = "ch09-checkpoint-v1"
