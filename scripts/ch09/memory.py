@@ -23,7 +23,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
-from lab_support import check_memory_fits, free_memory_bytes
+from lab_support import check_memory_fits, free_memory
 
 PROBE_ROWS = 8
 """Rows per env of the tiny buffer built to measure SB3's bytes per transition."""
@@ -92,13 +92,14 @@ def memory_preflight(plan: Sequence[MemoryNeed]) -> list[dict[str, Any]]:
     in one sentence (``MemoryBudgetError``), a part that cannot fit."""
     report = []
     for need in plan:
-        free = free_memory_bytes(need.device)
+        free = free_memory(need.device)  # RAM: the host's, or a cgroup's limit
         print(f"[preflight] {need.what}: {need.items:,} {need.unit} x "
               f"{need.bytes_per_item:,} bytes = "
               f"{need.total_bytes / 1e9:.2f} GB on {need.device} "
-              f"({free / 1e9:.1f} GB free)")
+              f"({free.bytes_available / 1e9:.1f} GB free: {free.limited_by})")
         check_memory_fits(need.what, need.items, need.bytes_per_item,
                           device=need.device, unit=need.unit, free=free)
-        report.append({**asdict(need), "free_bytes": free})
+        report.append({**asdict(need), "free_bytes": free.bytes_available,
+                       "free_limited_by": free.limited_by})
     return report
 # --8<-- [end:memory_preflight]
