@@ -3,7 +3,8 @@
 NumPy and torch allocate lazily, so a buffer larger than the machine fails only when it fills, hours or
 days into a run. ``train`` therefore asks, before any env worker starts, how many bytes the buffer it is
 about to build will take and where, and checks each part with the project's one fit check
-(``lab_support.check_memory_fits``).
+(``lab_support.check_memory_fits``). Free RAM is the host's, or a container's cgroup limit where that is
+smaller (``lab_support.available_memory``), so a buffer is never judged against memory the OOM killer guards.
 
 Where the buffer's arrays live is the buffer class's own decision: a class with a ``memory_plan``
 classmethod (``FrameStackHerReplayBuffer``: frames on the training device, the rest in RAM) answers for
