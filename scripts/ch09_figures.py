@@ -73,7 +73,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
 from ch09.run.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
-from ch09.run.stats import success_summary, wilson_interval
+from ch09.run.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
@@ -647,6 +647,8 @@ STEP_CHANGES = {  # what each step adds to the one before (the chapter's investi
     3: "+ patience\n(longer run)",
     4: "+ DrQ\naugmentation",
 }
+BAR_STEPS_FIX = ("evaluate every seed of that configuration at the same steps (its periodic snapshot), or move the "
+                 "other step count's files out of --results")
 BREAKTHROUGH_MIN_GAIN = 0.25  # a step is "the breakthrough" only if it beats every earlier step by this much
 MIN_BAR_SLOTS = 5  # the x axis always has room for at least this many bars
 BAR_COLOR, BREAKTHROUGH_COLOR, OTHER_COLOR = "#8c9bab", "#2ca02c", "#c9c9c9"
@@ -664,6 +666,11 @@ class SeedResult:
     n_episodes: int
     ci95: tuple[float, float]
     created_at: str = ""
+    source: str = ""  # the file it was read from, named when a bar's seeds disagree on the step count
+
+    @property
+    def name(self) -> str:
+        return self.source or f"{self.tag} seed {self.seed}"
 
 
 @dataclass
@@ -699,14 +706,15 @@ def load_seed_results(results_dir: Path) -> list[SeedResult]:
         if data.get("format") == EVAL_FORMAT:
             evals.append(SeedResult(data["tag"], data["env_id"], int(data["train_seed"]),
                                     int(data["checkpoint_steps"]), float(data["success_rate"]),
-                                    int(data["n_episodes"]), tuple(data["success_ci95"]), data.get("created_at", "")))
+                                    int(data["n_episodes"]), tuple(data["success_ci95"]), data.get("created_at", ""),
+                                    path.name))
         elif data.get("format") == AGGREGATE_FORMAT:
             n_episodes = min(data.get("episodes_per_seed") or [0])
             for seed in data["per_seed"]:
                 # The aggregate keeps no per-seed interval; the bar's interval over seeds is recomputed anyway.
                 aggregates.append(SeedResult(data["tag"], data["env_id"], int(seed["seed"]), int(seed["steps"]),
                                              float(seed["success_rate"]), n_episodes, (math.nan, math.nan),
-                                             data.get("created_at", "")))
+                                             data.get("created_at", ""), f"{path.name} seed {seed['seed']}"))
     have_evals = {(r.tag, r.env_id) for r in evals}
     newest: dict[tuple, SeedResult] = {}
     for result in evals + [r for r in aggregates if (r.tag, r.env_id) not in have_evals]:
@@ -720,7 +728,8 @@ def load_seed_results(results_dir: Path) -> list[SeedResult]:
 
 
 def budget_key(steps: int) -> float:
-    """Training budget rounded to 2 significant digits, so seeds that overshoot 2M by a few steps group together."""
+    """Training budget rounded to 2 significant digits: seeds a few steps apart fall into one bar, which then
+    refuses them (``stats.common_step_count``) rather than showing one and silently dropping the other."""
     return float(f"{steps:.2g}")
 
 
@@ -757,7 +766,10 @@ def investigation_bars(results: list[SeedResult]) -> list[InvestigationBar]:
             picks = [(step, largest)]
         for bar_step, budget in picks:
             seeds = by_budget[budget]
-            steps = max(s.steps for s in seeds)
+            try:  # the rule `aggregate` applies: a bar is a number over seeds at one step count
+                steps = common_step_count({s.name: s.steps for s in seeds}, BAR_STEPS_FIX)
+            except MixedStepCounts as exc:
+                raise FigureInputError(str(exc)) from None
             if bar_step is None:
                 label = f"{wrap_tag(tag)}\n(outside the\n5-step arc)\n{step_label(steps)} steps"
             else:

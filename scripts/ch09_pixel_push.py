@@ -22,8 +22,9 @@ Subcommands
     train      train one seed; artifacts under --artifact-root (default: the repository root)
     eval       eval --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip [--n-episodes 100] [--seed S]
                eval --checkpoint URL [--sha256 HEX], eval --from-release FOLDER_OR_URL [--steps 1M]
-    aggregate  aggregate results/ch09_<tag>_<env>_seed*_eval.json   (mean +/- std over seeds, t-based CI;
-               the eval files of one run's snapshots give success against steps)
+    aggregate  aggregate results/ch09_<tag>_<env>_seed*_eval.json   (mean +/- std over seeds at one step count,
+               t-based CI; files of different step counts are refused; the eval files of one run's snapshots
+               give success against steps)
     package    package --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip   (a release folder to publish)
 
 Artifacts of ``train`` (``<tag>`` comes from the flags, e.g. ``manip_noDrQ_criticEnc``; ``<env>`` = FetchPush-v4)
@@ -113,7 +114,7 @@ from ch09.run.checkpoints import (
 )
 from ch09.run.digest import sha256_file
 from ch09.run.release import checkpoint_for_eval, package_run
-from ch09.run.stats import success_summary, wilson_interval
+from ch09.run.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
 from ch09.run.validation import (
     Number,
     check_device,
@@ -207,7 +208,8 @@ class TrainConfig:
     """Log the first episode of every evaluation under eval/video in TensorBoard (camera beside observation);
     --no-eval-video turns it off (the README says what it costs)."""
     checkpoint_freq: int = 500_000
-    """Env steps between periodic checkpoints (named ..._500K_steps.zip, ..._1M_steps.zip, ...)."""
+    """Env steps between periodic checkpoints (named ..._500K_steps.zip, ..._1M_steps.zip, ...); a multiple of
+    --n-envs, so each snapshot holds exactly the steps in its name."""
     save_replay_buffer: bool = False
     """Also save the replay buffer at every checkpoint, so --resume continues with it (as big as the buffer)."""
     resume: bool = False
@@ -255,7 +257,7 @@ class AggregateConfig:
     """Combine the eval files of one configuration, one per seed, into one number with a 95% interval."""
 
     files: tyro.conf.Positional[list[Path]]
-    """Eval JSON files of one configuration, one per seed (e.g. results/ch09_<tag>_<env>_seed*_eval.json)."""
+    """Eval JSON files of one configuration and step count, one per seed (results/ch09_<tag>_<env>_seed*_eval.json)."""
     artifact_root: Path = REPO_ROOT
     """Folder whose results/ receives the aggregate JSON."""
 
@@ -321,6 +323,13 @@ def check_train_arguments(cfg: TrainConfig) -> None:
         raise UserError(f"--learning-starts {cfg.learning_starts:,} >= --total-steps {cfg.total_steps:,}: the run "
                         "would only collect random steps and never update; lower --learning-starts or raise "
                         "--total-steps.")
+    if cfg.checkpoint_freq % cfg.n_envs:
+        # A vector step adds n_envs steps at once: only multiples of n_envs are ever reached exactly, and a
+        # snapshot's name must equal the steps inside it (write_missed_snapshot relies on it too).
+        first_step = -(-cfg.checkpoint_freq // cfg.n_envs) * cfg.n_envs
+        raise UserError(f"--checkpoint-freq {cfg.checkpoint_freq:,} is not a multiple of --n-envs {cfg.n_envs}, so the "
+                        f"snapshot named {format_steps(cfg.checkpoint_freq)} would hold {first_step:,} steps (all "
+                        f"{cfg.n_envs} envs step at once); use a multiple, e.g. --checkpoint-freq {first_step}.")
     positive_seconds("worker_timeout", cfg.worker_timeout)
     check_device("device", cfg.device)
     check_writable_folder("artifact_root", cfg.artifact_root)
@@ -774,6 +783,12 @@ EVAL_FIELDS = {"format": str, "name": str, "tag": str, "env_id": str, "train_see
 """The fields of an eval JSON that aggregate reads, with their JSON types: checked before any is used."""
 
 
+AGGREGATE_STEPS_FIX = ("pass the eval files of one step count (evaluate each seed's snapshot of the same steps, "
+                       "checkpoints/<run>_<500K>_steps.zip), or every snapshot's file of each seed for success "
+                       "against steps")
+"""What aggregate tells a user whose eval files mix step counts (``stats.common_step_count``)."""
+
+
 def read_eval_file(path: Path) -> dict[str, Any]:
     """An eval result of this script, its shape checked (every file read is untrusted)."""
     fix = "pass the *_eval.json files that `eval --checkpoint ...` wrote, one per seed"
@@ -802,6 +817,11 @@ def aggregate(cfg: AggregateConfig) -> int:
     seeds = [r["train_seed"] for r in results]
     if len(set(seeds)) < len(seeds):  # snapshots of a run: one row per step count
         return aggregate_over_steps(results, cfg)
+    try:
+        steps = common_step_count({path.name: r["checkpoint_steps"] for path, r in zip(cfg.files, results)},
+                                  AGGREGATE_STEPS_FIX)
+    except MixedStepCounts as exc:
+        raise UserError(str(exc)) from None
 
     rates = [float(r["success_rate"]) for r in results]
     n = len(rates)
@@ -812,6 +832,7 @@ def aggregate(cfg: AggregateConfig) -> int:
         "format": AGGREGATE_FORMAT,
         "tag": tag,
         "env_id": env_id,
+        "steps": steps,
         "n_seeds": n,
         "seeds": seeds,
         "episodes_per_seed": episodes,
@@ -827,7 +848,7 @@ def aggregate(cfg: AggregateConfig) -> int:
     out = artifact_root(cfg.artifact_root) / "results" / f"ch09_{tag}_{env_id}_aggregate.json"
     write_json(out, summary)
     print(f"ch09_{tag} {env_id}")
-    print(f"  success_rate: {mean:.2f} +/- {std:.2f}  ({n} seed{'s' if n > 1 else ''} x "
+    print(f"  success_rate: {mean:.2f} +/- {std:.2f} at {steps:,} steps  ({n} seed{'s' if n > 1 else ''} x "
           f"{'/'.join(map(str, episodes))} episodes)")
     print(f"  95% CI: [{ci[0]:.2f}, {ci[1]:.2f}]  ({method})")
     print("  per seed: " + ", ".join(f"seed{r['train_seed']} {r['success_rate']:.2f}" for r in results))

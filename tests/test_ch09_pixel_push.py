@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -378,14 +379,34 @@ def test_full_state_runs_evaluate_and_aggregate(cli, root: Path, state_runs: dic
     code, out, err = cli.run("aggregate", *map(str, state_runs["evals"].values()),
                               "--artifact-root", str(root))
     assert code == 0, err
-    assert "+/-" in out and "(2 seeds x 2 episodes)" in out
+    assert "+/-" in out and "at 200 steps  (2 seeds x 2 episodes)" in out
     summary = load_meta(root / "results/ch09_fullstate_FetchPush-v4_aggregate.json")
     rates = [load_meta(path)["success_rate"] for path in state_runs["evals"].values()]
-    assert summary["n_seeds"] == 2 and summary["seeds"] == [0, 1]
+    assert summary["n_seeds"] == 2 and summary["seeds"] == [0, 1] and summary["steps"] == 200
     assert summary["success_rate_mean"] == pytest.approx(np.mean(rates))
     assert summary["success_rate_std"] == pytest.approx(np.std(rates, ddof=1))
     low, high = summary["success_rate_ci95"]
     assert low <= summary["success_rate_mean"] <= high
+
+
+def test_each_snapshot_holds_the_steps_in_its_name(root: Path, state_runs: dict[str, Any]) -> None:
+    """Seed 1 trained with 2 envs, a snapshot every 100 steps: SB3's own record in each zip says its steps."""
+    meta = load_meta(root / "checkpoints/ch09_fullstate_FetchPush-v4_seed1.meta.json")
+    assert meta["periodic_checkpoints"] == ["ch09_fullstate_FetchPush-v4_seed1_100_steps.zip",
+                                            "ch09_fullstate_FetchPush-v4_seed1_200_steps.zip"]
+    for name in meta["periodic_checkpoints"]:
+        with zipfile.ZipFile(root / "checkpoints" / name) as archive:
+            saved = json.loads(archive.read("data"))  # SB3's save(): its attributes as JSON
+        label = artifacts.PERIODIC_RE.match(name.removesuffix(".zip"))["steps"]
+        assert saved["num_timesteps"] == artifacts.parse_steps(label), name
+
+
+def test_checkpoint_freq_that_n_envs_cannot_reach_is_refused_before_anything_is_built(cli, tmp_path: Path) -> None:
+    code, out, err = cli.run("train", "--n-envs", "3", "--checkpoint-freq", "500000", "--artifact-root",
+                             str(tmp_path))
+    cli.assert_user_error(code, err, "--checkpoint-freq 500,000 is not a multiple of --n-envs 3",
+                          "would hold 500,001 steps", "--checkpoint-freq 500001")
+    assert out == "" and list(tmp_path.iterdir()) == []
 
 
 def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any], production,
@@ -548,6 +569,22 @@ def test_aggregate_refuses_mixed_configs(cli, root: Path, state_runs: dict[str, 
     code, _, err = cli.run("aggregate", str(state_runs["evals"][0]), str(tmp_path / "other_eval.json"),
                             "--artifact-root", str(tmp_path))
     cli.assert_user_error(code, err, "mix configurations")
+
+
+def test_aggregate_refuses_seeds_at_different_step_counts(cli, root: Path, state_runs: dict[str, Any],
+                                                          tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Seed 0 at 200 steps and seed 1's 100-step snapshot, both real evaluations: one number over them would
+    describe no run, so aggregate names each file with its steps and writes nothing."""
+    snapshot = root / "checkpoints/ch09_fullstate_FetchPush-v4_seed1_100_steps.zip"
+    assert ch09.main(["eval", "--checkpoint", str(snapshot), "--n-episodes", "2", "--device", "cpu",
+                      "--artifact-root", str(tmp_path)]) == 0
+    snapshot_eval = tmp_path / "results/ch09_fullstate_FetchPush-v4_seed1_100_steps_eval.json"
+    capsys.readouterr()  # eval's own lines
+    code, out, err = cli.run("aggregate", str(state_runs["evals"][0]), str(snapshot_eval),
+                             "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, "ch09_fullstate_FetchPush-v4_seed1_100_steps_eval.json at 100 steps",
+                          "ch09_fullstate_FetchPush-v4_seed0_eval.json at 200 steps", "of one step count")
+    assert out == "" and not list((tmp_path / "results").glob("*aggregate*"))
 
 
 def test_renderer_unavailable_is_one_sentence(cli, tmp_path: Path, production) -> None:

@@ -107,8 +107,8 @@ def test_sweep_writes_what_hand_made_runs_write(swept: dict[str, Any]) -> None:
         assert result["train_seed"] == seed and result["n_episodes"] == 2
         assert result["checkpoint_steps"] == TOTAL_STEPS
     aggregate = json.loads((root / "results" / "ch09_fullstate_FetchReach-v4_aggregate.json").read_text())
-    assert sorted(aggregate["seeds"]) == [0, 1]
-    assert "success_rate:" in swept["proc"].stdout  # aggregate's own line, shown by the sweep
+    assert sorted(aggregate["seeds"]) == [0, 1] and aggregate["steps"] == TOTAL_STEPS
+    assert f"at {TOTAL_STEPS} steps" in swept["proc"].stdout  # aggregate's own line (its one rule), shown by the sweep
     rows = status_rows(root)
     assert status(root)["state"] == "done"
     for seed in (0, 1):

@@ -172,7 +172,7 @@ def seed_result(tag: str, steps: int, rate: float, seed: int = 0) -> figures.See
 def test_investigation_maps_tags_to_steps_and_finds_the_breakthrough() -> None:
     results = [seed_result("nature", 2_000_000, 0.05), seed_result("manip_noDrQ", 2_000_000, 0.06),
                seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.30, seed=0),
-               seed_result("manip_noDrQ_criticEnc", 2_000_004, 0.20, seed=1),  # same budget, overshot by 4 steps
+               seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.20, seed=1),
                seed_result("manip_noDrQ_criticEnc", 4_400_000, 0.95), seed_result("manip_criticEnc", 2_000_000, 0.03),
                seed_result("fullstate", 2_000_000, 0.89)]
     bars = figures.investigation_bars(results)
@@ -182,6 +182,18 @@ def test_investigation_maps_tags_to_steps_and_finds_the_breakthrough() -> None:
     assert len(bars[2].seeds) == 2 and bars[2].mean == pytest.approx(0.25)
     assert figures.find_breakthrough(bars) == 3  # +65 points over the best earlier step
     assert figures.find_breakthrough(bars[:2]) is None  # no step beats the earlier ones by 25 points
+
+
+def test_a_bar_refuses_seeds_of_different_step_counts() -> None:
+    """aggregate's rule (stats.common_step_count): seeds a few steps apart fall into one bar, which names them."""
+    results = [seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.30, seed=0),
+               seed_result("manip_noDrQ_criticEnc", 2_000_004, 0.20, seed=1)]
+    results[1].source = "ch09_manip_noDrQ_criticEnc_FetchPush-v4_seed1_eval.json"
+    with pytest.raises(figures.FigureInputError) as refused:
+        figures.investigation_bars(results)
+    assert str(refused.value).startswith("The results were evaluated at 2 different step counts "
+                                         "(manip_noDrQ_criticEnc seed 0 at 2,000,000 steps, "
+                                         "ch09_manip_noDrQ_criticEnc_FetchPush-v4_seed1_eval.json at 2,000,004 steps)")
 
 
 # ---------------------------------------------------------------------------------------------------------------

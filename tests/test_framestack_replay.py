@@ -23,7 +23,7 @@ from stable_baselines3 import SAC
 
 from ch09.engine import framestack_replay
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
-from lab_support import available_memory_bytes
+from lab_support import available_memory
 from pixel_wrapper import make_fetch_env, pixel_observation_space
 
 N_SAMPLES = 1024  # enough to hit each of the ~65 finished transitions many times
@@ -241,7 +241,7 @@ def test_a_buffer_that_does_not_fit_is_refused_naming_the_largest_that_does():
     assert "\n" not in message and message.count(". ") == 0 and " rows or fewer" in message
     largest = int(message.rsplit("use ", 1)[1].split(" rows or fewer")[0].replace(",", ""))
     per_row = FrameStackHerReplayBuffer.bytes_per_row_for(space, actions)
-    assert 0 < largest * per_row <= available_memory_bytes()
+    assert 0 < largest * per_row <= available_memory().bytes_available
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ The labs start with their lesson; the plumbing they share lives here, so a reade
 | ``exit_code`` on the errors below                     | ``cli_guard`` prints their sentence alone, exit 2     |
 | ``RendererUnavailableError``                          | the one sentence a broken renderer ends in            |
 | ``make_render_context_current``, ``close_render_context`` | several MuJoCo envs rendering in one process      |
-| ``available_memory_bytes``, ``check_memory_fits``     | the one "does this buffer fit" check                  |
+| ``available_memory``, ``check_memory_fits``          | the one "does this buffer fit" check (cgroup limits too) |
 | ``Claim``, ``report``                                 | ``--verify``: one PASS/FAIL line per claim, a summary |
 | ``lab_main``                                          | every lab's ``main()`` (tyro): one flag per mode      |
 """
@@ -25,7 +25,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, NamedTuple
 
 from cli_guard import USER_ERROR_EXIT
 
@@ -277,19 +278,117 @@ def close_render_context(env: gym.Env) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Memory: the one "does this buffer fit" check
 # ---------------------------------------------------------------------------------------------------------
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now without swapping (``MemAvailable`` in /proc/meminfo).
+class AvailableMemory(NamedTuple):
+    """Bytes a buffer can still take, and what set that figure (printed beside it, named in a refusal)."""
 
-    Outside Linux there is no /proc/meminfo; we fall back to total physical memory (an upper bound).
+    bytes_available: int
+    limited_by: str
+    fix: str = "free memory"
+    """What a refusal asks for: free memory, or also raise the cgroup limit that set the figure."""
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Where one cgroup version keeps a cgroup's memory limit and usage (under its mount, per cgroup folder)."""
+
+    version: str
+    mounts: tuple[str, ...]  # relative to the file-system root; v2 is at /sys/fs/cgroup, or .../unified (hybrid)
+    limit: str  # bytes, or "max" (v2) for none
+    usage: str  # bytes charged to the cgroup, page cache included
+    reclaimable: str  # the key in memory.stat of page cache the kernel drops before it OOM-kills
+
+
+NO_CGROUP_LIMIT = 2**60
+"""cgroup v1 writes "no limit" as a huge byte count (PAGE_COUNTER_MAX pages); anything above this is none."""
+
+
+CGROUP_V2 = CgroupLayout("cgroup v2", ("sys/fs/cgroup", "sys/fs/cgroup/unified"), "memory.max", "memory.current",
+                         "inactive_file")
+CGROUP_V1 = CgroupLayout("cgroup v1", ("sys/fs/cgroup/memory",), "memory.limit_in_bytes", "memory.usage_in_bytes",
+                         "total_inactive_file")
+
+
+def _read_number(path: Path) -> int | None:
+    """The integer in a cgroup file; None when the file is missing or says "max" (no limit)."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _memory_stat(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def cgroup_memory_available(root: Path = Path("/")) -> AvailableMemory | None:
+    """What the memory limits of this process's cgroups still allow, or None where none is set.
+
+    ``/proc/self/cgroup`` names the process's cgroup in each hierarchy (``0::/path`` for v2, ``N:memory:/path``
+    for v1). That cgroup and each ancestor up to the mount may set a limit (Docker's ``--memory``, Slurm's
+    ``--mem``, a Kubernetes limit); each allows its limit minus its usage, plus the page cache the kernel
+    reclaims first (as MemAvailable counts it), and the smallest of them is what this process can still get.
+    A cgroup path that is not under the mount (a container without its own cgroup namespace) falls back to
+    the mount itself. ``root`` is the file-system root, a folder of such files in tests.
     """
     try:
-        with open("/proc/meminfo") as meminfo:
+        membership = (root / "proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found = []
+    for line in membership:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, cgroup_path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            layout = CGROUP_V2
+        elif "memory" in controllers.split(","):
+            layout = CGROUP_V1
+        else:
+            continue
+        parts = Path(cgroup_path.strip().lstrip("/")).parts
+        for mount in layout.mounts:
+            for depth in range(len(parts), -1, -1):  # the process's own cgroup first, then each ancestor
+                folder = root / mount / Path(*parts[:depth])
+                limit, usage = _read_number(folder / layout.limit), _read_number(folder / layout.usage)
+                if limit is None or usage is None or limit >= NO_CGROUP_LIMIT:
+                    continue
+                free = limit - usage + _memory_stat(folder / "memory.stat", layout.reclaimable)
+                shown = "/" / (folder / layout.limit).relative_to(root)
+                found.append(AvailableMemory(max(min(free, limit), 0),
+                                             f"the {layout.version} limit {shown} minus {layout.usage}",
+                                             "free memory or raise that limit"))
+    return min(found, default=None)
+
+
+def host_memory_available(root: Path = Path("/")) -> int:
+    """Memory the OS could give a process now without swapping (``MemAvailable`` in /proc/meminfo); outside
+    Linux there is no /proc/meminfo, and total physical memory (an upper bound) stands in."""
+    try:
+        with open(root / "proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024  # the file counts kB
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory(root: Path = Path("/")) -> AvailableMemory:
+    """RAM this process can still allocate: the host's MemAvailable, or less where a cgroup limit (a container,
+    a Slurm job) allows less; ``limited_by`` says which, so a refusal points at the limit to raise."""
+    host = host_memory_available(root)
+    cgroup = cgroup_memory_available(root)
+    if cgroup is not None and cgroup.bytes_available < host:
+        return AvailableMemory(cgroup.bytes_available, f"{cgroup.limited_by}, below the host's MemAvailable",
+                               cgroup.fix)
+    below = f", below {cgroup.limited_by}" if cgroup is not None else ""
+    return AvailableMemory(host, f"the host's MemAvailable{below}")
 
 
 MEMORY_RESERVE_BYTES = 2 * 1024**3
@@ -302,37 +401,38 @@ class MemoryBudgetError(ValueError):
     exit_code = USER_ERROR_EXIT
 
 
-def free_memory_bytes(device: Any = "cpu") -> int:
-    """Bytes free now where a buffer on ``device`` would live: RAM for the CPU, GPU memory for CUDA."""
+def free_memory(device: Any = "cpu") -> AvailableMemory:
+    """Bytes free now where a buffer on ``device`` would live, and what set the figure: RAM for the CPU
+    (``available_memory``: the host's, or a cgroup's limit), GPU memory for CUDA."""
     import torch
 
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    return available_memory_bytes()
+        return AvailableMemory(int(free), f"free GPU memory on {device}", "free GPU memory")
+    return available_memory()
 
 
 def check_memory_fits(
     what: str, n_items: int, bytes_per_item: int, device: Any = "cpu", unit: str = "transitions",
-    reserve: int = MEMORY_RESERVE_BYTES, free: int | None = None,
+    reserve: int = MEMORY_RESERVE_BYTES, free: AvailableMemory | None = None,
 ) -> int:
     """Refuse, in one sentence, ``n_items`` x ``bytes_per_item`` that would not fit on ``device``.
 
     Returns the bytes needed. ``reserve`` bytes stay free for everything else; ``free`` is a reading of
-    ``free_memory_bytes(device)`` the caller already made (read now when None). numpy and torch allocate
-    lazily, so without this check a too-large buffer fails hours later, when it fills.
+    ``free_memory(device)`` the caller already made (read now when None). numpy and torch allocate
+    lazily, so without this check a too-large buffer fails hours later (or the OOM killer ends it), when it fills.
     """
     import torch
 
     needed = n_items * bytes_per_item
-    free = free_memory_bytes(device) if free is None else free
-    usable = max(free - reserve, 0)
+    free = free_memory(device) if free is None else free
+    usable = max(free.bytes_available - reserve, 0)
     if needed > usable:
         where = "RAM" if torch.device(device).type == "cpu" else f"GPU memory on {device}"
         raise MemoryBudgetError(
             f"{what} of {n_items:,} {unit} needs {needed / 1e9:.1f} GB of {where} ({bytes_per_item:,} bytes "
-            f"each) but only {usable / 1e9:.1f} GB is free after a {reserve / 2**30:.0f} GiB reserve; "
-            f"use {usable // max(bytes_per_item, 1):,} {unit} or fewer, or free memory."
+            f"each) but only {usable / 1e9:.1f} GB is free after a {reserve / 2**30:.0f} GiB reserve "
+            f"({free.limited_by}); use {usable // max(bytes_per_item, 1):,} {unit} or fewer, or {free.fix}."
         )
     return needed

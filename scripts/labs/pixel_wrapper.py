@@ -60,7 +60,7 @@ from lab_support import (  # sets MUJOCO_GL=egl unless you chose, and guards the
     MEMORY_RESERVE_BYTES,
     Claim,
     RendererUnavailableError,
-    available_memory_bytes,
+    available_memory,
     check_memory_fits,
     close_render_context,
     lab_main,
@@ -71,7 +71,7 @@ from lab_support import (  # sets MUJOCO_GL=egl unless you chose, and guards the
 __all__ = [  # the names other modules import from here (some are re-exported from lab_support)
     "DEFAULT_RENDER_SIZE", "FRAME_STACK", "GOAL_DIM", "GOAL_MARKER_SITE", "GOAL_MODES", "IMAGE_SIZE", "PIXEL_ENV_ID",
     "PIXEL_KEY", "PROPRIO_DIM", "PROPRIO_INDICES", "SUPPORTED_ENV_IDS", "PixelBatch", "PixelObservationWrapper",
-    "PixelReplayBuffer", "RendererUnavailableError", "available_memory_bytes", "make_fetch_env",
+    "PixelReplayBuffer", "RendererUnavailableError", "available_memory", "make_fetch_env",
     "pixel_observation_space", "render_and_resize",
 ]
 
@@ -716,7 +716,7 @@ def _check_replay_buffer(action_space: spaces.Box) -> list[Claim]:
     vector_bytes = 4 * sum(box.shape[0] for key, box in space.spaces.items() if key != PIXEL_KEY)
     expected_bytes = 2 * (pixel_bytes + vector_bytes) + 4 * action_dim + 4 + 4
 
-    available = available_memory_bytes()
+    available = available_memory().bytes_available
     too_big = available // per_transition + 1  # more than all free memory, so surely refused
     try:
         PixelReplayBuffer(too_big, space, action_dim)

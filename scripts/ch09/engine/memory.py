@@ -3,7 +3,8 @@
 NumPy and torch allocate lazily, so a buffer larger than the machine fails only when it fills, hours or
 days into a run. ``train`` therefore asks, before any env worker starts, how many bytes the buffer it is
 about to build will take and where, and checks each part with the project's one fit check
-(``lab_support.check_memory_fits``).
+(``lab_support.check_memory_fits``). Free RAM is the host's, or a container's cgroup limit where that is
+smaller (``lab_support.available_memory``), so a buffer is never judged against memory the OOM killer guards.
 
 Where the buffer's arrays live is the buffer class's own decision: a class with a ``memory_plan``
 classmethod (``FrameStackHerReplayBuffer``: frames on the training device, the rest in RAM) answers for
@@ -23,7 +24,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
-from lab_support import check_memory_fits, free_memory_bytes
+from lab_support import check_memory_fits, free_memory
 
 PROBE_ROWS = 8
 """Rows per env of the tiny buffer built to measure SB3's bytes per transition."""
@@ -92,13 +93,14 @@ def memory_preflight(plan: Sequence[MemoryNeed]) -> list[dict[str, Any]]:
     in one sentence (``MemoryBudgetError``), a part that cannot fit."""
     report = []
     for need in plan:
-        free = free_memory_bytes(need.device)
+        free = free_memory(need.device)  # RAM: the host's, or a cgroup's limit
         print(f"[preflight] {need.what}: {need.items:,} {need.unit} x "
               f"{need.bytes_per_item:,} bytes = "
               f"{need.total_bytes / 1e9:.2f} GB on {need.device} "
-              f"({free / 1e9:.1f} GB free)")
+              f"({free.bytes_available / 1e9:.1f} GB free: {free.limited_by})")
         check_memory_fits(need.what, need.items, need.bytes_per_item,
                           device=need.device, unit=need.unit, free=free)
-        report.append({**asdict(need), "free_bytes": free})
+        report.append({**asdict(need), "free_bytes": free.bytes_available,
+                       "free_limited_by": free.limited_by})
     return report
 # --8<-- [end:memory_preflight]

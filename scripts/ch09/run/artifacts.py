@@ -179,8 +179,8 @@ def atomic_replace(path: Path) -> Iterator[Path]:
     """Let the block write a file or a folder at a temporary path, then put it at ``path`` in one rename.
 
     A crash (or Ctrl-C) inside the block leaves ``path`` as it was: a reader never finds a half-written
-    checkpoint behind the expected name. A file is fsynced before the rename. A folder (the frame-stack
-    replay buffer) replaces the old one through a ``.old`` name, removed once the new folder is in place.
+    checkpoint behind the expected name. A file is fsynced before the rename, and the folder after it. A folder
+    (the frame-stack replay buffer) replaces the old one through a ``.old`` name, removed once the new one is in place.
     A full disk or an unwritable folder raises ``ArtifactWriteError`` (one sentence), the temporary removed.
     """
     try:
@@ -204,19 +204,38 @@ def atomic_replace(path: Path) -> Iterator[Path]:
         raise
 
 
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so the renames in it survive a power cut (a rename lives in the folder, not the file).
+
+    A file system that cannot sync a folder says EINVAL (some network and FUSE mounts); there is nothing more
+    to do there. Every other error is raised.
+    """
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(descriptor)
+
+
 def _publish(tmp: Path, path: Path) -> None:
-    """Put the finished temporary at ``path``: one rename for a file, two for a folder."""
+    """Put the finished temporary at ``path``: one rename for a file, two for a folder; then sync the folder
+    that holds them, or the rename (which ``.meta.json`` may already record) could be lost to a power cut."""
     if tmp.is_dir():
         old = path.with_name(path.name + ".old")
         _remove(old)
         if path.exists():
             os.replace(path, old)
         os.replace(tmp, path)
+        sync_folder(path.parent)
         _remove(old)
         return
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    sync_folder(path.parent)
 
 
 def _writer_alive(temporary: Path) -> bool:

@@ -7,12 +7,16 @@ Pure Python and NumPy (no torch, no scipy), so the figure script can use them wi
 | ``wilson_interval``     | one seed's success rate (k of n)    | stays inside [0, 1] and is sane at 0/n, n/n |
 | ``seed_mean_interval``  | the mean success rate over seeds    | few seeds: a t quantile, not z             |
 | ``success_summary``     | eval results of one config (1+ seeds) | t over seeds, or the one seed's Wilson    |
+
+A number over seeds describes one training budget, so ``common_step_count`` is the one rule every summary asks
+first (``aggregate``, the investigation figure, and the sweep through ``aggregate``): results of different step
+counts are refused, naming each with its steps.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 Z_975 = 1.959964
 """Standard normal quantile for a two-sided 95% interval."""
@@ -70,3 +74,21 @@ def success_summary(rates: Sequence[float], single_seed_ci: Sequence[float]
         return mean, std, ci, f"Student t over seeds, 95%, df={len(rates) - 1}"
     return float(rates[0]), 0.0, (float(single_seed_ci[0]), float(single_seed_ci[1])), \
         "Wilson over the single seed's episodes, 95%"
+
+
+class MixedStepCounts(ValueError):
+    """Results evaluated at different training steps were about to be summarised as one number."""
+
+
+def common_step_count(steps_by_name: Mapping[str, int], fix: str) -> int:
+    """The step count every result shares; ``MixedStepCounts`` (one sentence naming each result's steps, then
+    ``fix``) when they differ: a mean of a seed at one budget and a seed at another describes no run."""
+    counts = set(steps_by_name.values())
+    if len(counts) == 1:
+        return counts.pop()
+    if not counts:
+        raise ValueError("common_step_count needs at least one result.")
+    listing = ", ".join(f"{name} at {steps:,} steps"
+                        for name, steps in sorted(steps_by_name.items(), key=lambda item: (item[1], item[0])))
+    raise MixedStepCounts(f"The results were evaluated at {len(counts)} different step counts ({listing}), and a "
+                          f"number over seeds needs one; {fix}.")
