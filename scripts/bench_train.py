@@ -271,21 +271,20 @@ def bytes_per_transition(model: Any) -> float:
 
 def measure(measurement: Measurement) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process."""
-    import ch09_pixel_push as production
-
+    from ch09 import experiment
     from ch09.run.vec_env import make_vec_env
 
     th.set_num_threads(measurement.torch_threads)
     spec = RUNS[measurement.run]
-    cfg = production.TrainConfig(
+    cfg = experiment.TrainConfig(
         seed=measurement.seed, n_envs=measurement.n_envs, batch_size=measurement.batch_size,
         buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
         device=measurement.device, engine=spec.engine, precision=measurement.precision, **spec.flags)
-    cfg = production.resolve_config(cfg)
-    env_fns = [production.env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
+    cfg = experiment.resolve_config(cfg)
+    env_fns = [experiment.env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
-        model = production.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
+        model = experiment.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
         if measurement.overlap:
             model.overlap_collection = True  # FastSAC's option; not a `train` flag
         device = model.device

@@ -878,10 +878,11 @@ def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
     first episode seeded with the training seed + 10000 unless ``seed`` says otherwise (so the figure shows
     the episode ``eval --video 1`` records). Imports torch, SB3 and MuJoCo, here only.
     """
-    import ch09_pixel_push as production
     from stable_baselines3.common.vec_env import DummyVecEnv
 
+    from ch09 import experiment
     from ch09.run.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
+    from ch09.run.results import run_episodes
     from ch09.run.video import CAMERA_SIZE, EpisodeRecorder
     from pixel_wrapper import make_fetch_env
 
@@ -890,16 +891,16 @@ def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
         raise FigureInputError(f"checkpoint {checkpoint} does not exist; pass a .zip that train wrote under "
                                "checkpoints/")
     meta = read_meta(meta_for_checkpoint(checkpoint), f"checkpoint {checkpoint}")
-    train_cfg = production.train_config_of(meta, checkpoint)
-    eval_seed = train_cfg.seed + production.EVAL_SEED_OFFSET if seed is None else seed
+    train_cfg = experiment.train_config_of(meta, checkpoint)
+    eval_seed = train_cfg.seed + experiment.EVAL_SEED_OFFSET if seed is None else seed
     env = make_fetch_env(train_cfg.env, pixels=not train_cfg.full_state, native_render=train_cfg.native_render,
-                         goal_mode=production.GOAL_MODE)
+                         goal_mode=experiment.GOAL_MODE)
     recorder = EpisodeRecorder(env, CAMERA_SIZE)
     try:
         model = load_for_acting(checkpoint, DummyVecEnv([lambda: recorder]), "cpu")
-        production.check_policy(model, train_cfg, checkpoint, "its metadata describes")
+        experiment.check_policy(model, train_cfg, checkpoint, "its metadata describes")
         recorder.record_next(1)
-        production.run_episodes(model, recorder, 1, eval_seed)
+        run_episodes(model, recorder, 1, eval_seed)
     finally:
         recorder.close()
     (episode,) = recorder.take()

@@ -50,7 +50,7 @@ guard_entry_point(__name__)  # before the heavy imports: a failing import or an 
 import tyro
 
 from ch09.errors import UserError
-from ch09.run.artifacts import REPO_ROOT
+from ch09.run.artifacts import REPO_ROOT, RunPaths
 from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
@@ -60,7 +60,6 @@ from ch09.sweep.plan import (
     disk_state,
     display,
     eval_args,
-    eval_json_path,
     figure_args,
     plan_run,
     read_runs_file,
@@ -189,7 +188,7 @@ def dry_run_lines(runs: Sequence[Run], root: Path, n_episodes: int, aggregate: b
             lines.append(display(TRAIN_SCRIPT, train_args(run, state)))
         evaluate = display(TRAIN_SCRIPT, eval_args(run, state.eval_checkpoint, n_episodes))
         lines.append(f"# done: {evaluate}" if state.done else evaluate)
-        groups.setdefault((run.tag, run.env_id), []).append(eval_json_path(root, state.eval_checkpoint))
+        groups.setdefault((run.tag, run.env_id), []).append(RunPaths.eval_result_of(root, state.eval_checkpoint))
     if aggregate:
         lines += [display(TRAIN_SCRIPT, aggregate_args(files, root)) for files in groups.values()]
     if figure:

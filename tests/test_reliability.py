@@ -33,10 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-import ch09_pixel_push as ch09
 import pytest
 
 import cli_guard
+from ch09 import experiment
 from ch09.run.checkpoints import load_for_acting, read_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -133,11 +133,12 @@ WRONG_META = {
 @pytest.mark.parametrize("shape", list(WRONG_META))
 @pytest.mark.parametrize("command", ["eval", "resume"])
 def test_5_metadata_of_the_wrong_shape(cli, shape: str, command: str, tmp_path: Path) -> None:
-    cfg = ch09.resolve_config(ch09.TrainConfig(env="FetchReach-v4", full_state=True, artifact_root=tmp_path))
-    paths = ch09.run_paths(cfg)
+    cfg = experiment.resolve_config(experiment.TrainConfig(env="FetchReach-v4", full_state=True,
+                                                           artifact_root=tmp_path))
+    paths = experiment.run_paths(cfg)
     paths.checkpoint_dir.mkdir(parents=True)
     paths.checkpoint.write_bytes(b"never unpickled: the metadata is refused first")
-    paths.meta.write_text(json.dumps(WRONG_META[shape](ch09.new_meta(cfg, paths, memory=[])), default=str))
+    paths.meta.write_text(json.dumps(WRONG_META[shape](experiment.new_meta(cfg, paths, memory=[])), default=str))
     if command == "eval":
         argv = ["eval", "--checkpoint", str(paths.checkpoint), "--artifact-root", str(tmp_path)]
     else:

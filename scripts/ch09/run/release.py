@@ -47,7 +47,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, overload
 
 from ch09.errors import UserError
-from ch09.run.artifacts import EVAL_FORMAT, PERIODIC_RE, REPO_ROOT, atomic_replace, format_steps, parse_steps
+from ch09.run.artifacts import (
+    EVAL_FORMAT,
+    PERIODIC_RE,
+    REPO_ROOT,
+    RunPaths,
+    atomic_replace,
+    format_steps,
+    parse_steps,
+)
 from ch09.run.digest import (
     SHA256SUMS_NAME,
     DigestMismatchError,
@@ -502,7 +510,7 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     results = root / "results"
     for name in list(files):
         if name.endswith(".zip"):
-            eval_json = results / f"{name.removesuffix('.zip')}_eval.json"
+            eval_json = RunPaths.eval_result_of(root, Path(name))
             if eval_json.is_file():
                 files[eval_json.name] = eval_json
     # eval --video lists {"file": <relative to the artifact root>, ...}; any others of this run are in results/videos/

@@ -43,6 +43,7 @@ from typing import Any
 import ray
 
 from ch09.errors import USER_ERROR_EXIT, UserError
+from ch09.run.artifacts import RunPaths
 from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
@@ -51,7 +52,6 @@ from ch09.sweep.plan import (
     disk_state,
     display,
     eval_args,
-    eval_json_path,
     figure_args,
     host_port,
     shown_path,
@@ -394,7 +394,7 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
         return {"state": "stopped"}
     if state.done:
         board.report.remote(run.name, {"state": "skipped"})
-        return {"state": "skipped", "eval_json": str(eval_json_path(run.paths.root, state.eval_checkpoint))}
+        return {"state": "skipped", "eval_json": str(RunPaths.eval_result_of(run.paths.root, state.eval_checkpoint))}
 
     if not state.trained:
         outcome = run_phase(task, "train", train_args(run, state), board, attempt)
@@ -413,7 +413,7 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
     final = disk_state(run, task.n_episodes)
     board.report.remote(run.name, {"state": "done", "steps": final.steps_done, "sessions": final.sessions,
                                    "error": None})
-    return {"state": "done", "eval_json": str(eval_json_path(run.paths.root, final.eval_checkpoint))}
+    return {"state": "done", "eval_json": str(RunPaths.eval_result_of(run.paths.root, final.eval_checkpoint))}
 
 
 def run_command(script: Path, args: list[str], log: Path) -> tuple[int, str]:
