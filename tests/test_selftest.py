@@ -78,6 +78,18 @@ def test_selftest_on_a_cpu_prints_one_table_one_skip_line_and_exits_1_for_the_ch
     assert all(rate > 0 for rate in speed["env_steps_per_s"].values())
 
 
+def test_a_renderer_that_cannot_start_fails_its_row_and_skips_what_needs_mujoco(production, tmp_path):
+    """MUJOCO_GL=osmesa fails on these machines (as in test_pixel_wrapper): the table says why, no traceback."""
+    out = tmp_path / "selftest.json"
+    proc = production.run("selftest", *QUICK, "--out", str(out), MUJOCO_GL="osmesa", PYOPENGL_PLATFORM="osmesa",
+                          timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert " fail " in table_row(proc.stdout, "renderer") and "MUJOCO_GL=osmesa" in proc.stdout
+    statuses = {c["name"]: c["status"] for c in json.loads(out.read_text())["checks"]}
+    assert statuses.pop("device") == "pass" and statuses.pop("renderer") == "fail"
+    assert set(statuses.values()) == {"skip"}
+
+
 def fp32_losses(updates: int = 4) -> list[dict[str, float]]:
     return [{key: 1.0 + 0.1 * step for key in COMPARED_LOSSES} for step in range(updates)]
 

@@ -46,6 +46,7 @@ from ch09.artifacts import git_commit, now_iso, package_versions, write_json
 from ch09.callbacks import human_duration
 from ch09.errors import UserError
 from ch09.validation import check_device, check_writable_folder, positive_seconds
+from lab_support import renderer_import_error
 
 if TYPE_CHECKING:
     from ch09_pixel_push import SelftestConfig, TrainConfig
@@ -326,9 +327,13 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
 # ======================================================================================================
 # Running them: one table, one skip line, one JSON report
 # ======================================================================================================
+def skipped(reason: str, *names: str) -> list[CheckResult]:
+    return [CheckResult(name, "skip", reason) for name in names]
+
+
 def guarded(name: str, check: Callable[[], CheckResult | list[CheckResult]], *names: str) -> list[CheckResult]:
-    """The check's results; if it raises, a failed result per row it would have given (the error is
-    the summary, the traceback goes to the report), so the checks after it still run."""
+    """The check's results; if it raises, a failed row (the error is the summary, the traceback goes to the
+    report) and a skipped row for each further row it would have given, so the checks after it still run."""
     start = time.perf_counter()
     try:
         result = check()
@@ -336,7 +341,7 @@ def guarded(name: str, check: Callable[[], CheckResult | list[CheckResult]], *na
     except Exception as exc:  # noqa: BLE001 -- reported as a failed check, traceback in the JSON
         summary = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
         figures = {"traceback": traceback.format_exc()}
-        results = [CheckResult(row, "fail", summary, figures) for row in (name, *names)]
+        results = [CheckResult(name, "fail", summary, figures), *skipped(f"{name} failed", *names)]
     results[0].seconds = round(time.perf_counter() - start, 2)
     return results
 
@@ -398,24 +403,28 @@ def run_selftest(cfg: SelftestConfig) -> int:
           f"{cfg.n_envs} --precision {cfg.precision}: device, renderer, replay memory, bf16 vs fp32, CUDA graph, "
           "speed sample", flush=True)
 
+    mujoco_starts = renderer_import_error() is None  # no MuJoCo, no env of any kind
+    no_mujoco = "MuJoCo did not start (see the renderer row)"
     results = guarded("device", lambda: check_device_works(device))
     results += guarded("renderer", lambda: check_renderer(cfg.render_seconds))
     renders = results[-1].status == "pass"
-    results += guarded("replay memory", lambda: check_memory(card))
+    if mujoco_starts:
+        results += guarded("replay memory", lambda: check_memory(card))
+    else:
+        results += skipped(no_mujoco, "replay memory")
     if renders:
         results += guarded("bf16 vs fp32 losses", lambda: check_precisions(card, device, cfg.precision),
                            "captured == eager")
     else:
-        results += [CheckResult(name, "skip", "the renderer failed, and these train on pixels")
-                    for name in ("bf16 vs fp32 losses", "captured == eager")]
-    if renders or device.type != "cuda":
-        results += guarded("speed sample", lambda: check_speed(card, device, cfg.speed_seconds),
+        results += skipped("the renderer failed, and these train on pixels", "bf16 vs fp32 losses",
+                           "captured == eager")
+    if device.type == "cuda" and not renders:
+        results += skipped("the renderer failed, and the GPU sample trains on pixels", "speed sample",
                            CARD_TIME_CHECK)
+    elif not mujoco_starts:
+        results += skipped(no_mujoco, "speed sample", CARD_TIME_CHECK)
     else:
-        results += [CheckResult(name, "skip", "the renderer failed, and the GPU sample trains on pixels")
-                    for name in ("speed sample", CARD_TIME_CHECK)]
-    if device.type == "cuda":
-        th.cuda.synchronize(device)
+        results += guarded("speed sample", lambda: check_speed(card, device, cfg.speed_seconds), CARD_TIME_CHECK)
     elapsed = time.perf_counter() - started
 
     counts = {status: sum(r.status == status for r in results) for status in ("pass", "fail", "skip")}
