@@ -68,7 +68,7 @@ stage_bench1() {
 
 stage_bench8() {
   python3 scripts/bench_train.py --device cuda --n-envs 8 --runs step0-sb3 step2-fast --precisions fp32 \
-    --seconds 10 --learning-starts 400 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
+    --seconds 10 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
 }
 
 stage_proxy() {

@@ -46,7 +46,7 @@ from ch09.artifacts import git_commit, now_iso, package_versions, write_json
 from ch09.callbacks import human_duration
 from ch09.errors import UserError
 from ch09.validation import check_device, check_writable_folder, positive_seconds
-from lab_support import renderer_import_error
+from lab_support import free_memory_bytes, renderer_import_error
 
 if TYPE_CHECKING:
     from ch09_pixel_push import SelftestConfig, TrainConfig
@@ -111,8 +111,6 @@ class CheckResult:
 # ======================================================================================================
 def check_device_works(device: th.device) -> CheckResult:
     """torch, the device and its memory; a small computation proves the device answers."""
-    from lab_support import free_memory_bytes
-
     figures: dict[str, Any] = {"torch": th.__version__, "torch_cuda": th.version.cuda, "device": str(device),
                                "cpu_count": os.cpu_count(), "ram_free_bytes": free_memory_bytes("cpu")}
     if device.type == "cuda":
@@ -299,7 +297,7 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
     from bench_train import RUNS, Measurement, measure
 
     stock_run, fast_run = SPEED_RUNS["cuda" if device.type == "cuda" else "cpu"]
-    rates = {}
+    rates, measurements = {}, {}
     for run in (stock_run, fast_run):
         result = measure(Measurement(
             run=run, n_envs=card.n_envs, batch_size=SPEED_BATCH,
@@ -307,11 +305,11 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
             learning_starts=SPEED_LEARNING_STARTS, warmup_steps=SPEED_WARMUP_STEPS, seconds=seconds,
             max_steps=10**9, train_only_updates=0, buffer_size=SPEED_BUFFER_SIZE, overlap=False,
             torch_threads=th.get_num_threads()))
-        rates[run] = result["env_steps_per_s"]
+        rates[run], measurements[run] = result["env_steps_per_s"], result
     stock, fast = rates[stock_run], rates[fast_run]
     figures = {"runs": {run: RUNS[run].what for run in rates}, "env_steps_per_s": rates, "n_envs": card.n_envs,
                "batch_size": SPEED_BATCH, "precision": card.precision, "seconds_each": seconds,
-               "speedup": fast / stock}
+               "speedup": fast / stock, "measurements": measurements}  # bench_train's own record of each
     proxy = "" if RUNS[fast_run].pixels else " (full-state proxy: pixel updates need a GPU)"
     speed = CheckResult("speed sample", "pass", f"{stock_run} {stock:.1f}, {fast_run} {fast:.1f} env steps/s "
                         f"({fast / stock:.2f}x), {card.n_envs} env(s), batch {SPEED_BATCH}{proxy}", figures)
