@@ -26,6 +26,8 @@ Subcommands
                t-based CI; files of different step counts are refused; the eval files of one run's snapshots
                give success against steps)
     package    package --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip   (a release folder to publish)
+    selftest   selftest [--buffer-size N] [--precision bf16] [--n-envs N]   (this machine, before a long run:
+               renderer, device, memory, the CUDA graph, bf16, speed; table + results/selftest.json)
 
 Artifacts of ``train`` (``<tag>`` comes from the flags, e.g. ``manip_noDrQ_criticEnc``; ``<env>`` = FetchPush-v4)
     checkpoints/ch09_<tag>_<env>_seed<N>.zip               latest model (rewritten at every checkpoint)
@@ -114,6 +116,7 @@ from ch09.fast_sac import FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
 from ch09.release import checkpoint_for_eval, package_run
+from ch09.selftest import run_selftest
 from ch09.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
 from ch09.validation import (
     Number,
@@ -274,7 +277,29 @@ class PackageConfig:
     """Folder holding the run's results/, runs/ and releases/; None: the one above the checkpoint's folder."""
 
 
-COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig, "package": PackageConfig}
+@dataclass
+class SelftestConfig:
+    """Check this machine before a multi-day run, in under 2 minutes: renderer, device, whether the buffer fits,
+    the CUDA graph, bf16 against fp32, a speed sample; one table, a JSON report, exit code 1 if a check fails."""
+
+    device: str = "auto"
+    """Torch device to check, as `train --device`: auto (cuda if available), cuda:1, cpu."""
+    buffer_size: int = 500_000
+    """The --buffer-size you will train with: the memory check runs train's preflight on it."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The --precision you will train with: its CUDA graph is checked, and the speed sample uses it."""
+    n_envs: int = 1
+    """The --n-envs you will train with (memory check and speed sample)."""
+    out: Path = REPO_ROOT / "results" / "selftest.json"
+    """Where the JSON report goes (versions, device, every figure and result): attach it to a problem report."""
+    render_seconds: float = 3.0
+    """Seconds of step + render timed by the renderer check."""
+    speed_seconds: float = 5.0
+    """Seconds each engine trains in the speed sample."""
+
+
+COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig, "package": PackageConfig,
+            "selftest": SelftestConfig}
 
 EXPERIMENT_FIELDS = ("env", "seed", "full_state", "encoder", "critic_encoder", "drq", "spatial_softmax",
                      "native_render", "replay", "buffer_size", "her_n_sampled_goal", "batch_size", "learning_rate",
@@ -950,8 +975,10 @@ def package(cfg: PackageConfig) -> int:
 # ======================================================================================================
 # Command line
 # ======================================================================================================
-def parse_command_line(argv: Sequence[str] | None = None
-                       ) -> TrainConfig | EvalConfig | AggregateConfig | PackageConfig:
+Config = TrainConfig | EvalConfig | AggregateConfig | PackageConfig | SelftestConfig
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> Config:
     """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
     return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
                                                 description=__doc__.split("\n")[0])
@@ -969,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "--resume if it had saved one")
 
 
-def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig) -> int:
+def run_command(cfg: Config) -> int:
     """The subcommand. Its user errors (``UserError``, the labs' renderer and memory errors) carry an
     ``exit_code``, so the top-level guard prints their one sentence."""
     try:
@@ -979,6 +1006,8 @@ def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig)
             return evaluate(cfg)
         if isinstance(cfg, PackageConfig):
             return package(cfg)
+        if isinstance(cfg, SelftestConfig):
+            return run_selftest(cfg)
         return aggregate(cfg)
     except WorkerTimeoutError as exc:  # the workers did not even start
         raise UserError(f"{exc}; try fewer --n-envs or a larger --worker-timeout.") from None
