@@ -26,6 +26,8 @@ Subcommands
                t-based CI; files of different step counts are refused; the eval files of one run's snapshots
                give success against steps)
     package    package --checkpoint checkpoints/ch09_<tag>_<env>_seed0.zip   (a release folder to publish)
+    selftest   selftest [--buffer-size N] [--precision bf16] [--n-envs N]   (this machine, before a long run:
+               renderer, device, memory, the CUDA graph, bf16, speed; table + results/selftest.json)
 
 Artifacts of ``train`` (``<tag>`` comes from the flags, e.g. ``manip_noDrQ_criticEnc``; ``<env>`` = FetchPush-v4)
     checkpoints/ch09_<tag>_<env>_seed<N>.zip               latest model (rewritten at every checkpoint)
@@ -102,6 +104,7 @@ from ch09.run.validation import (
 )
 from ch09.run.vec_env import WorkerTimeoutError
 from ch09.run.video import EpisodeRecorder, VideoFolder
+from ch09.selftest import SelftestConfig, run_selftest
 from pixel_wrapper import make_fetch_env
 
 
@@ -158,7 +161,8 @@ class PackageConfig:
     """Folder holding the run's results/, runs/ and releases/; None: the one above the checkpoint's folder."""
 
 
-COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig, "package": PackageConfig}
+COMMANDS = {"train": TrainConfig, "eval": EvalConfig, "aggregate": AggregateConfig, "package": PackageConfig,
+            "selftest": SelftestConfig}
 
 
 # ======================================================================================================
@@ -325,8 +329,10 @@ def package(cfg: PackageConfig) -> int:
 # ======================================================================================================
 # Command line
 # ======================================================================================================
-def parse_command_line(argv: Sequence[str] | None = None
-                       ) -> TrainConfig | EvalConfig | AggregateConfig | PackageConfig:
+Config = TrainConfig | EvalConfig | AggregateConfig | PackageConfig | SelftestConfig
+
+
+def parse_command_line(argv: Sequence[str] | None = None) -> Config:
     """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
     return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
                                                 description=__doc__.split("\n")[0])
@@ -344,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "--resume if it had saved one")
 
 
-def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig) -> int:
+def run_command(cfg: Config) -> int:
     """The subcommand. Its user errors (``UserError``, the labs' renderer and memory errors) carry an
     ``exit_code``, so the top-level guard prints their one sentence."""
     try:
@@ -354,6 +360,8 @@ def run_command(cfg: TrainConfig | EvalConfig | AggregateConfig | PackageConfig)
             return evaluate(cfg)
         if isinstance(cfg, PackageConfig):
             return package(cfg)
+        if isinstance(cfg, SelftestConfig):
+            return run_selftest(cfg)
         return aggregate(cfg)
     except WorkerTimeoutError as exc:  # the workers did not even start
         raise UserError(f"{exc}; try fewer --n-envs or a larger --worker-timeout.") from None

@@ -1,123 +1,202 @@
 #!/usr/bin/env bash
-# The GPU checks of the fast update engine (issue 11), as one script for a session lent a GPU machine.
-# Every result lands under $OUT (the device tool brings back at most 8 files): gpu_checks.log (all output),
-# bench1.json, bench8.json, seeds.json (scripts/bench_train.py) and proxy.json (the learning proxy).
+# The GPU checks of the project, as ONE call of a lent GPU machine (one H200) that fits in 9 minutes.
 #
-# Prepare once, on the CPU machine, from the repository root (wheels the GPU image lacks, EGL loaders):
-#   EXTRA_WHEELS="tyro docstring-parser typeguard typing-extensions pytest pluggy iniconfig" \
-#     bash ../shared/device/prepare.sh
-# Then call the device tool with carry [".whl", ".gl"], each call under its 10-minute limit, e.g.
-#   source .gl/device_env.sh && bash scripts/gpu_checks.sh tests bench1 seeds
-#   source .gl/device_env.sh && bash scripts/gpu_checks.sh bench8 proxy
+# Prepare once, on the CPU machine, from the repository root (wheels the GPU image lacks and the EGL loaders;
+# nothing else: the GPU image's own pytest and its plugins stay as they are):
+#   bash ../shared/device/prepare.sh
+# Then ONE device call:  run(carry=[".whl", ".gl"], timeout_s=540, command=
+#   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 bash scripts/gpu_checks.sh')
+# T0 is taken before the wheels install, so the deadline below counts from the start of the call.
 #
-# Stages (each one bounded by its own timeout below; give them in any order, default: all of them):
-#   tests   pytest -m gpu tests/test_fast_sac.py: the captured step equals the eager one, bf16 tracks fp32
-#   bench1  pixels, 1 env:  Step 0 stock, Step 2 stock, Step 2 FastSAC in fp32 and bf16
-#   bench8  pixels, 8 envs: Step 0 stock, Step 2 FastSAC in fp32 and bf16
-#   seeds   Step 2 FastSAC, 1 env, 1 to 4 processes side by side (their env steps/s summed)
-#   proxy   pixel FetchReach-v4 through the production script, --engine fast by default: the eval success
-#           curve over 20K steps (the issue's bar: >= 0.9). PROXY_ENGINES="fast sb3" adds the stock engine,
-#           which trains several times slower: give it a call of its own.
-# BENCH_SECONDS (default 20) sets the timed seconds of every benchmark measurement.
+# Stages, in order of value, with their planning estimates on a fresh H200 (from FACTS.md's speed anchors, not
+# measured; the log prints what each one took). Every stage runs under min(1.5 x its estimate, the time left
+# before DEADLINE_S); a stage with less than MIN_STAGE_S left is skipped and named in the log.
+#   stage      estimate  what
+#   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
+#   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
+#   selftest     70 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run
+#   bench1       90 s    pixels, 1 env: Step 0 stock vs Step 2 FastSAC in fp32 and bf16, 15 s windows
+#   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
+#   bench8       60 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 10 s windows (if time remains)
+# Sum 505 s, under DEADLINE_S = 510 s from T0, under the call's 540 s.
+#
+# What comes back under $OUT (at most 8 files; each written as it is made, so a stage cut off by its timeout
+# or the deadline still leaves what it measured): gpu_checks.log (all output, free memory first), selftest.json,
+# bench1.json and bench8.json (bench_train.py writes after every measurement), proxy.json (the eval curve,
+# rewritten from the TensorBoard folder every PROXY_POLL_S and after the stage, whatever ended it) and
+# crash_logs.txt (every crash-*.log the entry points' guard wrote during the run, after every stage).
+#
+# Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
 set -uo pipefail
-cd "$(dirname "$0")/.."
 
-OUT="${OUT:-results/gpu_checks}"
-LOG="$OUT/gpu_checks.log"
-BENCH_SECONDS="${BENCH_SECONDS:-20}"
-PROXY_ENGINES="${PROXY_ENGINES:-fast}"
+STAGES=(tests selftest bench1 proxy bench8)
+declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [selftest]=70 [bench1]=90 [proxy]=150 [bench8]=60)
+DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
+CALL_TIMEOUT_S=540                # the device call's timeout_s
+MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
+KILL_AFTER_S=10                   # a stage that ignores SIGTERM is killed this long after it
 PROXY_STEPS=20000
-export PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}" PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}"
+PROXY_POLL_S=20
 
-say() { echo "[gpu_checks $(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+# ---- the clock ---------------------------------------------------------------------------------------
+time_left_s() { echo $(( START_S + DEADLINE_S - $(date +%s) )); }
 
-# stage_timeout_s name: a bound per stage, so one stuck stage cannot eat the whole device budget.
-stage_timeout_s() {
-  case "$1" in
-    tests) echo 300 ;; bench1) echo 420 ;; bench8) echo 420 ;; seeds) echo 420 ;; proxy) echo 540 ;;
-  esac
+# stage_limit_s NAME: seconds the stage may run, min(1.5 x estimate, time left - kill grace); <= 0: none left
+stage_limit_s() {
+  local bound=$(( ESTIMATE_S[$1] * 3 / 2 )) left=$(( $(time_left_s) - KILL_AFTER_S ))
+  echo $(( bound < left ? bound : left ))
 }
 
-bench() {  # bench <json name> <bench_train.py flags...>
-  local name="$1"; shift
-  python3 scripts/bench_train.py --device cuda --seconds "$BENCH_SECONDS" --out "$OUT/$name.json" "$@"
+say() { echo "[gpu_checks +$(( $(date +%s) - START_S ))s] $*" | tee -a "$LOG"; }
+
+# ---- the stages (each a function run under `timeout`, in its own process group) -----------------------
+stage_tests() {
+  local files
+  files=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
+  # shellcheck disable=SC2086
+  python3 -m pytest -m gpu $files -q -p no:cacheprovider
 }
 
-proxy() {
-  local engine root
-  for engine in $PROXY_ENGINES; do
-    root=$(mktemp -d /tmp/gpu_proxy_XXXX)
-    say "proxy: pixel FetchReach-v4, --engine $engine, $PROXY_STEPS steps"
-    python3 scripts/ch09_pixel_push.py train --env FetchReach-v4 --critic-encoder --no-drq --engine "$engine" \
-      --total-steps "$PROXY_STEPS" --eval-freq 2000 --eval-episodes 20 --checkpoint-freq "$PROXY_STEPS" \
-      --buffer-size 100000 --device cuda --no-progress --artifact-root "$root" || return 1
-    python3 - "$root" "$engine" "$OUT/proxy.json" <<'PY'
-import json, sys
+stage_selftest() {
+  python3 scripts/ch09_pixel_push.py selftest --device cuda --out "$OUT/selftest.json"
+}
+
+stage_bench1() {
+  python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-fast --precisions fp32 bf16 \
+    --seconds 15 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 --out "$OUT/bench1.json"
+}
+
+stage_bench8() {
+  python3 scripts/bench_train.py --device cuda --n-envs 8 --runs step0-sb3 step2-fast --precisions fp32 \
+    --seconds 10 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
+}
+
+stage_proxy() {
+  local poller status
+  ( while sleep "$PROXY_POLL_S"; do proxy_curve; done ) >/dev/null 2>&1 &  # off the pipe: tee must not wait
+  poller=$!
+  python3 scripts/ch09_pixel_push.py train --env FetchReach-v4 --critic-encoder --no-drq --engine fast \
+    --total-steps "$PROXY_STEPS" --eval-freq 2000 --eval-episodes 10 --no-eval-video \
+    --checkpoint-freq "$PROXY_STEPS" --buffer-size 100000 --device cuda --no-progress --artifact-root "$PROXY_ROOT"
+  status=$?
+  kill "$poller" 2>/dev/null
+  return $status
+}
+finish_proxy() { proxy_curve; }
+
+# proxy_curve: the proxy's eval success so far, from its TensorBoard folder, into $OUT/proxy.json (atomically)
+proxy_curve() {
+  python3 - "$PROXY_ROOT" "$OUT/proxy.json" "$PROXY_STEPS" <<'PY' 2>>"$LOG"
+import json, os, sys
 from pathlib import Path
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-root, engine, out = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-run_dir = next(root.glob("runs/*/FetchReach-v4/seed0"))
-events = EventAccumulator(str(run_dir)); events.Reload()
-curve = [(e.step, e.value) for e in events.Scalars("eval/success_rate")]
-meta = json.loads(next(root.glob("checkpoints/*_seed0.meta.json")).read_text())
-report = json.loads(out.read_text()) if out.exists() else {}
-report[engine] = {"eval_success_rate": curve, "steps_per_s": meta["steps_per_s"],
-                  "wall_time_s": meta["wall_time_s"], "reaches_0.9": any(v >= 0.9 for _, v in curve)}
-out.write_text(json.dumps(report, indent=1) + "\n")
-print(f"proxy {engine}: success curve {curve}, {meta['steps_per_s']} steps/s")
+root, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+run_dirs = sorted(root.glob("runs/*/FetchReach-v4/seed0"))
+curve = []
+if run_dirs:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dirs[0]))
+    events.Reload()
+    if "eval/success_rate" in events.Tags()["scalars"]:
+        curve = [[e.step, e.value] for e in events.Scalars("eval/success_rate")]
+metas = sorted(root.glob("checkpoints/*_seed0.meta.json"))
+meta = json.loads(metas[0].read_text()) if metas else {}
+report = {"engine": "fast", "total_steps": steps, "eval_success_rate": curve,
+          "reaches_0.9": any(value >= 0.9 for _, value in curve),
+          "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),
+          "steps_per_s": meta.get("steps_per_s"), "wall_time_s": meta.get("wall_time_s")}
+tmp = out.with_name(out.name + ".tmp")
+tmp.write_text(json.dumps(report, indent=1) + "\n")
+os.replace(tmp, out)
 PY
+}
+
+# collect_crash_logs: every crash-*.log written since the start (repository logs/, the proxy's artifact root,
+# the temp folder cli_guard falls back to), in one file
+collect_crash_logs() {
+  local found=() dir file
+  for dir in "${CRASH_LOG_DIRS[@]}"; do
+    for file in "$dir"/crash-*.log; do
+      [ -f "$file" ] && [ "$file" -nt "$START_MARK" ] && found+=("$file")
+    done
   done
+  [ ${#found[@]} -eq 0 ] && return 0
+  for file in "${found[@]}"; do printf '===== %s\n' "$file"; cat "$file"; echo; done > "$OUT/crash_logs.txt.tmp"
+  mv "$OUT/crash_logs.txt.tmp" "$OUT/crash_logs.txt"
 }
 
+# run_stage NAME: the stage under its limit, output into the log; then its finish step and the crash logs
 run_stage() {
-  case "$1" in
-    tests) python3 -m pytest -m gpu tests/test_fast_sac.py -q -p no:cacheprovider ;;
-    bench1) bench bench1 --n-envs 1 --runs step0-sb3 step2-sb3 step2-fast --precisions fp32 bf16 ;;
-    bench8) bench bench8 --n-envs 8 --runs step0-sb3 step2-fast --precisions fp32 bf16 ;;
-    seeds) bench seeds --n-envs 1 --runs step2-fast --concurrent 1 2 3 4 ;;
-    proxy) proxy ;;
-  esac
+  local name=$1 limit start status
+  limit=$(stage_limit_s "$name")
+  if [ "$limit" -lt "$MIN_STAGE_S" ]; then
+    say "stage $name: skipped, $(time_left_s) s left before the deadline (estimate ${ESTIMATE_S[$name]} s)"
+    skipped+=("$name")
+    return 0
+  fi
+  say "stage $name: at most $limit s (estimate ${ESTIMATE_S[$name]} s)"
+  start=$(date +%s)
+  export -f $(compgen -A function)
+  timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$limit" bash -c "stage_$name" 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
+  if declare -F "finish_$name" >/dev/null; then "finish_$name"; fi
+  collect_crash_logs
+  if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+    say "stage $name: TIMED OUT after $(( $(date +%s) - start )) s (limit $limit s); its partial results are in $OUT"
+    failed+=("$name")
+  elif [ "$status" -ne 0 ]; then
+    say "stage $name: FAILED with exit $status after $(( $(date +%s) - start )) s"
+    failed+=("$name")
+  else
+    say "stage $name: passed in $(( $(date +%s) - start )) s"
+  fi
 }
 
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(tests bench1 bench8 seeds proxy)
-for stage in "${stages[@]}"; do
-  if [ -z "$(stage_timeout_s "$stage")" ]; then
-    echo "error: unknown stage '$stage'; use any of: tests bench1 bench8 seeds proxy." >&2
-    exit 2
-  fi
-done
-missing=$(python3 - <<'PY'
+run_stages() {
+  failed=() skipped=()
+  local stage
+  for stage in "$@"; do run_stage "$stage"; done
+  say "done: ${#failed[@]} failed (${failed[*]:-none}), ${#skipped[@]} skipped (${skipped[*]:-none}); results in $OUT"
+  [ ${#failed[@]} -eq 0 ]
+}
+
+main() {
+  cd "$(dirname "$0")/.." || exit 2
+  local stages=("$@") stage missing
+  [ ${#stages[@]} -eq 0 ] && stages=("${STAGES[@]}")
+  for stage in "${stages[@]}"; do
+    if [[ ! " ${STAGES[*]} " == *" $stage "* ]]; then
+      echo "error: unknown stage '$stage'; use any of: ${STAGES[*]}." >&2
+      exit 2
+    fi
+  done
+  export OUT="${OUT:-results/gpu_checks}" PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
+  export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}" LOG="$OUT/gpu_checks.log"
+  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" PROXY_ROOT PROXY_STEPS PROXY_POLL_S
+  mkdir -p "$OUT"
+  PROXY_ROOT=$(mktemp -d /tmp/gpu_proxy_XXXX)
+  START_MARK=$(mktemp /tmp/gpu_checks_start_XXXX)
+  CRASH_LOG_DIRS=("$PWD/logs" "$PROXY_ROOT/logs" "${TMPDIR:-/tmp}")
+
+  say "free memory first (deadline ${DEADLINE_S} s from the call's start, $(time_left_s) s left):"
+  { free -g; nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free,driver_version --format=csv; } \
+    2>&1 | tee -a "$LOG"
+  missing=$(python3 - <<'PY'
 import importlib.util
-need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard"]
+need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard", "pytest"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PY
 )
-if [ -n "$missing" ]; then
-  echo "error: python3 here lacks ${missing}; run the prepare step in this script's header and source .gl/device_env.sh first." >&2
-  exit 2
-fi
-if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  echo "error: torch sees no CUDA GPU here; these checks need the lent GPU machine." >&2
-  exit 2
-fi
+  if [ -n "$missing" ]; then
+    echo "error: python3 here lacks ${missing}; run the prepare step in this script's header and source .gl/device_env.sh first." >&2
+    exit 2
+  fi
+  if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "error: torch sees no CUDA GPU here; these checks need the lent GPU machine." >&2
+    exit 2
+  fi
+  run_stages "${stages[@]}"
+}
 
-
-mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-failed=()
-for stage in "${stages[@]}"; do
-  say "stage $stage (at most $(stage_timeout_s "$stage") s)"
-  start=$(date +%s)
-  export -f run_stage bench proxy say
-  export OUT LOG BENCH_SECONDS PROXY_ENGINES PROXY_STEPS
-  timeout --signal=TERM --kill-after=30 "$(stage_timeout_s "$stage")" bash -c "run_stage $stage" 2>&1 | tee -a "$LOG"
-  status=${PIPESTATUS[0]}
-  say "stage $stage: exit $status after $(( $(date +%s) - start )) s"
-  [ "$status" -eq 0 ] || failed+=("$stage")
-done
-if [ ${#failed[@]} -gt 0 ]; then
-  say "failed stages: ${failed[*]}"
-  exit 1
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
 fi
-say "all stages passed; results in $OUT"

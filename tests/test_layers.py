@@ -1,6 +1,6 @@
 """The layers point one way (scripts/ch09/__init__.py has the table): labs <- ch09.errors <- ch09.engine <- ch09.run
-<- ch09.experiment <- ch09.sweep <- the entry scripts. Every import in scripts/ is read (``ast``, imports inside
-functions too) and none may run back up a layer or into an entry script."""
+<- ch09.experiment (with ch09.selftest, ch09.benchmark) <- ch09.sweep <- the entry scripts. Every import in scripts/
+is read (``ast``, imports inside functions too) and none may run back up a layer or into an entry script."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ LABS = sorted(p.stem for p in (SCRIPTS / "labs").glob("*.py"))
 ENTRY_SCRIPTS = sorted(p.stem for p in SCRIPTS.glob("*.py"))
 LAYERS = ["labs", "ch09.errors", "ch09.engine", "ch09.run", "ch09.experiment", "ch09.sweep", "entry"]
 """Bottom to top: a module may import its own layer and the ones to its left."""
+EXPERIMENT_MODULES = ("ch09.experiment", "ch09.selftest", "ch09.benchmark")
+"""The experiment layer: the experiment itself, and the two programs' cores that build its agents."""
 
 
 def layer_of_module(name: str) -> str | None:
@@ -27,7 +29,11 @@ def layer_of_module(name: str) -> str | None:
         return "ch09.errors"  # the package's __init__ holds only a docstring
     if name == "ch09.framestack_replay":
         return "ch09.engine"  # the alias older checkpoints name
-    return next(layer for layer in reversed(LAYERS) if name == layer or name.startswith(layer + "."))
+    if any(name == module or name.startswith(module + ".") for module in EXPERIMENT_MODULES):
+        return "ch09.experiment"
+    layer = next((layer for layer in reversed(LAYERS) if name == layer or name.startswith(layer + ".")), None)
+    assert layer is not None, f"{name} is in no layer: put it in one (and in scripts/ch09/__init__.py's table)"
+    return layer
 
 
 def layer_of_file(path: Path) -> str:

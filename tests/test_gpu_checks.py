@@ -1,0 +1,100 @@
+"""``scripts/gpu_checks.sh``: one device call that fits, whose deadline cuts and skips stages but keeps their results.
+
+The GPU stages themselves need the lent machine; what runs here is the script's own logic, in bash: its header
+against its code, and its clock. The clock is checked by sourcing the script (``main`` runs only when it is
+executed) and running its real ``run_stages`` on two stand-in stages under a deadline of a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "scripts" / "gpu_checks.sh"
+CALL_TIMEOUT_S = 540
+"""The device call's limit the script is built for: 9 minutes, so a rerun after a fix fits in the 15 of a session."""
+MAX_FILES_BACK = 8
+"""The device tool brings back at most this many files from $OUT."""
+
+
+def bash(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f"source {SCRIPT}\n{script}"], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_deadline():
+    text = SCRIPT.read_text()
+    assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
+    header = text.split("\nset -uo pipefail", 1)[0]
+    assert f"timeout_s={CALL_TIMEOUT_S}" in header and 'carry=[".whl", ".gl"]' in header
+    assert "bash scripts/gpu_checks.sh" in header
+    assert not re.search(r"EXTRA_WHEELS=[^\n]*\b(pytest|pluggy|iniconfig)\b", text)  # the image's pytest stays
+
+    in_header = {name: int(seconds) for name, seconds in re.findall(r"^#   (\w+) +(\d+) s ", header, re.M)}
+    code = bash('for name in prepare "${STAGES[@]}"; do echo "$name ${ESTIMATE_S[$name]}"; done\n'
+                'echo "deadline $DEADLINE_S"; echo "call $CALL_TIMEOUT_S"')
+    values = dict(line.split() for line in code.stdout.splitlines())
+    deadline, call = int(values.pop("deadline")), int(values.pop("call"))
+    assert in_header == {name: int(seconds) for name, seconds in values.items()}, "header and code disagree"
+    assert list(in_header)[1:] == ["tests", "selftest", "bench1", "proxy", "bench8"]  # the order of value
+    assert sum(in_header.values()) < deadline < call == CALL_TIMEOUT_S
+
+    files_back = set(re.findall(r'"\$OUT/([\w.]+)"', text))
+    files_back.add("gpu_checks.log")  # named as $LOG
+    assert len(files_back) <= MAX_FILES_BACK, sorted(files_back)
+
+
+def test_each_stage_runs_under_min_of_its_bound_and_the_time_left():
+    limits = bash('START_S=$(date +%s); DEADLINE_S=510; stage_limit_s tests; DEADLINE_S=100; stage_limit_s tests; '
+                  'KILL_AFTER_S=10; DEADLINE_S=15; stage_limit_s bench8')
+    bound, short, none_left = map(int, limits.stdout.split())
+    assert bound == 110 * 3 // 2  # 1.5 x the tests estimate, with plenty of time left
+    assert 89 <= short <= 90  # 100 s to the deadline, less the kill grace
+    assert none_left <= 5
+
+
+def test_the_deadline_cuts_a_running_stage_keeps_its_partial_results_and_skips_the_stages_left(tmp_path):
+    out, crash_dir = tmp_path / "out", tmp_path / "logs"
+    out.mkdir()
+    started = time.monotonic()
+    proc = bash(f"""
+OUT={out}; LOG={out}/gpu_checks.log; START_S=$(date +%s); DEADLINE_S=6; KILL_AFTER_S=1; MIN_STAGE_S=2
+START_MARK=$(mktemp); CRASH_LOG_DIRS=({crash_dir})
+export OUT LOG
+stage_tests() {{ echo '{{"rows": ["first measurement"]}}' > "$OUT/bench1.json"; mkdir -p {crash_dir}
+                 echo 'Traceback: boom' > {crash_dir}/crash-1.log; sleep 60; }}
+finish_tests() {{ echo 'finish_tests ran after the cut' >> "$LOG"; }}  # as finish_proxy writes the curve
+stage_selftest() {{ echo 'selftest ran'; }}
+run_stages tests selftest
+""")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stderr
+    assert elapsed < 6 + 1 + 5  # the stage and its `sleep` grandchild were stopped at the deadline
+    log = (out / "gpu_checks.log").read_text()
+    assert "stage tests: TIMED OUT" in log and "stage selftest: skipped" in log
+    assert log.index("finish_tests ran after the cut") < log.index("stage tests: TIMED OUT")
+    assert "selftest ran" not in log and "1 failed (tests), 1 skipped (selftest)" in log
+    assert (out / "bench1.json").read_text().startswith('{"rows"')  # what the cut stage wrote is kept
+    assert "Traceback: boom" in (out / "crash_logs.txt").read_text()
+
+
+def test_the_proxy_curve_is_read_from_the_tensorboard_folder_of_a_run(production, tmp_path):
+    """What ``proxy_curve`` writes (every PROXY_POLL_S during the stage and after it), on a real tiny run:
+    full-state FetchReach-v4 instead of pixels, so it takes seconds on a CPU."""
+    root, out = tmp_path / "proxy", tmp_path / "out"
+    out.mkdir()
+    production.check("train", "--env", "FetchReach-v4", *production.STATE_BUDGET, "--total-steps", "200",
+                     "--eval-freq", "100", "--artifact-root", str(root))
+    python_dir = Path(sys.executable).parent
+    proc = bash(f"export PATH={python_dir}:$PATH OUT={out} LOG={out}/gpu_checks.log PROXY_ROOT={root} "
+                "PROXY_STEPS=200\nproxy_curve")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "proxy.json").read_text())
+    assert [step for step, _ in report["eval_success_rate"]] == [100, 200]
+    assert all(0.0 <= rate <= 1.0 for _, rate in report["eval_success_rate"])
+    assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
