@@ -46,7 +46,7 @@ from ch09.artifacts import git_commit, now_iso, package_versions, write_json
 from ch09.callbacks import human_duration
 from ch09.errors import UserError
 from ch09.validation import check_device, check_writable_folder, positive_seconds
-from lab_support import free_memory_bytes, renderer_import_error
+from lab_support import free_memory, renderer_import_error
 
 if TYPE_CHECKING:
     from ch09_pixel_push import SelftestConfig, TrainConfig
@@ -111,8 +111,10 @@ class CheckResult:
 # ======================================================================================================
 def check_device_works(device: th.device) -> CheckResult:
     """torch, the device and its memory; a small computation proves the device answers."""
+    ram = free_memory("cpu")  # the container's limit counts (cgroups), as in train's preflight
     figures: dict[str, Any] = {"torch": th.__version__, "torch_cuda": th.version.cuda, "device": str(device),
-                               "cpu_count": os.cpu_count(), "ram_free_bytes": free_memory_bytes("cpu")}
+                               "cpu_count": os.cpu_count(), "ram_free_bytes": ram.bytes_available,
+                               "ram_free_limited_by": ram.limited_by}
     if device.type == "cuda":
         free, total = th.cuda.mem_get_info(device)
         figures |= {"gpu": th.cuda.get_device_name(device), "gpu_memory_total_bytes": int(total),
