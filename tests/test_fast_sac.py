@@ -311,6 +311,9 @@ def _assert_same_optimizer(x: th.optim.Optimizer, y: th.optim.Optimizer, atol: f
 
 
 def logged_losses(model: SAC) -> dict[str, float]:
+    """The losses the model's last train() recorded; FastSAC's are read from the device here (as a dump would)."""
+    if isinstance(model, FastSAC):
+        model.record_train_metrics()
     keys = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
     return {key: float(model.logger.name_to_value[key]) for key in keys if key in model.logger.name_to_value}
 
