@@ -16,6 +16,7 @@ What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import subprocess
@@ -30,12 +31,23 @@ import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import SAC
-from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
 
-from ch09.fast_sac import FastSAC, Routing, make_capturable, squashed_gaussian_sample
+from ch09.fast_sac import (
+    GRAPH_VERIFY_RTOL,
+    NO_CUDA_GRAPH_ENV,
+    CudaContextError,
+    FastSAC,
+    GraphStatus,
+    RecordedStepGraph,
+    Routing,
+    SacUpdateEngine,
+    make_capturable,
+    squashed_gaussian_sample,
+)
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
 from drqv2_sac_policy import DrQv2SACPolicy, routing_report
@@ -453,9 +465,9 @@ def reach_env(n_envs: int = 1) -> DummyVecEnv:
     return DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")] * n_envs)
 
 
-def reach_model(env, **kwargs) -> FastSAC:
+def reach_model(env, replay_buffer_class: type = FrameStackHerReplayBuffer, **kwargs) -> FastSAC:
     return FastSAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
-                   device="cpu", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                   device="cpu", gamma=0.95, replay_buffer_class=replay_buffer_class,
                    replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]), **kwargs)
 
 
@@ -622,6 +634,277 @@ def test_full_state_reach_learns_with_the_fast_engine(seed):
     finally:
         env.close()
         eval_env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CUDA-graph logic, on the CPU through the stand-in (RecordedStepGraph): warm-up, static batch, recapture,
+# verification and fallback, delayed logging
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def stand_in() -> type[RecordedStepGraph]:
+    """A fresh RecordedStepGraph subclass that counts what the engine asks of it (``stand_in.counts``) and
+    notes ``cudnn.benchmark`` whenever the step runs."""
+
+    class CountingStandIn(RecordedStepGraph):
+        counts: collections.Counter = collections.Counter()
+        benchmark_seen: set[bool] = set()
+
+        def warm_up(self, step):
+            self.counts["warm_up"] += 1
+            self.benchmark_seen.add(th.backends.cudnn.benchmark)
+            super().warm_up(step)
+
+        def capture(self, step):
+            self.counts["capture"] += 1
+            super().capture(step)
+
+        def replay(self):
+            self.counts["replay"] += 1
+            self.benchmark_seen.add(th.backends.cudnn.benchmark)
+            super().replay()
+
+    return CountingStandIn
+
+
+def filled_reach_pair(replay: str = "framestack", **graph_kwargs) -> tuple[DummyVecEnv, FastSAC, FastSAC]:
+    """An eager FastSAC and one built with ``graph_kwargs``, equal weights and equal (separate) buffers of 100
+    random-action steps, each with a silent logger; no update has run yet."""
+    env = reach_env()
+    buffer_class = {"framestack": FrameStackHerReplayBuffer, "sb3": HerReplayBuffer}[replay]
+    models = []
+    for kwargs in ({}, graph_kwargs):
+        model = reach_model(env, replay_buffer_class=buffer_class, **kwargs)
+        model.learn(100)  # learning_starts=100: random actions, no update
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        models.append(model)
+    return env, models[0], models[1]
+
+
+def train_both(models: tuple[FastSAC, ...], gradient_steps: int, seed: int = 7) -> None:
+    for model in models:
+        np.random.seed(seed)  # the host draw of SB3's buffer
+        th.manual_seed(seed)  # the device draw, the actor's noise
+        model.train(gradient_steps=gradient_steps, batch_size=32)
+
+
+def assert_identical(a: FastSAC, b: FastSAC) -> None:
+    """Bit-identical weights, log alpha and Adam states: on a CPU the stand-in's replay IS the eager step."""
+    for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert th.equal(x, y), f"{name}: max diff {(x - y).abs().max():.2e}"
+    assert th.equal(a.log_ent_coef, b.log_ent_coef)
+    for x, y in zip((a.actor.optimizer, a.critic.optimizer, a.ent_coef_optimizer),
+                    (b.actor.optimizer, b.critic.optimizer, b.ent_coef_optimizer)):
+        state_x, state_y = x.state_dict()["state"], y.state_dict()["state"]
+        assert state_x.keys() == state_y.keys()
+        for index, values in state_x.items():
+            for key, value in values.items():
+                assert th.equal(value, state_y[index][key]), f"Adam {key}[{index}]"
+
+
+@pytest.mark.parametrize("replay", ["framestack", "sb3"])
+def test_stand_in_warms_up_captures_verifies_and_replays_like_eager_steps(replay, stand_in, monkeypatch):
+    """3 warm-up steps, one capture verified by a replay + an eager step, then replays; the static batch is
+    refreshed for every replay (SB3's buffer: host draw), so the result is the eager run's, bit for bit."""
+    monkeypatch.setattr(th.backends.cudnn, "benchmark", False)
+    env, eager, graphed = filled_reach_pair(replay, step_graph_class=stand_in)
+    try:
+        assert graphed.graph_status == GraphStatus("warming-up") and eager.graph_status.state == "not-cuda"
+        train_both((eager, graphed), gradient_steps=3)
+        assert graphed.graph_status.state == "warming-up" and graphed._engine.graph is None
+        assert stand_in.counts == {"warm_up": 3}
+        train_both((eager, graphed), gradient_steps=7, seed=8)
+        assert stand_in.counts == {"warm_up": 3, "capture": 1, "replay": 1 + 6}  # verification + 6 steps
+        assert graphed.graph_status == GraphStatus("captured", None, 0.0)
+        assert graphed._engine.graph is not None
+        assert (graphed._engine.static_batch is None) == (replay == "framestack")  # device draw: inside the step
+        assert_identical(eager, graphed)
+        assert eager._n_updates == graphed._n_updates == 10
+        assert stand_in.benchmark_seen == {True} and th.backends.cudnn.benchmark is False  # scoped to the engine
+    finally:
+        env.close()
+
+
+RECAPTURE_TRIGGERS = {
+    "gradients freed": lambda m: m.actor.optimizer.zero_grad(set_to_none=True),
+    "critic Adam state replaced": lambda m: m.critic.optimizer.load_state_dict(
+        copy.deepcopy(m.critic.optimizer.state_dict())),
+    "ent-coef Adam state replaced": lambda m: m.ent_coef_optimizer.load_state_dict(
+        copy.deepcopy(m.ent_coef_optimizer.state_dict())),
+    "log alpha moved": lambda m: setattr(m.log_ent_coef, "data", m.log_ent_coef.data.clone()),
+    "set_parameters (load)": lambda m: m.set_parameters(copy.deepcopy(m.get_parameters())),
+    "nothing": lambda m: None,
+}
+
+
+@pytest.mark.parametrize("trigger", list(RECAPTURE_TRIGGERS))
+def test_every_stale_pointer_triggers_a_warm_up_and_a_new_verified_capture(trigger, stand_in):
+    env, eager, graphed = filled_reach_pair(step_graph_class=stand_in)
+    try:
+        train_both((eager, graphed), gradient_steps=5)
+        assert stand_in.counts["capture"] == 1 and graphed.graph_status.state == "captured"
+        for model in (eager, graphed):
+            RECAPTURE_TRIGGERS[trigger](model)
+        train_both((eager, graphed), gradient_steps=5, seed=8)
+        if trigger == "nothing":
+            assert stand_in.counts == {"warm_up": 3, "capture": 1, "replay": 2 + 5}
+        else:
+            assert stand_in.counts == {"warm_up": 3 + 3, "capture": 2, "replay": 2 + 2}
+        assert graphed.graph_status.state == "captured"
+        assert_identical(eager, graphed)
+    finally:
+        env.close()
+
+
+def perturbing_stand_in(how: str) -> type[RecordedStepGraph]:
+    """A stand-in that breaks the step in one way: its replay moves a weight, writes a NaN, or its capture
+    raises (as CUDA does for an op it cannot capture)."""
+
+    class BrokenStandIn(RecordedStepGraph):
+        def capture(self, step):
+            if how == "raises":
+                raise RuntimeError("operation not permitted when stream is capturing")
+            super().capture(step)
+
+        def replay(self):
+            super().replay()
+            weight = next(iter(self.policy.actor.mu.parameters()))
+            with th.no_grad():
+                if how == "mismatch":
+                    weight.add_(1e-3)  # about 3 Adam steps of 3e-4: what a stale batch or pointer looks like
+                elif how == "nan":
+                    weight[0, 0] = float("nan")
+
+    return BrokenStandIn
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("mismatch", "the replayed step differs from the eager one by"),
+    ("nan", "the replayed step gave non-finite values"),
+    ("raises", "the capture raised RuntimeError: operation not permitted when stream is capturing"),
+])
+def test_a_capture_that_fails_verification_falls_back_once_and_trains_eagerly(how, reason, capsys):
+    broken = perturbing_stand_in(how)
+    env, eager, graphed = filled_reach_pair(step_graph_class=broken)
+    broken.policy = graphed.policy
+    try:
+        train_both((eager, graphed), gradient_steps=6)
+        status = graphed.graph_status
+        assert status.state == "fallback" and reason in status.reason, status
+        if how == "mismatch":
+            assert status.max_deviation > GRAPH_VERIFY_RTOL["fp32"]
+        assert graphed._engine.graph is None and not graphed._engine.use_graph
+        assert_identical(eager, graphed)  # the state was put back and the step ran eagerly
+        graphed.set_parameters(copy.deepcopy(graphed.get_parameters()))  # a new engine: it must not try again
+        eager.set_parameters(copy.deepcopy(eager.get_parameters()))
+        train_both((eager, graphed), gradient_steps=6, seed=8)
+        assert graphed.graph_status == status and graphed._engine.graph is None
+        assert_identical(eager, graphed)
+    finally:
+        env.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA-graph" in line]
+    assert lines == [f"CUDA-graph step disabled ({status.reason}); training eagerly, same losses, slower"]
+
+
+def test_the_graph_is_off_with_cuda_graph_false_or_the_environment_variable(stand_in, monkeypatch):
+    env = reach_env()
+    try:
+        assert reach_model(env).graph_status == GraphStatus("not-cuda")
+        off = reach_model(env, cuda_graph=False, step_graph_class=stand_in)
+        assert off.graph_status.state == "off" and "--no-cuda-graph" in off.graph_status.reason
+        monkeypatch.setenv(NO_CUDA_GRAPH_ENV, "1")
+        model = reach_model(env, step_graph_class=stand_in)
+        assert model.graph_status == GraphStatus("off", f"{NO_CUDA_GRAPH_ENV}=1")
+        model.learn(150)
+        assert model._n_updates == 50 and not stand_in.counts and model._engine.graph is None
+    finally:
+        env.close()
+
+
+def test_a_broken_cuda_context_ends_learn_with_its_own_error():
+    """A replay that leaves the context broken (every later sync raises, as after an illegal memory access)."""
+
+    class BreaksOnThirdReplay(RecordedStepGraph):
+        replays = 0
+
+        def replay(self):
+            type(self).replays += 1
+            if type(self).replays >= 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            super().replay()
+
+        def synchronize(self):
+            if type(self).replays >= 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    env = reach_env()
+    try:
+        model = reach_model(env, step_graph_class=BreaksOnThirdReplay)
+        with pytest.raises(CudaContextError, match="CUDA context broke") as caught:
+            model.learn(200)
+        assert "illegal memory access" in str(caught.value.__cause__)
+        assert model.graph_status.state == "captured"
+    finally:
+        env.close()
+
+
+class RecordingOutput(KVWriter):
+    """A logger output that keeps every dump: [(step, {key: value})]."""
+
+    def __init__(self) -> None:
+        self.dumps: list[tuple[int, dict[str, float]]] = []
+
+    def write(self, key_values, key_excluded, step=0):
+        self.dumps.append((step, {k: v for k, v in key_values.items() if k.startswith("train/")}))
+
+    def close(self):
+        pass
+
+
+def test_train_reads_the_losses_only_when_the_logger_dumps(stand_in, monkeypatch):
+    """No device-to-host read per train() call (per env step): one read, when the logger dumps."""
+    reads = []
+    mean_metrics = SacUpdateEngine.mean_metrics
+    monkeypatch.setattr(SacUpdateEngine, "mean_metrics", lambda self, steps: reads.append(steps) or
+                        mean_metrics(self, steps))
+    env, _, model = filled_reach_pair(step_graph_class=stand_in)
+    output = RecordingOutput()
+    model.set_logger(Logger(folder=None, output_formats=[output]))
+    try:
+        for _ in range(20):
+            model.train(gradient_steps=2, batch_size=32)
+        assert reads == [] and "train/critic_loss" not in model.logger.name_to_value
+        model.logger.dump(step=1)  # a dump SB3's algorithm did not start (an evaluation callback's)
+        assert reads == [2] and output.dumps[-1][1].keys() >= {"train/critic_loss", "train/actor_loss"}
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("step_graph_class", [None, RecordedStepGraph], ids=["eager", "stand-in graph"])
+def test_losses_reach_sb3s_dumps_with_the_values_sb3_logs(step_graph_class):
+    """learn() of stock SAC and of FastSAC(sb3_order=True) from one seed: at every dump SB3 makes (every
+    episode here) the logged losses are SB3's, the means over the last train() call's 2 steps."""
+    env = reach_env()
+    outputs = {}
+    try:
+        for name, algorithm, kwargs in (("stock", SAC, {}),
+                                        ("fast", FastSAC, dict(sb3_order=True, step_graph_class=step_graph_class))):
+            model = algorithm("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
+                              device="cpu", gamma=0.95, replay_buffer_class=HerReplayBuffer, gradient_steps=2,
+                              replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]),
+                              **kwargs)
+            outputs[name] = RecordingOutput()
+            model.set_logger(Logger(folder=None, output_formats=[outputs[name]]))
+            model.learn(400, log_interval=1)
+        stock, fast = outputs["stock"].dumps, outputs["fast"].dumps
+        assert [step for step, _ in fast] == [step for step, _ in stock] and len(stock) == 8
+        trained = [(s, f) for (_, s), (_, f) in zip(stock, fast) if "train/critic_loss" in s]
+        assert len(trained) == 6  # the episodes after learning_starts
+        for stock_values, fast_values in trained:
+            assert fast_values.keys() == stock_values.keys()
+            for key, value in stock_values.items():
+                assert fast_values[key] == pytest.approx(value, rel=1e-4, abs=ATOL), key
+    finally:
+        env.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
