@@ -247,8 +247,10 @@ def test_the_device_copy_follows_wraps_closes_retirements_and_resets():
                 next_sync += int(rng.integers(1, 6))
     assert syncs_checked > 100
     assert buffer._rows_written.max() > 3 * buffer.buffer_size, "the rings should have wrapped several times"
-    # Only the first sync and the one after reset() may copy everything; every other write is tracked.
+    # Only the first sync and the one after reset() may copy everything; every other write is tracked, and
+    # each sync sends what changed (rows, indices, the draw's scalars) in one host-to-device copy.
     assert view.full_syncs == 2, view.full_syncs
+    assert view.uploads == syncs_checked
 
 
 # ---------------------------------------------------------------------------------------------------------
