@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -583,20 +584,47 @@ def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
 
 
 def test_the_production_script_trains_with_either_engine_and_switches_on_resume(tmp_path, production):
-    """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``)."""
-    import json
-
+    """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``);
+    ``--no-cuda-graph`` reaches the engine and its graph status the run's metadata."""
     budget = [*production.STATE_BUDGET, "--replay", "framestack", "--artifact-root", str(tmp_path)]
-    production.check("train", "--seed", "0", "--total-steps", "200", *budget)
+    production.check("train", "--seed", "0", "--total-steps", "200", "--no-cuda-graph", *budget)
     meta_path = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["config"]["engine"] == "fast" and meta["sessions"][0]["engine"] == "fast"
+    assert meta["cuda_graph"]["state"] == "off" and "--no-cuda-graph" in meta["cuda_graph"]["reason"]
     production.check("train", "--seed", "0", "--total-steps", "300", "--resume", "--engine", "sb3", *budget)
     meta = json.loads(meta_path.read_text())
     assert meta["steps_done"] == 300 and meta["config"]["engine"] == "sb3"
     assert [session["engine"] for session in meta["sessions"]] == ["fast", "sb3"]
+    assert meta["cuda_graph"] is None and meta["sessions"][0]["cuda_graph"]["state"] == "off"
     refused = production.run("train", "--engine", "jax", *budget)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpoint(tmp_path, cli, production,
+                                                                                     monkeypatch):
+    """CudaContextError (what FastSAC raises when a sync fails after a replay) at step 150: the checkpoint of step
+    100 stays, and the run ends in one sentence naming --no-cuda-graph, with no crash log."""
+    import ch09_pixel_push
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class BreakAt150(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= 150:
+                raise CudaContextError("the CUDA context broke while the CUDA-graph step was in use (CUDA error: "
+                                       "an illegal memory access was encountered)")
+            return True
+
+    monkeypatch.setattr(ch09_pixel_push, "testing_hooks", lambda stem: [BreakAt150()])
+    code, _, err = cli.run("train", "--seed", "0", "--total-steps", "300", *production.STATE_BUDGET,
+                           "--artifact-root", str(tmp_path))
+    line = cli.assert_user_error(code, err, "CUDA context broke", "step 150", "checkpoint of step 100 is intact",
+                                 "--resume with --no-cuda-graph")
+    assert line.startswith("error: The CUDA context broke")
+    meta = json.loads((tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json").read_text())
+    assert meta["steps_done"] == 100 and meta["cuda_graph"] == {"state": "not-cuda", "reason": None,
+                                                                "max_deviation": None}
+    assert not list(tmp_path.glob("logs/crash-*"))
 
 
 def test_bad_precision_is_refused_in_one_sentence():
