@@ -944,25 +944,40 @@ BF16_LOSS_RTOL, BF16_LOSS_ATOL = 0.05, 1e-3
 """bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (or 1e-3)."""
 
 
-GPU_REPLAYS = {"framestack": (FrameStackHerReplayBuffer, "device draw inside the graph"),
-               "sb3": (HerReplayBuffer, "host draw copied into the graph's batch tensors")}
+GPU_REPLAYS = {
+    ("framestack", False): (FrameStackHerReplayBuffer, {}),  # the device draw, inside the graph
+    ("framestack", True): (FrameStackHerReplayBuffer, {"drq": True}),  # ... and DrQ's shifts inside it too
+    ("sb3", False): (HerReplayBuffer, {}),  # the host draw, copied into the graph's batch tensors
+    ("sb3", True): (HerDrQDictReplayBuffer, {}),
+}
 
 
-def gpu_pair(replay: str = "framestack", **kwargs) -> tuple[FastSAC, FastSAC]:
-    """Two FastSAC on CUDA with equal weights and one buffer: eager (cuda_graph=False) and ``kwargs``."""
+def gpu_pair(policy_name: str = "DrQv2SACPolicy", replay: str = "framestack", drq: bool = False,
+             **kwargs) -> tuple[FastSAC, FastSAC]:
+    """Two FastSAC on CUDA with equal weights and one buffer: eager (cuda_graph=False) and ``kwargs``; the
+    precision in ``kwargs`` applies to both."""
     env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    buffer_class, buffer_kwargs = GPU_REPLAYS[replay, drq]
     models = []
-    for extra in ({"cuda_graph": False}, kwargs):
-        model = FastSAC(DrQv2SACPolicy, env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
-                        device="cuda", gamma=0.95, replay_buffer_class=GPU_REPLAYS[replay][0],
-                        replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(normalize_images=False),
-                        **extra)
+    for extra in ({"cuda_graph": False, "precision": kwargs.get("precision", "fp32")}, kwargs):
+        model = FastSAC(POLICIES[policy_name], env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
+                        device="cuda", gamma=0.95, replay_buffer_class=buffer_class,
+                        replay_buffer_kwargs=dict(n_sampled_goal=4, **buffer_kwargs),
+                        policy_kwargs=PIXEL_POLICY_KWARGS, **extra)
         models.append(model)
     models[0].learn(120)  # fills the buffer (random actions), no update yet
     models[1].replay_buffer = models[0].replay_buffer
     models[1].set_parameters(copy.deepcopy(models[0].get_parameters()))
     models[1].set_logger(Logger(folder=None, output_formats=[]))  # it never ran learn(), which sets one up
     return models[0], models[1]
+
+
+@pytest.fixture
+def fixed_cudnn(monkeypatch):
+    """The same cuDNN kernels on both sides of a comparison: deterministic, no TF32 (``benchmark`` is the
+    engine's, on for its work on either side)."""
+    monkeypatch.setattr(th.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(th.backends.cudnn, "allow_tf32", False)  # (matmuls: TF32 is off by default)
 
 
 def assert_close_in_bulk(a: SAC, b: SAC, atol: float = 1e-5, fraction: float = 0.01) -> None:
@@ -974,26 +989,62 @@ def assert_close_in_bulk(a: SAC, b: SAC, atol: float = 1e-5, fraction: float = 0
     assert float((diff > atol).float().mean()) < fraction, f"{float((diff > atol).float().mean()):.3%} differ"
 
 
+GPU_GRAPH_CASES = [
+    *[(precision, drq, policy, "framestack") for precision in ("fp32", "bf16") for drq in (False, True)
+      for policy in POLICIES],
+    ("fp32", False, "DrQv2SACPolicy", "sb3"),
+    ("fp32", True, "MultiInputPolicy", "sb3"),
+]
+"""precision x DrQ x policy on the frame-once buffer (the draw inside the graph), and SB3's buffers (host draw)."""
+GPU_WEIGHT_ATOL = {"fp32": 1e-5, "bf16": 1e-4}
+"""Per-weight bound of eager vs replayed after 20 steps: far below what a stale batch does (most weights move by
+a good part of the learning rate, 3e-4, per step); bf16 leaves room for a flipped last bit of an activation."""
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("replay", list(GPU_REPLAYS))
-def test_captured_step_equals_eager_step_on_cuda(replay, monkeypatch):
-    # The same (deterministic) kernels in both, so only the capture can make a difference.
-    monkeypatch.setattr(th.backends.cudnn, "deterministic", True)
-    eager, graphed = gpu_pair(replay, cuda_graph=True)
-    for model in (eager, graphed):
-        np.random.seed(5)  # the host draw of SB3's buffer
-        th.manual_seed(5)  # the device draw, the actor's noise (replays draw the same numbers as eager steps)
-        model.train(gradient_steps=10, batch_size=64)  # graphed: 3 eager warm-up steps, capture, 7 replays
-    assert graphed._engine.graph is not None and eager._engine.graph is None
+@pytest.mark.parametrize("precision, drq, policy_name, replay", GPU_GRAPH_CASES)
+def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, replay, fixed_cudnn):
+    eager, graphed = gpu_pair(policy_name, replay, drq, cuda_graph=True, precision=precision)
+    for calls in range(2):
+        for model in (eager, graphed):
+            np.random.seed(5 + calls)  # the host draw of SB3's buffers
+            th.manual_seed(5 + calls)  # the device draw, DrQ's shifts, the actor's noise
+            model.train(gradient_steps=10, batch_size=64)  # graphed: 3 warm-up, capture + verify, 6 + 10 replays
+    assert eager.graph_status.state == "off" and eager._engine.graph is None
+    status = graphed.graph_status
+    assert status.state == "captured" and status.max_deviation <= GRAPH_VERIFY_RTOL[precision], status
+    assert graphed._engine.graph is not None and graphed._engine.channels_last == (precision == "bf16")
     assert (graphed._engine.view is not None) == (replay == "framestack")
-    assert_close_in_bulk(eager, graphed)
-    for key, value in logged_losses(eager).items():
-        assert logged_losses(graphed)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert_close_in_bulk(eager, graphed, atol=GPU_WEIGHT_ATOL[precision])
+    eager_losses, graphed_losses = logged_losses(eager), logged_losses(graphed)
+    assert eager_losses.keys() == graphed_losses.keys() >= {"train/critic_loss", "train/actor_loss"}
+    for key, value in eager_losses.items():
+        assert graphed_losses[key] == pytest.approx(value, rel=GRAPH_VERIFY_RTOL[precision], abs=1e-5), key
 
 
 @pytest.mark.gpu
-def test_bf16_losses_track_fp32_on_cuda():
+def test_a_mismatching_capture_falls_back_on_cuda(capsys):
+    """The real CUDA graph, made to disagree with the eager step (its replay also moves a weight): fallback."""
+    from ch09.fast_sac import CudaStepGraph
+
+    class PerturbedGraph(CudaStepGraph):
+        def replay(self):
+            super().replay()
+            with th.no_grad():
+                next(iter(graphed.policy.actor.mu.parameters())).add_(1e-3)
+
+    _, graphed = gpu_pair(step_graph_class=PerturbedGraph)
+    graphed.train(gradient_steps=6, batch_size=64)
+    assert graphed.graph_status.state == "fallback" and graphed._engine.graph is None
+    assert capsys.readouterr().err.count("CUDA-graph step disabled (the replayed step differs") == 1
+
+
+@pytest.mark.gpu
+def test_bf16_losses_track_fp32_on_cuda(fixed_cudnn):
     fp32, bf16 = gpu_pair(precision="bf16")
+    fp32 = FastSAC.from_sac(fp32)  # gpu_pair's eager twin shares the precision: rebuild it in fp32
+    fp32.replay_buffer = bf16.replay_buffer
+    fp32.set_logger(Logger(folder=None, output_formats=[]))
     for model in (fp32, bf16):
         th.manual_seed(6)
         model.train(gradient_steps=1, batch_size=64)
