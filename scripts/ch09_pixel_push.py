@@ -112,7 +112,7 @@ from ch09.checkpoints import (
 )
 from ch09.digest import sha256_file
 from ch09.errors import UserError
-from ch09.fast_sac import FastSAC
+from ch09.fast_sac import CudaContextError, FastSAC
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.memory import memory_plan, memory_preflight
 from ch09.release import checkpoint_for_eval, package_run
@@ -203,6 +203,9 @@ class TrainConfig:
     """Update engine: fast (FastSAC: HER draw on the device, one CUDA-graph step) or sb3 (SB3's own SAC.train())."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """FastSAC's encoder passes: fp32, or bf16 (autocast, channels_last on CUDA; weights and losses stay fp32)."""
+    cuda_graph: bool = True
+    """FastSAC on CUDA: replay the update as one CUDA graph, verified against an eager step at every capture;
+    --no-cuda-graph runs it eagerly (same losses, slower). The run's .meta.json records what became of it."""
     eval_freq: int = 50_000
     """Env steps between deterministic evaluations logged as eval/success_rate (0 turns them off)."""
     eval_episodes: int = 20
@@ -472,7 +475,7 @@ def agent_class(cfg: TrainConfig) -> tuple[type[SAC], dict[str, Any]]:
     whose checkpoints are plain SAC checkpoints (``ch09.fast_sac``)."""
     if cfg.engine == "sb3":
         return SAC, {}
-    return FastSAC, {"precision": cfg.precision}
+    return FastSAC, {"precision": cfg.precision, "cuda_graph": cfg.cuda_graph}
 
 
 # --8<-- [start:build_agent]
@@ -558,6 +561,7 @@ def new_meta(cfg: TrainConfig, paths: RunPaths, memory: list[dict[str, Any]]) ->
         "tensorboard_dir": str(paths.run_dir.relative_to(paths.root)),
         "periodic_checkpoints": [],
         "replay_buffer": None,
+        "cuda_graph": None,  # FastSAC's GraphStatus, updated at every checkpoint
         "memory": memory,
         "versions": package_versions(),
         "git": git_commit(),
@@ -656,16 +660,24 @@ def train(cfg: TrainConfig) -> int:
             try:
                 model.learn(total_timesteps=cfg.total_steps - start_steps, callback=CallbackList(callbacks),
                             log_interval=LOG_INTERVAL_EPISODES, reset_num_timesteps=False)
+                checkpoint = checkpointer.save(model)
             except WorkerTimeoutError as exc:
                 # The model and buffer are intact (the failed step was never stored): keep the progress.
                 checkpoint = checkpointer.save(model)
                 raise UserError(f"{exc}, so the run stopped at step {model.num_timesteps:,} after saving {checkpoint}; "
                                 "continue with --resume, with fewer --n-envs or a larger --worker-timeout.") from None
-            checkpoint = checkpointer.save(model)
+            except CudaContextError as exc:
+                # Nothing can be read back from a broken context: the checkpoints written before it stay as they are.
+                last = int(meta.get("steps_done", 0))
+                kept = f"the checkpoint of step {last:,} is intact" if last else "no checkpoint had been written yet"
+                said = str(exc)
+                raise UserError(f"{said[:1].upper()}{said[1:]}, at step {model.num_timesteps:,}; {kept}: run the same "
+                                f"command {'plus --resume ' if last else ''}with --no-cuda-graph (eager steps, "
+                                "same losses).") from None
         if model.ep_success_buffer:
             model.dump_logs()  # SB3 logs every few episodes; this puts the final step on the curves too
         meta["sessions"][-1].update({"to_step": model.num_timesteps, "ended_at": now_iso(),
-                                     "steps_per_s": meta["steps_per_s"]})
+                                     "steps_per_s": meta["steps_per_s"], "cuda_graph": meta.get("cuda_graph")})
         write_json(paths.meta, meta)
     except OSError as exc:  # a TensorBoard write on a full disk (our own writes raise ArtifactWriteError)
         if exc.errno not in WRITE_FAILURES:
