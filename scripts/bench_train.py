@@ -18,6 +18,7 @@ timing; their env steps/s add up.
 | peak GPU GB      | ``torch.cuda.max_memory_allocated`` of the process (largest of the concurrent)  |
 | bytes/transition | replay bytes per stored transition (the frame-once buffer: rows and the engine's device copy) |
 | GPU util %       | mean of ``nvidia-smi`` utilization.gpu samples while timed (where it answers)  |
+| graph            | FastSAC's CUDA-graph step (``graph_status``: state here, reason in the JSON)   |
 
 Runs (``--runs``; the defaults depend on ``--device``)
 ------------------------------------------------------
@@ -268,14 +269,15 @@ def _cell(value: Any, digits: int = 1) -> str:
 
 def print_table(rows: list[dict[str, Any]], device: str) -> None:
     header = ("run", "n_envs", "batch", "prec", "procs", "env steps/s", "updates/s", "train-only upd/s",
-              "x stock", "peak GPU GB", "bytes/transition", "GPU util %")
+              "x stock", "peak GPU GB", "bytes/transition", "GPU util %", "graph")
     table = [header]
     for row in rows:
         peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
         table.append((row["run"], str(row["n_envs"]), str(row["batch_size"]), row["precision"],
                       str(row["concurrent"]), _cell(row["env_steps_per_s"]), _cell(row["updates_per_s"]),
                       _cell(row["train_only_updates_per_s"]), _cell(row["x_stock"], 2), _cell(peak, 2),
-                      _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0)))
+                      _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0),
+                      row["cuda_graph"]["state"] if row["cuda_graph"] else "-"))
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     for line in table:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))

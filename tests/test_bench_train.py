@@ -31,7 +31,9 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
         assert process["steps"] > 0 and process["updates"] > 0 and row["env_steps_per_s"] > 0
         assert row["train_only_updates_per_s"] > 0 and row["bytes_per_transition"] > 0
     assert rows["state-sb3"]["x_stock"] == 1.0 and rows["state-fast"]["x_stock"] > 0
-    assert rows["state-fast"]["device_sampler"] and not rows["state-fast"]["cuda_graph"]  # CPU: eager step
+    assert rows["state-fast"]["device_sampler"] and rows["state-fast"]["cuda_graph"] == {  # CPU: eager step
+        "state": "not-cuda", "reason": None, "max_deviation": None}
+    assert rows["state-sb3"]["cuda_graph"] is None  # stock SB3 has no graph step
     assert not rows["state-sb3"]["device_sampler"]
     printed = capsys.readouterr().out
     assert "env steps/s" in printed and "need a GPU" in printed

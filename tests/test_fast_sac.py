@@ -11,12 +11,17 @@ What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run
   the same weights, batch and random draws, for MultiInputPolicy and DrQv2SACPolicy, with and without DrQ;
   the default (fewer encoder passes) equals a plain implementation of the equations in its docstring;
 - a FastSAC checkpoint is a plain SB3 checkpoint: ``SAC.load(path, env=env)`` in a fresh process resumes it;
-- overlapped collection runs the same number of updates, inside ``step_async``.
+- overlapped collection runs the same number of updates, inside ``step_async``;
+- the CUDA-graph logic, through the CPU stand-in ``RecordedStepGraph``: warm-up, the static batch, every recapture
+  trigger, the verified capture and its fallback (one line, the reason recorded), the off switches, a broken
+  context ending ``train`` in one sentence; the losses are read once per logger dump, and equal SB3's there.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import json
 import math
 import os
 import subprocess
@@ -31,15 +36,21 @@ import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import SAC
-from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 
 from ch09.engine.fast_sac import (
+    GRAPH_VERIFY_RTOL,
+    NO_CUDA_GRAPH_ENV,
+    CudaContextError,
     FastSAC,
+    GraphStatus,
+    RecordedStepGraph,
     Routing,
+    SacUpdateEngine,
     _actor_head,
     make_capturable,
     squashed_gaussian_sample,
@@ -244,8 +255,10 @@ def test_the_device_copy_follows_wraps_closes_retirements_and_resets():
                 next_sync += int(rng.integers(1, 6))
     assert syncs_checked > 100
     assert buffer._rows_written.max() > 3 * buffer.buffer_size, "the rings should have wrapped several times"
-    # Only the first sync and the one after reset() may copy everything; every other write is tracked.
+    # Only the first sync and the one after reset() may copy everything; every other write is tracked, and
+    # each sync sends what changed (rows, indices, the draw's scalars) in one host-to-device copy.
     assert view.full_syncs == 2, view.full_syncs
+    assert view.uploads == syncs_checked
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -320,6 +333,9 @@ def _assert_same_optimizer(x: th.optim.Optimizer, y: th.optim.Optimizer, atol: f
 
 
 def logged_losses(model: SAC) -> dict[str, float]:
+    """The losses the model's last train() recorded; FastSAC's are read from the device here (as a dump would)."""
+    if isinstance(model, FastSAC):
+        model.record_train_metrics()
     keys = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
     return {key: float(model.logger.name_to_value[key]) for key in keys if key in model.logger.name_to_value}
 
@@ -511,9 +527,9 @@ def reach_env(n_envs: int = 1) -> DummyVecEnv:
     return DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")] * n_envs)
 
 
-def reach_model(env, **kwargs) -> FastSAC:
+def reach_model(env, replay_buffer_class: type = FrameStackHerReplayBuffer, **kwargs) -> FastSAC:
     return FastSAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
-                   device="cpu", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                   device="cpu", gamma=0.95, replay_buffer_class=replay_buffer_class,
                    replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]), **kwargs)
 
 
@@ -629,20 +645,47 @@ def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
 
 
 def test_the_production_script_trains_with_either_engine_and_switches_on_resume(tmp_path, production):
-    """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``)."""
-    import json
-
+    """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``);
+    ``--no-cuda-graph`` reaches the engine and its graph status the run's metadata."""
     budget = [*production.STATE_BUDGET, "--replay", "framestack", "--artifact-root", str(tmp_path)]
-    production.check("train", "--seed", "0", "--total-steps", "200", *budget)
+    production.check("train", "--seed", "0", "--total-steps", "200", "--no-cuda-graph", *budget)
     meta_path = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["config"]["engine"] == "fast" and meta["sessions"][0]["engine"] == "fast"
+    assert meta["cuda_graph"]["state"] == "off" and "--no-cuda-graph" in meta["cuda_graph"]["reason"]
     production.check("train", "--seed", "0", "--total-steps", "300", "--resume", "--engine", "sb3", *budget)
     meta = json.loads(meta_path.read_text())
     assert meta["steps_done"] == 300 and meta["config"]["engine"] == "sb3"
     assert [session["engine"] for session in meta["sessions"]] == ["fast", "sb3"]
+    assert meta["cuda_graph"] is None and meta["sessions"][0]["cuda_graph"]["state"] == "off"
     refused = production.run("train", "--engine", "jax", *budget)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpoint(tmp_path, cli, production,
+                                                                                     monkeypatch):
+    """CudaContextError (what FastSAC raises when a sync fails after a replay) at step 150: the checkpoint of step
+    100 stays, and the run ends in one sentence naming --no-cuda-graph, with no crash log."""
+    import ch09_pixel_push
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    class BreakAt150(BaseCallback):
+        def _on_step(self) -> bool:
+            if self.num_timesteps >= 150:
+                raise CudaContextError("the CUDA context broke while the CUDA-graph step was in use (CUDA error: "
+                                       "an illegal memory access was encountered)")
+            return True
+
+    monkeypatch.setattr(ch09_pixel_push, "testing_hooks", lambda stem: [BreakAt150()])
+    code, _, err = cli.run("train", "--seed", "0", "--total-steps", "300", *production.STATE_BUDGET,
+                           "--artifact-root", str(tmp_path))
+    line = cli.assert_user_error(code, err, "CUDA context broke", "step 150", "checkpoint of step 100 is intact",
+                                 "--resume with --no-cuda-graph")
+    assert line.startswith("error: The CUDA context broke")
+    meta = json.loads((tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json").read_text())
+    assert meta["steps_done"] == 100 and meta["cuda_graph"] == {"state": "not-cuda", "reason": None,
+                                                                "max_deviation": None}
+    assert not list(tmp_path.glob("logs/crash-*"))
 
 
 def test_bad_precision_is_refused_in_one_sentence():
@@ -685,31 +728,319 @@ def test_full_state_reach_learns_with_the_fast_engine(seed):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The CUDA-graph logic, on the CPU through the stand-in (RecordedStepGraph): warm-up, static batch, recapture,
+# verification and fallback, delayed logging
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def stand_in() -> type[RecordedStepGraph]:
+    """A fresh RecordedStepGraph subclass that counts what the engine asks of it (``stand_in.counts``) and
+    notes ``cudnn.benchmark`` whenever the step runs."""
+
+    class CountingStandIn(RecordedStepGraph):
+        counts: collections.Counter = collections.Counter()
+        benchmark_seen: set[bool] = set()
+
+        def warm_up(self, step):
+            self.counts["warm_up"] += 1
+            self.benchmark_seen.add(th.backends.cudnn.benchmark)
+            super().warm_up(step)
+
+        def capture(self, step):
+            self.counts["capture"] += 1
+            super().capture(step)
+
+        def replay(self):
+            self.counts["replay"] += 1
+            self.benchmark_seen.add(th.backends.cudnn.benchmark)
+            super().replay()
+
+    return CountingStandIn
+
+
+def filled_reach_pair(replay: str = "framestack", **graph_kwargs) -> tuple[DummyVecEnv, FastSAC, FastSAC]:
+    """An eager FastSAC and one built with ``graph_kwargs``, equal weights and equal (separate) buffers of 100
+    random-action steps, each with a silent logger; no update has run yet."""
+    env = reach_env()
+    buffer_class = {"framestack": FrameStackHerReplayBuffer, "sb3": HerReplayBuffer}[replay]
+    models = []
+    for kwargs in ({}, graph_kwargs):
+        model = reach_model(env, replay_buffer_class=buffer_class, **kwargs)
+        model.learn(100)  # learning_starts=100: random actions, no update
+        model.set_logger(Logger(folder=None, output_formats=[]))
+        models.append(model)
+    return env, models[0], models[1]
+
+
+def train_both(models: tuple[FastSAC, ...], gradient_steps: int, seed: int = 7) -> None:
+    for model in models:
+        np.random.seed(seed)  # the host draw of SB3's buffer
+        th.manual_seed(seed)  # the device draw, the actor's noise
+        model.train(gradient_steps=gradient_steps, batch_size=32)
+
+
+def assert_identical(a: FastSAC, b: FastSAC) -> None:
+    """Bit-identical weights, log alpha and Adam states: on a CPU the stand-in's replay IS the eager step."""
+    for (name, x), y in zip(a.policy.state_dict().items(), b.policy.state_dict().values()):
+        assert th.equal(x, y), f"{name}: max diff {(x - y).abs().max():.2e}"
+    assert th.equal(a.log_ent_coef, b.log_ent_coef)
+    for x, y in zip((a.actor.optimizer, a.critic.optimizer, a.ent_coef_optimizer),
+                    (b.actor.optimizer, b.critic.optimizer, b.ent_coef_optimizer)):
+        state_x, state_y = x.state_dict()["state"], y.state_dict()["state"]
+        assert state_x.keys() == state_y.keys()
+        for index, values in state_x.items():
+            for key, value in values.items():
+                assert th.equal(value, state_y[index][key]), f"Adam {key}[{index}]"
+
+
+@pytest.mark.parametrize("replay", ["framestack", "sb3"])
+def test_stand_in_warms_up_captures_verifies_and_replays_like_eager_steps(replay, stand_in, monkeypatch):
+    """3 warm-up steps, one capture verified by a replay + an eager step, then replays; the static batch is
+    refreshed for every replay (SB3's buffer: host draw), so the result is the eager run's, bit for bit."""
+    monkeypatch.setattr(th.backends.cudnn, "benchmark", False)
+    env, eager, graphed = filled_reach_pair(replay, step_graph_class=stand_in)
+    try:
+        assert graphed.graph_status == GraphStatus("warming-up") and eager.graph_status.state == "not-cuda"
+        train_both((eager, graphed), gradient_steps=3)
+        assert graphed.graph_status.state == "warming-up" and graphed._engine.graph is None
+        assert stand_in.counts == {"warm_up": 3}
+        train_both((eager, graphed), gradient_steps=7, seed=8)
+        assert stand_in.counts == {"warm_up": 3, "capture": 1, "replay": 1 + 6}  # verification + 6 steps
+        assert graphed.graph_status == GraphStatus("captured", None, 0.0)
+        assert graphed._engine.graph is not None
+        assert (graphed._engine.static_batch is None) == (replay == "framestack")  # device draw: inside the step
+        assert_identical(eager, graphed)
+        assert eager._n_updates == graphed._n_updates == 10
+        assert stand_in.benchmark_seen == {True} and th.backends.cudnn.benchmark is False  # scoped to the engine
+    finally:
+        env.close()
+
+
+RECAPTURE_TRIGGERS = {
+    "gradients freed": lambda m: m.actor.optimizer.zero_grad(set_to_none=True),
+    "critic Adam state replaced": lambda m: m.critic.optimizer.load_state_dict(
+        copy.deepcopy(m.critic.optimizer.state_dict())),
+    "ent-coef Adam state replaced": lambda m: m.ent_coef_optimizer.load_state_dict(
+        copy.deepcopy(m.ent_coef_optimizer.state_dict())),
+    "log alpha moved": lambda m: setattr(m.log_ent_coef, "data", m.log_ent_coef.data.clone()),
+    "set_parameters (load)": lambda m: m.set_parameters(copy.deepcopy(m.get_parameters())),
+    "nothing": lambda m: None,
+}
+
+
+@pytest.mark.parametrize("trigger", list(RECAPTURE_TRIGGERS))
+def test_every_stale_pointer_triggers_a_warm_up_and_a_new_verified_capture(trigger, stand_in):
+    env, eager, graphed = filled_reach_pair(step_graph_class=stand_in)
+    try:
+        train_both((eager, graphed), gradient_steps=5)
+        assert stand_in.counts["capture"] == 1 and graphed.graph_status.state == "captured"
+        for model in (eager, graphed):
+            RECAPTURE_TRIGGERS[trigger](model)
+        train_both((eager, graphed), gradient_steps=5, seed=8)
+        if trigger == "nothing":
+            assert stand_in.counts == {"warm_up": 3, "capture": 1, "replay": 2 + 5}
+        else:
+            assert stand_in.counts == {"warm_up": 3 + 3, "capture": 2, "replay": 2 + 2}
+        assert graphed.graph_status.state == "captured"
+        assert_identical(eager, graphed)
+    finally:
+        env.close()
+
+
+def perturbing_stand_in(how: str) -> type[RecordedStepGraph]:
+    """A stand-in that breaks the step in one way: its replay draws other random numbers, moves a weight or
+    writes a NaN, or its capture raises (as CUDA does for an op it cannot capture)."""
+
+    class BrokenStandIn(RecordedStepGraph):
+        def capture(self, step):
+            if how == "raises":
+                raise RuntimeError("operation not permitted when stream is capturing")
+            super().capture(step)
+
+        def replay(self):
+            if how == "other draws":
+                th.randn(1000)  # a replay that reads another batch and other noise (a stale generator state)
+            super().replay()
+            weight = next(iter(self.policy.actor.mu.parameters()))
+            with th.no_grad():
+                if how == "mismatch":
+                    weight.add_(1e-3)  # about 3 Adam steps of 3e-4: what a stale batch or pointer looks like
+                elif how == "nan":
+                    weight[0, 0] = float("nan")
+
+    return BrokenStandIn
+
+
+@pytest.mark.parametrize("how, reason", [
+    ("other draws", "the replayed step differs from the eager one by"),
+    ("mismatch", "the replayed step differs from the eager one by"),
+    ("nan", "the replayed step gave non-finite values"),
+    ("raises", "the capture raised RuntimeError: operation not permitted when stream is capturing"),
+])
+def test_a_capture_that_fails_verification_falls_back_once_and_trains_eagerly(how, reason, capsys):
+    broken = perturbing_stand_in(how)
+    env, eager, graphed = filled_reach_pair(step_graph_class=broken)
+    broken.policy = graphed.policy
+    try:
+        train_both((eager, graphed), gradient_steps=6)
+        status = graphed.graph_status
+        assert status.state == "fallback" and reason in status.reason, status
+        if how in ("other draws", "mismatch"):
+            assert status.max_deviation > GRAPH_VERIFY_RTOL["fp32"]
+        assert graphed._engine.graph is None and not graphed._engine.use_graph
+        assert_identical(eager, graphed)  # the state was put back and the step ran eagerly
+        graphed.set_parameters(copy.deepcopy(graphed.get_parameters()))  # a new engine: it must not try again
+        eager.set_parameters(copy.deepcopy(eager.get_parameters()))
+        train_both((eager, graphed), gradient_steps=6, seed=8)
+        assert graphed.graph_status == status and graphed._engine.graph is None
+        assert_identical(eager, graphed)
+    finally:
+        env.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA-graph" in line]
+    assert lines == [f"CUDA-graph step disabled ({status.reason}); training eagerly, same losses, slower"]
+
+
+def test_the_graph_is_off_with_cuda_graph_false_or_the_environment_variable(stand_in, monkeypatch):
+    env = reach_env()
+    try:
+        assert reach_model(env).graph_status == GraphStatus("not-cuda")
+        off = reach_model(env, cuda_graph=False, step_graph_class=stand_in)
+        assert off.graph_status.state == "off" and "--no-cuda-graph" in off.graph_status.reason
+        monkeypatch.setenv(NO_CUDA_GRAPH_ENV, "1")
+        model = reach_model(env, step_graph_class=stand_in)
+        assert model.graph_status == GraphStatus("off", f"{NO_CUDA_GRAPH_ENV}=1")
+        model.learn(150)
+        assert model._n_updates == 50 and not stand_in.counts and model._engine.graph is None
+    finally:
+        env.close()
+
+
+def test_a_broken_cuda_context_ends_learn_with_its_own_error():
+    """A replay that leaves the context broken (every later sync raises, as after an illegal memory access)."""
+
+    class BreaksOnThirdReplay(RecordedStepGraph):
+        replays = 0
+
+        def replay(self):
+            type(self).replays += 1
+            if type(self).replays >= 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            super().replay()
+
+        def synchronize(self):
+            if type(self).replays >= 3:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    env = reach_env()
+    try:
+        model = reach_model(env, step_graph_class=BreaksOnThirdReplay)
+        with pytest.raises(CudaContextError, match="CUDA context broke") as caught:
+            model.learn(200)
+        assert "illegal memory access" in str(caught.value.__cause__)
+        assert model.graph_status.state == "captured"
+    finally:
+        env.close()
+
+
+class RecordingOutput(KVWriter):
+    """A logger output that keeps every dump: [(step, {key: value})]."""
+
+    def __init__(self) -> None:
+        self.dumps: list[tuple[int, dict[str, float]]] = []
+
+    def write(self, key_values, key_excluded, step=0):
+        self.dumps.append((step, {k: v for k, v in key_values.items() if k.startswith("train/")}))
+
+    def close(self):
+        pass
+
+
+def test_train_reads_the_losses_only_when_the_logger_dumps(stand_in, monkeypatch):
+    """No device-to-host read per train() call (per env step): one read, when the logger dumps."""
+    reads = []
+    mean_metrics = SacUpdateEngine.mean_metrics
+    monkeypatch.setattr(SacUpdateEngine, "mean_metrics", lambda self, steps: reads.append(steps) or
+                        mean_metrics(self, steps))
+    env, _, model = filled_reach_pair(step_graph_class=stand_in)
+    output = RecordingOutput()
+    model.set_logger(Logger(folder=None, output_formats=[output]))
+    try:
+        for _ in range(20):
+            model.train(gradient_steps=2, batch_size=32)
+        assert reads == [] and "train/critic_loss" not in model.logger.name_to_value
+        model.logger.dump(step=1)  # a dump SB3's algorithm did not start (an evaluation callback's)
+        assert reads == [2] and output.dumps[-1][1].keys() >= {"train/critic_loss", "train/actor_loss"}
+    finally:
+        env.close()
+
+
+def test_losses_reach_sb3s_dumps_with_the_values_sb3_logs():
+    """learn() of stock SAC and of FastSAC(sb3_order=True, the stand-in graph) from one seed: at every dump SB3
+    makes (every episode here) the logged losses are SB3's, the means over the last train() call's 2 steps."""
+    env = reach_env()
+    outputs = {}
+    try:
+        for name, algorithm, kwargs in (("stock", SAC, {}),
+                                        ("fast", FastSAC, dict(sb3_order=True, step_graph_class=RecordedStepGraph))):
+            model = algorithm("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
+                              device="cpu", gamma=0.95, replay_buffer_class=HerReplayBuffer, gradient_steps=2,
+                              replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]),
+                              **kwargs)
+            outputs[name] = RecordingOutput()
+            model.set_logger(Logger(folder=None, output_formats=[outputs[name]]))
+            model.learn(250, log_interval=1)
+        stock, fast = outputs["stock"].dumps, outputs["fast"].dumps
+        assert [step for step, _ in fast] == [step for step, _ in stock] and len(stock) == 5
+        trained = [(s, f) for (_, s), (_, f) in zip(stock, fast) if "train/critic_loss" in s]
+        assert len(trained) == 3  # the episodes after learning_starts
+        for stock_values, fast_values in trained:
+            assert fast_values.keys() == stock_values.keys()
+            for key, value in stock_values.items():
+                assert fast_values[key] == pytest.approx(value, rel=1e-4, abs=ATOL), key
+    finally:
+        env.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # On a CUDA GPU: pytest -m gpu
 # ---------------------------------------------------------------------------------------------------------
 BF16_LOSS_RTOL, BF16_LOSS_ATOL = 0.05, 1e-3
 """bf16 encoder passes vs fp32, same weights and batch: critic and actor losses within 5% (or 1e-3)."""
 
 
-GPU_REPLAYS = {"framestack": (FrameStackHerReplayBuffer, "device draw inside the graph"),
-               "sb3": (HerReplayBuffer, "host draw copied into the graph's batch tensors")}
+GPU_REPLAYS = {
+    ("framestack", False): (FrameStackHerReplayBuffer, {}),  # the device draw, inside the graph
+    ("framestack", True): (FrameStackHerReplayBuffer, {"drq": True}),  # ... and DrQ's shifts inside it too
+    ("sb3", False): (HerReplayBuffer, {}),  # the host draw, copied into the graph's batch tensors
+    ("sb3", True): (HerDrQDictReplayBuffer, {}),
+}
 
 
-def gpu_pair(replay: str = "framestack", **kwargs) -> tuple[FastSAC, FastSAC]:
-    """Two FastSAC on CUDA with equal weights and one buffer: eager (cuda_graph=False) and ``kwargs``."""
+def gpu_pair(policy_name: str = "DrQv2SACPolicy", replay: str = "framestack", drq: bool = False,
+             **kwargs) -> tuple[FastSAC, FastSAC]:
+    """Two FastSAC on CUDA with equal weights and one buffer: eager (cuda_graph=False) and ``kwargs``; the
+    precision in ``kwargs`` applies to both."""
     env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    buffer_class, buffer_kwargs = GPU_REPLAYS[replay, drq]
     models = []
-    for extra in ({"cuda_graph": False}, kwargs):
-        model = FastSAC(DrQv2SACPolicy, env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
-                        device="cuda", gamma=0.95, replay_buffer_class=GPU_REPLAYS[replay][0],
-                        replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(normalize_images=False),
-                        **extra)
+    for extra in ({"cuda_graph": False, "precision": kwargs.get("precision", "fp32")}, kwargs):
+        model = FastSAC(POLICIES[policy_name], env, buffer_size=2_000, batch_size=64, learning_starts=120, seed=0,
+                        device="cuda", gamma=0.95, replay_buffer_class=buffer_class,
+                        replay_buffer_kwargs=dict(n_sampled_goal=4, **buffer_kwargs),
+                        policy_kwargs=PIXEL_POLICY_KWARGS, **extra)
         models.append(model)
     models[0].learn(120)  # fills the buffer (random actions), no update yet
     models[1].replay_buffer = models[0].replay_buffer
     models[1].set_parameters(copy.deepcopy(models[0].get_parameters()))
     models[1].set_logger(Logger(folder=None, output_formats=[]))  # it never ran learn(), which sets one up
     return models[0], models[1]
+
+
+@pytest.fixture
+def fixed_cudnn(monkeypatch):
+    """The same cuDNN kernels on both sides of a comparison: deterministic, no TF32 (``benchmark`` is the
+    engine's, on for its work on either side)."""
+    monkeypatch.setattr(th.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(th.backends.cudnn, "allow_tf32", False)  # (matmuls: TF32 is off by default)
 
 
 def assert_close_in_bulk(a: SAC, b: SAC, atol: float = 1e-5, fraction: float = 0.01) -> None:
@@ -721,26 +1052,62 @@ def assert_close_in_bulk(a: SAC, b: SAC, atol: float = 1e-5, fraction: float = 0
     assert float((diff > atol).float().mean()) < fraction, f"{float((diff > atol).float().mean()):.3%} differ"
 
 
+GPU_GRAPH_CASES = [
+    *[(precision, drq, policy, "framestack") for precision in ("fp32", "bf16") for drq in (False, True)
+      for policy in POLICIES],
+    ("fp32", False, "DrQv2SACPolicy", "sb3"),
+    ("fp32", True, "MultiInputPolicy", "sb3"),
+]
+"""precision x DrQ x policy on the frame-once buffer (the draw inside the graph), and SB3's buffers (host draw)."""
+GPU_WEIGHT_ATOL = {"fp32": 1e-5, "bf16": 1e-4}
+"""Per-weight bound of eager vs replayed after 20 steps: far below what a stale batch does (most weights move by
+a good part of the learning rate, 3e-4, per step); bf16 leaves room for a flipped last bit of an activation."""
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("replay", list(GPU_REPLAYS))
-def test_captured_step_equals_eager_step_on_cuda(replay, monkeypatch):
-    # The same (deterministic) kernels in both, so only the capture can make a difference.
-    monkeypatch.setattr(th.backends.cudnn, "deterministic", True)
-    eager, graphed = gpu_pair(replay, cuda_graph=True)
-    for model in (eager, graphed):
-        np.random.seed(5)  # the host draw of SB3's buffer
-        th.manual_seed(5)  # the device draw, the actor's noise (replays draw the same numbers as eager steps)
-        model.train(gradient_steps=10, batch_size=64)  # graphed: 3 eager warm-up steps, capture, 7 replays
-    assert graphed._engine.graph is not None and eager._engine.graph is None
+@pytest.mark.parametrize("precision, drq, policy_name, replay", GPU_GRAPH_CASES)
+def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, replay, fixed_cudnn):
+    eager, graphed = gpu_pair(policy_name, replay, drq, cuda_graph=True, precision=precision)
+    for calls in range(2):
+        for model in (eager, graphed):
+            np.random.seed(5 + calls)  # the host draw of SB3's buffers
+            th.manual_seed(5 + calls)  # the device draw, DrQ's shifts, the actor's noise
+            model.train(gradient_steps=10, batch_size=64)  # graphed: 3 warm-up, capture + verify, 6 + 10 replays
+    assert eager.graph_status.state == "off" and eager._engine.graph is None
+    status = graphed.graph_status
+    assert status.state == "captured" and status.max_deviation <= GRAPH_VERIFY_RTOL[precision], status
+    assert graphed._engine.graph is not None and graphed._engine.channels_last == (precision == "bf16")
     assert (graphed._engine.view is not None) == (replay == "framestack")
-    assert_close_in_bulk(eager, graphed)
-    for key, value in logged_losses(eager).items():
-        assert logged_losses(graphed)[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert_close_in_bulk(eager, graphed, atol=GPU_WEIGHT_ATOL[precision])
+    eager_losses, graphed_losses = logged_losses(eager), logged_losses(graphed)
+    assert eager_losses.keys() == graphed_losses.keys() >= {"train/critic_loss", "train/actor_loss"}
+    for key, value in eager_losses.items():
+        assert graphed_losses[key] == pytest.approx(value, rel=GRAPH_VERIFY_RTOL[precision], abs=1e-5), key
 
 
 @pytest.mark.gpu
-def test_bf16_losses_track_fp32_on_cuda():
+def test_a_mismatching_capture_falls_back_on_cuda(capsys):
+    """The real CUDA graph, made to disagree with the eager step (its replay also moves a weight): fallback."""
+    from ch09.engine.fast_sac import CudaStepGraph
+
+    class PerturbedGraph(CudaStepGraph):
+        def replay(self):
+            super().replay()
+            with th.no_grad():
+                next(iter(graphed.policy.actor.mu.parameters())).add_(1e-3)
+
+    _, graphed = gpu_pair(step_graph_class=PerturbedGraph)
+    graphed.train(gradient_steps=6, batch_size=64)
+    assert graphed.graph_status.state == "fallback" and graphed._engine.graph is None
+    assert capsys.readouterr().err.count("CUDA-graph step disabled (the replayed step differs") == 1
+
+
+@pytest.mark.gpu
+def test_bf16_losses_track_fp32_on_cuda(fixed_cudnn):
     fp32, bf16 = gpu_pair(precision="bf16")
+    fp32 = FastSAC.from_sac(fp32)  # gpu_pair's eager twin shares the precision: rebuild it in fp32
+    fp32.replay_buffer = bf16.replay_buffer
+    fp32.set_logger(Logger(folder=None, output_formats=[]))
     for model in (fp32, bf16):
         th.manual_seed(6)
         model.train(gradient_steps=1, batch_size=64)

@@ -213,6 +213,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             _synchronize(device)
             train_only = measurement.train_only_updates / (time.perf_counter() - start)
         engine = getattr(model, "_engine", None)
+        graph_status = getattr(model, "graph_status", None)  # FastSAC only
         return {
             **asdict(measurement),
             "engine": spec.engine,
@@ -225,7 +226,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "bytes_per_transition": bytes_per_transition(model),
             "gpu_utilization_percent": utilization.mean,
-            "cuda_graph": bool(engine is not None and engine.graph is not None),
+            "cuda_graph": asdict(graph_status) if graph_status is not None else None,
             "device_sampler": bool(engine is not None and engine.view is not None),
         }
     finally:

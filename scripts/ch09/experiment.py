@@ -139,6 +139,9 @@ class TrainConfig:
     """Update engine: fast (FastSAC: HER draw on the device, one CUDA-graph step) or sb3 (SB3's own SAC.train())."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """FastSAC's encoder passes: fp32, or bf16 (autocast, channels_last on CUDA; weights and losses stay fp32)."""
+    cuda_graph: bool = True
+    """FastSAC on CUDA: replay the update as one CUDA graph, verified against an eager step at every capture;
+    --no-cuda-graph runs it eagerly (same losses, slower). The run's .meta.json records what became of it."""
     eval_freq: int = 50_000
     """Env steps between deterministic evaluations logged as eval/success_rate (0 turns them off)."""
     eval_episodes: int = 20
@@ -253,7 +256,7 @@ def agent_class(cfg: TrainConfig) -> tuple[type[SAC], dict[str, Any]]:
     whose checkpoints are plain SAC checkpoints (``ch09.engine.fast_sac``)."""
     if cfg.engine == "sb3":
         return SAC, {}
-    return FastSAC, {"precision": cfg.precision}
+    return FastSAC, {"precision": cfg.precision, "cuda_graph": cfg.cuda_graph}
 
 
 def expected_policy(cfg: TrainConfig) -> dict[str, str]:
@@ -428,6 +431,7 @@ def new_meta(cfg: TrainConfig, paths: RunPaths, memory: list[dict[str, Any]]) ->
         "tensorboard_dir": str(paths.run_dir.relative_to(paths.root)),
         "periodic_checkpoints": [],
         "replay_buffer": None,
+        "cuda_graph": None,  # FastSAC's GraphStatus, updated at every checkpoint
         "memory": memory,
         "versions": package_versions(),
         "git": git_commit(),

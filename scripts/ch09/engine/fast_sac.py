@@ -11,7 +11,7 @@ logger, ``save``/``load``) and replaces only ``train()``:
    sparse Fetch reward in torch, frames gathered from the frame-once buffer where they live);
 2. critic, actor, entropy coefficient and Polyak target update are ONE step function with no host sync (no
    ``.item()``, ``.cpu()`` or Python branch on a tensor value); the losses are summed on the device and read
-   only when SB3 logs;
+   only when SB3's logger dumps (``record_train_metrics`` reads them earlier, on request);
 3. on CUDA that function is captured once as a CUDA graph (capturable Adam, tensors at fixed addresses) and
    replayed for every gradient step; on the CPU the same function runs eagerly.
 
@@ -65,7 +65,13 @@ Precision, CUDA graph, overlap
   ``"fp32"`` (the default) changes nothing.
 - ``cuda_graph=True`` (used on CUDA only): the first ``GRAPH_WARMUP_STEPS`` gradient steps run eagerly on a
   side stream (real updates; they also create Adam's state), then one step is captured and replayed. The Adam
-  optimizers become ``capturable`` with a tensor learning rate (SB3's schedule still sets it each call).
+  optimizers become ``capturable`` with one tensor learning rate (SB3's schedule still sets it each call).
+  Every capture is VERIFIED before it is used: the captured step is replayed once, the state is put back (weights,
+  target nets, log alpha, Adam states, loss sums, the generator's state) and the same step runs eagerly with
+  the same random draws; a capture that raises, gives a non-finite value or differs by more than
+  ``GRAPH_VERIFY_RTOL`` is dropped and training goes on eagerly (``graph_status`` says why, one line on stderr).
+  ``cuda_graph=False`` or ``CH09_NO_CUDA_GRAPH=1`` turns the graph off. ``RecordedStepGraph`` stands in for
+  the graph on a CPU, so the tests run all of this logic without a GPU.
 - ``overlap_collection=True``: the updates SB3 asks for after env step t are launched after the action of
   step t + 1 is chosen and its ``step_async`` sent, so the envs simulate and render step t + 1 while the GPU
   trains on step t. Still exactly ``gradient_steps`` updates per ``train_freq`` env steps (the last ones run
@@ -91,17 +97,22 @@ is the same.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import os
+import sys
 import warnings
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch as th
 import torch.nn.functional as F
 from stable_baselines3 import SAC
 from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
+from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
@@ -119,15 +130,155 @@ CriticEncoderActor detaches there); SB3's Actor has none and routes nothing, so 
 CRITIC_FEATURE_HEAD = "q_values"
 """The critic method that maps (features, actions) to the twin Q values through the critic's own routing (the lab's
 CriticEncoderCritic detaches for Q(s, pi(s))); SB3's ContinuousCritic has none."""
+GRAPH_VERIFY_RTOL = {"fp32": 1e-3, "bf16": 3e-2}
+"""How far a replayed step may differ from the eager step it stands for, per precision.
+
+Measured per state tensor x (weights and buffers, target nets, log alpha, Adam moments and step counters, loss
+sums) as ``||x_replay - x_eager|| / ||x_eager - x_before||``: the difference relative to the step's OWN change
+of x, so the bound means the same for a weight, a moment and a loss. ``max_deviation`` is the largest over all
+tensors. Why these bounds: a correct capture replays the same kernels on the same data and the same random
+draws, so the two can differ only where a kernel sums in a nondeterministic order (atomic adds in the backward of
+an index, some cuDNN weight-gradient algorithms). In float32 that is a rounding of ~1e-7 of a gradient, which
+Adam's normalised step passes on at about that size: 1e-3 is four orders above it. With bf16 encoder passes a
+flipped last bit of an activation is 2**-8 (4e-3) of it and can travel through the encoder's backward: 3e-2
+leaves room for several. A wrong capture moves the step by far more: a stale batch, pointer or noise draw feeds
+Adam another gradient, which changes its step by the new gradient's share of the moment (1 - beta1 = 10%) and
+more; a missing optimizer or Polyak step is 100% of that tensor's change."""
+
+NO_CUDA_GRAPH_ENV = "CH09_NO_CUDA_GRAPH"
+"""Environment variable: ``CH09_NO_CUDA_GRAPH=1`` trains eagerly on CUDA (library use; ``train --no-cuda-graph``)."""
+
+GRAPH_FALLBACK_LINE = "CUDA-graph step disabled ({reason}); training eagerly, same losses, slower"
+"""The one line printed (to stderr) when a capture is dropped."""
+
 CAPTURABLE_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 ENGINE_ATTRIBUTES = (
-    "precision", "sb3_order", "overlap_collection", "cuda_graph", "fuse_next_obs_pass",
+    "precision", "sb3_order", "overlap_collection", "cuda_graph", "fuse_next_obs_pass", "step_graph_class",
     "_engine", "_engine_unsupported", "_pending_updates", "_unread_update_steps", "_in_learn", "_overlap_env",
+    "_graph_fallback",
 )
 """FastSAC's own attributes: kept out of the checkpoint, which stays exactly what SAC.save writes."""
 
 METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
+
+
+# ======================================================================================================
+# The CUDA-graph step: its status, the real graph and the CPU stand-in
+# ======================================================================================================
+GraphState = Literal["not-cuda", "off", "warming-up", "captured", "fallback"]
+
+
+@dataclass(frozen=True)
+class GraphStatus:
+    """What became of the CUDA-graph step: ``model.graph_status``, recorded in the run's ``.meta.json``.
+
+    | state      | meaning                                                                          |
+    |------------|----------------------------------------------------------------------------------|
+    | not-cuda   | the device is not CUDA: the step runs eagerly, as it must                        |
+    | off        | turned off (``reason``: ``cuda_graph=False``, ``CH09_NO_CUDA_GRAPH=1``, ...)     |
+    | warming-up | eager steps before the (next) capture                                            |
+    | captured   | captured, verified against an eager step, replayed for every gradient step      |
+    | fallback   | a capture failed its verification (``reason``): training goes on eagerly         |
+    """
+
+    state: GraphState
+    reason: str | None = None
+    """Why the graph is off, or why it fell back; None otherwise."""
+    max_deviation: float | None = None
+    """The largest relative difference replay vs eager at the last verification (``GRAPH_VERIFY_RTOL``)."""
+
+
+class CudaContextError(RuntimeError):
+    """The CUDA context broke (a ``torch.cuda.synchronize()`` raised) while the graph step was in use.
+
+    Nothing more can run on that device in this process; checkpoints written before are intact. The training
+    session turns it into one sentence that names ``--no-cuda-graph``.
+    """
+
+
+def graph_disabled_by_environment() -> bool:
+    """True when ``CH09_NO_CUDA_GRAPH`` is set to anything but empty or 0 (read here only)."""
+    return os.environ.get(NO_CUDA_GRAPH_ENV, "").strip() not in ("", "0")
+
+
+class StepGraph(Protocol):
+    """What the engine uses of a CUDA graph: a warm-up run, a capture of the step, replays, a device sync."""
+
+    def __init__(self, device: th.device) -> None: ...
+
+    def warm_up(self, step: Callable[[], None]) -> None: ...
+
+    def capture(self, step: Callable[[], None]) -> None: ...
+
+    def replay(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+
+class CudaStepGraph:
+    """``torch.cuda.CUDAGraph`` behind the ``StepGraph`` surface: ``capture`` records the step's kernels (nothing
+    runs), ``replay`` launches them all at once."""
+
+    def __init__(self, device: th.device) -> None:
+        self.device = device
+        self._graph = th.cuda.CUDAGraph()
+
+    def warm_up(self, step: Callable[[], None]) -> None:
+        side = th.cuda.Stream(self.device)  # PyTorch's capture recipe: warm up on a side stream
+        side.wait_stream(th.cuda.current_stream(self.device))
+        with th.cuda.stream(side):
+            step()
+        th.cuda.current_stream(self.device).wait_stream(side)
+
+    def capture(self, step: Callable[[], None]) -> None:
+        with th.cuda.graph(self._graph):
+            step()
+
+    def replay(self) -> None:
+        self._graph.replay()
+
+    def synchronize(self) -> None:
+        th.cuda.synchronize(self.device)
+
+
+class RecordedStepGraph:
+    """A CPU stand-in for ``CudaStepGraph``: ``capture`` records the step function, ``replay`` calls it.
+
+    ``FastSAC(step_graph_class=RecordedStepGraph)`` (any device) runs everything around the graph -- warm-up
+    counting, the static batch, recapture triggers, verification and fallback -- without a GPU. It captures no
+    kernels, so it cannot show what only CUDA can (a stale pointer read by a replay); ``pytest -m gpu`` does.
+    """
+
+    def __init__(self, device: th.device) -> None:
+        self.device = device
+        self._step: Callable[[], None] | None = None
+
+    def warm_up(self, step: Callable[[], None]) -> None:
+        step()
+
+    def capture(self, step: Callable[[], None]) -> None:
+        self._step = step
+
+    def replay(self) -> None:
+        if self._step is None:
+            raise RuntimeError("replay() before capture()")
+        self._step()
+
+    def synchronize(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def cudnn_benchmark() -> Iterator[None]:
+    """``cudnn.benchmark`` on for the engine's work (fixed shapes: cuDNN times its kernels once), and put back
+    after, so the rest of the process keeps its own setting."""
+    previous = th.backends.cudnn.benchmark
+    th.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        th.backends.cudnn.benchmark = previous
 
 
 # ======================================================================================================
@@ -255,16 +406,21 @@ def unsupported_reason(model: SAC) -> str | None:
 # ======================================================================================================
 # Optimizers: capturable for a CUDA graph, portable in a checkpoint
 # ======================================================================================================
-def make_capturable(optimizer: th.optim.Optimizer, device: th.device) -> None:
+def make_capturable(optimizer: th.optim.Optimizer, device: th.device,
+                    learning_rate: th.Tensor | None = None) -> None:
     """Turn an SB3-built Adam into a capturable one in place: step counters and the learning rate on the device.
 
     A captured graph replays fixed kernels; a Python float learning rate would be frozen into it, and a CPU
     step counter cannot be incremented inside it. SB3's schedule keeps working through ``fill_`` (see
-    ``FastSAC._update_learning_rate``).
+    ``FastSAC._update_learning_rate``). ``learning_rate``: one device tensor to share (SB3 gives all three
+    optimizers the same schedule, so one ``fill_`` per call sets them all).
     """
     for group in optimizer.param_groups:
         group["capturable"] = True
-        if not isinstance(group["lr"], th.Tensor):
+        if learning_rate is not None:
+            learning_rate.fill_(float(group["lr"]))
+            group["lr"] = learning_rate
+        elif not isinstance(group["lr"], th.Tensor):
             group["lr"] = th.tensor(float(group["lr"]), dtype=th.float32, device=device)
     for state in optimizer.state.values():
         if "step" in state:
@@ -293,8 +449,31 @@ def portable_optimizer_state(state_dict: dict[str, Any]) -> dict[str, Any]:
 # ======================================================================================================
 # The engine: everything the fast update holds at run time (never saved)
 # ======================================================================================================
+def planned_graph_status(model: FastSAC) -> GraphStatus:
+    """What the engine will do with the CUDA graph, before its first capture (also its starting state).
+
+    A fallback stays for the model's life: a new engine (another batch size, reloaded parameters) does not try
+    again and does not warn again.
+    """
+    if model._graph_fallback is not None:
+        return model._graph_fallback
+    if not model.cuda_graph:
+        return GraphStatus("off", "cuda_graph=False (train --no-cuda-graph)")
+    if graph_disabled_by_environment():
+        return GraphStatus("off", f"{NO_CUDA_GRAPH_ENV}={os.environ[NO_CUDA_GRAPH_ENV]}")
+    if model.device.type != "cuda" and model.step_graph_class is None:
+        return GraphStatus("not-cuda")
+    reason = unsupported_reason(model)
+    if reason is not None:
+        return GraphStatus("off", f"SB3's own train() runs because of {reason}")
+    optimizers = [model.actor.optimizer, model.critic.optimizer, model.ent_coef_optimizer]
+    if not all(isinstance(opt, CAPTURABLE_OPTIMIZERS) for opt in optimizers if opt is not None):
+        return GraphStatus("off", "a CUDA graph needs Adam or AdamW (capturable) optimizers")
+    return GraphStatus("warming-up")
+
+
 class SacUpdateEngine:
-    """The step function of the module docstring, its batch source, and on CUDA its captured graph."""
+    """The step function of the module docstring, its batch source, and on CUDA its captured, verified graph."""
 
     def __init__(self, model: FastSAC, batch_size: int) -> None:
         policy = model.policy
@@ -303,18 +482,17 @@ class SacUpdateEngine:
         self.routing = Routing.of(policy)
         self.sb3_order, self.fuse_next_obs_pass = model.sb3_order, model.fuse_next_obs_pass
         self.bf16 = model.precision == "bf16"
+        self.verify_rtol = GRAPH_VERIFY_RTOL[model.precision]
         self.channels_last = self.bf16 and self.device.type == "cuda"
-        self.use_graph = self.device.type == "cuda" and model.cuda_graph
+        self.status = planned_graph_status(model)
+        self.use_graph = self.status.state == "warming-up"
+        self.graph_class: type[StepGraph] = model.step_graph_class or CudaStepGraph
         self.epsilon = self.actor.action_dist.epsilon
         self.gamma, self.tau = model.gamma, model.tau
         self.polyak_every_step = model.target_update_interval == 1
         self.optimizers = [self.actor.optimizer, self.critic.optimizer]
         if model.ent_coef_optimizer is not None:
             self.optimizers.append(model.ent_coef_optimizer)
-        if self.use_graph and not all(isinstance(opt, CAPTURABLE_OPTIMIZERS) for opt in self.optimizers):
-            warnings.warn("FastSAC: CUDA graphs need Adam/AdamW (capturable); running the step eagerly instead.",
-                          stacklevel=2)
-            self.use_graph = False
         self.actor_params = _optimizer_params(self.actor.optimizer)
         if self.routing.actor_head_passes_gradient and not self.routing.actor_trains_encoder:
             # What SB3's actor_loss.backward() differentiates too: the actor's encoder, stepped by no optimizer.
@@ -329,14 +507,15 @@ class SacUpdateEngine:
         self.view, self.reward_fn, self.host_sampling_reason = self._device_sampler(model)
         if self.channels_last:
             self._encoders_to_channels_last()
-        if self.use_graph:
-            th.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest kernels once
+        if self.use_graph and self.device.type == "cuda":  # (Adam refuses capturable=True on a CPU)
+            learning_rate = th.zeros((), dtype=th.float32, device=self.device)
             for optimizer in self.optimizers:
-                make_capturable(optimizer, self.device)
-        self.graph: Any = None
+                make_capturable(optimizer, self.device, learning_rate)
+        self.graph: StepGraph | None = None  # set only once a capture has been verified
         self.static_batch: DictReplayBufferSamples | None = None
         self.warmup_steps_left = GRAPH_WARMUP_STEPS
         self._captured_addresses: list[int] | None = None
+        self._next_graph: StepGraph | None = None  # the graph being warmed up for the next capture
 
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
@@ -475,19 +654,22 @@ class SacUpdateEngine:
 
     # ---- running gradient steps ------------------------------------------------------------------
     def run(self, gradient_steps: int) -> None:
-        """``gradient_steps`` updates; the losses are summed into ``metric_sums`` (zeroed here first)."""
+        """``gradient_steps`` updates; the losses are summed into ``metric_sums`` (zeroed here first, on the
+        device: this call's sums are what SB3 would log for it)."""
         if self.view is not None:
             self.view.sync()
-        if self.use_graph and self.graph is not None and self._addresses() != self._captured_addresses:
-            self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS  # capture again, after a warm-up
+        if self.graph is not None and self._addresses() != self._captured_addresses:
+            self._set_status("warming-up")  # a captured pointer went stale: capture again, after a warm-up
+            self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS
         self.metric_sums.zero_()
-        for gradient_step in range(gradient_steps):
-            if self.use_graph:
-                self._graph_step()
-            else:
-                self.update(None)
-            if not self.polyak_every_step and gradient_step % self.model.target_update_interval == 0:
-                self.polyak_update()
+        with cudnn_benchmark():
+            for gradient_step in range(gradient_steps):
+                if self.use_graph:
+                    self._graph_step()
+                else:
+                    self.update(None)
+                if not self.polyak_every_step and gradient_step % self.model.target_update_interval == 0:
+                    self.polyak_update()
 
     def _graph_step(self) -> None:
         if self.view is None:  # host sampling: the graph reads its batch from fixed tensors
@@ -495,20 +677,121 @@ class SacUpdateEngine:
             if self.static_batch is None:
                 self.static_batch = _clone_batch(batch)
             _copy_batch(self.static_batch, batch)
-        if self.graph is None and self.warmup_steps_left > 0:
-            side = th.cuda.Stream()
-            side.wait_stream(th.cuda.current_stream())
-            with th.cuda.stream(side):
-                self.update(self.static_batch)
-            th.cuda.current_stream().wait_stream(side)
-            self.warmup_steps_left -= 1
+        if self.graph is not None:
+            self.graph.replay()
             return
-        if self.graph is None:
-            self.graph = th.cuda.CUDAGraph()
-            with th.cuda.graph(self.graph):
-                self.update(self.static_batch)
-            self._captured_addresses = self._addresses()
-        self.graph.replay()
+        if self._next_graph is None:
+            self._next_graph = self.graph_class(self.device)
+        if self.warmup_steps_left > 0:
+            self._next_graph.warm_up(self._static_step)
+            self.warmup_steps_left -= 1
+        else:
+            graph, self._next_graph = self._next_graph, None
+            self._capture_verified(graph)
+
+    def _static_step(self) -> None:
+        """The step a graph records: its batch from the fixed tensors, or drawn inside it (device draw)."""
+        self.update(self.static_batch)
+
+    # ---- the verified capture --------------------------------------------------------------------
+    def _capture_verified(self, graph: StepGraph) -> None:
+        """Capture the step, replay it once, then run the same step eagerly from the same state and draws.
+
+        This gradient step's result is the eager one. The graph is kept (``self.graph``) only if the capture
+        worked and the replay matched; otherwise it is dropped, one line says why, and training goes on eagerly.
+        """
+        state = self._state_tensors()
+        generator = self._generator()
+        before = [t.detach().clone() for t in state], generator.get_state()
+        replayed: list[th.Tensor] | None = None
+        failure = None
+        try:
+            graph.capture(self._static_step)
+            graph.replay()
+            replayed = [t.detach().clone() for t in state]
+        except Exception as exc:  # noqa: BLE001 -- whatever the capture refuses, the eager step still works
+            self._raise_if_context_broken(exc)
+            failure = f"the capture raised {type(exc).__name__}: {_first_line(exc)}"
+        self._restore(state, before)
+        self._static_step()  # the eager step: this gradient step's result
+        if failure is None:
+            deviation, finite = self._deviation(before[0], replayed, state)
+            if not finite:
+                failure = "the replayed step gave non-finite values"
+            elif deviation > self.verify_rtol:
+                failure = (f"the replayed step differs from the eager one by {deviation:.2g} of the step's size, "
+                           f"tolerance {self.verify_rtol:g}")
+            self.status = replace(self.status, max_deviation=deviation if math.isfinite(deviation) else None)
+        if failure is not None:
+            self._fall_back(failure)
+            return
+        self.graph, self._captured_addresses = graph, self._addresses()
+        self._set_status("captured")
+
+    def _state_tensors(self) -> list[th.Tensor]:
+        """Every tensor a step changes: weights and buffers (target nets too), log alpha, Adam states, loss sums."""
+        tensors: dict[int, th.Tensor] = {}
+        for tensor in self.model.policy.state_dict(keep_vars=True).values():
+            tensors.setdefault(id(tensor), tensor)  # a shared encoder is listed under actor and critic
+        if self.model.log_ent_coef is not None:
+            tensors.setdefault(id(self.model.log_ent_coef), self.model.log_ent_coef)
+        for optimizer in self.optimizers:
+            for values in optimizer.state.values():
+                for value in values.values():
+                    if isinstance(value, th.Tensor):
+                        tensors.setdefault(id(value), value)
+        tensors.setdefault(id(self.metric_sums), self.metric_sums)
+        return list(tensors.values())
+
+    def _generator(self) -> th.Generator:
+        """The default generator of the device: the device draw, DrQ's shifts and the actor's noise use it."""
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else th.cuda.current_device()
+            return th.cuda.default_generators[index]
+        return th.default_generator
+
+    def _restore(self, state: list[th.Tensor], saved: tuple[list[th.Tensor], th.Tensor]) -> None:
+        """Put the saved values back IN PLACE (a captured graph holds these addresses) and the generator state."""
+        values, generator_state = saved
+        with th.no_grad():
+            for tensor, value in zip(state, values):
+                tensor.copy_(value)
+        self._generator().set_state(generator_state)
+
+    def _deviation(self, before: list[th.Tensor], replayed: list[th.Tensor],
+                   eager: list[th.Tensor]) -> tuple[float, bool]:
+        """(max over tensors of ||replay - eager|| / ||eager - before||, all replayed values finite): one read."""
+        with th.no_grad():
+            ratios, finite = [], []
+            for x0, xr, xe in zip(before, replayed, eager):
+                x0, xr, xe = x0.double(), xr.double(), xe.double()
+                difference, change = (xr - xe).norm(), (xe - x0).norm()
+                ratios.append(th.where(change > 0, difference / change.clamp(min=1e-300),
+                                       th.where(difference > 0, math.inf, 0.0)))
+                finite.append(th.isfinite(xr).all())
+            deviation, all_finite = th.stack(ratios).max(), th.stack(finite).all()
+            deviation, all_finite = th.stack([deviation, all_finite.double()]).tolist()
+        return (deviation if math.isfinite(deviation) else math.inf), bool(all_finite)
+
+    def _fall_back(self, reason: str) -> None:
+        self.graph, self.use_graph = None, False
+        self._set_status("fallback", reason)
+        self.model._graph_fallback = self.status
+        print(GRAPH_FALLBACK_LINE.format(reason=reason), file=sys.stderr, flush=True)
+
+    def _set_status(self, state: GraphState, reason: str | None = None) -> None:
+        self.status = replace(self.status, state=state, reason=reason)
+
+    def _raise_if_context_broken(self, error: BaseException) -> None:
+        """Raise ``CudaContextError`` if the device no longer answers a synchronize (a sticky CUDA error)."""
+        if isinstance(error, CudaContextError) or not self.use_graph:
+            return
+        try:
+            (self.graph or self.graph_class(self.device)).synchronize()
+        except Exception as sync_error:  # noqa: BLE001 -- any failure of the sync means the same
+            raise CudaContextError(
+                f"the CUDA context broke while the CUDA-graph step was in use ({_first_line(sync_error)})"
+            ) from error
 
     def _addresses(self) -> list[int]:
         """Where the graph's persistent tensors live (weights, gradients, Adam states, learning rates); a change
@@ -524,9 +807,14 @@ class SacUpdateEngine:
         return [t.data_ptr() if t is not None else 0 for t in tensors]
 
     def mean_metrics(self, steps: int) -> dict[str, float]:
-        """The mean of each logged loss over the last ``run`` (one device-to-host read)."""
+        """The mean of each logged loss over the last ``run``: the one device-to-host read of the losses."""
         values = (self.metric_sums / max(steps, 1)).tolist()
         return dict(zip(METRIC_NAMES, values))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _clone_batch(batch: DictReplayBufferSamples) -> DictReplayBufferSamples:
@@ -570,6 +858,31 @@ class _UpdateWhileEnvsStep(VecEnvWrapper):
         return self.venv.reset()
 
 
+class _LossesAtDump(KVWriter):
+    """A logger output that records the model's unread losses when the logger dumps, before any writer runs.
+
+    SB3's ``Logger.dump`` hands every output the same dict in order; this one sits first, so the losses it
+    records (``FastSAC.record_train_metrics``, the one device-to-host read) reach every output after it -- also
+    on dumps that SB3's algorithm does not start, such as an evaluation callback's ``logger.dump()``.
+    """
+
+    def __init__(self, model: FastSAC) -> None:
+        self.model = model
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
+        self.model.record_train_metrics()
+
+    def close(self) -> None:
+        pass
+
+    @classmethod
+    def attach(cls, model: FastSAC) -> None:
+        """Put one in front of ``model.logger``'s outputs (learn() may have set up a new logger)."""
+        outputs = model.logger.output_formats
+        if not any(isinstance(output, cls) and output.model is model for output in outputs):
+            outputs.insert(0, cls(model))
+
+
 # ======================================================================================================
 # The algorithm: SB3's SAC with train() replaced
 # ======================================================================================================
@@ -584,8 +897,12 @@ class FastSAC(SAC):
             ``SAC.train()``); False (default) reuses features as the module docstring's table says.
         overlap_collection: launch the updates of env step t while the envs run step t + 1 (one-step policy
             lag, see the module docstring). Off by default.
-        cuda_graph: capture the step as a CUDA graph on CUDA (ignored on the CPU).
+        cuda_graph: capture the step as a CUDA graph on CUDA (ignored on the CPU); each capture is verified
+            against an eager step first (``graph_status`` says what became of it). ``CH09_NO_CUDA_GRAPH=1``
+            in the environment turns it off too.
         fuse_next_obs_pass: one actor-encoder pass over [s; s'] instead of two (default off).
+        step_graph_class: what captures the step; None: ``CudaStepGraph`` on CUDA, no graph elsewhere.
+            ``RecordedStepGraph`` (the CPU stand-in) runs the graph logic on any device, for tests.
     """
 
     def __init__(
@@ -596,11 +913,13 @@ class FastSAC(SAC):
         overlap_collection: bool = False,
         cuda_graph: bool = True,
         fuse_next_obs_pass: bool = False,
+        step_graph_class: type[StepGraph] | None = None,
         **kwargs: Any,
     ) -> None:
         self.precision, self.sb3_order = precision, sb3_order
         self.overlap_collection, self.cuda_graph = overlap_collection, cuda_graph
-        self.fuse_next_obs_pass = fuse_next_obs_pass
+        self.fuse_next_obs_pass, self.step_graph_class = fuse_next_obs_pass, step_graph_class
+        self._graph_fallback: GraphStatus | None = None
         self._engine: SacUpdateEngine | None = None
         self._engine_unsupported: str | None = None
         self._pending_updates: list[tuple[int, int]] = []
@@ -628,6 +947,13 @@ class FastSAC(SAC):
         return cls.load(checkpoint, env=model.get_env(), device=model.device, **engine_options)
 
     # ---- training --------------------------------------------------------------------------------
+    @property
+    def graph_status(self) -> GraphStatus:
+        """What became of the CUDA-graph step (see ``GraphStatus``)."""
+        if self._engine is not None:
+            return self._engine.status
+        return planned_graph_status(self)
+
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
         if self.overlap_collection and self._in_learn:
             self._pending_updates.append((gradient_steps, batch_size))  # run inside the next step_async
@@ -641,13 +967,11 @@ class FastSAC(SAC):
             return
         self.policy.set_training_mode(True)
         self._update_learning_rate(engine.optimizers)
-        self._record_train_metrics()  # the previous call's, before run() zeroes them
-        engine.run(gradient_steps)
+        engine.run(gradient_steps)  # no read of the losses here: they stay on the device until SB3 logs
         self._n_updates += gradient_steps
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self._unread_update_steps = gradient_steps
-        if self.device.type != "cuda":  # nothing to overlap on the CPU: log now, as SB3 does
-            self._record_train_metrics()
+        _LossesAtDump.attach(self)
 
     def _engine_for(self, batch_size: int) -> SacUpdateEngine | None:
         if self._engine is not None and self._engine.batch_size == batch_size and not self._engine.stale():
@@ -658,12 +982,16 @@ class FastSAC(SAC):
                 warnings.warn(f"FastSAC trains with SB3's own train() because of {reason}.", stacklevel=2)
             self._engine_unsupported = reason
             return None
-        self._record_train_metrics()
+        self.record_train_metrics()  # the old engine's last losses, before it goes
         self._engine = SacUpdateEngine(self, batch_size)
         return self._engine
 
-    def _record_train_metrics(self) -> None:
-        """Record the last run's mean losses under SB3's keys: the one host read of the device sums."""
+    def record_train_metrics(self) -> None:
+        """Record the last ``train()`` call's mean losses under SB3's keys: the one device-to-host read of them.
+
+        SB3's dumps call it (``dump_logs``, and any ``logger.dump()`` through ``_LossesAtDump``), so the values
+        SB3 writes are the ones its own ``train()`` would have recorded last; call it to read them earlier.
+        """
         if not self._unread_update_steps or self._engine is None:
             return
         metrics = self._engine.mean_metrics(self._unread_update_steps)
@@ -673,32 +1001,41 @@ class FastSAC(SAC):
                 self.logger.record(key, value)
 
     def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
-        """SB3's schedule, written into a capturable optimizer's tensor learning rate in place."""
+        """SB3's schedule, written into a capturable optimizer's tensor learning rate in place (one ``fill_`` per
+        tensor: the engine's optimizers share one)."""
         learning_rate = self.lr_schedule(self._current_progress_remaining)
         self.logger.record("train/learning_rate", learning_rate)
+        filled: set[int] = set()
         for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
             for group in optimizer.param_groups:
-                if isinstance(group["lr"], th.Tensor):
-                    group["lr"].fill_(learning_rate)
-                else:
+                if not isinstance(group["lr"], th.Tensor):
                     group["lr"] = learning_rate
+                elif id(group["lr"]) not in filled:
+                    group["lr"].fill_(learning_rate)
+                    filled.add(id(group["lr"]))
 
     def dump_logs(self) -> None:
-        self._record_train_metrics()
+        self.record_train_metrics()
         super().dump_logs()
+
+    def _raise_if_cuda_context_broken(self, error: BaseException) -> None:
+        if self._engine is not None and isinstance(error, Exception):
+            self._engine._raise_if_context_broken(error)
 
     # ---- overlapped collection -------------------------------------------------------------------
     def learn(self, *args: Any, **kwargs: Any) -> FastSAC:
         self._in_learn = True
         try:
             super().learn(*args, **kwargs)
-        except BaseException:
+            self._in_learn = False
+            self._run_pending_updates()  # the updates of the last env step
+            self.record_train_metrics()  # one read per learn() call, so name_to_value has them after it
+        except BaseException as exc:
             self._pending_updates.clear()  # a crashed or interrupted run does not owe these updates
+            self._raise_if_cuda_context_broken(exc)
             raise
         finally:
             self._in_learn = False
-        self._run_pending_updates()  # the updates of the last env step
-        self._record_train_metrics()
         return self
 
     def collect_rollouts(self, env: VecEnv, *args: Any, **kwargs: Any) -> Any:
@@ -723,8 +1060,12 @@ class FastSAC(SAC):
                 for name, value in params.items()}
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        self._run_pending_updates()
-        super().save(*args, **kwargs)
+        try:
+            self._run_pending_updates()
+            super().save(*args, **kwargs)
+        except Exception as exc:
+            self._raise_if_cuda_context_broken(exc)  # the weights cannot be read back from a broken context
+            raise
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         super().set_parameters(*args, **kwargs)

@@ -616,9 +616,15 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         if isinstance(self.frames, np.ndarray):
             self.frames[rows, envs] = frames
         elif frames is not None:  # one host-to-device copy of the new frames, then a scatter on the device
-            flat_rows = th.as_tensor(rows * self.n_envs + envs, device=self.storage_device)
-            new_frames = th.from_numpy(np.ascontiguousarray(frames)).to(self.storage_device)
-            self.frames.view(-1, *self.frame_shape).index_copy_(0, flat_rows, new_frames)
+            # Through pinned memory, non-blocking: a pageable copy would wait for the GPU's queued updates.
+            pinned = self.storage_device.type == "cuda"
+            flat_rows = th.from_numpy(rows * self.n_envs + envs)
+            new_frames = th.from_numpy(np.ascontiguousarray(frames))
+            if pinned:
+                flat_rows, new_frames = flat_rows.pin_memory(), new_frames.pin_memory()
+            self.frames.view(-1, *self.frame_shape).index_copy_(
+                0, flat_rows.to(self.storage_device, non_blocking=pinned),
+                new_frames.to(self.storage_device, non_blocking=pinned))
         self.vectors[rows, envs] = vectors[envs] if some else vectors
         for key, array in self.key_arrays.items():
             values = self._key_values(source, key)

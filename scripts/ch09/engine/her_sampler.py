@@ -136,6 +136,37 @@ BOOKKEEPING_ARRAYS = ("ep_length", "sampleable", "dones", "timeouts")
 last row) or is retired by the ring (its rows stop being sampleable)."""
 
 
+class HostUpload:
+    """Host arrays gathered into one staging buffer and sent to the device in ONE copy.
+
+    ``add`` returns an array's slot; ``send`` copies everything (pinned and non-blocking on a GPU, so the host
+    never waits for the GPU's queue) and returns each array's device tensor, a view of the one copy, in slot
+    order. Each array starts at a multiple of 8 bytes, so every dtype can view its bytes.
+    """
+
+    ALIGN = 8
+
+    def __init__(self) -> None:
+        self.arrays: list[np.ndarray] = []
+
+    def add(self, array: np.ndarray) -> int:
+        self.arrays.append(np.ascontiguousarray(array))
+        return len(self.arrays) - 1
+
+    def send(self, device: th.device) -> list[th.Tensor]:
+        offsets, total = [], 0
+        for array in self.arrays:
+            offsets.append(total)
+            total += -(-array.nbytes // self.ALIGN) * self.ALIGN
+        staging = th.empty(max(total, self.ALIGN), dtype=th.uint8, pin_memory=device.type == "cuda")
+        host = staging.numpy()
+        for array, offset in zip(self.arrays, offsets):
+            host[offset: offset + array.nbytes] = array.reshape(-1).view(np.uint8)
+        on_device = staging.to(device, non_blocking=True)
+        return [on_device[offset: offset + array.nbytes].view(th.from_numpy(array[:0].reshape(-1)).dtype)
+                .reshape(array.shape) for array, offset in zip(self.arrays, offsets)]
+
+
 @dataclass
 class _WriterState:
     next_row: np.ndarray
@@ -156,7 +187,9 @@ class DeviceReplayView:
       most the longest episode seen so far).
 
     Anything it cannot account for (first call, ``reset()``, ``load()``, a ring that went round) copies
-    everything. Frames that already live on ``device`` (``storage_device`` = the GPU) are used in place.
+    everything. Frames that already live on ``device`` (``storage_device`` = the GPU) are used in place. What a
+    sync sends -- the changed rows of every array, their indices, the draw's scalars -- goes up in ONE
+    host-to-device copy (``HostUpload``: pinned, non-blocking), then is scattered on the device.
     The view reads the buffer's arrays and writer state (``_next_row``, ``_rows_written``, ``_open_start``,
     ``_n_sampleable``); it never writes to the buffer.
     """
@@ -178,14 +211,16 @@ class DeviceReplayView:
             self._sources[name] = source
             self.tensors[name] = self._device_tensor(source)
         slots = self.rows * self.n_envs
-        # Scalars and the exact-list fallback, at fixed addresses: a captured graph reads them in place.
-        self.filled_slots = th.ones((), dtype=th.int64, device=self.device)
-        self.use_exact_list = th.zeros((), dtype=th.bool, device=self.device)
-        self.exact_count = th.ones((), dtype=th.int64, device=self.device)
+        # Scalars and the exact-list fallback, at fixed addresses: a captured graph reads them in place. The
+        # three scalars are views of one tensor, so one copy sets them all.
+        self._scalars = th.tensor([1, 0, 1], dtype=th.int64, device=self.device)
+        self.filled_slots, self.use_exact_list, self.exact_count = self._scalars.unbind()
         self.exact_slots = th.zeros(slots, dtype=th.int64, device=self.device)
         self._last: _WriterState | None = None
         self._longest_episode_rows = 1
         self.full_syncs = 0  # how often sync() copied everything (tests read it)
+        self.uploads = 0  # host-to-device copies made by syncs besides the full ones (tests read it)
+        self._exact_count_host = 1  # exact_count's value, kept here: never read back from the device
 
     # ---- construction ----------------------------------------------------------------------------
     def _device_tensor(self, source: np.ndarray | th.Tensor) -> th.Tensor:
@@ -216,21 +251,52 @@ class DeviceReplayView:
             raise RuntimeError("the buffer replaced an array this view mirrors; build a new DeviceReplayView.")
         now = _WriterState(buffer._next_row.copy(), buffer._rows_written.copy(), buffer._open_start.copy())
         copied = [name for name in self.tensors if self._is_copy(name)]
+        upload = HostUpload()
+        writes: list[tuple[list[str], int, int]] = []  # (arrays, slot of the row indices, slot of the env indices)
         if copied:
             windows = self._windows(now)
             if windows is None:
                 self._copy_all(copied)
             else:
                 new_rows, bookkeeping_rows = windows
-                self._copy_rows([n for n in copied if n in WRITE_ONCE_ARRAYS], *new_rows)
-                self._copy_rows([n for n in copied if n in BOOKKEEPING_ARRAYS], *bookkeeping_rows)
+                for names, (row_index, env_index) in (([n for n in copied if n in WRITE_ONCE_ARRAYS], new_rows),
+                                                      ([n for n in copied if n in BOOKKEEPING_ARRAYS],
+                                                       bookkeeping_rows)):
+                    if names and len(row_index):
+                        writes.append((names, upload.add(row_index), upload.add(env_index)))
                 if len(bookkeeping_rows[0]):
                     seen = int(buffer.ep_length[bookkeeping_rows].max()) + 1
                     self._longest_episode_rows = max(self._longest_episode_rows, seen)
         elif self._last is None:
             self._longest_episode_rows = int(buffer.ep_length.max()) + 1
         self._last = now
-        self._refresh_scalars()
+        self._write_rows(upload, writes)
+
+    def _write_rows(self, upload: HostUpload, writes: list[tuple[list[str], int, int]]) -> None:
+        """Send the changed rows (``writes``) and the draw's scalars in one copy, then scatter them on the device."""
+        rows_of = {}
+        for names, row_slot, env_slot in writes:
+            row_index, env_index = upload.arrays[row_slot], upload.arrays[env_slot]
+            for name in names:
+                source = self._sources[name]
+                if not isinstance(source, th.Tensor):  # (frames on another device are gathered there below)
+                    rows_of[name] = upload.add(source[row_index, env_index])
+        scalars_slot, exact_slot = self._scalars_to_upload(upload)
+        sent = upload.send(self.device)
+        self.uploads += 1
+        for names, row_slot, env_slot in writes:
+            rows_t, envs_t = sent[row_slot], sent[env_slot]
+            for name in names:
+                source = self._sources[name]
+                if name in rows_of:
+                    values = sent[rows_of[name]]
+                else:
+                    values = source[rows_t.to(source.device), envs_t.to(source.device)].to(self.device)
+                self.tensors[name].index_put_((rows_t, envs_t), values)
+        self._scalars.copy_(sent[scalars_slot])
+        if exact_slot is not None:
+            exact = sent[exact_slot]
+            self.exact_slots[: len(exact)].copy_(exact)
 
     def _windows(self, now: _WriterState) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]] | None:
         """(rows, envs) written since the last sync, and (rows, envs) whose bookkeeping may have changed;
@@ -269,18 +335,6 @@ class DeviceReplayView:
                 self.tensors[name].copy_(self._staged(source))
         self._longest_episode_rows = int(self.buffer.ep_length.max()) + 1
 
-    def _copy_rows(self, names: list[str], row_index: np.ndarray, env_index: np.ndarray) -> None:
-        if not names or len(row_index) == 0:
-            return
-        rows_t, envs_t = self._staged(row_index), self._staged(env_index)
-        for name in names:
-            source = self._sources[name]
-            if isinstance(source, th.Tensor):
-                values = source[rows_t.to(source.device), envs_t.to(source.device)].to(self.device)
-            else:
-                values = self._staged(source[row_index, env_index])
-            self.tensors[name].index_put_((rows_t, envs_t), values)
-
     def _staged(self, array: np.ndarray) -> th.Tensor:
         """``array`` on the device; through pinned memory on a GPU, so the copy does not wait for the GPU."""
         tensor = th.from_numpy(np.ascontiguousarray(array))
@@ -288,16 +342,18 @@ class DeviceReplayView:
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.to(self.device)
 
-    def _refresh_scalars(self) -> None:
+    def _scalars_to_upload(self, upload: HostUpload) -> tuple[int, int | None]:
+        """Slots of (filled slots, use the exact list, its length) and, early on, of the exact list itself."""
         buffer = self.buffer
         filled = int(min(buffer._rows_written.max(), self.rows))
-        self.filled_slots.fill_(max(filled * self.n_envs, 1))
         exact = buffer._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs
-        self.use_exact_list.fill_(bool(exact))
+        count, exact_slot = self._exact_count_host, None
         if exact and buffer._n_sampleable > 0:  # the first episodes: few slots, an exact list is cheap
-            flat = np.flatnonzero(buffer.sampleable[:filled].reshape(-1))
-            self.exact_slots[: len(flat)].copy_(self._staged(flat.astype(np.int64)))
-            self.exact_count.fill_(len(flat))
+            flat = np.flatnonzero(buffer.sampleable[:filled].reshape(-1)).astype(np.int64)
+            count, exact_slot = len(flat), upload.add(flat)
+        self._exact_count_host = count
+        scalars = np.array([max(filled * self.n_envs, 1), int(exact), count], dtype=np.int64)
+        return upload.add(scalars), exact_slot
 
     @property
     def device_bytes(self) -> int:
@@ -339,7 +395,7 @@ def _draw_slots(view: DeviceReplayView, batch_size: int) -> th.Tensor:
     n_hits = hit.sum().clamp(min=1, max=batch_size)
     by_rejection = first_hits[th.arange(batch_size, device=device) % n_hits]
     from_list = view.exact_slots[_uniform_ints(view.exact_count, (batch_size,), device)]
-    return th.where(view.use_exact_list, from_list, by_rejection)
+    return th.where(view.use_exact_list.bool(), from_list, by_rejection)
 
 
 def sample_her_batch(

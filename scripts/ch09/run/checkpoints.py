@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,8 @@ class Checkpointer:
             "updated_at": now_iso(),
             "policy": describe_policy(model),
         })
+        status = getattr(model, "graph_status", None)  # FastSAC: what became of its CUDA-graph step
+        self.meta["cuda_graph"] = asdict(status) if status is not None else None
         if model.device.type == "cuda":  # networks, batches and (framestack) the replay frames
             self.meta["gpu_memory_peak_bytes"] = int(th.cuda.max_memory_allocated(model.device))
         write_json(self.paths.meta, self.meta)

@@ -30,6 +30,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
+from ch09.engine.fast_sac import CudaContextError
 from ch09.errors import UserError
 from ch09.run.artifacts import REPO_ROOT, WRITE_FAILURES, RunPaths, git_commit, now_iso, write_json
 from ch09.run.callbacks import CheckpointCallback
@@ -100,17 +101,26 @@ class TrainingSession:
             try:
                 model.learn(total_timesteps=total_steps - start_steps, callback=every, log_interval=log_interval,
                             reset_num_timesteps=False)
+                self.checkpoint = self.checkpointer.save(model)
             except WorkerTimeoutError as exc:
                 # The model and buffer are intact (the failed step was never stored): keep the progress.
                 checkpoint = self.checkpointer.save(model)
                 raise UserError(f"{exc}, so the run stopped at step {model.num_timesteps:,} after saving "
                                 f"{checkpoint}; continue with --resume, with fewer --n-envs or a larger "
                                 "--worker-timeout.") from None
-            self.checkpoint = self.checkpointer.save(model)
+            except CudaContextError as exc:
+                # Nothing can be read back from a broken context: the checkpoints written before it stay as they are.
+                last = int(self.meta.get("steps_done", 0))
+                kept = f"the checkpoint of step {last:,} is intact" if last else "no checkpoint had been written yet"
+                said = str(exc)
+                raise UserError(f"{said[:1].upper()}{said[1:]}, at step {model.num_timesteps:,}; {kept}: run the "
+                                f"same command {'plus --resume ' if last else ''}with --no-cuda-graph (eager steps, "
+                                "same losses).") from None
         if model.ep_success_buffer:
             model.dump_logs()  # SB3 logs every few episodes; this puts the final step on the curves too
         self.meta["sessions"][-1].update({"to_step": model.num_timesteps, "ended_at": now_iso(),
-                                          "steps_per_s": self.meta["steps_per_s"]})
+                                          "steps_per_s": self.meta["steps_per_s"],
+                                          "cuda_graph": self.meta.get("cuda_graph")})
         write_json(self.paths.meta, self.meta)
         return self.checkpoint
 
