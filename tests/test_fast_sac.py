@@ -666,8 +666,9 @@ def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpo
                                                                                      monkeypatch):
     """CudaContextError (what FastSAC raises when a sync fails after a replay) at step 150: the checkpoint of step
     100 stays, and the run ends in one sentence naming --no-cuda-graph, with no crash log."""
-    import ch09_pixel_push
     from stable_baselines3.common.callbacks import BaseCallback
+
+    from ch09 import experiment
 
     class BreakAt150(BaseCallback):
         def _on_step(self) -> bool:
@@ -676,7 +677,7 @@ def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpo
                                        "an illegal memory access was encountered)")
             return True
 
-    monkeypatch.setattr(ch09_pixel_push, "testing_hooks", lambda stem: [BreakAt150()])
+    monkeypatch.setattr(experiment, "testing_hooks", lambda stem: [BreakAt150()])
     code, _, err = cli.run("train", "--seed", "0", "--total-steps", "300", *production.STATE_BUDGET,
                            "--artifact-root", str(tmp_path))
     line = cli.assert_user_error(code, err, "CUDA context broke", "step 150", "checkpoint of step 100 is intact",
