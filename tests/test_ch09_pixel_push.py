@@ -346,8 +346,7 @@ def test_a_fresh_process_loads_production_checkpoints(root: Path, nature_run: di
     """As a reader would, in a new interpreter: SAC.load(path, env=env), and the act-only helper without env."""
     checkpoints = [root / "checkpoints" / f"{run['stem']}.zip" for run in (critic_run, nature_run)]
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, *map(str, checkpoints)], capture_output=True,
-                          text=True, timeout=180, cwd=artifacts.REPO_ROOT,
-                          env=production.environment(PYTHONPATH="scripts:scripts/labs"))
+                          text=True, timeout=180, cwd=artifacts.REPO_ROOT, env=production.environment())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("without env:") and "HerReplayBuffer" in lines[0]  # what the README says

@@ -301,7 +301,7 @@ def test_sac_trains_with_this_buffer_and_drq(stream):
         assert shifted.dtype == th.uint8 and shifted.shape == plain.shape and not th.equal(shifted, plain)
 
 
-@pytest.mark.gpu  # deselected by default (pytest.ini); on a CUDA machine: pytest -m gpu
+@pytest.mark.gpu  # deselected by default (pyproject.toml); on a CUDA machine: pytest -m gpu
 def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
     gpu = replay_into(stream, storage_device="cuda")
     if gpu.frame_shape is None:  # the state stream: nothing to store on the GPU

@@ -1028,7 +1028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the module's own copy, imported by name: SAC.save pickles DrQv2SACPolicy by reference
-    # ("drqv2_sac_policy.DrQv2SACPolicy"), which any process with scripts/labs on sys.path can load.
+    # ("drqv2_sac_policy.DrQv2SACPolicy"), which any process with the project installed can load.
     # Classes defined in __main__ would be pickled by value and loaded as look-alike copies.
     import drqv2_sac_policy
 

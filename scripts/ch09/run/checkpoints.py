@@ -12,7 +12,7 @@
 Loading a checkpoint yourself
 -----------------------------
 ``SAC.load(path, env=env)`` works for every checkpoint of this project when ``env`` is the env it was
-trained on (``scripts/`` and ``scripts/labs/`` on ``sys.path``, so the pickled classes import). Without
+trained on, in any process where the project is installed (``pip install -e .``: the pickled classes import). Without
 ``env=``, SB3 refuses a model whose replay buffer is a ``HerReplayBuffer`` (all of ours), because it
 rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a one-row plain buffer.
 """
