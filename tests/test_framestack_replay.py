@@ -19,6 +19,7 @@ import bench_replay
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3 import SAC
 
 from ch09.engine import framestack_replay
@@ -242,6 +243,21 @@ def test_a_buffer_that_does_not_fit_is_refused_naming_the_largest_that_does():
     largest = int(message.rsplit("use ", 1)[1].split(" rows or fewer")[0].replace(",", ""))
     per_row = FrameStackHerReplayBuffer.bytes_per_row_for(space, actions)
     assert 0 < largest * per_row <= available_memory().bytes_available
+
+
+def test_a_key_that_is_no_single_array_is_refused_in_one_sentence():
+    space = spaces.Dict({**pixel_observation_space().spaces, "contacts": spaces.Dict({"left": spaces.Discrete(2)})})
+    with pytest.raises(ValueError, match=r"observation_space\['contacts'\] must be a Box, Discrete, MultiDiscrete"):
+        FrameStackHerReplayBuffer(100, space, bench_replay.action_space())
+
+
+def test_infos_is_an_array_without_rows_without_copy_info_dict_also_in_an_older_pickle(stream):
+    """HerReplayBuffer declares ``infos`` an array; a buffer pickled by an older version holds None there."""
+    buffer = replay_into(stream)
+    assert buffer.infos.shape == (0, buffer.n_envs)
+    older = FrameStackHerReplayBuffer.__new__(FrameStackHerReplayBuffer)
+    older.__setstate__(pickle.loads(pickle.dumps(buffer.__getstate__() | {"infos": None})))
+    assert older.infos.shape == (0, buffer.n_envs) and older.sample(8).rewards.shape == (8, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

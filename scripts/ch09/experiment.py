@@ -22,7 +22,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias, cast
 
 import gymnasium as gym
 import tyro
@@ -30,6 +30,7 @@ from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.her import HerReplayBuffer
 
@@ -67,7 +68,11 @@ from manipulation_encoder import ManipulationExtractor
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PIXEL_KEY, SUPPORTED_ENV_IDS, make_fetch_env, pixel_observation_space
 from visual_encoder import NormalizedCombinedExtractor
 
-PIXEL_DEFAULT_REPLAY = "framestack"
+ReplayKind: TypeAlias = Literal["sb3", "framestack"]
+"""sb3 (SB3's HER buffers, obs and next_obs stored whole) or framestack (FrameStackHerReplayBuffer)."""
+
+
+PIXEL_DEFAULT_REPLAY: ReplayKind = "framestack"
 """Replay used for pixel runs when --replay is not given: each frame stored once."""
 
 
@@ -112,7 +117,7 @@ class TrainConfig:
     """ManipulationCNN's SpatialSoftmax head; --no-spatial-softmax flattens instead (Exercises 3 and 4)."""
     native_render: bool = True
     """Render at 84x84 directly; --no-native-render renders 480x480 and resizes (slower, the tutorial's path)."""
-    replay: Literal["sb3", "framestack"] | None = None
+    replay: ReplayKind | None = None
     """sb3 (HerReplayBuffer: obs, next_obs stored whole) or framestack (each frame once); None: framestack if pixels."""
     buffer_size: int = 500_000
     """Replay capacity in transitions (the Experiment Card's 500K). The preflight refuses one that does not fit."""
@@ -224,6 +229,7 @@ def policy_setup(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
     """
     if cfg.full_state:
         return "MultiInputPolicy", {}
+    extractor: type[BaseFeaturesExtractor]
     if cfg.encoder == "manip":
         extractor, extractor_kwargs = ManipulationExtractor, {"spatial_softmax": cfg.spatial_softmax}
     else:
@@ -318,6 +324,12 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def resolved_replay(cfg: TrainConfig) -> ReplayKind:
+    """The replay of a config ``resolve_config`` has filled (``--replay``, or the default for pixels or state)."""
+    assert cfg.replay is not None, "resolve_config fills --replay; resolve the config first"
+    return cfg.replay
+
+
 def check_train_arguments(cfg: TrainConfig) -> None:
     """What ``resolve_config`` cannot judge from the flags alone: this machine's devices and folders, and a
     run that would never train. Called before anything is built (no env, no worker, no model)."""
@@ -356,7 +368,7 @@ def config_tag(cfg: TrainConfig) -> str:
     her_suffix = "" if cfg.her_n_sampled_goal == CHAPTER_HER_N_SAMPLED_GOAL else f"_k{cfg.her_n_sampled_goal}"
     if cfg.full_state:
         return "fullstate" + her_suffix
-    tag = cfg.encoder or "nature"
+    tag: str = cfg.encoder or "nature"
     if cfg.encoder == "manip" and not cfg.spatial_softmax:
         tag += "_noSS"
     if not cfg.drq:
@@ -406,7 +418,8 @@ def training_spaces(cfg: TrainConfig) -> tuple[spaces.Dict, spaces.Space]:
     state_env = make_fetch_env(cfg.env, pixels=False)
     try:
         if cfg.full_state:
-            return state_env.observation_space, state_env.action_space
+            # gymnasium types an env's space as Space; a Fetch goal env's is a Dict (observation and goals)
+            return cast(spaces.Dict, state_env.observation_space), state_env.action_space
         return pixel_observation_space(goal_mode=GOAL_MODE), state_env.action_space
     finally:
         state_env.close()
@@ -450,7 +463,7 @@ def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
     meta = None
     if cfg.resume:
         meta = resume_meta(cfg, paths)
-        check_room_to_resume(paths, paths.replay_buffer(cfg.replay) if cfg.save_replay_buffer else None)
+        check_room_to_resume(paths, paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None)
         if meta.get("steps_done", 0) >= cfg.total_steps:
             print(f"[resume] {paths.checkpoint} already has {meta['steps_done']:,} steps >= --total-steps "
                   f"{cfg.total_steps:,}; raise --total-steps to train further.")
@@ -499,7 +512,7 @@ def resume_agent(cfg: TrainConfig, paths: RunPaths, env: VecEnv, meta: dict[str,
     algorithm, engine_options = agent_class(cfg)  # --engine may differ from the saved run's
     model = load_agent(paths.checkpoint, env, cfg.device, algorithm=algorithm, **engine_options)
     check_policy(model, cfg, paths.checkpoint, "the flags ask for")
-    restored = restore_replay_buffer(model, paths.replay_buffer(cfg.replay), meta.get("replay_buffer"),
+    restored = restore_replay_buffer(model, paths.replay_buffer(resolved_replay(cfg)), meta.get("replay_buffer"),
                                      cfg.learning_starts)
     return model, restored
 

@@ -73,7 +73,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard, cast
 
 import gymnasium as gym
 import numpy as np
@@ -322,9 +322,10 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._rows_written = np.zeros(envs, dtype=np.int64)
         self._open_start = np.full(envs, -1, dtype=np.int64)  # start row of the running episode, -1 if none
         self._n_sampleable = 0
-        # With copy_info_dict: each transition row's info dict (read only where a transition is sampled).
+        # With copy_info_dict: each transition row's info dict (read only where a transition is sampled). Without
+        # it no rows, but still an array: HerReplayBuffer declares ``infos`` one.
         self.copy_info_dict = copy_info_dict
-        self.infos: np.ndarray | None = np.full((rows, envs), None, dtype=object) if copy_info_dict else None
+        self.infos = np.full((rows if copy_info_dict else 0, envs), None, dtype=object)
 
         self.env = None
         self._user_compute_reward = compute_reward
@@ -352,24 +353,34 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         return channels // frame_stack, height, width
 
     @staticmethod
-    def _is_vector_key(space: spaces.Space) -> bool:
+    def _is_vector_key(space: spaces.Space) -> TypeGuard[spaces.Box]:
         """A float Box: packed with the others, exactly (the common float dtype holds each one's values)."""
         return isinstance(space, spaces.Box) and np.issubdtype(space.dtype, np.floating)
 
     @staticmethod
     def _vector_layout(observation_space: spaces.Dict, pixel_key: str) -> tuple[dict[str, slice], np.dtype]:
         """Columns of each float key (not the pixel key) in the shared vector array, and that array's dtype."""
-        keys = [key for key, space in observation_space.spaces.items()
-                if key != pixel_key and FrameStackHerReplayBuffer._is_vector_key(space)]
-        edges = np.cumsum([0, *[int(np.prod(observation_space[key].shape)) for key in keys]])
-        columns = {key: slice(int(lo), int(hi)) for key, lo, hi in zip(keys, edges[:-1], edges[1:])}
-        return columns, np.result_type(*[observation_space[key].dtype for key in keys], np.float32)
+        boxes = {key: space for key, space in observation_space.spaces.items()
+                 if key != pixel_key and FrameStackHerReplayBuffer._is_vector_key(space)}
+        edges = np.cumsum([0, *[int(np.prod(space.shape)) for space in boxes.values()]])
+        columns = {key: slice(int(lo), int(hi)) for key, lo, hi in zip(boxes, edges[:-1], edges[1:])}
+        return columns, np.result_type(*[space.dtype for space in boxes.values()], np.float32)
 
     @staticmethod
     def _array_keys(observation_space: spaces.Dict, pixel_key: str) -> list[str]:
         """The keys stored in an array of their own: all but the pixel key and the float keys."""
         return [key for key, space in observation_space.spaces.items()
                 if key != pixel_key and not FrameStackHerReplayBuffer._is_vector_key(space)]
+
+    @staticmethod
+    def _array_key_bytes(observation_space: spaces.Dict, key: str) -> int:
+        """Bytes per row of a key stored in an array of its own: its SB3 shape in its own dtype."""
+        space = observation_space[key]
+        shape = get_obs_shape(space)
+        if not isinstance(shape, tuple) or space.dtype is None:
+            raise ValueError(f"observation_space['{key}'] must be a Box, Discrete, MultiDiscrete or MultiBinary "
+                             f"space (an array of one dtype), got {space}.")
+        return int(np.prod(shape)) * space.dtype.itemsize
 
     @staticmethod
     def _storage_device(device: th.device | str, storage_device: th.device | str | None) -> th.device:
@@ -385,7 +396,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         frame_bytes = int(np.prod(shape)) if shape is not None else 0
         columns, dtype = FrameStackHerReplayBuffer._vector_layout(observation_space, pixel_key)
         vector_bytes = sum(column.stop - column.start for column in columns.values()) * dtype.itemsize
-        key_bytes = sum(int(np.prod(get_obs_shape(observation_space[key]))) * observation_space[key].dtype.itemsize
+        key_bytes = sum(FrameStackHerReplayBuffer._array_key_bytes(observation_space, key)
                         for key in FrameStackHerReplayBuffer._array_keys(observation_space, pixel_key))
         # float32 for float actions, as SB3 stores them; Discrete (DQN) keeps its int64
         action_dtype = np.dtype(FrameStackHerReplayBuffer._maybe_cast_dtype(action_space.dtype))
@@ -503,12 +514,14 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         if "key_arrays" not in state:
             self.key_arrays, self.array_keys = {}, []
             self._obs_shapes = {key: get_obs_shape(space) for key, space in self.observation_space.spaces.items()}
-            self.copy_info_dict, self.infos = False, None
+            self.copy_info_dict = False
+        if not self.copy_info_dict:  # older versions pickled None here
+            self.infos = np.full((0, self.n_envs), None, dtype=object)
 
     def _relabelled_infos(self, rows: np.ndarray, envs: np.ndarray) -> np.ndarray | list[dict[str, Any]]:
         """What ``compute_reward`` gets as ``info``, as SB3 passes it: deep copies of the kept infos (an object
         array) with ``copy_info_dict``, else empty dicts (Fetch's reward needs no info)."""
-        if self.infos is None:
+        if not self.copy_info_dict:
             return [{} for _ in range(len(rows))]
         return copy.deepcopy(self.infos[rows, envs])  # compute_reward may change them; the kept ones stay
 
@@ -615,14 +628,15 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         frames = self._newest_frames(source, envs)
         if isinstance(self.frames, np.ndarray):
             self.frames[rows, envs] = frames
-        elif frames is not None:  # one host-to-device copy of the new frames, then a scatter on the device
-            # Through pinned memory, non-blocking: a pageable copy would wait for the GPU's queued updates.
+        elif self.frames is not None and frames is not None:
+            # One host-to-device copy of the new frames, then a scatter on the device; through pinned memory,
+            # non-blocking: a pageable copy would wait for the GPU's queued updates.
             pinned = self.storage_device.type == "cuda"
             flat_rows = th.from_numpy(rows * self.n_envs + envs)
             new_frames = th.from_numpy(np.ascontiguousarray(frames))
             if pinned:
                 flat_rows, new_frames = flat_rows.pin_memory(), new_frames.pin_memory()
-            self.frames.view(-1, *self.frame_shape).index_copy_(
+            self.frames.view(-1, *self.frames.shape[2:]).index_copy_(
                 0, flat_rows.to(self.storage_device, non_blocking=pinned),
                 new_frames.to(self.storage_device, non_blocking=pinned))
         self.vectors[rows, envs] = vectors[envs] if some else vectors
@@ -777,7 +791,8 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         filled = int(min(self._rows_written.max(), self.buffer_size))
         if self._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs:
             flat = np.flatnonzero(self.sampleable[:filled])
-            return np.unravel_index(np.random.choice(flat, size=batch_size), (filled, self.n_envs))
+            rows, envs = np.unravel_index(np.random.choice(flat, size=batch_size), (filled, self.n_envs))
+            return rows, envs
         rows, envs, found = np.empty(batch_size, np.int64), np.empty(batch_size, np.int64), 0
         while found < batch_size:
             draws = 2 * (batch_size - found)
@@ -809,7 +824,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             dones *= 1.0 - self.timeouts[idx.rows, idx.envs]  # a time-out is not terminal
 
         if env is not None:
-            obs, next_obs = self._normalize_obs(obs, env), self._normalize_obs(next_obs, env)
+            # a dict in, a dict out (SB3 annotates the result as ndarray | dict)
+            obs = cast(dict[str, np.ndarray], self._normalize_obs(obs, env))
+            next_obs = cast(dict[str, np.ndarray], self._normalize_obs(next_obs, env))
         observations = {key: self._to_device(value) for key, value in obs.items()}
         next_observations = {key: self._to_device(value) for key, value in next_obs.items()}
         if self.frame_shape is not None:
@@ -830,6 +847,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     def _gather_stacks(self, idx: SampleIndices
                        ) -> tuple[th.Tensor, th.Tensor]:
         """(B, 3K, H, W) uint8 obs and next_obs stacks from K + 1 frames."""
+        assert self.frames is not None and self.frame_shape is not None, "only a pixel buffer has frames"
         frame_rows = frame_stack_rows(idx.ep_start, idx.step,
                                       self.frame_stack, self.buffer_size)
         if isinstance(self.frames, np.ndarray):
@@ -855,7 +873,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     # ----------------------------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray | th.Tensor]:
         arrays: dict[str, np.ndarray | th.Tensor] = {}
-        if self.frame_shape is not None:
+        if self.frames is not None:
             arrays["frames"] = self.frames
         arrays["vectors"] = self.vectors
         # a file name per key: "obs.<key>", any character a file name should not hold replaced by "_"
@@ -889,7 +907,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 out[lo:hi] = chunk if isinstance(chunk, np.ndarray) else chunk.cpu().numpy()
             out.flush()
             del out
-        if self.infos is not None:  # Python dicts: pickled, as SB3 pickles its whole buffer
+        if self.copy_info_dict:  # Python dicts: pickled, as SB3 pickles its whole buffer
             with open(directory / "infos.pkl", "wb") as handle:
                 pickle.dump(self.infos, handle, protocol=pickle.HIGHEST_PROTOCOL)
         state = self._meta() | {
@@ -927,7 +945,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                 else:
                     array[lo:hi].copy_(th.from_numpy(chunk))
             del source
-        if self.infos is not None:
+        if self.copy_info_dict:
             with open(directory / "infos.pkl", "rb") as handle:
                 self.infos[:] = pickle.load(handle)
         self._next_row = np.array(state["next_row"], dtype=np.int64)

@@ -71,7 +71,7 @@ def parse_steps(label: str) -> int:
     return int(round(float(label.rstrip("KM")) * scale))
 
 
-def artifact_root(value: str) -> Path:
+def artifact_root(value: str | Path) -> Path:
     """The folder that holds checkpoints/, results/ and runs/ ('' means the repository root)."""
     return Path(value).expanduser().resolve() if value else REPO_ROOT
 

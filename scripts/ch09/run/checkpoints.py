@@ -33,6 +33,7 @@ from typing import Any
 
 import torch as th
 from stable_baselines3 import SAC
+from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.vec_env import VecEnv
 
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
@@ -48,11 +49,12 @@ from ch09.run.artifacts import (
     write_json,
 )
 from ch09.run.digest import sha256_file
-from ch09.run.validation import Number, OptionalDict, check_fields, read_json_object
+from ch09.run.validation import FieldType, Number, OptionalDict, check_fields, read_json_object
 from manipulation_encoder import ManipulationExtractor
 from visual_encoder import NormalizedCombinedExtractor
 
-ACT_ONLY_OBJECTS = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1, "learning_starts": 0}
+ACT_ONLY_OBJECTS: dict[str, object] = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1,
+                                       "learning_starts": 0}
 """``custom_objects`` for a model that only acts: SB3 then builds a one-row plain buffer instead of HER's,
 which needs no env and no memory."""
 
@@ -60,8 +62,9 @@ which needs no env and no memory."""
 # ---------------------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------------------
-META_FIELDS = {"format": str, "tag": str, "env_id": str, "seed": int, "config": dict, "steps_done": int,
-               "wall_time_s": Number, "sessions": list, "periodic_checkpoints": list, "replay_buffer": OptionalDict}
+META_FIELDS: dict[str, FieldType] = {
+    "format": str, "tag": str, "env_id": str, "seed": int, "config": dict, "steps_done": int, "wall_time_s": Number,
+    "sessions": list, "periodic_checkpoints": list, "replay_buffer": OptionalDict}
 """The fields of a .meta.json that eval and --resume read, with their JSON types: checked before any is used."""
 
 
@@ -137,7 +140,7 @@ def let_the_encoder_scale_pixels(model: SAC) -> None:
     if not any(isinstance(module, (ManipulationExtractor, NormalizedCombinedExtractor)) for module in modules):
         return
     for module in modules:  # the policy, its actor, critic and target critic each keep the flag
-        if hasattr(module, "normalize_images"):
+        if isinstance(module, BaseModel):
             module.normalize_images = False
 
 
@@ -349,6 +352,7 @@ def restore_replay_buffer(model: SAC, path: Path, saved: dict | None,
             buffer.load(path)
         else:  # re-attaches HER's env, closes the open episode
             model.load_replay_buffer(path)
+        assert model.replay_buffer is not None, "both loads leave a buffer"
         print(f"[resume] replay buffer restored from {path} "
               f"({model.replay_buffer.size():,} transitions)")
         return True

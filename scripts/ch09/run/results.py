@@ -31,7 +31,7 @@ from ch09.run.artifacts import (
 )
 from ch09.run.digest import sha256_file
 from ch09.run.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
-from ch09.run.validation import Number, check_fields, check_range, read_json_object
+from ch09.run.validation import FieldType, Number, check_fields, check_range, read_json_object
 
 
 def run_episodes(model: SAC, env: gym.Env, n_episodes: int, seed: int) -> list[dict[str, Any]]:
@@ -86,8 +86,9 @@ def eval_result(checkpoint: Path, source: str | None, meta: dict[str, Any], step
     }
 
 
-EVAL_FIELDS = {"format": str, "name": str, "tag": str, "env_id": str, "train_seed": int, "checkpoint_steps": int,
-               "n_episodes": int, "success_rate": Number, "success_ci95": list, "mean_final_goal_distance": Number}
+EVAL_FIELDS: dict[str, FieldType] = {
+    "format": str, "name": str, "tag": str, "env_id": str, "train_seed": int, "checkpoint_steps": int,
+    "n_episodes": int, "success_rate": Number, "success_ci95": list, "mean_final_goal_distance": Number}
 """The fields of an eval JSON that aggregate reads, with their JSON types: checked before any is used."""
 
 
