@@ -329,7 +329,8 @@ def test_11_sigterm_in_the_first_seconds(cli, delay: float, tmp_path: Path, prod
     cli.assert_one_line(process.returncode, err, 128 + signal.SIGTERM, "SIGTERM", "run the same command again")
 
 
-def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_path: Path, production) -> None:
+def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(cli, tmp_path: Path, production) -> None:
+    """--resume says nothing was saved yet and points to the same command without it, which starts afresh."""
     argv = ["train", *REACH, "--total-steps", "200", "--artifact-root", str(tmp_path)]
     run_dir = tmp_path / "runs" / "ch09_fullstate" / "FetchReach-v4" / "seed0"
     process = production.popen(*argv)
@@ -340,6 +341,11 @@ def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_
     finally:
         process.kill()
     assert not (tmp_path / "checkpoints" / f"{STEM}.zip").exists(), "the kill came after the first checkpoint"
+
+    code, _, err = cli.run(*argv, "--resume")
+    cli.assert_user_error(code, err, "stopped before its first checkpoint", "nothing was saved yet",
+                          "the same command without --resume", "moved aside automatically")
+    assert any(run_dir.glob("events.out.tfevents*")), "the refused --resume must leave the run's folder alone"
 
     proc = production.check(*argv)  # the same command, no --resume, no --move-old-run
     assert "no checkpoint" in proc.stdout and "moved them to" in proc.stdout
