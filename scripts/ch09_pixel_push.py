@@ -55,7 +55,7 @@ from typing import Annotated, Any, Literal
 # The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
-from cli_guard import guard_entry_point, run_guarded
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 
 guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
 
@@ -935,9 +935,9 @@ def package(cfg: PackageConfig) -> int:
 # ======================================================================================================
 def parse_command_line(argv: Sequence[str] | None = None
                        ) -> TrainConfig | EvalConfig | AggregateConfig | PackageConfig:
-    """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
-    return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
-                                                description=__doc__.split("\n")[0])
+    """The subcommand's config; a bad command line ends in one sentence and exit code 2 (cli_guard)."""
+    return parse_with_one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
+        COMMANDS, args=argv, prog="ch09_pixel_push.py", description=__doc__.split("\n")[0]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -387,6 +387,25 @@ def test_a_reader_that_closes_the_pipe_is_no_bug(where: str, tmp_path: Path) -> 
     assert err == b""
 
 
+@pytest.mark.parametrize("script, argv, fragments", [
+    ("bench_replay", ["--devise", "cpu"], ["'--devise cpu'", "did you mean --device?"]),
+    ("bench_train", ["--seconds", "soon"], ["--seconds", "'soon'"]),
+    ("ch09_sweep", ["--no-such-flag"], ["'--no-such-flag'", "ch09_sweep.py --help"]),
+    ("ch09_figures", ["juggle"], ["invalid choice: 'juggle'", "'env-frame'", "'rollout'"]),
+])
+def test_every_command_line_refuses_in_one_sentence(cli, script: str, argv: list[str], fragments: list[str],
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The tyro (and argparse) command lines beside ch09_pixel_push's and the labs' follow the same rule,
+    through cli_guard.parse_with_one_line_errors; --help still prints the whole help."""
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    cli.assert_user_error(exit_info.value.code, capsys.readouterr().err, *fragments)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.count("\n") > 5
+
+
 def test_every_entry_point_installs_the_guard() -> None:
     entry_points = ["scripts/ch09_pixel_push.py", "scripts/ch09_figures.py", "scripts/bench_replay.py",
                     "scripts/snippets.py", *(f"scripts/labs/{lab}.py" for lab in (
