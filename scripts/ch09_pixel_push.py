@@ -40,24 +40,26 @@ render worker, a missing EGL) ends in one sentence that says what to do, and exi
 
 from __future__ import annotations
 
+import os
+import sys
+
+# The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "labs"))
+
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+
+guard_entry_point(__name__)  # first of all: a failing import or an early SIGTERM/Ctrl-C is one line
+
 import dataclasses
 import functools
 import json
 import multiprocessing as mp
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-
-# The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
-
-guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
 
 import gymnasium as gym
 import numpy as np

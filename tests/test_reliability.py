@@ -17,7 +17,7 @@ does not, in-process through ``main(argv)``, which runs under the same top-level
 | 8    | mujoco >= 3.12 (and the file requirements.txt points to)    | test_8_mujoco_refusal_is_one_sentence    |
 | 9    | ``--learning-starts 5000 --total-steps 300``                | test_9_run_that_would_never_train        |
 | 10   | a kill during the periodic snapshot copy                    | test_10_interrupted_snapshot_is_repaired |
-| 11   | SIGTERM in the first seconds; a kill before checkpoint one  | test_11_*                                |
+| 11   | SIGTERM, SIGINT at start-up; a kill before checkpoint one   | test_11_*                                |
 
 Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds each).
 """
@@ -314,8 +314,39 @@ def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 # 11: SIGTERM in the first seconds; a kill before the first checkpoint
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("delay", [1.0, 4.0])  # during the imports; while the run is set up
-def test_11_sigterm_in_the_first_seconds(cli, delay: float, tmp_path: Path, production) -> None:
+def handles_signal(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has installed a handler for ``signum`` (Linux: the SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # not started yet, or gone
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_11_a_signal_during_the_imports_is_one_line(cli, signum: int, tmp_path: Path, production) -> None:
+    """From the guard's first line on, SIGTERM and Ctrl-C end the start-up with one line and 128 + the signal,
+    SIGINT even when inherited ignored (a job started with `&` from a script). The signal is sent as soon as
+    the process handles both, while torch, SB3 and MuJoCo (seconds of imports) still load."""
+    process = subprocess.Popen(
+        [sys.executable, str(production.path), "train", *REACH, "--total-steps", "100000", "--artifact-root",
+         str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=production.environment(),
+        cwd=REPO_ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for(lambda: handles_signal(process.pid, signal.SIGTERM) and handles_signal(process.pid, signal.SIGINT),
+                 60, process, "the guard's signal handlers")
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert "[train]" not in out, "the signal came after the imports"
+    cli.assert_one_line(process.returncode, err, 128 + signum, signal.Signals(signum).name, "before it started",
+                        "run the same command again")
+
+
+def test_11_sigterm_while_the_run_is_set_up(cli, tmp_path: Path, production) -> None:
+    delay = 4.0
     process = production.popen("train", *REACH, "--total-steps", "100000", "--artifact-root", str(tmp_path))
     try:
         time.sleep(delay)

@@ -28,16 +28,14 @@ use it too.
 
 from __future__ import annotations
 
+# Only what the guard needs to be installed: the script imports this module before anything else, so every
+# millisecond here is one in which a signal still kills the process without a word. The failure paths import
+# the rest (traceback, tempfile, datetime, re, io) when they run.
 import contextlib
-import io
 import os
-import re
 import signal
 import sys
-import tempfile
-import traceback
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -73,12 +71,15 @@ def guard_entry_point(module_name: str) -> None:
     """Guard the program when ``module_name`` is ``"__main__"`` (a library import changes nothing).
 
     Installs ``sys.excepthook`` for exceptions raised outside ``run_guarded`` (the imports at the top of
-    the script) and a SIGTERM handler that unwinds like Ctrl-C instead of killing the process silently.
+    the script), a SIGTERM handler that unwinds like Ctrl-C instead of killing the process silently, and
+    Python's own Ctrl-C handler even where SIGINT was inherited ignored (a job started with ``&`` from a
+    script): the training loop stops on SIGINT too, so the program answers it the same way at any moment.
     """
     if module_name != "__main__":
         return
     sys.excepthook = _excepthook
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
@@ -140,6 +141,10 @@ def write_crash_log(exc: BaseException, log_dir: Path) -> Path | None:
 
     Falls back to the temp folder when ``log_dir`` cannot be written (a bad --artifact-root, a full disk).
     """
+    import tempfile
+    import traceback
+    from datetime import datetime
+
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     text = (f"command: {' '.join(sys.argv)}\ncwd: {os.getcwd()}\npython: {sys.version.split()[0]} "
             f"({sys.executable})\ntime: {datetime.now().isoformat(timespec='seconds')}\n\n"
@@ -167,6 +172,8 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
     the event tyro's parse-error hook reports (``tyro._errors``: private, so requirements.txt pins tyro
     exactly); without one (argparse, an event this version does not know) from the text it printed.
     """
+    import io
+
     events: list[Any] = []
     printed = io.StringIO()
     try:
@@ -196,6 +203,8 @@ def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
 
 def _rejection_sentence(event: Any, printed: str) -> str:
     """One sentence for a rejected command line: from tyro's event, else from the text that was printed."""
+    import re
+
     text = _unboxed(printed)
     try:
         sentence = _sentence_of_event(event, text) if event is not None else None
@@ -218,6 +227,8 @@ def _unboxed(printed: str) -> str:
 
 def _sentence_of_event(event: Any, text: str) -> str | None:
     """The sentence for each kind of tyro parse-error event (None: an event this function does not know)."""
+    import re
+
     kind, prog = type(event).__name__, event.prog
     see = f"see `{prog} --help`"
     if kind == "UnrecognizedArgs":
