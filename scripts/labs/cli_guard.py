@@ -192,12 +192,14 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
 @contextlib.contextmanager
 def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
     """Record tyro's parse-error events (tyro then prints its box and exits 2, which is captured)."""
-    if "tyro" not in sys.modules:  # an argparse command line: nothing to hook, and no reason to load tyro
+    hook = None
+    if "tyro" in sys.modules:  # argparse's command lines have nothing to hook, and no reason to load tyro
+        with contextlib.suppress(ImportError):  # a tyro without the hook: the sentence comes from its text
+            from tyro._errors import on_parse_error as hook
+    if hook is None:
         yield
         return
-    from tyro._errors import on_parse_error
-
-    with on_parse_error(record):
+    with hook(record):
         yield
 
 
@@ -231,7 +233,7 @@ def _sentence_of_event(event: Any, text: str) -> str | None:
 
     kind, prog = type(event).__name__, event.prog
     see = f"see `{prog} --help`"
-    if kind == "UnrecognizedArgs":
+    if kind == "UnrecognizedArgs":  # the event holds only the tokens: the choices come from tyro's printed text
         commands = re.search(r"^Available subcommands: (.+)$", text, re.MULTILINE)
         if commands and not event.tokens[0].startswith("-"):
             return f"unknown command {event.tokens[0]!r}; use one of: {commands[1]}."
