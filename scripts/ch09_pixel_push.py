@@ -538,9 +538,9 @@ def new_meta(cfg: TrainConfig, paths: RunPaths, memory: list[dict[str, Any]]) ->
 
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """The metadata of the run --resume continues, refusing a missing run or one with other flags."""
-    if not paths.checkpoint.is_file() and paths.has_tensorboard_events():
+    if paths.has_tensorboard_events() and not paths.own_checkpoint_files():  # what guard_fresh_run moves aside
         raise UserError(f"--resume has nothing to continue: the run in {paths.run_dir} was stopped before its first "
-                        f"checkpoint, so nothing was saved yet; run the same command without --resume to start "
+                        "checkpoint, so nothing was saved yet; run the same command without --resume to start "
                         "afresh (its TensorBoard folder is moved aside automatically).")
     if not paths.checkpoint.is_file():
         raise UserError(f"--resume found no checkpoint {paths.checkpoint} for this tag and seed; "
