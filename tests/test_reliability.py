@@ -346,10 +346,10 @@ def test_11_a_signal_during_the_imports_is_one_line(cli, signum: int, tmp_path: 
 
 
 def test_11_sigterm_while_the_run_is_set_up(cli, tmp_path: Path, production) -> None:
-    delay = 4.0
+    """SIGTERM a few seconds in: the imports are done, training has not begun (or, on a fast machine, has)."""
     process = production.popen("train", *REACH, "--total-steps", "100000", "--artifact-root", str(tmp_path))
     try:
-        time.sleep(delay)
+        time.sleep(4.0)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
     finally:
