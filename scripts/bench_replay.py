@@ -41,7 +41,7 @@ from typing import Any
 # The labs import each other by bare module name; scripts/ itself is sys.path[0] when this file runs.
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
-from cli_guard import guard_entry_point, run_guarded
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
@@ -346,7 +346,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, then benchmark under the top-level guard (a user error: one sentence, exit 2)."""
-    config = tyro.cli(BenchConfig, args=argv, prog="bench_replay.py", description=__doc__.split("\n\n")[0])
+    config = parse_with_one_line_errors(lambda: tyro.cli(BenchConfig, args=argv, prog="bench_replay.py",
+                                                 description=__doc__.split("\n\n")[0]))
     return run_guarded(functools.partial(bench, config))
 
 

@@ -66,7 +66,7 @@ from typing import Any, Literal
 SCRIPTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(1, str(SCRIPTS_DIR / "labs"))
 
-from cli_guard import guard_entry_point, run_guarded
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
@@ -515,7 +515,7 @@ def bench(cfg: BenchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
+    cfg = parse_with_one_line_errors(lambda: tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0]))
     return run_guarded(functools.partial(worker_main, cfg.worker) if cfg.worker else functools.partial(bench, cfg))
 
 

@@ -62,7 +62,7 @@ from typing import Any
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
-from cli_guard import guard_entry_point, run_guarded
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 
 guard_entry_point(__name__)  # before matplotlib loads: a failing import or an early SIGTERM is one line
 
@@ -998,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_with_one_line_errors(lambda: parser.parse_args(argv))
     try:
         if args.figure == "env-frame":
             try:

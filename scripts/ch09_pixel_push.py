@@ -43,24 +43,26 @@ render worker, a missing EGL) ends in one sentence that says what to do, and exi
 
 from __future__ import annotations
 
+import os
+import sys
+
+# The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), "labs"))
+
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+
+guard_entry_point(__name__)  # first of all: a failing import or an early SIGTERM/Ctrl-C is one line
+
 import dataclasses
 import functools
 import json
 import multiprocessing as mp
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-
-# The labs import each other by bare module name (a reader runs `python scripts/labs/<lab>.py`); so do we.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, run_guarded
-
-guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
 
 import gymnasium as gym
 import numpy as np
@@ -574,6 +576,10 @@ def new_meta(cfg: TrainConfig, paths: RunPaths, memory: list[dict[str, Any]]) ->
 
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """The metadata of the run --resume continues, refusing a missing run or one with other flags."""
+    if paths.has_tensorboard_events() and not paths.own_checkpoint_files():  # what guard_fresh_run moves aside
+        raise UserError(f"--resume has nothing to continue: the run in {paths.run_dir} was stopped before its first "
+                        "checkpoint, so nothing was saved yet; run the same command without --resume to start "
+                        "afresh (its TensorBoard folder is moved aside automatically).")
     if not paths.checkpoint.is_file():
         raise UserError(f"--resume found no checkpoint {paths.checkpoint} for this tag and seed; "
                         "check the flags (they choose the tag) and --artifact-root, or drop --resume.")
@@ -991,9 +997,9 @@ Config = TrainConfig | EvalConfig | AggregateConfig | PackageConfig | SelftestCo
 
 
 def parse_command_line(argv: Sequence[str] | None = None) -> Config:
-    """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
-    return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
-                                                description=__doc__.split("\n")[0])
+    """The subcommand's config; a bad command line ends in one sentence and exit code 2 (cli_guard)."""
+    return parse_with_one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
+        COMMANDS, args=argv, prog="ch09_pixel_push.py", description=__doc__.split("\n")[0]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

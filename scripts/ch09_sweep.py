@@ -43,7 +43,7 @@ from typing import Annotated
 # cli_guard, the entry points' top-level guard, lives with the labs (scripts/ itself is sys.path[0]).
 sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 
-from cli_guard import guard_entry_point, run_guarded
+from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
@@ -234,7 +234,8 @@ def run(cfg: SweepConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = tyro.cli(SweepConfig, args=argv, prog="ch09_sweep.py", description=__doc__.split("\n")[0])
+    cfg = parse_with_one_line_errors(lambda: tyro.cli(SweepConfig, args=argv, prog="ch09_sweep.py",
+                                              description=__doc__.split("\n")[0]))
     # Ctrl-C during the sweep is run_sweep's (each run saves); one reaching the guard came before any run.
     return run_guarded(functools.partial(run, cfg),
                        interrupted="the sweep had not started its runs, so nothing was run; run the same command again")

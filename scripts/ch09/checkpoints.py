@@ -49,8 +49,6 @@ from ch09.digest import sha256_file
 from ch09.errors import ArtifactWriteError, UserError
 from ch09.framestack_replay import FrameStackHerReplayBuffer
 from ch09.validation import Number, OptionalDict, check_fields, read_json_object
-from manipulation_encoder import ManipulationExtractor
-from visual_encoder import NormalizedCombinedExtractor
 
 ACT_ONLY_OBJECTS = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1, "learning_starts": 0}
 """``custom_objects`` for a model that only acts: SB3 then builds a one-row plain buffer instead of HER's,
@@ -122,23 +120,7 @@ def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
     except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
         raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
                         "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
-    let_the_encoder_scale_pixels(model)
     return model
-
-
-def let_the_encoder_scale_pixels(model: SAC) -> None:
-    """Pixels are divided by 255 once, inside our encoders; SB3 must only cast them to float.
-
-    Pixel checkpoints saved before the encoders scaled their own input were trained with SB3's
-    ``normalize_images=True`` and SB3 dividing; the encoder now does exactly that division, so switching
-    SB3's off gives the network the same input it was trained on.
-    """
-    modules = list(model.policy.modules())
-    if not any(isinstance(module, (ManipulationExtractor, NormalizedCombinedExtractor)) for module in modules):
-        return
-    for module in modules:  # the policy, its actor, critic and target critic each keep the flag
-        if hasattr(module, "normalize_images"):
-            module.normalize_images = False
 
 
 def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "cpu") -> SAC:
