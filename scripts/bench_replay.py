@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from cli_guard import guard_entry_point, run_guarded
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
     sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
@@ -346,7 +346,8 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse, then benchmark under the top-level guard (a user error: one sentence, exit 2)."""
-    config = tyro.cli(BenchConfig, args=argv, prog="bench_replay.py", description=__doc__.split("\n\n")[0])
+    config = parse_with_one_line_errors(lambda: tyro.cli(BenchConfig, args=argv, prog="bench_replay.py",
+                                                 description=__doc__.split("\n\n")[0]))
     return run_guarded(functools.partial(bench, config))
 
 

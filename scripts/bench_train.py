@@ -64,7 +64,7 @@ from typing import Any, Literal
 SCRIPTS_DIR = Path(__file__).resolve().parent
 
 try:
-    from cli_guard import guard_entry_point, run_guarded
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
     sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
@@ -317,7 +317,7 @@ def bench(cfg: BenchConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0])
+    cfg = parse_with_one_line_errors(lambda: tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0]))
     return run_guarded(functools.partial(worker_main, cfg.worker) if cfg.worker else functools.partial(bench, cfg))
 
 

@@ -43,21 +43,22 @@ render worker, a missing EGL) ends in one sentence that says what to do, and exi
 
 from __future__ import annotations
 
+import sys
+
+try:
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
+
+guard_entry_point(__name__)  # first of all: a failing import or an early SIGTERM/Ctrl-C is one line
+
 import functools
 import multiprocessing as mp
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-
-try:
-    from cli_guard import guard_entry_point, run_guarded
-except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
-    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
-
-guard_entry_point(__name__)  # before torch and mujoco load: a failing import or an early SIGTERM is one line
 
 import tyro
 from stable_baselines3.common.vec_env import DummyVecEnv
@@ -334,9 +335,9 @@ Config = TrainConfig | EvalConfig | AggregateConfig | PackageConfig | SelftestCo
 
 
 def parse_command_line(argv: Sequence[str] | None = None) -> Config:
-    """The subcommand's config; a bad flag ends in tyro's short message and exit code 2."""
-    return tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="ch09_pixel_push.py",
-                                                description=__doc__.split("\n")[0])
+    """The subcommand's config; a bad command line ends in one sentence and exit code 2 (cli_guard)."""
+    return parse_with_one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
+        COMMANDS, args=argv, prog="ch09_pixel_push.py", description=__doc__.split("\n")[0]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

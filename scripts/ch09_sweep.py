@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Annotated
 
 try:
-    from cli_guard import guard_entry_point, run_guarded
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
     sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
@@ -233,7 +233,8 @@ def run(cfg: SweepConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = tyro.cli(SweepConfig, args=argv, prog="ch09_sweep.py", description=__doc__.split("\n")[0])
+    cfg = parse_with_one_line_errors(lambda: tyro.cli(SweepConfig, args=argv, prog="ch09_sweep.py",
+                                              description=__doc__.split("\n")[0]))
     # Ctrl-C during the sweep is run_sweep's (each run saves); one reaching the guard came before any run.
     return run_guarded(functools.partial(run, cfg),
                        interrupted="the sweep had not started its runs, so nothing was run; run the same command again")

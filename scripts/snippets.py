@@ -9,7 +9,12 @@ pymdown-extensions snippet syntax, exactly:
         ...
     # --8<-- [end:spatial_softmax]
 
-A marker is a comment on a line of its own (a marker quoted inside a string, like the one above, is not one).
+A marker is a comment on a line of its own. The book is built with pymdown-extensions' snippets (the Markdown
+configuration is in the README, "Snippets for the book"): a region prints exactly what pymdownx includes for
+``--8<-- "scripts/labs/<file>.py:<region>"``, the lines between the markers as they stand in the file (nested
+markers dropped, nothing dedented), and every rule below is measured on that text. A comment that pymdownx does
+not read as a marker (``# --8<--[start:x]``: no space after the scissors) is refused, since the book would print
+it; one it does read (``# -8<- [start:x]``) is a marker here too; a string line it would read as one is refused.
 Region names match ``[a-z][a-z0-9_]*`` and are unique within a file; regions may nest but must not overlap.
 ``scripts/snippets_manifest.json`` lists, by path under ``scripts/``, the regions the chapter prints.
 
@@ -19,14 +24,14 @@ Region names match ``[a-z][a-z0-9_]*`` and are unique within a file; regions may
 |---------------------------------------|-------------------------------------------------------------|
 | markers balanced, nested, names valid | a broken marker silently drops or garbles a listing         |
 | every manifest region present         | the chapter prints it                                       |
-| printed lines at most 80 characters   | the book page fits 80 (measured as printed: dedented)       |
+| printed lines at most 80 characters   | the book page fits 80 (measured as pymdownx prints them)    |
 | no region prints a whole large class  | a class over ``LARGE_CLASS_LINES`` lines is shown in parts  |
 
 Regions not in the manifest are checked the same way and listed in the summary; they are not an error.
 
 Usage:
     python scripts/snippets.py check           # every region well-formed and printable, every manifest region present
-    python scripts/snippets.py extract OUTDIR  # OUTDIR/<file stem>/<region>.py, markers stripped, dedented
+    python scripts/snippets.py extract OUTDIR  # OUTDIR/<file stem>/<region>.py: what pymdownx includes
 
 Exit status: 0 when everything is in order, 1 when the code has problems (each printed as
 ``path:line: region 'name': what is wrong``), 2 for a usage error (missing manifest, bad JSON), in one sentence.
@@ -40,7 +45,6 @@ import io
 import json
 import re
 import sys
-import textwrap
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -63,11 +67,18 @@ BOOK_LINE_WIDTH = 80
 # budget we chose for a listing, not a measurement. Counted from the first decorator to the last line of the class.
 LARGE_CLASS_LINES = 80
 
-# A whole-line marker comment: `#`, the scissors, then `[start:name]` or `[end:name]`.
-MARKER_RE = re.compile(r"^#\s*--8<--\s*\[(?P<kind>start|end):(?P<name>[^\]]*)\]\s*$")
+# A section marker as pymdown-extensions reads it, in any line (pymdownx.snippets.SnippetPreprocessor's
+# RE_SNIPPET_SECTION, pymdown-extensions 13.1.2): dashes, `8<`, dashes, at least one space or tab, then
+# `[start:name]` or `[end:name]`; `;` before the scissors escapes it (printed, less one `;`).
+# tests/test_snippets.py checks that every region of the tree renders through pymdownx itself as extracted here.
+MARKER_RE = re.compile(r"""(?xi)
+    ^(?P<pre>.*?) (?<!;)(?!(?<=-)-) (?P<escape>;*)
+    -+8<-+[ \t]+
+    \[[ \t]*(?P<kind>start|end)[ \t]*:[ \t]*(?P<name>[a-z][-_0-9a-z]*)[ \t]*\]
+    (?P<post>.*?)$""")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-# The scissors alone: a comment carrying them that is not a well-formed marker is reported, never silently ignored.
-SCISSORS = "--8<--"
+# The scissors as pymdownx looks for them: a comment carrying them that is not a marker is reported, never ignored.
+SCISSORS = "8<-"
 
 
 class UsageError(Exception):
@@ -79,7 +90,7 @@ class Region:
     name: str
     start_line: int  # 1-based line of the start marker
     end_line: int  # 1-based line of the end marker
-    body: str  # the lines strictly between the markers, nested markers removed, dedented
+    body: str  # the lines strictly between the markers as they stand, nested markers removed: pymdownx's text
     # (1-based source line, line as printed) for every line of `body`, so a problem can point at the source.
     printed_lines: tuple[tuple[int, str], ...] = field(default=(), repr=False)
 
@@ -94,9 +105,11 @@ class ScannedFile:
 
 
 def _marker_comments(path: Path, text: str) -> tuple[dict[int, str], list[str]]:
-    """Whole-line comments that carry the scissors, by line, found with the tokenizer so strings never count."""
+    """Whole-line comments that carry the scissors, by line, found with the tokenizer; and the problems of the
+    other lines that carry them (a marker after code, a string that pymdownx would read as a marker)."""
     comments: dict[int, str] = {}
     problems: list[str] = []
+    reported: set[int] = set()
     try:
         for token in tokenize.generate_tokens(io.StringIO(text).readline):
             if token.type != tokenize.COMMENT or SCISSORS not in token.string:
@@ -105,29 +118,24 @@ def _marker_comments(path: Path, text: str) -> tuple[dict[int, str], list[str]]:
             if token.line[:col].strip():
                 problems.append(f"{path}:{lineno}: snippet marker after code {token.string!r}; "
                                 "put the marker on a line of its own")
+                reported.add(lineno)
                 continue
             comments[lineno] = token.string
     except (tokenize.TokenError, SyntaxError) as error:
-        problems.append(f"{path}: cannot be read as Python ({error}); fix the file so its regions can be checked")
+        return comments, [f"{path}: cannot be read as Python ({error}); fix the file so its regions can be checked"]
+    if comments:  # a file with regions: pymdownx reads every line, strings included
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            match = MARKER_RE.match(line) if SCISSORS in line else None
+            if match and not match["escape"] and lineno not in comments and lineno not in reported:
+                problems.append(f"{path}:{lineno}: a string pymdownx reads as the snippet marker "
+                                f"'[{match['kind']}:{match['name']}]'; write the scissors as '--8<' + '--' there")
     return comments, problems
-
-
-def _printed(lines: list[tuple[int, str]]) -> tuple[tuple[int, str], ...]:
-    """Dedent the way `textwrap.dedent` does for the book, keeping each line's source line number."""
-    text_lines = [line for _, line in lines]
-    dedented = textwrap.dedent("\n".join(text_lines)).split("\n")
-    printed = [(lineno, line.rstrip()) for (lineno, _), line in zip(lines, dedented)]
-    while printed and not printed[0][1]:
-        printed.pop(0)
-    while printed and not printed[-1][1]:
-        printed.pop()
-    return tuple(printed)
 
 
 def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
     """Parse all regions of one file. Returns (regions by name, list of problems)."""
     text = path.read_text(encoding="utf-8")
-    lines = text.splitlines()
+    lines = text.split("\n")  # as pymdownx reads the file
     comments, problems = _marker_comments(path, text)
     regions: dict[str, Region] = {}
     open_stack: list[tuple[str, int]] = []  # (name, start line)
@@ -135,11 +143,11 @@ def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
     for lineno in sorted(comments):
         comment = comments[lineno]
         match = MARKER_RE.match(comment)
-        if match is None:
-            problems.append(f"{path}:{lineno}: malformed snippet marker {comment!r}; "
-                            "write '# --8<-- [start:name]' or '# --8<-- [end:name]'")
+        if match is None or match["escape"]:
+            problems.append(f"{path}:{lineno}: malformed snippet marker {comment!r}, which pymdownx would print "
+                            "as code; write '# --8<-- [start:name]' or '# --8<-- [end:name]'")
             continue
-        kind, name = match["kind"], match["name"]
+        kind, name = match["kind"].lower(), match["name"]
         if not NAME_RE.match(name):
             problems.append(f"{path}:{lineno}: region {name!r}: invalid name; use [a-z][a-z0-9_]*")
             continue
@@ -163,9 +171,9 @@ def parse_regions(path: Path) -> tuple[dict[str, Region], list[str]]:
                 problems.append(f"{path}:{lineno}: region {name!r}: end marker without a matching start")
             continue
         open_stack.pop()
-        inside = [(n, lines[n - 1]) for n in range(start + 1, lineno) if n not in comments]
-        printed = _printed(inside)
-        body = "\n".join(line for _, line in printed) + "\n"
+        # As pymdownx prints them: the lines as they stand (dedent_subsections off), nested markers dropped.
+        printed = tuple((n, lines[n - 1]) for n in range(start + 1, lineno) if n not in comments)
+        body = "".join(line + "\n" for _, line in printed)
         regions[name] = Region(name, start, lineno, body, printed)
 
     for name, start in open_stack:

@@ -70,10 +70,14 @@ class CommandLine:
         self._capsys = capsys
 
     def run(self, *argv: str) -> tuple[int, str, str]:
-        """Run ``main(argv)``: (exit code, stdout, stderr)."""
+        """Run ``main(argv)``: (exit code, stdout, stderr); a ``SystemExit`` (the command-line parser's) gives
+        its code, as ``sys.exit(main())`` would."""
         import ch09_pixel_push
 
-        code = ch09_pixel_push.main(list(argv))
+        try:
+            code = ch09_pixel_push.main(list(argv))
+        except SystemExit as exit_request:
+            code = exit_request.code
         captured = self._capsys.readouterr()
         return code, captured.out, captured.err
 

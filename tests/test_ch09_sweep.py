@@ -243,7 +243,7 @@ def test_bad_input_is_one_sentence(argv: list[str], fragments: list[str], capsys
 
 @pytest.mark.parametrize(("line", "fragment"), [
     ("--seed 0 --full-state --resume", "drop --resume"),
-    ("--seed 0 --full-state --no-such-flag", "not a valid train command"),
+    ("--seed 0 --full-state --no-such-flag", "not a valid train command (unrecognized '--no-such-flag'"),
     ("--seed 0 --full-state --critic-encoder", "only applies to pixel runs"),
 ])
 def test_bad_runs_file_line_is_one_sentence(line: str, fragment: str, tmp_path: Path,

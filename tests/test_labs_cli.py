@@ -73,13 +73,13 @@ def test_lab_main_without_a_mode_prints_the_help_with_each_mode(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--verify", "--other"], "--verify and --other are not allowed together"),
-    (["--verfy"], "--verfy"),
+    (["--verify", "--other"], "error: --verify and --other cannot be given together"),
+    (["--verfy"], "did you mean --verify?"),
 ])
 def test_lab_main_refuses_bad_input_in_one_message(capsys, argv, message):
     assert lab_main("A lab.", {"verify": _claims, "other": _exit_code}, argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 def test_drqv2_options_are_checked_before_anything_runs(capsys):

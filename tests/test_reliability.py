@@ -17,7 +17,7 @@ does not, in-process through ``main(argv)``, which runs under the same top-level
 | 8    | mujoco >= 3.12 (and the file requirements.txt points to)    | test_8_mujoco_refusal_is_one_sentence    |
 | 9    | ``--learning-starts 5000 --total-steps 300``                | test_9_run_that_would_never_train        |
 | 10   | a kill during the periodic snapshot copy                    | test_10_interrupted_snapshot_is_repaired |
-| 11   | SIGTERM in the first seconds; a kill before checkpoint one  | test_11_*                                |
+| 11   | SIGTERM, SIGINT at start-up; a kill before checkpoint one   | test_11_*                                |
 
 Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds each).
 """
@@ -315,11 +315,42 @@ def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------
 # 11: SIGTERM in the first seconds; a kill before the first checkpoint
 # ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("delay", [1.0, 4.0])  # during the imports; while the run is set up
-def test_11_sigterm_in_the_first_seconds(cli, delay: float, tmp_path: Path, production) -> None:
+def handles_signal(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has installed a handler for ``signum`` (Linux: the SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # not started yet, or gone
+        return False
+    caught = next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught, 16) >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_11_a_signal_during_the_imports_is_one_line(cli, signum: int, tmp_path: Path, production) -> None:
+    """From the guard's first line on, SIGTERM and Ctrl-C end the start-up with one line and 128 + the signal,
+    SIGINT even when inherited ignored (a job started with `&` from a script). The signal is sent as soon as
+    the process handles both, while torch, SB3 and MuJoCo (seconds of imports) still load."""
+    process = subprocess.Popen(
+        [sys.executable, str(production.path), "train", *REACH, "--total-steps", "100000", "--artifact-root",
+         str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=production.environment(),
+        cwd=REPO_ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_for(lambda: handles_signal(process.pid, signal.SIGTERM) and handles_signal(process.pid, signal.SIGINT),
+                 60, process, "the guard's signal handlers")
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert "[train]" not in out, "the signal came after the imports"
+    cli.assert_one_line(process.returncode, err, 128 + signum, signal.Signals(signum).name, "before it started",
+                        "run the same command again")
+
+
+def test_11_sigterm_while_the_run_is_set_up(cli, tmp_path: Path, production) -> None:
+    """SIGTERM a few seconds in: the imports are done, training has not begun (or, on a fast machine, has)."""
     process = production.popen("train", *REACH, "--total-steps", "100000", "--artifact-root", str(tmp_path))
     try:
-        time.sleep(delay)
+        time.sleep(4.0)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=120)
     finally:
@@ -330,7 +361,8 @@ def test_11_sigterm_in_the_first_seconds(cli, delay: float, tmp_path: Path, prod
     cli.assert_one_line(process.returncode, err, 128 + signal.SIGTERM, "SIGTERM", "run the same command again")
 
 
-def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_path: Path, production) -> None:
+def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(cli, tmp_path: Path, production) -> None:
+    """--resume says nothing was saved yet and points to the same command without it, which starts afresh."""
     argv = ["train", *REACH, "--total-steps", "200", "--artifact-root", str(tmp_path)]
     run_dir = tmp_path / "runs" / "ch09_fullstate" / "FetchReach-v4" / "seed0"
     process = production.popen(*argv)
@@ -341,6 +373,11 @@ def test_11_kill_before_the_first_checkpoint_restarts_with_the_same_command(tmp_
     finally:
         process.kill()
     assert not (tmp_path / "checkpoints" / f"{STEM}.zip").exists(), "the kill came after the first checkpoint"
+
+    code, _, err = cli.run(*argv, "--resume")
+    cli.assert_user_error(code, err, "stopped before its first checkpoint", "nothing was saved yet",
+                          "the same command without --resume", "moved aside automatically")
+    assert any(run_dir.glob("events.out.tfevents*")), "the refused --resume must leave the run's folder alone"
 
     proc = production.check(*argv)  # the same command, no --resume, no --move-old-run
     assert "no checkpoint" in proc.stdout and "moved them to" in proc.stdout
@@ -380,6 +417,25 @@ def test_a_reader_that_closes_the_pipe_is_no_bug(where: str, tmp_path: Path) -> 
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == cli_guard.BROKEN_PIPE_EXIT, err.decode()[-2000:]
     assert err == b""
+
+
+@pytest.mark.parametrize("script, argv, fragments", [
+    ("bench_replay", ["--devise", "cpu"], ["'--devise cpu'", "did you mean --device?"]),
+    ("bench_train", ["--seconds", "soon"], ["--seconds", "'soon'"]),
+    ("ch09_sweep", ["--no-such-flag"], ["'--no-such-flag'", "ch09_sweep.py --help"]),
+    ("ch09_figures", ["juggle"], ["invalid choice: 'juggle'", "'env-frame'", "'rollout'"]),
+])
+def test_every_command_line_refuses_in_one_sentence(cli, script: str, argv: list[str], fragments: list[str],
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """The tyro (and argparse) command lines beside ch09_pixel_push's and the labs' follow the same rule,
+    through cli_guard.parse_with_one_line_errors; --help still prints the whole help."""
+    main = __import__(script).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    cli.assert_user_error(exit_info.value.code, capsys.readouterr().err, *fragments)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.count("\n") > 5
 
 
 def test_every_entry_point_installs_the_guard() -> None:

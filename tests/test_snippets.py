@@ -5,8 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import markdown
 import pytest
 import snippets
+from pymdownx.snippets import SnippetMissingError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SNIPPETS = REPO_ROOT / "scripts" / "snippets.py"
@@ -38,6 +40,14 @@ def check_tree(tmp_path: Path, capsys: pytest.CaptureFixture, files: dict[str, s
     return code, captured.out, captured.err
 
 
+def pymdownx_include(base: Path, rel: str, name: str) -> str:
+    """What the book's build includes for ``--8<-- "rel:name"``: pymdownx's own snippets preprocessor, in the
+    Markdown configuration the README documents ("Snippets for the book"), with ``base`` as base_path."""
+    md = markdown.Markdown(extensions=["pymdownx.snippets"],
+                           extension_configs={"pymdownx.snippets": {"base_path": [str(base)], "check_paths": True}})
+    return "".join(line + "\n" for line in md.preprocessors["snippet"].run([f'--8<-- "{rel}:{name}"']))
+
+
 def region(name: str, body: str, indent: str = "") -> str:
     return f"{indent}# --8<-- [start:{name}]\n{body}{indent}# --8<-- [end:{name}]\n"
 
@@ -63,6 +73,22 @@ def test_every_file_of_the_manifest_exists():
     assert not missing, f"files missing: {missing}"
 
 
+def test_every_region_renders_through_pymdownx_as_extracted(tmp_path):
+    """The text pymdownx includes for each region of the tree equals what `snippets.py extract` writes, and fits
+    the 80-column page as pymdownx prints it."""
+    out = tmp_path / "out"
+    result = run_snippets("extract", str(out))
+    assert result.returncode == 0, result.stderr[-4000:]
+    scanned = snippets.scan(snippets.SCRIPTS_DIR, snippets.load_manifest())
+    names = [(rel, name) for rel, scanned_file in scanned.items() for name in scanned_file.regions]
+    assert len(names) >= sum(len(regions) for regions in snippets.load_manifest().values())
+    for rel, name in names:
+        included = pymdownx_include(REPO_ROOT, f"scripts/{rel}", name)
+        assert included == (out / Path(rel).stem / f"{name}.py").read_text(), f"{rel}:{name}"
+        widest = max(len(line) for line in included.splitlines())
+        assert widest <= snippets.BOOK_LINE_WIDTH, f"{rel}:{name} prints {widest} columns"
+
+
 def test_repository_regions_fit_the_book():
     result = run_snippets("check")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -75,7 +101,8 @@ def test_repository_regions_fit_the_book():
 # Markers
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_extract_writes_dedented_regions_without_markers(tmp_path, capsys):
+def test_extract_writes_regions_as_pymdownx_includes_them(tmp_path, capsys):
+    """Markers (nested ones too) dropped, lines as they stand: pymdownx does not dedent by default."""
     text = (
         "import torch\n"
         "# --8<-- [start:outer]\n"
@@ -91,8 +118,36 @@ def test_extract_writes_dedented_regions_without_markers(tmp_path, capsys):
                                    {"labs/demo_lab.py": ["outer", "inner_method"]}, command=("extract", str(out)))
     assert code == 0, err
     assert "wrote 2 regions" in stdout
-    assert (out / "demo_lab" / "outer.py").read_text() == "class Outer:\n    def inner(self):\n        return 1\n"
-    assert (out / "demo_lab" / "inner_method.py").read_text() == "def inner(self):\n    return 1\n"
+    for name, expected in [("outer", "class Outer:\n    def inner(self):\n        return 1\n"),
+                           ("inner_method", "    def inner(self):\n        return 1\n")]:
+        assert (out / "demo_lab" / f"{name}.py").read_text() == expected
+        assert pymdownx_include(tmp_path, "scripts/labs/demo_lab.py", name) == expected
+
+
+def test_marker_forms_are_read_as_pymdownx_reads_them(tmp_path, capsys):
+    """`# -8<- [start:x]` is a marker for pymdownx, so here too; `# --8<--[start:x]` is none for pymdownx (it
+    cannot find the region), so it is refused here rather than printed."""
+    files = {"labs/short.py": "# -8<- [start:short_scissors]\nx = 1\n# -8<- [end:short_scissors]\n"}
+    out = tmp_path / "out"
+    code, _, err = check_tree(tmp_path, capsys, files, {"labs/short.py": ["short_scissors"]},
+                              command=("extract", str(out)))
+    assert code == 0, err
+    assert (out / "short" / "short_scissors.py").read_text() == "x = 1\n"
+    assert pymdownx_include(tmp_path, "scripts/labs/short.py", "short_scissors") == "x = 1\n"
+
+    glued = {"labs/glued.py": "# --8<--[start:glued]\nx = 1\n# --8<--[end:glued]\n"}
+    code, _, err = check_tree(tmp_path, capsys, glued)
+    assert code == 1 and f"{tmp_path / 'scripts' / 'labs' / 'glued.py'}:1: malformed snippet marker" in err
+    with pytest.raises(SnippetMissingError):
+        pymdownx_include(tmp_path, "scripts/labs/glued.py", "glued")
+
+
+def test_a_string_pymdownx_reads_as_a_marker_is_refused(tmp_path, capsys):
+    """pymdownx reads every line, strings too: a docstring line that looks like a marker would cut the listing."""
+    text = region("listing", 'def f():\n    """Mark it:\n    # --8<-- [end:listing]\n    """\n')
+    code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["listing"]})
+    assert code == 1
+    assert f"{tmp_path / 'scripts' / 'labs' / 'lab.py'}:4: a string pymdownx reads as the snippet marker" in err
 
 
 @pytest.mark.parametrize(
@@ -106,9 +161,10 @@ def test_extract_writes_dedented_regions_without_markers(tmp_path, capsys):
          4, "regions must nest, not overlap"),
         ("# --8<-- [start:Bad-Name]\nx = 1\n# --8<-- [end:Bad-Name]\n", 1, "invalid name"),
         ("# --8<-- [begin:a]\nx = 1\n", 1, "malformed snippet marker"),
+        ("# --8<--[start:a]\nx = 1\n", 1, "malformed snippet marker"),
         ("x = 1  # --8<-- [start:a]\n", 1, "put the marker on a line of its own"),
     ],
-    ids=["unclosed", "unopened", "duplicate", "overlap", "bad-name", "malformed", "after-code"],
+    ids=["unclosed", "unopened", "duplicate", "overlap", "bad-name", "malformed", "no-space", "after-code"],
 )
 def test_broken_regions_name_file_line_and_region(tmp_path, capsys, text, expected_line, expected_fragment):
     code, _, err = check_tree(tmp_path, capsys, {"labs/broken_lab.py": text})
@@ -158,12 +214,14 @@ def test_too_wide_line_is_reported_with_its_width(tmp_path, capsys):
     assert "1 problem(s)" in err
 
 
-def test_width_is_measured_as_printed_after_dedent(tmp_path, capsys):
-    method = "    def f(self):\n        return '" + "c" * 67 + "'\n"  # 84 characters in the file, 80 printed
+def test_width_is_measured_as_pymdownx_prints_it_indented(tmp_path, capsys):
+    """A method region keeps its class indentation in the book (dedent_subsections is off): 84 columns."""
+    method = "    def f(self):\n        return '" + "c" * 67 + "'\n"  # 84 characters in the file and printed
     text = "class Holder:\n" + region("method", method, indent="    ")
     code, _, err = check_tree(tmp_path, capsys, {"labs/lab.py": text}, {"labs/lab.py": ["method"]})
-    assert max(len(line) for line in text.splitlines()) == 84
-    assert code == 0, err
+    assert code == 1
+    assert f"{tmp_path / 'scripts' / 'labs' / 'lab.py'}:4: region 'method': line is 84 characters" in err
+    assert max(map(len, pymdownx_include(tmp_path, "scripts/labs/lab.py", "method").splitlines())) == 84
 
 
 def test_code_outside_regions_may_be_wider(tmp_path, capsys):

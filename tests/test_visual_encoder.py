@@ -31,11 +31,3 @@ def test_pixels_only_space_gives_cnn_features_only():
     with torch.no_grad():
         out = extractor(lab.fake_observations(space, batch=2))
     assert out.shape == (2, lab.NATURE_FEATURES_DIM)
-
-
-def test_scaled_pixel_check_waits_for_a_batch_that_can_tell():
-    """An all-black batch (0 everywhere) cannot show whether SB3 divided by 255: check again on the next one."""
-    assert lab.refuse_scaled_pixels(torch.zeros(2, 12, 84, 84)) is False
-    assert lab.refuse_scaled_pixels(torch.full((2, 12, 84, 84), 200.0)) is True
-    with pytest.raises(ValueError, match="normalize_images=False"):
-        lab.refuse_scaled_pixels(torch.full((2, 12, 84, 84), 200.0 / 255))

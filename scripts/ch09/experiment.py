@@ -61,6 +61,7 @@ from ch09.run.checkpoints import (
 from ch09.run.validation import check_device, check_seed, check_writable_folder, positive_seconds
 from ch09.run.vec_env import ignore_stop_signals
 from ch09.run.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder
+from cli_guard import parse_with_one_line_errors
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
 from image_augmentation import HerDrQDictReplayBuffer
 from lab_support import MemoryBudgetError
@@ -288,7 +289,8 @@ def check_policy(model: SAC, cfg: TrainConfig, checkpoint: Path, claimed_by: str
 # ======================================================================================================
 def parse_train_args(args: Sequence[str]) -> TrainConfig:
     """``train``'s flags, parsed exactly as ``ch09_pixel_push.py train`` parses them (a bad one: tyro's SystemExit)."""
-    return tyro.cli(TrainConfig, args=list(args), prog="ch09_pixel_push.py train")
+    return parse_with_one_line_errors(
+        lambda: tyro.cli(TrainConfig, args=list(args), prog="ch09_pixel_push.py train"))
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
@@ -494,6 +496,10 @@ def training_callbacks(cfg: TrainConfig, paths: RunPaths, eval_env: DummyVecEnv 
 
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """The metadata of the run --resume continues, refusing a missing run or one with other flags."""
+    if paths.has_tensorboard_events() and not paths.own_checkpoint_files():  # what guard_fresh_run moves aside
+        raise UserError(f"--resume has nothing to continue: the run in {paths.run_dir} was stopped before its first "
+                        "checkpoint, so nothing was saved yet; run the same command without --resume to start "
+                        "afresh (its TensorBoard folder is moved aside automatically).")
     if not paths.checkpoint.is_file():
         raise UserError(f"--resume found no checkpoint {paths.checkpoint} for this tag and seed; "
                         "check the flags (they choose the tag) and --artifact-root, or drop --resume.")

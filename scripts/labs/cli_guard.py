@@ -7,6 +7,9 @@
 | Ctrl-C, or SIGTERM outside a training loop               | one line: what stopped it, what to rerun | 130, 143  |
 | any other exception (a bug)                              | one line: where the full traceback went  | 70        |
 
+A command line tyro or argparse rejects is such a mistake too: ``parse_with_one_line_errors`` reduces tyro's box
+(or argparse's usage) to ``error: <one sentence with the valid choices>`` and exit code 2.
+
 A training loop installs its own SIGINT/SIGTERM handler (save a checkpoint, then stop); this guard only
 covers the moments before and after, where the default action would kill the process without a word.
 
@@ -25,16 +28,19 @@ use it too.
 
 from __future__ import annotations
 
+# Only what the guard needs to be installed: the script imports this module before anything else, so every
+# millisecond here is one in which a signal still kills the process without a word. The failure paths import
+# the rest (traceback, tempfile, datetime, re, io) when they run.
 import contextlib
 import os
 import signal
 import sys
-import tempfile
-import traceback
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any, TypeVar
+
+ParsedT = TypeVar("ParsedT")
 
 USER_ERROR_EXIT = 2
 """Exit code of a mistake the user can fix (bad flag, missing file, full disk); argparse and tyro use it too."""
@@ -65,12 +71,15 @@ def guard_entry_point(module_name: str) -> None:
     """Guard the program when ``module_name`` is ``"__main__"`` (a library import changes nothing).
 
     Installs ``sys.excepthook`` for exceptions raised outside ``run_guarded`` (the imports at the top of
-    the script) and a SIGTERM handler that unwinds like Ctrl-C instead of killing the process silently.
+    the script), a SIGTERM handler that unwinds like Ctrl-C instead of killing the process silently, and
+    Python's own Ctrl-C handler even where SIGINT was inherited ignored (a job started with ``&`` from a
+    script): the training loop stops on SIGINT too, so the program answers it the same way at any moment.
     """
     if module_name != "__main__":
         return
     sys.excepthook = _excepthook
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _excepthook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
@@ -132,6 +141,10 @@ def write_crash_log(exc: BaseException, log_dir: Path) -> Path | None:
 
     Falls back to the temp folder when ``log_dir`` cannot be written (a bad --artifact-root, a full disk).
     """
+    import tempfile
+    import traceback
+    from datetime import datetime
+
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     text = (f"command: {' '.join(sys.argv)}\ncwd: {os.getcwd()}\npython: {sys.version.split()[0]} "
             f"({sys.executable})\ntime: {datetime.now().isoformat(timespec='seconds')}\n\n"
@@ -144,4 +157,115 @@ def write_crash_log(exc: BaseException, log_dir: Path) -> Path | None:
             return path
         except OSError:
             continue
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: a rejected one is one sentence and exit 2, like every other mistake
+# ---------------------------------------------------------------------------------------------------------
+def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
+    """``parse()`` (a ``tyro.cli`` or argparse call), with a rejected command line reduced to ONE line.
+
+    tyro draws a multi-line box for a bad command line; this prints ``error: <one sentence>`` with the
+    valid choices where there are some (commands, values, close flags) and raises ``SystemExit(2)``, as
+    tyro and argparse do. ``--help`` (exit 0) prints the full help unchanged. The sentence is built from
+    the event tyro's parse-error hook reports (``tyro._errors``: private, so requirements.txt pins tyro
+    exactly); without one (argparse, an event this version does not know) from the text it printed.
+    """
+    import io
+
+    events: list[Any] = []
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed), _tyro_parse_errors(events.append):
+            parsed = parse()
+    except SystemExit as exit_request:
+        if exit_request.code in (0, None):  # --help
+            sys.stderr.write(printed.getvalue())
+            raise
+        print(f"error: {_rejection_sentence(events[0] if events else None, printed.getvalue())}", file=sys.stderr)
+        raise SystemExit(USER_ERROR_EXIT) from None
+    sys.stderr.write(printed.getvalue())  # a warning tyro printed while parsing
+    return parsed
+
+
+@contextlib.contextmanager
+def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
+    """Record tyro's parse-error events (tyro then prints its box and exits 2, which is captured)."""
+    hook = None
+    if "tyro" in sys.modules:  # argparse's command lines have nothing to hook, and no reason to load tyro
+        with contextlib.suppress(ImportError):  # a tyro without the hook: the sentence comes from its text
+            from tyro._errors import on_parse_error as hook
+    if hook is None:
+        yield
+        return
+    with hook(record):
+        yield
+
+
+def _rejection_sentence(event: Any, printed: str) -> str:
+    """One sentence for a rejected command line: from tyro's event, else from the text that was printed."""
+    import re
+
+    text = _unboxed(printed)
+    try:
+        sentence = _sentence_of_event(event, text) if event is not None else None
+    except AttributeError:  # an event whose fields this tyro version names otherwise
+        sentence = None
+    if sentence:
+        return sentence
+    argparse_error = re.search(r": error: (.+)$", text, re.MULTILINE)
+    if argparse_error:
+        return f"{argparse_error[1].rstrip('.')}; add --help for the full usage."
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "the command line was refused")
+    return f"{first.rstrip('.')}; add --help for the full usage."
+
+
+def _unboxed(printed: str) -> str:
+    """tyro's box without its frame: the text lines only."""
+    lines = [line.strip().strip("│╭╰╮╯─").strip() for line in printed.splitlines()]
+    return "\n".join(line for line in lines if line.strip("-─"))  # rules too
+
+
+def _sentence_of_event(event: Any, text: str) -> str | None:
+    """The sentence for each kind of tyro parse-error event (None: an event this function does not know)."""
+    import re
+
+    kind, prog = type(event).__name__, event.prog
+    see = f"see `{prog} --help`"
+    if kind == "UnrecognizedArgs":  # the event holds only the tokens: the choices come from tyro's printed text
+        commands = re.search(r"^Available subcommands: (.+)$", text, re.MULTILINE)
+        if commands and not event.tokens[0].startswith("-"):
+            return f"unknown command {event.tokens[0]!r}; use one of: {commands[1]}."
+        close = re.findall(r"^(--[a-zA-Z][\w.-]*)", text.partition("Perhaps you meant:")[2], re.MULTILINE)
+        guess = f"did you mean {' or '.join(dict.fromkeys(close))}? " if close else ""
+        return f"unrecognized {' '.join(event.tokens)!r} for {prog}; {guess}`{prog} --help` lists the valid ones."
+    if kind == "MissingSubcommand":
+        choices = ", ".join(event.subcommand_spec.parser_from_name)
+        found = f"unknown command {event.found_token!r}" if event.found_token else f"{prog} needs a command"
+        return f"{found}; use one of: {choices}."
+    if kind == "InvalidChoice":
+        return (f"{event.value!r} is not a valid {event.argument.display_name()}; use one of: "
+                f"{', '.join(event.choices)}.")
+    if kind == "BadValue":
+        flag = event.argument.display_name()
+        if event.reason == "fixed":
+            return f"{flag} takes no value here (got {event.offending_value!r}); {see}."
+        return f"{flag} needs a value ({event.argument.lowered.metavar}); {see}."
+    if kind == "MissingArgs":
+        missing = ", ".join(ctx.arg.display_name() for ctx in event.missing_arguments)
+        command = " ".join(filter(None, (prog, event.missing_arguments[0].source_parser.prog_suffix)))
+        return f"{command} needs {missing}; see `{command} --help`."
+    if kind == "MissingMutexGroup":
+        groups = "; ".join(" or ".join(ctx.arg.display_name() for ctx in group) for group in event.groups)
+        return f"{prog} needs one of {groups}; {see}."
+    if kind == "MutexConflict":
+        return f"{event.first_token} and {event.second_token} cannot be given together; give one of them."
+    if kind == "SubcommandConflict":
+        return (f"{event.attempted!r} cannot come after {event.trigger_flag} (a flag of {event.already_selected!r}); "
+                f"put {event.attempted!r} first.")
+    if kind == "InstantiationFailure":
+        argument = event.argument
+        flag = f"{argument.display_name()} {argument.lowered.metavar or ''}".strip() if argument else prog
+        return f"bad value for {flag}: {event.message.rstrip('.')}; {see}."
     return None

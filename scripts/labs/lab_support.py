@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
-from cli_guard import USER_ERROR_EXIT
+from cli_guard import USER_ERROR_EXIT, parse_with_one_line_errors
 
 # ---------------------------------------------------------------------------------------------------------
 # Environment guard: the project's ONE check of the MuJoCo version and the OpenGL backend
@@ -175,7 +175,8 @@ def lab_main(
     description = (doc or "").strip().split("\n\n")[0]
     config = (tyro.conf.FlagCreatePairsOff,)  # `--verify`, without a `--no-verify` twin
     try:  # tyro exits after printing the help (0) or a usage error (2); a lab's main() returns its exit code
-        args = tyro.cli(parser_class, args=argv, description=description, config=config)
+        args = parse_with_one_line_errors(
+            lambda: tyro.cli(parser_class, args=argv, description=description, config=config))
         chosen = [name for name in modes if getattr(args, name)]
         if not chosen:
             tyro.cli(parser_class, args=["--help"], description=description, config=config)

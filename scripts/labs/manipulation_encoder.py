@@ -25,7 +25,8 @@ a 5-pixel object spans about one cell of a 20x20 grid. Three ideas fix that:
        features = [ SpatialSoftmax(ManipulationCNN(pixels)) (64), proprioception (10),
                     achieved_goal (3), desired_goal (3) ]                           = 80
 
-   Like NatureCNN, ManipulationCNN divides the 0..255 pixels by 255 itself, so SAC gets
+   Like NatureCNN, ManipulationCNN divides the 0..255 pixels by 255 itself (``PixelScale``: at most
+   once, also when SB3 divided first), so SAC gets the faster
    ``policy_kwargs=dict(features_extractor_class=ManipulationExtractor, normalize_images=False)``.
 
 Run it:
@@ -54,12 +55,11 @@ from lab_support import Claim, lab_main
 from pixel_wrapper import IMAGE_SIZE, PIXEL_KEY, make_fetch_env, pixel_observation_space
 from visual_encoder import (
     NatureCNN,
+    PixelScale,
     conv_output_sizes,
     count_parameters,
     fake_observations,
-    pixels_to_float,
     random_pixels,
-    refuse_scaled_pixels,
     split_observation_keys,
 )
 
@@ -166,9 +166,10 @@ class ManipulationCNN(nn.Module):
             conv(channels, CNN_STRIDES[2]), nn.ReLU(),  # 42 -> 42
             conv(channels, CNN_STRIDES[3]), nn.ReLU(),  # 42 -> 21
         )
+        self.pixel_scale = PixelScale()  # /255 once, knowing what SB3 did
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.net(pixels_to_float(pixels))  # /255 here, nowhere else
+        return self.net(self.pixel_scale(pixels))
 # --8<-- [end:manipulation_cnn]
 
 
@@ -178,7 +179,7 @@ class ManipulationExtractor(BaseFeaturesExtractor):
 
         SAC("MultiInputPolicy", env, policy_kwargs=dict(
             features_extractor_class=ManipulationExtractor,
-            normalize_images=False))  # the CNN divides by 255 itself
+            normalize_images=False))  # faster; SB3's default works too
 
     | input key      | shape           | route                        | out |
     |----------------|-----------------|------------------------------|-----|
@@ -229,13 +230,9 @@ class ManipulationExtractor(BaseFeaturesExtractor):
         vector_dim = sum(observation_space[k].shape[0] for k in vector_keys)
         super().__init__(observation_space, features_dim=head_dim + vector_dim)
         self.cnn, self.head, self.vector_keys = cnn, head, vector_keys
-        self.pixel_range_checked = False
 
     def forward(self, observations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pixels = observations[PIXEL_KEY]
-        if not self.pixel_range_checked:  # once: SB3 must not divide by 255 too
-            self.pixel_range_checked = refuse_scaled_pixels(pixels)
-        image_features = self.head(self.cnn(pixels))
+        image_features = self.head(self.cnn(observations[PIXEL_KEY]))
         vectors = [observations[key] for key in self.vector_keys]
         return torch.cat([image_features, *vectors], dim=1)
 # --8<-- [end:manipulation_extractor]

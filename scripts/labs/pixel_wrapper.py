@@ -458,7 +458,8 @@ class PixelReplayBuffer:
         return self.capacity if self.full else self.pos
 
     # --8<-- [start:pixel_replay_buffer_add_sample]
-    def add(self, obs, next_obs, action, reward: float, terminated: bool) -> None:
+    def add(self, obs, next_obs, action, reward: float,
+            terminated: bool) -> None:
         """Store one transition, overwriting the oldest once full."""
         for key in self.obs_shapes:
             self.observations[key][self.pos] = obs[key]
@@ -476,7 +477,8 @@ class PixelReplayBuffer:
         device at a quarter of its float32 size, and the encoder scales it.
         """
         if len(self) == 0:
-            raise ValueError("cannot sample an empty PixelReplayBuffer; add first.")
+            raise ValueError(
+                "cannot sample an empty PixelReplayBuffer; add first.")
         idx = self.rng.integers(0, len(self), size=batch_size)
         return PixelBatch(
             observations={k: v[idx] for k, v in self.observations.items()},

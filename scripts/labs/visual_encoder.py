@@ -14,8 +14,9 @@ visual SAC agent:
     VisualTwinQNetwork              q(pixels, vectors, action)            q1 (B,), q2 (B,)
 
 Pixels arrive as stored, values 0..255 (uint8 from our buffers, or the same values as float after SB3's
-cast), and the CNN divides by 255 itself: ONE conversion, inside the encoder, as in DrQ-v2. So SB3 must
-not divide too: every SAC built on these extractors passes ``policy_kwargs=dict(normalize_images=False)``.
+cast), and the CNN divides by 255 itself: ONE conversion, inside the encoder, as in DrQ-v2. Every SAC of
+the project passes ``policy_kwargs=dict(normalize_images=False)``, so SB3 only casts (faster). Left at SB3's
+default, SB3 divides first; ``PixelScale`` sees that at the first batch and does not divide again.
 
 NatureCNN's spatial arithmetic (no padding): out = floor((in - kernel) / stride) + 1
 
@@ -50,6 +51,7 @@ import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from cli_guard import guard_entry_point, run_guarded
 
@@ -82,30 +84,45 @@ PIXEL_MAX = 255.0
 # ----------------------------------------------------------------------------------------------
 # Plumbing shared by the extractors: uint8 -> float, and which dict keys go where
 # ----------------------------------------------------------------------------------------------
-def pixels_to_float(pixels: torch.Tensor) -> torch.Tensor:
-    """Pixel values 0..255 (uint8, or float after SB3's cast) -> float32 in [0, 1].
+# --8<-- [start:pixel_scale]
+class PixelScale(nn.Module):
+    """Pixels -> float32 in [0, 1], divided by 255 at most once.
 
-    The project's ONE pixel scaling, called by the encoders' first line (DrQ-v2's ``obs / 255.0``): the
-    buffers keep uint8 (4x less memory than float32) and hand it to the encoder on the training device.
+    uint8 pixels (our buffers) are divided. Float pixels come from SB3's
+    preprocessing: only cast (normalize_images=False, the recommended and
+    faster setting: one division, here) or already divided (SB3's default,
+    normalize_images=True). The first batch that is not all black decides
+    which: a real frame has bright pixels, so float pixels that all lie in
+    [0, 1] were divided already. The decision is a buffer, saved with the
+    model, so a loaded model scales its input as the trained one did.
     """
-    return pixels.float() / PIXEL_MAX
 
+    def __init__(self) -> None:
+        super().__init__()
+        # 0: not decided yet; 255: raw 0..255 pixels; 1: SB3 divided them
+        self.register_buffer("divisor", torch.zeros(()))
+        self.known_divisor = 0.0  # the buffer's value, read without a sync
 
-def refuse_scaled_pixels(pixels: torch.Tensor) -> bool:
-    """Raise if SB3 already divided these pixels by 255; return whether the batch could tell.
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.dtype == torch.uint8:  # as stored: never divided
+            return pixels.float() / PIXEL_MAX
+        if not self.known_divisor:
+            self.decide(pixels)
+        return pixels.float() / (self.known_divisor or PIXEL_MAX)
 
-    SB3's ``preprocess_obs`` divides uint8 image spaces by 255 unless the policy has
-    ``normalize_images=False``; our encoders divide again, and a 255x too dark image still trains, only
-    badly. A real frame has bright pixels, so float pixels that all lie in [0, 1] can only be pre-scaled.
-    An all-black batch (a dummy forward pass) cannot tell: the caller checks again on the next batch.
-    """
-    brightest = float(pixels.max())
-    if pixels.is_floating_point() and 0.0 < brightest <= 1.0:
-        raise ValueError(
-            "the extractor received pixels already divided by 255 (SB3's normalize_images=True); the encoder "
-            "scales them itself, so pass policy_kwargs=dict(normalize_images=False, ...) to SAC."
-        )
-    return brightest > 0.0
+    def decide(self, pixels: torch.Tensor) -> None:
+        brightest = float(pixels.max())
+        if brightest > 0.0:  # an all-black batch cannot tell: wait
+            self.known_divisor = 1.0 if brightest <= 1.0 else PIXEL_MAX
+            self.divisor.fill_(self.known_divisor)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str,
+                              *args: Any) -> None:
+        # A checkpoint saved before the decision was: decide on a batch.
+        state_dict.setdefault(prefix + "divisor", torch.zeros(()))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.known_divisor = float(self.divisor)
+# --8<-- [end:pixel_scale]
 
 
 def split_observation_keys(observation_space: spaces.Dict) -> tuple[spaces.Box, tuple[str, ...]]:
@@ -185,9 +202,11 @@ class NatureCNN(nn.Module):
         linear = nn.Linear(n_flatten, features_dim)
         self.linear = nn.Sequential(linear, nn.ReLU())
         self.features_dim = features_dim
+        self.pixel_scale = PixelScale()
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.cnn(pixels_to_float(pixels)))  # /255 here
+        # /255 here, once (PixelScale knows whether SB3 divided)
+        return self.linear(self.cnn(self.pixel_scale(pixels)))
 # --8<-- [end:nature_cnn]
 
 
@@ -250,7 +269,7 @@ class NormalizedCombinedExtractor(BaseFeaturesExtractor):
 
         SAC("MultiInputPolicy", env, policy_kwargs=dict(
             features_extractor_class=NormalizedCombinedExtractor,
-            normalize_images=False))  # NatureCNN divides by 255 itself
+            normalize_images=False))  # faster; SB3's default works too
 
     | input key      | shape           | route                   | output |
     |----------------|-----------------|-------------------------|--------|
@@ -288,13 +307,9 @@ class NormalizedCombinedExtractor(BaseFeaturesExtractor):
         self.vector_normalizer = (
             RunningNormalizer(vector_dim) if vector_dim else None
         )
-        self.pixel_range_checked = False
 
     def forward(self, observations: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pixels = observations[PIXEL_KEY]
-        if not self.pixel_range_checked:  # once: SB3 must not divide by 255 too
-            self.pixel_range_checked = refuse_scaled_pixels(pixels)
-        image_features = self.cnn(pixels)
+        image_features = self.cnn(observations[PIXEL_KEY])
         if self.vector_normalizer is None:
             return image_features
         vectors = torch.cat([observations[k] for k in self.vector_keys], dim=1)
@@ -517,29 +532,33 @@ def check_nature_cnn() -> list[Claim]:
 
 
 def check_pixel_scaling() -> list[Claim]:
-    """The one uint8 -> float conversion: in the encoder, with SB3 told not to divide (normalize_images=False)."""
+    """The one uint8 -> float conversion, in the encoder: whatever SB3's normalize_images, pixels are divided
+    by 255 exactly once, and the decision is saved with the model."""
     from stable_baselines3.common.preprocessing import preprocess_obs
 
     space = pixel_observation_space()
-    extractor = NormalizedCombinedExtractor(space).eval()
     obs = fake_observations(space)
-    cast_only = preprocess_obs(obs, space, normalize_images=False)  # what SB3 hands the extractor: a float cast
-    with torch.no_grad():
-        from_uint8, from_cast = extractor(obs), extractor(cast_only)
-    same = torch.equal(from_uint8, from_cast)
-    fresh = NormalizedCombinedExtractor(space).eval()
-    try:
+    features, divisors = {}, {}
+    for name, pixels_in in {"uint8": obs, "SB3 cast (normalize_images=False)": preprocess_obs(obs, space, False),
+                            "SB3 divided (normalize_images=True)": preprocess_obs(obs, space, True)}.items():
+        torch.manual_seed(0)  # the same weights for each
+        extractor = NormalizedCombinedExtractor(space).eval()
         with torch.no_grad():
-            fresh(preprocess_obs(obs, space, normalize_images=True))  # SB3 divided by 255 already
-        refusal = ""
-    except ValueError as exc:
-        refusal = str(exc)
+            features[name] = extractor(pixels_in)
+        divisors[name] = extractor.cnn.pixel_scale
+    same = all(torch.allclose(f, features["uint8"], atol=1e-6) for f in features.values())
+    reloaded = PixelScale()
+    reloaded.load_state_dict(divisors["SB3 divided (normalize_images=True)"].state_dict())
     return [
         Claim(
-            "the encoder divides by 255 once: uint8 pixels and SB3's float cast (normalize_images=False) give "
-            "identical features; pixels SB3 already divided are refused",
-            same and cast_only[PIXEL_KEY].dtype == torch.float32 and "normalize_images=False" in refusal,
-            f"features identical: {same}; normalize_images=True -> {refusal[:70] or 'accepted'!r}...",
+            "the encoder divides by 255 exactly once: uint8 pixels, SB3's float cast and SB3's own division give "
+            "the same features; the first batch decides, and a reloaded encoder keeps the decision",
+            same and divisors["SB3 cast (normalize_images=False)"].known_divisor == PIXEL_MAX
+            and divisors["SB3 divided (normalize_images=True)"].known_divisor == 1.0
+            and reloaded.known_divisor == 1.0,
+            f"features equal: {same}; divisor after the first batch: "
+            + ", ".join(f"{name} {scale.known_divisor:g}" for name, scale in divisors.items())
+            + f"; reloaded {reloaded.known_divisor:g}",
         )
     ]
 

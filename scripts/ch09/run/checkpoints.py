@@ -33,7 +33,6 @@ from typing import Any
 
 import torch as th
 from stable_baselines3 import SAC
-from stable_baselines3.common.policies import BaseModel
 from stable_baselines3.common.vec_env import VecEnv
 
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
@@ -50,8 +49,6 @@ from ch09.run.artifacts import (
 )
 from ch09.run.digest import sha256_file
 from ch09.run.validation import FieldType, Number, OptionalDict, check_fields, read_json_object
-from manipulation_encoder import ManipulationExtractor
-from visual_encoder import NormalizedCombinedExtractor
 
 ACT_ONLY_OBJECTS: dict[str, object] = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1,
                                        "learning_starts": 0}
@@ -125,23 +122,7 @@ def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
     except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
         raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
                         "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
-    let_the_encoder_scale_pixels(model)
     return model
-
-
-def let_the_encoder_scale_pixels(model: SAC) -> None:
-    """Pixels are divided by 255 once, inside our encoders; SB3 must only cast them to float.
-
-    Pixel checkpoints saved before the encoders scaled their own input were trained with SB3's
-    ``normalize_images=True`` and SB3 dividing; the encoder now does exactly that division, so switching
-    SB3's off gives the network the same input it was trained on.
-    """
-    modules = list(model.policy.modules())
-    if not any(isinstance(module, (ManipulationExtractor, NormalizedCombinedExtractor)) for module in modules):
-        return
-    for module in modules:  # the policy, its actor, critic and target critic each keep the flag
-        if isinstance(module, BaseModel):
-            module.normalize_images = False
 
 
 def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "cpu") -> SAC:

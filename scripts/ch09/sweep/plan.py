@@ -67,13 +67,12 @@ class Run:
 # ---------------------------------------------------------------------------------------------------------
 # From a train argument line to a Run (the production script's own parser, resolver and tag)
 # ---------------------------------------------------------------------------------------------------------
-def _tyro_message(text: str) -> str:
-    """The first line of tyro's boxed error message, without the box drawing."""
+def _parse_error(text: str) -> str:
+    """The one sentence the production script's parser printed (``error: ...``), without its prefix."""
     for line in text.splitlines():
-        line = line.strip(" │╭╮╰╯─")
-        if line and not line.startswith(("usage:", "For full helptext")):
-            return line.rstrip(".")
-    return "tyro could not parse it"
+        if line.startswith("error: "):
+            return line.removeprefix("error: ").rstrip(".")
+    return "it could not be parsed"
 
 
 def plan_run(args: Sequence[str], root: Path, source: str) -> Run:
@@ -89,7 +88,7 @@ def plan_run(args: Sequence[str], root: Path, source: str) -> Run:
             cfg = experiment.parse_train_args(args)
     except SystemExit:
         raise UserError(f"{source}: `train {shlex.join(args)}` is not a valid train command "
-                        f"({_tyro_message(captured.getvalue())}); see `python scripts/ch09_pixel_push.py train "
+                        f"({_parse_error(captured.getvalue())}); see `python scripts/ch09_pixel_push.py train "
                         "--help`.") from None
     try:
         cfg = experiment.resolve_config(dataclasses.replace(cfg, artifact_root=root))
