@@ -16,12 +16,16 @@ import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch as th
+
+if TYPE_CHECKING:
+    import gymnasium as gym
 
 GPU_UTIL_PERIOD_S = 0.5
 
@@ -71,7 +75,7 @@ class Measurement:
     run: str
     n_envs: int
     batch_size: int
-    precision: str
+    precision: Literal["fp32", "bf16"]
     device: str
     seed: int
     learning_starts: int
@@ -108,7 +112,8 @@ class GpuUtilization:
     """Samples ``nvidia-smi`` utilization.gpu in a thread; ``mean`` is None where nvidia-smi does not answer."""
 
     def __init__(self, device_index: int) -> None:
-        self.device_index, self.samples = device_index, []
+        self.device_index = device_index
+        self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -175,6 +180,7 @@ def bytes_per_transition(model: Any) -> float:
 def measure(measurement: Measurement) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process."""
     from ch09 import experiment  # SB3, MuJoCo and the experiment load in the measuring process only
+    from ch09.engine.fast_sac import FastSAC
     from ch09.run.vec_env import make_vec_env
 
     th.set_num_threads(measurement.torch_threads)
@@ -184,14 +190,17 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
         device=measurement.device, engine=spec.engine, precision=measurement.precision, **spec.flags)
     cfg = experiment.resolve_config(cfg)
-    env_fns = [experiment.env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
+    env_fns: list[Callable[[], gym.Env]] = [experiment.env_factory(cfg, in_worker=cfg.n_envs > 1)
+                                            for _ in range(cfg.n_envs)]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
         model = experiment.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
-        if measurement.overlap:
-            model.overlap_collection = True  # FastSAC's option; not a `train` flag
+        if measurement.overlap and isinstance(model, FastSAC):
+            model.overlap_collection = True  # FastSAC's option (SAC has none); not a `train` flag
         device = model.device
-        model.learn(measurement.learning_starts + measurement.warmup_steps, log_interval=None)
+        # SB3 types learn()'s log_interval int, but hands it to collect_rollouts, which takes None (no episode logs)
+        model.learn(measurement.learning_starts + measurement.warmup_steps,
+                    log_interval=None)  # type: ignore[arg-type]
         _wait_for_peers(measurement)
 
         _synchronize(device)
@@ -199,7 +208,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         with GpuUtilization(device.index or 0) as utilization:
             start = time.perf_counter()
             model.learn(measurement.max_steps, callback=_StopAfter.make(measurement.seconds),
-                        reset_num_timesteps=False, log_interval=None)
+                        reset_num_timesteps=False, log_interval=None)  # type: ignore[arg-type]  # (as above)
             _synchronize(device)
             seconds = time.perf_counter() - start
         steps, updates = model.num_timesteps - steps_before, model._n_updates - updates_before

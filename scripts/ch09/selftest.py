@@ -143,11 +143,11 @@ def check_device_works(device: th.device) -> CheckResult:
     result = float((probe @ probe).sum())  # a host read: a broken CUDA context raises here
     if result != 256.0**3:
         return CheckResult("device", "fail", f"256x256 matmul of ones gave {result:g}, not {256**3:,}", figures)
-    ram = f"{figures['ram_free_bytes'] / 1e9:.1f} GB RAM free"
+    ram_free = f"{figures['ram_free_bytes'] / 1e9:.1f} GB RAM free"
     if device.type == "cuda":
         return CheckResult("device", "pass", f"{figures['gpu']} ({device}), {total / 1e9:.1f} GB, "
-                           f"{free / 1e9:.1f} GB free; {ram}; torch {th.__version__}", figures)
-    return CheckResult("device", "pass", f"CPU only, {os.cpu_count()} cores, {ram}; torch {th.__version__}: "
+                           f"{free / 1e9:.1f} GB free; {ram_free}; torch {th.__version__}", figures)
+    return CheckResult("device", "pass", f"CPU only, {os.cpu_count()} cores, {ram_free}; torch {th.__version__}: "
                        "pixel training needs a CUDA GPU", figures)
 
 
@@ -172,7 +172,12 @@ def check_renderer(seconds: float) -> CheckResult:
     try:
         obs, _ = env.reset(seed=0)
         make_render_context_current(env)
-        renderer = env.unwrapped.mujoco_renderer
+        # Imported only now: make_fetch_env has loaded it (and raised the clear error if MuJoCo cannot start).
+        from gymnasium_robotics.envs.robot_env import MujocoRobotEnv
+
+        robot = env.unwrapped
+        assert isinstance(robot, MujocoRobotEnv), "FetchPush-v4 is a MuJoCo robot env"
+        renderer = robot.mujoco_renderer
         render_size = (renderer.width, renderer.height)
         frames = obs[PIXEL_KEY]
         figures: dict[str, Any] = {"mujoco_gl": backend, "gl_renderer": gl_renderer_name(),
@@ -234,7 +239,8 @@ class TrainedSample:
     losses: list[dict[str, float]]
 
 
-def train_tiny_fastsac(card: TrainConfig, precision: str, device: th.device, updates: int) -> TrainedSample:
+def train_tiny_fastsac(card: TrainConfig, precision: Literal["fp32", "bf16"], device: th.device,
+                       updates: int) -> TrainedSample:
     """Build FastSAC as ``train`` does (Experiment Card flags, small buffer and batch), collect two episodes of
     random steps, then run ``updates`` gradient steps one ``train()`` call at a time, reading each one's
     losses through SB3's logger. The same seed gives the same weights, buffer and random draws in any precision."""
@@ -249,7 +255,8 @@ def train_tiny_fastsac(card: TrainConfig, precision: str, device: th.device, upd
         model = experiment.build_agent(cfg, env)
         recorded = _RecordedValues()
         model.set_logger(Logger(None, [recorded]))
-        model.learn(LOSS_CHECK_LEARNING_STARTS, log_interval=None)  # random steps only: no update yet
+        # Random steps only: no update yet. (SB3 types learn()'s log_interval int; its collect_rollouts takes None.)
+        model.learn(LOSS_CHECK_LEARNING_STARTS, log_interval=None)  # type: ignore[arg-type]
         th.manual_seed(cfg.seed)  # the same draws (batch indices, HER goals, noise) in every precision
         losses = []
         for _ in range(updates):

@@ -105,12 +105,13 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch as th
 import torch.nn.functional as F
 from stable_baselines3 import SAC
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
 from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.policies import ContinuousCritic
@@ -118,6 +119,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
 
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
 from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
 
 PRECISIONS = ("fp32", "bf16")
@@ -313,7 +315,9 @@ def _actor_head(actor: Actor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor
         mean, log_std, _ = feature_head(features)
         return mean, log_std
     latent = actor.latent_pi(features)
-    return actor.mu(latent), th.clamp(actor.log_std(latent), LOG_STD_MIN, LOG_STD_MAX)
+    # SB3 types log_std as gSDE's Parameter; without gSDE (which the engine leaves to SB3) it is a Linear layer.
+    log_std_layer = cast(th.nn.Linear, actor.log_std)
+    return actor.mu(latent), th.clamp(log_std_layer(latent), LOG_STD_MIN, LOG_STD_MAX)
 
 
 def _q_values(critic: ContinuousCritic, features: th.Tensor, actions: th.Tensor) -> list[th.Tensor]:
@@ -383,7 +387,10 @@ def _routing_unknown(module: Any, sb3_class: type, sb3_method: str, feature_head
     if override is sb3_class:
         return False
     head = _defining_class(type(module), feature_head)
-    return head is None or not issubclass(head, override)
+    if head is None:
+        return True
+    assert override is not None, f"module is a {sb3_class.__name__}, which defines {sb3_method}"
+    return not issubclass(head, override)
 
 
 def unsupported_reason(model: SAC) -> str | None:
@@ -493,17 +500,18 @@ class SacUpdateEngine:
         self.optimizers = [self.actor.optimizer, self.critic.optimizer]
         if model.ent_coef_optimizer is not None:
             self.optimizers.append(model.ent_coef_optimizer)
-        self.actor_params = _optimizer_params(self.actor.optimizer)
+        self.actor_params: list[th.Tensor] = _optimizer_params(self.actor.optimizer)
         if self.routing.actor_head_passes_gradient and not self.routing.actor_trains_encoder:
             # What SB3's actor_loss.backward() differentiates too: the actor's encoder, stepped by no optimizer.
             self.actor_params += list(self.actor.features_extractor.parameters())
-        self.critic_params = _optimizer_params(self.critic.optimizer)
-        self.polyak_sources = list(self.critic.parameters())
-        self.polyak_targets = list(self.critic_target.parameters())
+        self.critic_params: list[th.Tensor] = _optimizer_params(self.critic.optimizer)
+        self.polyak_sources: list[th.Tensor] = list(self.critic.parameters())
+        self.polyak_targets: list[th.Tensor] = list(self.critic_target.parameters())
         self.norm_stat_sources, self.norm_stat_targets = model.batch_norm_stats, model.batch_norm_stats_target
         self.metric_sums = th.zeros(len(METRIC_NAMES), device=self.device)
 
-        self.buffer = model.replay_buffer
+        assert model.replay_buffer is not None, "SAC._setup_model creates the buffer before any train()"
+        self.buffer: FrameStackHerReplayBuffer | ReplayBuffer = model.replay_buffer
         self.view, self.reward_fn, self.host_sampling_reason = self._device_sampler(model)
         if self.channels_last:
             self._encoders_to_channels_last()
@@ -519,27 +527,30 @@ class SacUpdateEngine:
 
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
-        reason = device_sampler_supported(self.buffer, model._vec_normalize_env)
-        reward_fn = None
-        if reason is None and self.buffer.n_sampled_goal > 0:
-            reward_fn = TorchGoalReward.for_env(model.env) if model.env is not None else None
-            numpy_reward = self.buffer.compute_reward
-            if reward_fn is None or numpy_reward is None:
-                reason = "the task has no torch compute_reward (not a Fetch goal task)"
-            else:
-                goal_space = self.buffer.observation_space["achieved_goal"]
-                dtype = self.buffer.vectors.dtype
-                if not reward_fn.matches(numpy_reward, int(np.prod(goal_space.shape)), dtype):
-                    reason = "the torch reward differs from the env's compute_reward on random goals"
+        buffer = self.buffer
+        reason = device_sampler_supported(buffer, model._vec_normalize_env)
         if reason is not None:
             return None, None, reason
-        return DeviceReplayView(self.buffer, self.device), reward_fn, None
+        assert isinstance(buffer, FrameStackHerReplayBuffer), "device_sampler_supported accepts no other buffer"
+        reward_fn = None
+        if buffer.n_sampled_goal > 0:
+            reward_fn = TorchGoalReward.for_env(model.env) if model.env is not None else None
+            numpy_reward = buffer.compute_reward
+            if reward_fn is None or numpy_reward is None:
+                return None, None, "the task has no torch compute_reward (not a Fetch goal task)"
+            goal_shape = buffer.observation_space["achieved_goal"].shape
+            assert goal_shape is not None, "a float Box: device_sampler_supported admits no other key"
+            dtype = buffer.vectors.dtype
+            if not reward_fn.matches(numpy_reward, int(np.prod(goal_shape)), dtype):
+                return None, None, "the torch reward differs from the env's compute_reward on random goals"
+        return DeviceReplayView(buffer, self.device), reward_fn, None
 
     def _sample(self) -> DictReplayBufferSamples:
         """One batch: drawn on the device (inside the graph), or the buffer's own host ``sample()``."""
         if self.view is not None:
             return sample_her_batch(self.view, self.batch_size, self.reward_fn)[0]
-        return self.buffer.sample(self.batch_size, env=self.model._vec_normalize_env)
+        # SB3 types sample() for any buffer; the engine's tasks have dict (goal) observations, so a DictReplayBuffer.
+        return cast(DictReplayBufferSamples, self.buffer.sample(self.batch_size, env=self.model._vec_normalize_env))
 
     def stale(self) -> bool:
         """The model swapped its buffer, or the buffer an array: build a new engine."""
@@ -550,7 +561,8 @@ class SacUpdateEngine:
         encoders = {id(m): m for m in (self.actor.features_extractor, self.critic.features_extractor,
                                        self.critic_target.features_extractor)}
         for encoder in encoders.values():
-            encoder.to(memory_format=th.channels_last)  # swaps .data: the optimizers keep the same Parameters
+            # swaps .data: the optimizers keep the same Parameters (torch's stubs lack Module.to(memory_format=))
+            encoder.to(memory_format=th.channels_last)  # type: ignore[call-overload]
         for optimizer in self.optimizers:  # Adam moments in the same layout as their weights
             for param, state in optimizer.state.items():
                 for key, value in state.items():
@@ -583,7 +595,8 @@ class SacUpdateEngine:
         if batch is None:
             batch = self._sample()
         obs, next_obs = batch.observations, batch.next_observations
-        discounts = batch.discounts if getattr(batch, "discounts", None) is not None else self.gamma
+        batch_discounts: th.Tensor | None = getattr(batch, "discounts", None)
+        discounts = batch_discounts if batch_discounts is not None else self.gamma
 
         actor_z = next_actor_z = critic_z = None
         if self.sb3_order or not self.fuse_next_obs_pass:
@@ -597,8 +610,11 @@ class SacUpdateEngine:
         log_prob = log_prob.reshape(-1, 1)
 
         if model.ent_coef_optimizer is not None:
+            assert model.log_ent_coef is not None, "SAC._setup_model creates log_ent_coef with its optimizer"
+            # SB3 types target_entropy str | float ("auto"); _setup_model has turned it into a float.
+            target_entropy = cast(float, model.target_entropy)
             ent_coef = th.exp(model.log_ent_coef.detach())
-            ent_coef_loss = -(model.log_ent_coef * (log_prob + model.target_entropy).detach()).mean()
+            ent_coef_loss = -(model.log_ent_coef * (log_prob + target_entropy).detach()).mean()
             self._zero_grad(model.ent_coef_optimizer)
             ent_coef_loss.backward(inputs=[model.log_ent_coef])
             model.ent_coef_optimizer.step()
@@ -621,7 +637,8 @@ class SacUpdateEngine:
             if not routing.critic_trains_encoder:
                 critic_z = critic_z.detach()
         current_q = _q_values(critic, critic_z, batch.actions)
-        critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        # A tensor: the twin heads' losses are never the empty sum (typeshed's sum() allows its int 0).
+        critic_loss = 0.5 * cast(th.Tensor, sum(F.mse_loss(q, target_q) for q in current_q))
         self._zero_grad(critic.optimizer)
         critic_loss.backward(inputs=self.critic_params)
         critic.optimizer.step()
@@ -715,6 +732,7 @@ class SacUpdateEngine:
         self._restore(state, before)
         self._static_step()  # the eager step: this gradient step's result
         if failure is None:
+            assert replayed is not None, "the capture and replay ran without raising, so replayed was set"
             deviation, finite = self._deviation(before[0], replayed, state)
             if not finite:
                 failure = "the replayed step gave non-finite values"
@@ -835,9 +853,9 @@ def _copy_batch(static: DictReplayBufferSamples, batch: DictReplayBufferSamples)
     for key, value in batch.next_observations.items():
         static.next_observations[key].copy_(value)
     for name in ("actions", "dones", "rewards", "discounts"):
-        value = getattr(batch, name, None)
-        if value is not None:
-            getattr(static, name).copy_(value)
+        field_value = getattr(batch, name, None)
+        if field_value is not None:
+            getattr(static, name).copy_(field_value)
 
 
 class _UpdateWhileEnvsStep(VecEnvWrapper):
