@@ -847,7 +847,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
     def _gather_stacks(self, idx: SampleIndices
                        ) -> tuple[th.Tensor, th.Tensor]:
         """(B, 3K, H, W) uint8 obs and next_obs stacks from K + 1 frames."""
-        assert self.frames is not None and self.frame_shape is not None, "only a pixel buffer has frames"
+        assert self.frames is not None and self.frame_shape is not None
         frame_rows = frame_stack_rows(idx.ep_start, idx.step,
                                       self.frame_stack, self.buffer_size)
         if isinstance(self.frames, np.ndarray):
