@@ -10,7 +10,9 @@
 # repository mounted at /workspace, the GPUs passed through when the NVIDIA runtime exists, and your
 # uid/gid so files written to checkpoints/, results/ and runs/ are yours, not root's.
 # Otherwise it uses a local virtual environment in .venv/, created on first use and reinstalled
-# only when requirements.txt changes. DEV_MODE=docker|native forces one of the two.
+# only when requirements.txt or pyproject.toml change. Both install the project itself editable
+# (`pip install -e .`: the ch09 package and the labs importable from any folder). DEV_MODE=docker|native
+# forces one of the two.
 # DEV_BASE_IMAGE names the Debian bookworm image the Dockerfile starts from (default debian:bookworm-slim),
 # e.g. a local copy on a machine that cannot reach Docker Hub.
 set -euo pipefail
@@ -20,6 +22,7 @@ cd "$repo_root"
 
 image_name="robotics-rl-ch09"
 requirements="$repo_root/requirements.txt"
+project="$repo_root/pyproject.toml"
 
 fingerprint() {  # a short hash of the files the environment is built from
   cat "$@" | sha256sum | cut -c1-12
@@ -34,7 +37,8 @@ build_image() {  # TAG BASE CMD...: one sentence, and the way out, when the imag
   shift 2
   log="${TMPDIR:-/tmp}/${image_name}-build-${tag#*:}.log"
   echo "[dev.sh] building $tag from $base (once, several minutes; later runs reuse it; log: $log)" >&2
-  # The context is requirements.txt alone (.dockerignore): the repository is mounted at run time.
+  # The context is requirements.txt, pyproject.toml and scripts/ (.dockerignore): the repository itself is
+  # mounted at run time over the copy the editable install was made from.
   if ! docker build --build-arg "BASE_IMAGE=$base" -t "$tag" -f docker/Dockerfile "$repo_root" >"$log" 2>&1; then
     local reason
     reason="$(grep -v '^[[:space:]]*$' "$log" | tail -n 1 | cut -c1-200)"
@@ -51,7 +55,7 @@ run_in_docker() {
     exit 1
   fi
   local base="${DEV_BASE_IMAGE:-debian:bookworm-slim}" tag
-  tag="$image_name:$(fingerprint docker/Dockerfile "$requirements" <(echo "$base"))"
+  tag="$image_name:$(fingerprint docker/Dockerfile "$requirements" "$project" <(echo "$base"))"
   if ! docker image inspect "$tag" >/dev/null 2>&1; then
     build_image "$tag" "$base" "$@"
   fi
@@ -70,15 +74,16 @@ run_native() {
   local venv="$repo_root/.venv"
   local stamp="$venv/.requirements.sha256"
   local want
-  want="$(fingerprint "$requirements")"
+  want="$(fingerprint "$requirements" "$project")"
   if [ ! -x "$venv/bin/python" ]; then
     echo "[dev.sh] creating $venv (first use)" >&2
     "${PYTHON:-python3}" -m venv "$venv"
   fi
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-    echo "[dev.sh] installing requirements.txt into .venv (it changed or is new)" >&2
+    echo "[dev.sh] installing requirements.txt and the project (editable) into .venv (they changed or are new)" >&2
     "$venv/bin/python" -m pip install -q --upgrade pip >&2
     "$venv/bin/python" -m pip install -q -r "$requirements" >&2
+    "$venv/bin/python" -m pip install -q --no-deps -e "$repo_root" >&2
     echo "$want" > "$stamp"
   fi
   export MUJOCO_GL="${MUJOCO_GL:-egl}"

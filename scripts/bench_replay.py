@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-# The labs import each other by bare module name; scripts/ itself is sys.path[0] when this file runs.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+try:
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
@@ -52,10 +52,10 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from ch09.artifacts import REPO_ROOT
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.memory import allocated_bytes_per_transition
-from ch09.validation import check_device
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.memory import allocated_bytes_per_transition
+from ch09.run.artifacts import REPO_ROOT
+from ch09.run.validation import check_device
 from pixel_wrapper import FRAME_STACK, IMAGE_SIZE, PROPRIO_DIM, make_fetch_env, pixel_observation_space
 
 SCRIPTS_DIR = Path(__file__).resolve().parent

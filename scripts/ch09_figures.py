@@ -16,7 +16,7 @@ The book's figures are not drawings: every number on them is measured when the c
                          with 95% confidence intervals, the breakthrough marked   files) written by ch09_pixel_push.py
     rollout              one episode of a checkpoint as a filmstrip: 6-8 evenly   the checkpoint, run deterministically
                          spaced frames of the camera view (goal marker shown)     on the env it was trained on
-                         above the 84x84 observation the policy acted on          (ch09/video.py's EpisodeRecorder)
+                         above the 84x84 observation the policy acted on          (ch09/run/video.py's EpisodeRecorder)
 
 The loss-phases and investigation figures read only JSON and event files, so they load no torch, SB3 or MuJoCo.
 
@@ -57,12 +57,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# env-frame and encoder-progression import the labs (by bare module name, as the labs import each other)
-# lazily; scripts/ itself is sys.path[0] when this file runs.
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
-from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+try:
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before matplotlib loads: a failing import or an early SIGTERM is one line
 
@@ -72,8 +72,8 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
-from ch09.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
-from ch09.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
+from ch09.run.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
+from ch09.run.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
@@ -878,11 +878,12 @@ def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
     first episode seeded with the training seed + 10000 unless ``seed`` says otherwise (so the figure shows
     the episode ``eval --video 1`` records). Imports torch, SB3 and MuJoCo, here only.
     """
-    import ch09_pixel_push as production
     from stable_baselines3.common.vec_env import DummyVecEnv
 
-    from ch09.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
-    from ch09.video import CAMERA_SIZE, EpisodeRecorder
+    from ch09 import experiment
+    from ch09.run.checkpoints import load_for_acting, meta_for_checkpoint, read_meta
+    from ch09.run.results import run_episodes
+    from ch09.run.video import CAMERA_SIZE, EpisodeRecorder
     from pixel_wrapper import make_fetch_env
 
     checkpoint = checkpoint.expanduser().resolve()
@@ -890,16 +891,16 @@ def record_rollout(checkpoint: Path, seed: int | None) -> dict[str, Any]:
         raise FigureInputError(f"checkpoint {checkpoint} does not exist; pass a .zip that train wrote under "
                                "checkpoints/")
     meta = read_meta(meta_for_checkpoint(checkpoint), f"checkpoint {checkpoint}")
-    train_cfg = production.train_config_of(meta, checkpoint)
-    eval_seed = train_cfg.seed + production.EVAL_SEED_OFFSET if seed is None else seed
+    train_cfg = experiment.train_config_of(meta, checkpoint)
+    eval_seed = train_cfg.seed + experiment.EVAL_SEED_OFFSET if seed is None else seed
     env = make_fetch_env(train_cfg.env, pixels=not train_cfg.full_state, native_render=train_cfg.native_render,
-                         goal_mode=production.GOAL_MODE)
+                         goal_mode=experiment.GOAL_MODE)
     recorder = EpisodeRecorder(env, CAMERA_SIZE)
     try:
         model = load_for_acting(checkpoint, DummyVecEnv([lambda: recorder]), "cpu")
-        production.check_policy(model, train_cfg, checkpoint, "its metadata describes")
+        experiment.check_policy(model, train_cfg, checkpoint, "its metadata describes")
         recorder.record_next(1)
-        production.run_episodes(model, recorder, 1, eval_seed)
+        run_episodes(model, recorder, 1, eval_seed)
     finally:
         recorder.close()
     (episode,) = recorder.take()

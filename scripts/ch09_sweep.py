@@ -40,18 +40,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-# cli_guard, the entry points' top-level guard, lives with the labs (scripts/ itself is sys.path[0]).
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))
-
-from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+try:
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # before the heavy imports: a failing import or an early SIGTERM is one line
 
 import tyro
 
-from ch09.artifacts import REPO_ROOT
 from ch09.errors import UserError
-from ch09.sweep_plan import (
+from ch09.run.artifacts import REPO_ROOT, RunPaths
+from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
     Run,
@@ -60,7 +60,6 @@ from ch09.sweep_plan import (
     disk_state,
     display,
     eval_args,
-    eval_json_path,
     figure_args,
     plan_run,
     read_runs_file,
@@ -189,7 +188,7 @@ def dry_run_lines(runs: Sequence[Run], root: Path, n_episodes: int, aggregate: b
             lines.append(display(TRAIN_SCRIPT, train_args(run, state)))
         evaluate = display(TRAIN_SCRIPT, eval_args(run, state.eval_checkpoint, n_episodes))
         lines.append(f"# done: {evaluate}" if state.done else evaluate)
-        groups.setdefault((run.tag, run.env_id), []).append(eval_json_path(root, state.eval_checkpoint))
+        groups.setdefault((run.tag, run.env_id), []).append(RunPaths.eval_result_of(root, state.eval_checkpoint))
     if aggregate:
         lines += [display(TRAIN_SCRIPT, aggregate_args(files, root)) for files in groups.values()]
     if figure:
@@ -212,25 +211,25 @@ def run(cfg: SweepConfig) -> int:
     for variable, seconds in RAY_CLIENT_TIMEOUTS.items():
         os.environ.setdefault(variable, seconds)  # read when ray is imported
     try:
-        from ch09 import sweep_ray
+        from ch09.sweep import launch
     except ImportError as exc:
         if (exc.name or "").split(".")[0] != "ray":
             raise
         raise UserError("Ray is not installed in this environment; install the pinned version with `pip install "
                         "-r requirements.txt` (ray==2.60.0), or print the commands with --dry-run.") from None
-    cluster = sweep_ray.connect(cfg.address, cfg.num_cpus)
+    cluster = launch.connect(cfg.address, cfg.num_cpus)
     try:
         gpus = cfg.gpus_per_run if cfg.gpus_per_run is not None else (1.0 if cluster.gpus > 0 else 0.0)
-        sweep_ray.check_placement(cfg.cpus_per_run, gpus, root, remote=cfg.address != "local")
+        launch.check_placement(cfg.cpus_per_run, gpus, root, remote=cfg.address != "local")
         print(f"[sweep] {name}: {len(runs)} run(s) on Ray at {cfg.address} ({cluster.nodes} node(s), "
               f"{cluster.cpus:g} CPUs, {cluster.gpus:g} GPUs); each run reserves {cfg.cpus_per_run:g} CPU(s) and "
               f"{gpus:g} GPU(s), up to {cfg.max_retries} retries; artifacts under {root}", flush=True)
-        print(sweep_ray.dashboard_line(cluster), flush=True)
-        plan = sweep_ray.SweepPlan(name, runs, root, cfg.n_episodes, aggregate, figure, cfg.cpus_per_run, gpus,
+        print(launch.dashboard_line(cluster), flush=True)
+        plan = launch.SweepPlan(name, runs, root, cfg.n_episodes, aggregate, figure, cfg.cpus_per_run, gpus,
                                    cfg.max_retries)
-        return sweep_ray.run_sweep(plan, cluster)
+        return launch.run_sweep(plan, cluster)
     finally:
-        sweep_ray.ray.shutdown()
+        launch.ray.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -49,9 +49,10 @@ import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-sys.path.insert(1, str(Path(__file__).resolve().parent / "labs"))  # cli_guard: standard library only
-
-from cli_guard import guard_entry_point, run_guarded
+try:
+    from cli_guard import guard_entry_point, run_guarded
+except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
+    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
 guard_entry_point(__name__)  # a bug is one line and a crash log, never a traceback
 

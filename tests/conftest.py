@@ -1,7 +1,8 @@
 """Shared test set-up, and the helpers several test files use to run the labs and the production script.
 
-Imports need no set-up here: ``pytest.ini``'s ``pythonpath = scripts scripts/labs`` puts the scripts and the
-labs on ``sys.path``, so tests import them by bare module name, exactly as when a reader runs them.
+Imports need no set-up here: the project is installed (``pip install -e .``, done by ``docker/dev.sh``), so the
+``ch09`` package and the labs import by name; pyproject.toml's pytest ``pythonpath = scripts`` adds the entry
+scripts (programs, not part of the package) for the tests that call them in-process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from gymnasium.wrappers import TimeLimit
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 
-from ch09.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

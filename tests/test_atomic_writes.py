@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ch09 import artifacts
+from ch09.run import artifacts
 
 
 @pytest.fixture

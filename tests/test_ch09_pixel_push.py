@@ -23,15 +23,16 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import ch09_pixel_push as ch09
+import ch09_pixel_push as pixel_push
 import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
 
-from ch09 import artifacts, stats
-from ch09.checkpoints import guard_fresh_run, load_for_acting
-from ch09.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
+from ch09 import experiment
+from ch09.run import artifacts, stats
+from ch09.run.checkpoints import guard_fresh_run, load_for_acting
+from ch09.run.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
 
 REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rollout/success_rate",
                  "eval/success_rate", "time/fps"}
@@ -99,7 +100,7 @@ def state_runs(root: Path, production) -> dict[str, Any]:
     evals = {}
     for seed in (0, 1):
         checkpoint = root / f"checkpoints/ch09_fullstate_FetchPush-v4_seed{seed}.zip"
-        assert ch09.main(["eval", "--checkpoint", str(checkpoint), "--n-episodes", "2", "--device", "cpu",
+        assert pixel_push.main(["eval", "--checkpoint", str(checkpoint), "--n-episodes", "2", "--device", "cpu",
                           "--artifact-root", str(root)]) == 0
         evals[seed] = root / f"results/ch09_fullstate_FetchPush-v4_seed{seed}_eval.json"
     return {"procs": (seed0, seed1), "evals": evals}
@@ -124,8 +125,8 @@ STEPS = {  # flags -> (tag, policy, extractor, replay class)
 }
 
 
-def parse_train(*argv: str) -> ch09.TrainConfig:
-    return ch09.resolve_config(ch09.parse_command_line(["train", *argv]))
+def parse_train(*argv: str) -> experiment.TrainConfig:
+    return experiment.resolve_config(pixel_push.parse_command_line(["train", *argv]))
 
 
 @pytest.mark.parametrize("step", list(STEPS))
@@ -133,9 +134,9 @@ def test_each_investigation_step_maps_to_its_components(step: str) -> None:
     flags, tag, policy, extractor, replay = STEPS[step]
     pin_replay = [] if "--replay" in flags or "--full-state" in flags else ["--replay", "sb3"]  # any default
     cfg = parse_train(*flags, *pin_replay)
-    assert ch09.config_tag(cfg) == tag
-    assert ch09.expected_policy(cfg) == {"policy": policy, "features_extractor": extractor}
-    replay_class, replay_kwargs = ch09.replay_setup(cfg)
+    assert experiment.config_tag(cfg) == tag
+    assert experiment.expected_policy(cfg) == {"policy": policy, "features_extractor": extractor}
+    replay_class, replay_kwargs = experiment.replay_setup(cfg)
     assert replay_class.__name__ == replay
     assert replay_kwargs["n_sampled_goal"] == 8 and replay_kwargs["goal_selection_strategy"] == "future"
 
@@ -143,7 +144,7 @@ def test_each_investigation_step_maps_to_its_components(step: str) -> None:
 def readme_production_commands() -> list[list[str]]:
     """Every production command README.md prints: code-block lines (continuations joined, shell variables set
     to a value) and the ``train ...`` cells of the investigation table ("Prefix each command with ...")."""
-    text = (ch09.REPO_ROOT / "README.md").read_text()
+    text = (artifacts.REPO_ROOT / "README.md").read_text()
     commands = []
     for block in text.split("```")[1::2]:
         for line in block.replace("\\\n", " ").splitlines():
@@ -160,7 +161,7 @@ def test_every_command_the_readme_prints_parses() -> None:
     assert len(commands) >= 15, f"found only {len(commands)} commands: the README's layout changed"
     for argv in commands:
         try:
-            cfg = ch09.parse_command_line(argv)
+            cfg = pixel_push.parse_command_line(argv)
         except SystemExit as exc:
             pytest.fail(f"the README's `ch09_pixel_push.py {' '.join(argv)}` does not parse (exit {exc.code})")
         assert type(cfg).__name__.lower().startswith(argv[0][:3]), argv
@@ -169,10 +170,10 @@ def test_every_command_the_readme_prints_parses() -> None:
 def test_another_her_k_gets_its_own_artifact_names() -> None:
     chapter = parse_train("--critic-encoder", "--no-drq", "--her-n-sampled-goal", "8")
     exercise = parse_train("--critic-encoder", "--no-drq", "--her-n-sampled-goal", "4")
-    assert ch09.config_tag(chapter) == "manip_noDrQ_criticEnc"
-    assert ch09.config_tag(exercise) == "manip_noDrQ_criticEnc_k4"
-    assert ch09.config_tag(parse_train("--full-state", "--her-n-sampled-goal", "4")) == "fullstate_k4"
-    assert ch09.run_paths(exercise).stem != ch09.run_paths(chapter).stem
+    assert experiment.config_tag(chapter) == "manip_noDrQ_criticEnc"
+    assert experiment.config_tag(exercise) == "manip_noDrQ_criticEnc_k4"
+    assert experiment.config_tag(parse_train("--full-state", "--her-n-sampled-goal", "4")) == "fullstate_k4"
+    assert experiment.run_paths(exercise).stem != experiment.run_paths(chapter).stem
 
 
 def test_a_pixel_checkpoint_of_sb3s_default_path_acts_the_same_after_loading(tmp_path: Path) -> None:
@@ -212,12 +213,12 @@ def test_the_flags_the_chapter_prints(capsys: pytest.CaptureFixture) -> None:
     assert parse_train("--critic-encoder", "--encoder", "nature").encoder == "nature"  # explicit wins
     cfg = parse_train("--full-state")
     assert (cfg.encoder, cfg.drq, cfg.replay) == (None, False, "sb3")
-    assert ch09.parse_command_line(["aggregate", "a.json", "b.json"]).files == [Path("a.json"), Path("b.json")]
+    assert pixel_push.parse_command_line(["aggregate", "a.json", "b.json"]).files == [Path("a.json"), Path("b.json")]
 
 
 def test_help_shows_field_docs_and_real_defaults(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        ch09.parse_command_line(["train", "--help"])
+        pixel_push.parse_command_line(["train", "--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "breakthrough" in help_text and "--no-drq" in help_text  # field docstrings became --help
@@ -323,7 +324,7 @@ import sys
 import numpy as np
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import DummyVecEnv
-from ch09.checkpoints import load_for_acting
+from ch09.run.checkpoints import load_for_acting
 from pixel_wrapper import make_fetch_env
 
 env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", goal_mode="both")])
@@ -348,8 +349,7 @@ def test_a_fresh_process_loads_production_checkpoints(root: Path, nature_run: di
     """As a reader would, in a new interpreter: SAC.load(path, env=env), and the act-only helper without env."""
     checkpoints = [root / "checkpoints" / f"{run['stem']}.zip" for run in (critic_run, nature_run)]
     proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS_LOAD, *map(str, checkpoints)], capture_output=True,
-                          text=True, timeout=180, cwd=artifacts.REPO_ROOT,
-                          env=production.environment(PYTHONPATH="scripts:scripts/labs"))
+                          text=True, timeout=180, cwd=artifacts.REPO_ROOT, env=production.environment())
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("without env:") and "HerReplayBuffer" in lines[0]  # what the README says
@@ -470,8 +470,8 @@ def test_fresh_run_refuses_to_mix_logs(cli, root: Path, nature_run: dict[str, An
 
 
 def test_move_old_run_moves_logs_and_checkpoints_aside(tmp_path: Path) -> None:
-    cfg = ch09.resolve_config(ch09.TrainConfig(full_state=True, artifact_root=tmp_path, move_old_run=True))
-    paths = ch09.run_paths(cfg)
+    cfg = experiment.resolve_config(experiment.TrainConfig(full_state=True, artifact_root=tmp_path, move_old_run=True))
+    paths = experiment.run_paths(cfg)
     paths.run_dir.mkdir(parents=True)
     (paths.run_dir / "events.out.tfevents.1.host").write_bytes(b"x")
     paths.checkpoint_dir.mkdir(parents=True)
@@ -495,10 +495,10 @@ def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypat
         calls.append("bridge")
         raise Stop
 
-    monkeypatch.setattr(ch09, "print_bridge", fake_bridge)
+    monkeypatch.setattr(experiment, "print_bridge", fake_bridge)
     with pytest.raises(Stop):  # run_command: main() without the top-level guard, which would report the Stop
-        ch09.run_command(ch09.parse_command_line(["train", "--critic-encoder", "--bridge", "--artifact-root",
-                                                  str(tmp_path), "--device", "cpu"]))
+        pixel_push.run_command(pixel_push.parse_command_line(["train", "--critic-encoder", "--bridge",
+                                                              "--artifact-root", str(tmp_path), "--device", "cpu"]))
     assert calls == ["bridge"] and not (tmp_path / "checkpoints").exists()
 
 
@@ -579,7 +579,7 @@ def test_aggregate_refuses_seeds_at_different_step_counts(cli, root: Path, state
     """Seed 0 at 200 steps and seed 1's 100-step snapshot, both real evaluations: one number over them would
     describe no run, so aggregate names each file with its steps and writes nothing."""
     snapshot = root / "checkpoints/ch09_fullstate_FetchPush-v4_seed1_100_steps.zip"
-    assert ch09.main(["eval", "--checkpoint", str(snapshot), "--n-episodes", "2", "--device", "cpu",
+    assert pixel_push.main(["eval", "--checkpoint", str(snapshot), "--n-episodes", "2", "--device", "cpu",
                       "--artifact-root", str(tmp_path)]) == 0
     snapshot_eval = tmp_path / "results/ch09_fullstate_FetchPush-v4_seed1_100_steps_eval.json"
     capsys.readouterr()  # eval's own lines

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ch09.checkpoints import load_for_acting
+from ch09.run.checkpoints import load_for_acting
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_TIMEOUT_S = 3600
@@ -49,8 +49,9 @@ def test_no_engine_is_one_sentence() -> None:
 
 
 @pytest.mark.docker
-def test_build_context_is_requirements_only(engine: None, tmp_path: Path) -> None:
-    """.dockerignore keeps checkpoints/, runs/, .venv/ and the code out of every build's context."""
+def test_build_context_is_what_the_install_needs(engine: None, tmp_path: Path) -> None:
+    """.dockerignore sends requirements.txt, pyproject.toml and the code tree (for the editable install), and keeps
+    checkpoints/, runs/, .venv/, tests and caches out of every build's context."""
     probe = (f"FROM {os.environ.get('DEV_BASE_IMAGE', 'debian:bookworm-slim')}\n"
              "COPY . /context\nRUN find /context -type f | sort && du -sb /context\n")
     image_id = tmp_path / "probe.iid"
@@ -64,7 +65,12 @@ def test_build_context_is_requirements_only(engine: None, tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-2000:]
     output = proc.stdout + proc.stderr
     files = sorted({word for word in output.split() if word.startswith("/context/")})
-    assert files == ["/context/requirements.txt"], files
+    tracked = subprocess.run(["git", "ls-files", "scripts"], capture_output=True, text=True, cwd=REPO_ROOT,
+                             check=True).stdout.split()
+    assert set(files) >= {"/context/requirements.txt", "/context/pyproject.toml"} | {f"/context/{f}" for f in tracked}
+    assert all(f.startswith("/context/scripts/") or f in ("/context/requirements.txt", "/context/pyproject.toml")
+               for f in files), files
+    assert not any("__pycache__" in f or f.endswith(".pyc") for f in files), files
 
 
 @pytest.mark.docker

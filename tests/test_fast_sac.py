@@ -1,4 +1,4 @@
-"""Tests for scripts/ch09/fast_sac.py (FastSAC) and scripts/ch09/her_sampler.py (the device-side HER draw).
+"""Tests for ch09/engine/fast_sac.py (FastSAC) and ch09/engine/her_sampler.py (the device-side HER draw).
 
 What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run with ``pytest -m gpu``):
 
@@ -23,6 +23,7 @@ import collections
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,8 +40,9 @@ from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
+from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
 
-from ch09.fast_sac import (
+from ch09.engine.fast_sac import (
     GRAPH_VERIFY_RTOL,
     NO_CUDA_GRAPH_ENV,
     CudaContextError,
@@ -49,12 +51,14 @@ from ch09.fast_sac import (
     RecordedStepGraph,
     Routing,
     SacUpdateEngine,
+    _actor_head,
     make_capturable,
     squashed_gaussian_sample,
+    unsupported_reason,
 )
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
-from drqv2_sac_policy import DrQv2SACPolicy, routing_report
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
+from drqv2_sac_policy import CriticEncoderActor, DrQv2SACPolicy, routing_report
 from image_augmentation import HerDrQDictReplayBuffer
 from manipulation_encoder import ManipulationExtractor
 from pixel_wrapper import make_fetch_env
@@ -447,10 +451,62 @@ def test_routing_of_drqv2_policy_survives_the_engine(pixel_data):
     fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
     report = routing_report(policy)
     assert report["trained_by"] == "critic loss" and report["encoder_in_actor_optimizer"] == 0
-    assert report["target_encoder_separate"] and Routing.of(policy) == Routing(True, False, True)
+    assert report["target_encoder_separate"] and Routing.of(policy) == Routing(True, False, True, False)
     assert any(not th.equal(p, b) for p, b in zip(encoder, before)), "the critic step should move the encoder"
     for p, t, t0 in zip(encoder, target, target_before):
         assert th.allclose(t, (1 - fast.tau) * t0 + fast.tau * p, atol=1e-7)
+
+
+def _head_without_the_detach(self, features):
+    """CriticEncoderActor.dist_params_from_features as a reader leaves it after deleting its `.detach()`."""
+    latent_pi = self.latent_pi(features)
+    return self.mu(latent_pi), th.clamp(self.log_std(latent_pi), LOG_STD_MIN, LOG_STD_MAX), {}
+
+
+def test_the_engine_runs_the_labs_routing_code(pixel_data, monkeypatch):
+    """The lab's detach is the engine's: deleted in place (as a reader editing drqv2_sac_policy.py would), the engine
+    still takes the model (no fallback to SB3's update), its actor loss now differentiates the shared encoder, and
+    the step fails exactly as the lab's docstring says SAC.train() fails: the critic step already changed the encoder
+    weights the actor's graph saved. (With the detach, the routing tests above pass.)"""
+    vec_env, buffers = pixel_data
+    stock, fast = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy")
+    monkeypatch.setattr(CriticEncoderActor, "dist_params_from_features", _head_without_the_detach)
+    assert unsupported_reason(fast) is None
+    inplace = "modified by an inplace operation"
+    with pytest.raises(RuntimeError, match=inplace):
+        fast.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+    engine = fast._engine
+    assert engine is not None and engine.routing.actor_head_passes_gradient
+    encoder_ids = {id(p) for p in fast.policy.actor.features_extractor.parameters()}
+    assert encoder_ids <= {id(p) for p in engine.actor_params}, "the actor loss should now reach the encoder"
+    with pytest.raises(RuntimeError, match=inplace):
+        stock.train(gradient_steps=1, batch_size=PIXEL_BATCH)
+
+
+def test_a_subclass_with_its_own_feature_head_keeps_the_engine(pixel_data):
+    """A subclass that changes the routing where the lab defines it is run by the engine; one that overrides SB3's
+    get_action_dist_params without a feature head cannot be, and trains with SB3's train() instead."""
+
+    class HalfMeanActor(CriticEncoderActor):
+        def dist_params_from_features(self, features):
+            mean, log_std, kwargs = super().dist_params_from_features(features)
+            return 0.5 * mean, log_std, kwargs
+
+    class OpaqueActor(CriticEncoderActor):
+        def get_action_dist_params(self, obs):
+            return super().get_action_dist_params(obs)
+
+    vec_env, buffers = pixel_data
+    _, fast = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy")
+    actor = fast.policy.actor
+    for actor_class, supported in ((HalfMeanActor, True), (OpaqueActor, False)):
+        actor.__class__ = actor_class
+        reason = unsupported_reason(fast)
+        assert (reason is None) == supported, reason
+    actor.__class__ = HalfMeanActor
+    features = th.randn(3, actor.features_dim)
+    mean, _ = _actor_head(actor, features)
+    assert th.allclose(mean, 0.5 * actor.mu(actor.latent_pi(features)))
 
 
 def test_squashed_gaussian_sample_is_sb3s_distribution():
@@ -486,9 +542,9 @@ def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
         model.save(tmp_path / "fast.zip")
     finally:
         env.close()
+    # Started outside the repository, with no PYTHONPATH: the installed project is all it has (pyproject.toml).
     script = textwrap.dedent(f"""
         import sys
-        sys.path[:0] = [{str(REPO_ROOT / 'scripts')!r}, {str(REPO_ROOT / 'scripts' / 'labs')!r}]
         from pixel_wrapper import make_fetch_env
         from stable_baselines3 import SAC
         from stable_baselines3.common.vec_env import DummyVecEnv
@@ -496,11 +552,13 @@ def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
         model = SAC.load({str(tmp_path / 'fast.zip')!r}, env=env, device="cpu")
         model.learning_starts = model.num_timesteps + 60  # the buffer was not saved: refill it first
         model.learn(120, reset_num_timesteps=False)
-        assert type(model) is SAC and "ch09.fast_sac" not in sys.modules
+        assert type(model) is SAC and "ch09.engine.fast_sac" not in sys.modules
         print("resumed", model.num_timesteps, model._n_updates, type(model.actor.optimizer.param_groups[0]["lr"]))
         env.close()
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    env_vars = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=env_vars)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed 420 260 <class 'float'>" in done.stdout, done.stdout
 
@@ -608,8 +666,9 @@ def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpo
                                                                                      monkeypatch):
     """CudaContextError (what FastSAC raises when a sync fails after a replay) at step 150: the checkpoint of step
     100 stays, and the run ends in one sentence naming --no-cuda-graph, with no crash log."""
-    import ch09_pixel_push
     from stable_baselines3.common.callbacks import BaseCallback
+
+    from ch09 import experiment
 
     class BreakAt150(BaseCallback):
         def _on_step(self) -> bool:
@@ -618,7 +677,7 @@ def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpo
                                        "an illegal memory access was encountered)")
             return True
 
-    monkeypatch.setattr(ch09_pixel_push, "testing_hooks", lambda stem: [BreakAt150()])
+    monkeypatch.setattr(experiment, "testing_hooks", lambda stem: [BreakAt150()])
     code, _, err = cli.run("train", "--seed", "0", "--total-steps", "300", *production.STATE_BUDGET,
                            "--artifact-root", str(tmp_path))
     line = cli.assert_user_error(code, err, "CUDA context broke", "step 150", "checkpoint of step 100 is intact",
@@ -1030,7 +1089,7 @@ def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, re
 @pytest.mark.gpu
 def test_a_mismatching_capture_falls_back_on_cuda(capsys):
     """The real CUDA graph, made to disagree with the eager step (its replay also moves a weight): fallback."""
-    from ch09.fast_sac import CudaStepGraph
+    from ch09.engine.fast_sac import CudaStepGraph
 
     class PerturbedGraph(CudaStepGraph):
         def replay(self):

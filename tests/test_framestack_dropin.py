@@ -38,7 +38,7 @@ from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from ch09.framestack_replay import TRUNCATION_WARNING, FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import TRUNCATION_WARNING, FrameStackHerReplayBuffer
 from pixel_wrapper import make_fetch_env, pixel_observation_space
 
 N_BITS = 4

@@ -1,4 +1,4 @@
-"""Tests for scripts/ch09/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
+"""Tests for scripts/ch09/engine/framestack_replay.py (FrameStackHerReplayBuffer) and scripts/bench_replay.py.
 
 The central check is equivalence on a real stream: SAC drives a real pixel FetchPush env (2 envs with
 different time limits, so episodes interleave and end in time-outs) through SB3's own ``_store_transition``,
@@ -19,10 +19,11 @@ import bench_replay
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3 import SAC
 
-from ch09 import framestack_replay
-from ch09.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
+from ch09.engine import framestack_replay
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer, GoalEnvReward, frame_stack_rows
 from lab_support import available_memory
 from pixel_wrapper import make_fetch_env, pixel_observation_space
 
@@ -244,6 +245,21 @@ def test_a_buffer_that_does_not_fit_is_refused_naming_the_largest_that_does():
     assert 0 < largest * per_row <= available_memory().bytes_available
 
 
+def test_a_key_that_is_no_single_array_is_refused_in_one_sentence():
+    space = spaces.Dict({**pixel_observation_space().spaces, "contacts": spaces.Dict({"left": spaces.Discrete(2)})})
+    with pytest.raises(ValueError, match=r"observation_space\['contacts'\] must be a Box, Discrete, MultiDiscrete"):
+        FrameStackHerReplayBuffer(100, space, bench_replay.action_space())
+
+
+def test_infos_is_an_array_without_rows_without_copy_info_dict_also_in_an_older_pickle(stream):
+    """HerReplayBuffer declares ``infos`` an array; a buffer pickled by an older version holds None there."""
+    buffer = replay_into(stream)
+    assert buffer.infos.shape == (0, buffer.n_envs)
+    older = FrameStackHerReplayBuffer.__new__(FrameStackHerReplayBuffer)
+    older.__setstate__(pickle.loads(pickle.dumps(buffer.__getstate__() | {"infos": None})))
+    assert older.infos.shape == (0, buffer.n_envs) and older.sample(8).rewards.shape == (8, 1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Save / load
 # ---------------------------------------------------------------------------------------------------------
@@ -301,7 +317,7 @@ def test_sac_trains_with_this_buffer_and_drq(stream):
         assert shifted.dtype == th.uint8 and shifted.shape == plain.shape and not th.equal(shifted, plain)
 
 
-@pytest.mark.gpu  # deselected by default (pytest.ini); on a CUDA machine: pytest -m gpu
+@pytest.mark.gpu  # deselected by default (pyproject.toml); on a CUDA machine: pytest -m gpu
 def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
     gpu = replay_into(stream, storage_device="cuda")
     if gpu.frame_shape is None:  # the state stream: nothing to store on the GPU

@@ -161,7 +161,7 @@ def memory_cgroup() -> Iterator[tuple[Path, str]]:
 
 PREFLIGHT_IN_CGROUP = """
 import json
-from ch09.memory import MemoryNeed, memory_preflight
+from ch09.engine.memory import MemoryNeed, memory_preflight
 from lab_support import MemoryBudgetError, available_memory
 print(json.dumps(available_memory()))
 try:
@@ -178,7 +178,7 @@ def test_the_preflight_inside_a_real_cgroup_reports_its_limit(memory_cgroup: tup
     join = f'echo $$ > {folder / "cgroup.procs"} && exec "$0" -c "$1"'  # the shell moves itself in, then runs Python
     proc = subprocess.run(["sh", "-c", join, sys.executable, PREFLIGHT_IN_CGROUP.format(items=items)],
                           capture_output=True, text=True, timeout=180, cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": "scripts:scripts/labs", "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     bytes_available, limited_by, _fix = json.loads(lines[0])

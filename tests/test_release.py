@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ch09_pixel_push as ch09
+import ch09_pixel_push as pixel_push
 import pytest
 
-from ch09 import release
-from ch09.checkpoints import load_for_acting
+from ch09.run import release
+from ch09.run.checkpoints import load_for_acting
 
 STEM = "ch09_fullstate_FetchReach-v4_seed0"
 EVAL_FLAGS = ("--n-episodes", "3", "--device", "cpu")
@@ -141,10 +141,10 @@ def run(tmp_path_factory: pytest.TempPathFactory, production) -> dict[str, Any]:
     checkpoints = root / "checkpoints"
     local = {}
     for name in (f"{STEM}.zip", f"{STEM}_200_steps.zip"):
-        assert ch09.main(["eval", "--checkpoint", str(checkpoints / name), *EVAL_FLAGS,
+        assert pixel_push.main(["eval", "--checkpoint", str(checkpoints / name), *EVAL_FLAGS,
                           "--artifact-root", str(root)]) == 0
         local[name] = json.loads((root / "results" / f"{name.removesuffix('.zip')}_eval.json").read_text())
-    assert ch09.main(["package", "--checkpoint", str(checkpoints / f"{STEM}.zip")]) == 0
+    assert pixel_push.main(["package", "--checkpoint", str(checkpoints / f"{STEM}.zip")]) == 0
     return {"root": root, "checkpoints": checkpoints, "release": root / "releases" / STEM, "local": local}
 
 

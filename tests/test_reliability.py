@@ -33,11 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-import ch09_pixel_push as ch09
 import pytest
 
 import cli_guard
-from ch09.checkpoints import load_for_acting, read_meta
+from ch09 import experiment
+from ch09.run.checkpoints import load_for_acting, read_meta
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REACH = ("--env", "FetchReach-v4", "--full-state", "--buffer-size", "1000", "--batch-size", "32",
@@ -133,11 +133,12 @@ WRONG_META = {
 @pytest.mark.parametrize("shape", list(WRONG_META))
 @pytest.mark.parametrize("command", ["eval", "resume"])
 def test_5_metadata_of_the_wrong_shape(cli, shape: str, command: str, tmp_path: Path) -> None:
-    cfg = ch09.resolve_config(ch09.TrainConfig(env="FetchReach-v4", full_state=True, artifact_root=tmp_path))
-    paths = ch09.run_paths(cfg)
+    cfg = experiment.resolve_config(experiment.TrainConfig(env="FetchReach-v4", full_state=True,
+                                                           artifact_root=tmp_path))
+    paths = experiment.run_paths(cfg)
     paths.checkpoint_dir.mkdir(parents=True)
     paths.checkpoint.write_bytes(b"never unpickled: the metadata is refused first")
-    paths.meta.write_text(json.dumps(WRONG_META[shape](ch09.new_meta(cfg, paths, memory=[])), default=str))
+    paths.meta.write_text(json.dumps(WRONG_META[shape](experiment.new_meta(cfg, paths, memory=[])), default=str))
     if command == "eval":
         argv = ["eval", "--checkpoint", str(paths.checkpoint), "--artifact-root", str(tmp_path)]
     else:
@@ -294,14 +295,14 @@ def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None
     repaired = read_meta(meta_path, "the test")
     assert snapshot.name in repaired["periodic_checkpoints"]
     if "sha256" in repaired:  # the digest the checkpoint track checks a published snapshot against
-        from ch09.digest import sha256_file
+        from ch09.run.digest import sha256_file
 
         assert repaired["sha256"][snapshot.name] == sha256_file(snapshot)
 
 
 def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:
     """Another process still writing (its pid alive) keeps its temporary; seed10's files are not seed1's."""
-    from ch09.artifacts import clean_interrupted_writes
+    from ch09.run.artifacts import clean_interrupted_writes
 
     live = tmp_path / f"run_seed1.zip.tmp-{os.getppid()}-3"
     other_seed = tmp_path / "run_seed10.zip.tmp"
@@ -407,7 +408,7 @@ def test_a_reader_that_closes_the_pipe_is_no_bug(where: str, tmp_path: Path) -> 
     """
     flood = "[print('x' * 100) for _ in range(100_000)]"
     body = f"sys.exit(cli_guard.run_guarded(lambda: {flood} and 0))" if where == "in main" else flood
-    script = (f"import sys; sys.path.insert(0, {str(REPO_ROOT / 'scripts' / 'labs')!r}); import cli_guard; "
+    script = ("import sys; import cli_guard; "
               f"cli_guard.guard_entry_point('__main__'); {body}")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             cwd=tmp_path)

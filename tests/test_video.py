@@ -23,8 +23,8 @@ import mujoco
 import numpy as np
 import pytest
 
-from ch09.callbacks import ProgressBarCallback
-from ch09.video import (
+from ch09.run.callbacks import ProgressBarCallback
+from ch09.run.video import (
     CAMERA_SIZE,
     HEADER_HEIGHT,
     TENSORBOARD_CAMERA_SIZE,

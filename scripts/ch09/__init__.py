@@ -1,22 +1,18 @@
-"""The run machinery behind ``scripts/ch09_pixel_push.py``: everything a multi-day run needs that is not the experiment.
+"""The code behind ``scripts/ch09_pixel_push.py``, in layers whose imports point one way (down):
 
-The experiment itself (configs, ``build_agent``, ``train`` / ``eval`` / ``aggregate``) reads top to bottom in
-``ch09_pixel_push.py``; the lab components (env, encoders, policy) live in ``scripts/labs/``. Each module here
-is small enough to read in one sitting:
+| layer               | what it holds                                                         | may import        |
+|---------------------|-----------------------------------------------------------------------|-------------------|
+| ``scripts/labs``    | the chapter's components (env wrapper, encoders, DrQ, DrQv2SACPolicy) | labs              |
+| ``ch09.errors``     | ``UserError``: the exit code of every mistake a user can fix (stdlib) | nothing           |
+| ``ch09.engine``     | what trains fast: frame-once replay, device HER draw, ``FastSAC``     | labs, errors      |
+| ``ch09.run``        | what a multi-day run needs: paths, checkpoints, sessions, results     | engine and below  |
+| ``ch09.experiment`` | the chapter's experiment: ``TrainConfig``, ``build_agent``, the envs  | run and below     |
+|  (``selftest``,     | the self-test and the speed measurement, which build its agents      |                   |
+|   ``benchmark``)    |                                                                       |                   |
+| ``ch09.sweep``      | many runs as one command on Ray: the plan, progress board, launcher   | experiment, below |
+| entry scripts       | ``scripts/*.py``: train/eval CLI, sweeps, benchmarks, figures         | all of the above  |
 
-| module                 | what it holds                                                                 |
-|------------------------|-------------------------------------------------------------------------------|
-| ``errors``             | ``UserError`` and the exit code of every mistake a user can fix               |
-| ``artifacts``          | run paths, step labels, the one atomic-write helper, versions, git commit     |
-| ``checkpoints``        | the checkpointer, stop-on-signal, resume, loading a checkpoint back           |
-| ``callbacks``          | progress bar, periodic evaluation, hyper-parameters, periodic checkpoints     |
-| ``vec_env``            | env worker processes with a watchdog                                          |
-| ``memory``             | the replay-buffer memory preflight                                            |
-| ``stats``              | Wilson and Student-t intervals (pure Python, no torch)                        |
-| ``digest``             | SHA-256 of checkpoints, ``SHA256SUMS`` files, the one-sentence mismatch       |
-| ``release``            | ``package`` (a release folder to publish), verified resumable downloads       |
-| ``framestack_replay``  | the frame-once HER replay buffer                                              |
-
-Modules here import each other as ``ch09.<module>`` and the labs by bare name; none of them edits ``sys.path``
-(the entry scripts put ``scripts/labs`` on it, pytest does through ``pytest.ini``).
+``tests/test_layers.py`` walks every import and fails on one that runs back up a layer or into an entry script.
+The project installs (``pip install -e .``, done by ``docker/dev.sh``) the ``ch09`` package and the labs under
+their bare module names, so a checkpoint that names ``drqv2_sac_policy.DrQv2SACPolicy`` loads in any process.
 """

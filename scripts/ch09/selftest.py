@@ -35,21 +35,20 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch as th
 from stable_baselines3.common.logger import KVWriter, Logger
 from stable_baselines3.common.vec_env import DummyVecEnv
 
-from ch09.artifacts import git_commit, now_iso, package_versions, write_json
-from ch09.callbacks import human_duration
+from ch09 import experiment
 from ch09.errors import UserError
-from ch09.validation import check_device, check_writable_folder, positive_seconds
+from ch09.experiment import TrainConfig
+from ch09.run.artifacts import REPO_ROOT, git_commit, now_iso, package_versions, write_json
+from ch09.run.callbacks import human_duration
+from ch09.run.validation import check_device, check_writable_folder, positive_seconds
 from lab_support import free_memory, renderer_import_error
-
-if TYPE_CHECKING:
-    from ch09_pixel_push import SelftestConfig, TrainConfig
 
 SELFTEST_FORMAT = "ch09-selftest-v1"
 """The ``format`` field of the JSON report."""
@@ -106,6 +105,27 @@ class CheckResult:
     """Wall time of the check (on the first row of a check that gives several)."""
 
 
+@dataclass
+class SelftestConfig:
+    """Check this machine before a multi-day run, in under 2 minutes: renderer, device, whether the buffer fits,
+    the CUDA graph, bf16 against fp32, a speed sample; one table, a JSON report, exit code 1 if a check fails."""
+
+    device: str = "auto"
+    """Torch device to check, as `train --device`: auto (cuda if available), cuda:1, cpu."""
+    buffer_size: int = 500_000
+    """The --buffer-size you will train with: the memory check runs train's preflight on it."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """The --precision you will train with: its CUDA graph is checked, and the speed sample uses it."""
+    n_envs: int = 1
+    """The --n-envs you will train with (memory check and speed sample)."""
+    out: Path = REPO_ROOT / "results" / "selftest.json"
+    """Where the JSON report goes (versions, device, every figure and result): attach it to a problem report."""
+    render_seconds: float = 3.0
+    """Seconds of step + render timed by the renderer check."""
+    speed_seconds: float = 5.0
+    """Seconds each engine trains in the speed sample."""
+
+
 # ======================================================================================================
 # The checks, each returning one CheckResult
 # ======================================================================================================
@@ -123,11 +143,11 @@ def check_device_works(device: th.device) -> CheckResult:
     result = float((probe @ probe).sum())  # a host read: a broken CUDA context raises here
     if result != 256.0**3:
         return CheckResult("device", "fail", f"256x256 matmul of ones gave {result:g}, not {256**3:,}", figures)
-    ram = f"{figures['ram_free_bytes'] / 1e9:.1f} GB RAM free"
+    ram_free = f"{figures['ram_free_bytes'] / 1e9:.1f} GB RAM free"
     if device.type == "cuda":
         return CheckResult("device", "pass", f"{figures['gpu']} ({device}), {total / 1e9:.1f} GB, "
-                           f"{free / 1e9:.1f} GB free; {ram}; torch {th.__version__}", figures)
-    return CheckResult("device", "pass", f"CPU only, {os.cpu_count()} cores, {ram}; torch {th.__version__}: "
+                           f"{free / 1e9:.1f} GB free; {ram_free}; torch {th.__version__}", figures)
+    return CheckResult("device", "pass", f"CPU only, {os.cpu_count()} cores, {ram_free}; torch {th.__version__}: "
                        "pixel training needs a CUDA GPU", figures)
 
 
@@ -152,7 +172,12 @@ def check_renderer(seconds: float) -> CheckResult:
     try:
         obs, _ = env.reset(seed=0)
         make_render_context_current(env)
-        renderer = env.unwrapped.mujoco_renderer
+        # Imported only now: make_fetch_env has loaded it (and raised the clear error if MuJoCo cannot start).
+        from gymnasium_robotics.envs.robot_env import MujocoRobotEnv
+
+        robot = env.unwrapped
+        assert isinstance(robot, MujocoRobotEnv), "FetchPush-v4 is a MuJoCo robot env"
+        renderer = robot.mujoco_renderer
         render_size = (renderer.width, renderer.height)
         frames = obs[PIXEL_KEY]
         figures: dict[str, Any] = {"mujoco_gl": backend, "gl_renderer": gl_renderer_name(),
@@ -178,12 +203,11 @@ def check_renderer(seconds: float) -> CheckResult:
 
 def check_memory(card: TrainConfig) -> CheckResult:
     """``train``'s own preflight for this buffer (the one memory reader of the project), its lines kept."""
-    import ch09_pixel_push as production
 
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            plan = production.check_replay_memory(card, *production.training_spaces(card))
+            plan = experiment.check_replay_memory(card, *experiment.training_spaces(card))
     except UserError as exc:
         return CheckResult("replay memory", "fail", str(exc),
                            {"buffer_size": card.buffer_size, "preflight": printed.getvalue().splitlines()})
@@ -215,23 +239,24 @@ class TrainedSample:
     losses: list[dict[str, float]]
 
 
-def train_tiny_fastsac(card: TrainConfig, precision: str, device: th.device, updates: int) -> TrainedSample:
+def train_tiny_fastsac(card: TrainConfig, precision: Literal["fp32", "bf16"], device: th.device,
+                       updates: int) -> TrainedSample:
     """Build FastSAC as ``train`` does (Experiment Card flags, small buffer and batch), collect two episodes of
     random steps, then run ``updates`` gradient steps one ``train()`` call at a time, reading each one's
     losses through SB3's logger. The same seed gives the same weights, buffer and random draws in any precision."""
     import dataclasses
 
-    import ch09_pixel_push as production
 
     cfg = dataclasses.replace(card, precision=precision, engine="fast", n_envs=1, device=str(device),
                               buffer_size=LOSS_CHECK_BUFFER_SIZE, batch_size=LOSS_CHECK_BATCH,
                               learning_starts=LOSS_CHECK_LEARNING_STARTS)
-    env = DummyVecEnv([production.env_factory(cfg)])
+    env = DummyVecEnv([experiment.env_factory(cfg)])
     try:
-        model = production.build_agent(cfg, env)
+        model = experiment.build_agent(cfg, env)
         recorded = _RecordedValues()
         model.set_logger(Logger(None, [recorded]))
-        model.learn(LOSS_CHECK_LEARNING_STARTS, log_interval=None)  # random steps only: no update yet
+        # Random steps only: no update yet. (SB3 types learn()'s log_interval int; its collect_rollouts takes None.)
+        model.learn(LOSS_CHECK_LEARNING_STARTS, log_interval=None)  # type: ignore[arg-type]
         th.manual_seed(cfg.seed)  # the same draws (batch indices, HER goals, noise) in every precision
         losses = []
         for _ in range(updates):
@@ -286,7 +311,7 @@ def check_graph_status(model: Any, device: th.device) -> CheckResult:
 
 def check_precisions(card: TrainConfig, device: th.device, chosen: str) -> list[CheckResult]:
     """bf16 against fp32 on the same steps, then the CUDA graph's verdict for the chosen precision."""
-    from ch09.fast_sac import GRAPH_WARMUP_STEPS
+    from ch09.engine.fast_sac import GRAPH_WARMUP_STEPS
 
     updates = GRAPH_WARMUP_STEPS + LOSS_CHECK_EXTRA_STEPS
     samples = {precision: train_tiny_fastsac(card, precision, device, updates) for precision in ("fp32", "bf16")}
@@ -296,7 +321,7 @@ def check_precisions(card: TrainConfig, device: th.device, chosen: str) -> list[
 
 def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[CheckResult]:
     """Stock SB3 vs FastSAC, timed by bench_train's own measurement, and the Experiment Card at the fast rate."""
-    from bench_train import RUNS, Measurement, measure
+    from ch09.benchmark import RUNS, Measurement, measure
 
     stock_run, fast_run = SPEED_RUNS["cuda" if device.type == "cuda" else "cpu"]
     rates, measurements = {}, {}
@@ -392,11 +417,10 @@ def skip_line(results: list[CheckResult]) -> str | None:
 
 def run_selftest(cfg: SelftestConfig) -> int:
     """Run every check, print the table, write the report; 1 if a check failed, else 0."""
-    import ch09_pixel_push as production
 
     device = validate(cfg)
     started = time.perf_counter()
-    card = production.resolve_config(production.TrainConfig(
+    card = experiment.resolve_config(experiment.TrainConfig(
         **EXPERIMENT_CARD_FLAGS, buffer_size=cfg.buffer_size, n_envs=cfg.n_envs, device=str(device),
         precision=cfg.precision))
     print(f"[selftest] {device}, the Experiment Card's flags with --buffer-size {cfg.buffer_size:,} --n-envs "

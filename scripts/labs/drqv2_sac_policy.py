@@ -36,6 +36,11 @@ Three small classes implement it inside SB3, so `SAC(DrQv2SACPolicy, env, ...)` 
 | `DrQv2SACPolicy`      | `SACPolicy._build`             | one encoder, in the critic's optimizer only (by identity); |
 |                       |                                | the target critic has its own copy, Polyak-averaged        |
 
+The routing lives in two methods that take features already extracted, `CriticEncoderActor.dist_params_from_features`
+and `CriticEncoderCritic.q_values`: SB3's loop reaches them through `get_action_dist_params` and `forward`, and the
+production engine (`ch09.engine.fast_sac`, which encodes each batch once) calls them directly. Edit a detach here and
+both trainers see the edit.
+
 The encoders divide the uint8 pixels by 255 themselves, so `DrQv2SACPolicy` defaults to
 `normalize_images=False` (SB3 only casts the pixels to float).
 
@@ -52,10 +57,11 @@ How to run (from the repository root)
 final losses. `--threads 2` helps on an idle 2-core machine; the README lists measured times.
 
 Saving and loading: `SAC.save` pickles `DrQv2SACPolicy` by reference (module `drqv2_sac_policy`), so any
-process with `scripts/labs` on its import path can load it. `SAC.load(path)` needs no `custom_objects` for a
-model whose replay buffer is not a HER buffer (as in `--verify`); a model trained with a `HerReplayBuffer`
-needs `SAC.load(path, env=env)`. When this file runs as a script, `__main__` re-imports it under its module
-name first (see the bottom of the file): a class pickled from `__main__` could only be loaded by this script.
+process that has the project installed (`pip install -e .`; `docker/dev.sh` does it) can load it.
+`SAC.load(path)` needs no `custom_objects` for a model whose replay buffer is not a HER buffer (as in
+`--verify`); a model trained with a `HerReplayBuffer` needs `SAC.load(path, env=env)`. When this file runs as
+a script, `__main__` re-imports it under its module name first (see the bottom of the file): a class pickled
+from `__main__` could only be loaded by this script.
 """
 
 from __future__ import annotations
@@ -129,6 +135,12 @@ class CriticEncoderCritic(ContinuousCritic):
     ) -> tuple[th.Tensor, ...]:
         # No grad gate: L_Q reaches phi.
         features = self.extract_features(obs, self.features_extractor)
+        return self.q_values(features, actions)
+
+    def q_values(
+        self, features: th.Tensor, actions: th.Tensor
+    ) -> tuple[th.Tensor, ...]:
+        """The twin heads on features already extracted (forward's routing)."""
         if actions.requires_grad:  # Q(s, pi(s)) in the actor loss: sg(f_phi(s))
             features = features.detach()
         q_input = th.cat([features, actions], dim=1)
@@ -155,6 +167,12 @@ class CriticEncoderActor(Actor):
         self, obs: PyTorchObs
     ) -> tuple[th.Tensor, th.Tensor, dict[str, th.Tensor]]:
         features = self.extract_features(obs, self.features_extractor)
+        return self.dist_params_from_features(features)
+
+    def dist_params_from_features(
+        self, features: th.Tensor
+    ) -> tuple[th.Tensor, th.Tensor, dict[str, th.Tensor]]:
+        """The policy head on features already extracted."""
         latent_pi = self.latent_pi(features.detach())  # sg(f_phi(s))
         mean_actions = self.mu(latent_pi)
         if self.use_sde:
@@ -1010,7 +1028,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     # Run the module's own copy, imported by name: SAC.save pickles DrQv2SACPolicy by reference
-    # ("drqv2_sac_policy.DrQv2SACPolicy"), which any process with scripts/labs on sys.path can load.
+    # ("drqv2_sac_policy.DrQv2SACPolicy"), which any process with the project installed can load.
     # Classes defined in __main__ would be pickled by value and loaded as look-alike copies.
     import drqv2_sac_policy
 

@@ -407,7 +407,7 @@ class PixelReplayBuffer:
     on the training device instead. ``next_obs`` is stored separately, as in
     SB3's ``DictReplayBuffer``: twice the memory, trivial indexing. (DrQ-v2
     stores one whole stack per step and reads next_obs from the next step;
-    ``ch09.framestack_replay`` stores each frame once.) ``dones`` records
+    ``ch09.engine.framestack_replay`` stores each frame once.) ``dones`` records
     termination only: a time-limit truncation is not terminal, so the target
     still bootstraps from ``next_obs`` (Fetch episodes only ever truncate).
     """

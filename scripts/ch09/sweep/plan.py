@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from ch09.artifacts import CHECKPOINT_FORMAT, EVAL_FORMAT, REPO_ROOT, RunPaths
 from ch09.errors import UserError
+from ch09.run.artifacts import CHECKPOINT_FORMAT, EVAL_FORMAT, REPO_ROOT, RunPaths
 
 TRAIN_SCRIPT = REPO_ROOT / "scripts" / "ch09_pixel_push.py"
 FIGURE_SCRIPT = REPO_ROOT / "scripts" / "ch09_figures.py"
@@ -80,22 +80,22 @@ def plan_run(args: Sequence[str], root: Path, source: str) -> Run:
     for flag, reason in SWEEP_OWNED_FLAGS.items():
         if any(arg == flag or arg.startswith(flag + "=") for arg in args):
             raise UserError(f"{source}: drop {flag} from the train flags ({reason}).")
-    import ch09_pixel_push as production
+    from ch09 import experiment  # torch and SB3 load only when a sweep is planned
 
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
-            cfg = production.parse_command_line(["train", *args])
+            cfg = experiment.parse_train_args(args)
     except SystemExit:
         raise UserError(f"{source}: `train {shlex.join(args)}` is not a valid train command "
                         f"({_parse_error(captured.getvalue())}); see `python scripts/ch09_pixel_push.py train "
                         "--help`.") from None
     try:
-        cfg = production.resolve_config(dataclasses.replace(cfg, artifact_root=root))
+        cfg = experiment.resolve_config(dataclasses.replace(cfg, artifact_root=root))
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
-    paths = production.run_paths(cfg)
-    return Run(tuple(args), paths, production.config_tag(cfg), cfg.env, cfg.seed, cfg.total_steps, source)
+    paths = experiment.run_paths(cfg)
+    return Run(tuple(args), paths, experiment.config_tag(cfg), cfg.env, cfg.seed, cfg.total_steps, source)
 
 
 def read_runs_file(path: Path) -> list[tuple[list[str], str]]:
@@ -197,30 +197,27 @@ def read_json(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def eval_json_path(root: Path, checkpoint: Path) -> Path:
-    """Where ``eval --checkpoint X.zip`` writes: results/X_eval.json (the production script's naming)."""
-    return root / "results" / f"{checkpoint.name.removesuffix('.zip')}_eval.json"
-
-
 def disk_state(run: Run, n_episodes: int) -> DiskState:
     paths = run.paths
     meta = read_json(paths.meta)
-    meta_ok = meta is not None and meta.get("format") == CHECKPOINT_FORMAT
-    steps_done = int(meta.get("steps_done", 0)) if meta_ok else 0
-    sessions = len(meta.get("sessions", [])) if meta_ok else 0
+    if meta is None or meta.get("format") != CHECKPOINT_FORMAT:
+        meta = {}
+    steps_done = int(meta.get("steps_done", 0))
+    sessions = len(meta.get("sessions", []))
     resumable = paths.checkpoint.is_file() and paths.meta.is_file()
     leftovers = not resumable and (paths.has_tensorboard_events() or bool(paths.own_checkpoint_files()))
-    trained = resumable and meta_ok and steps_done >= run.total_steps
+    trained = resumable and bool(meta) and steps_done >= run.total_steps
 
     eval_checkpoint = paths.checkpoint
     at_budget = paths.periodic(run.total_steps)
     if trained and steps_done > run.total_steps and at_budget.is_file():
         eval_checkpoint = at_budget
     evaluated = False
-    result = read_json(eval_json_path(paths.root, eval_checkpoint))
+    eval_file = RunPaths.eval_result_of(paths.root, eval_checkpoint)
+    result = read_json(eval_file)
     if trained and result is not None and result.get("format") == EVAL_FORMAT:
         try:
-            newer = eval_json_path(paths.root, eval_checkpoint).stat().st_mtime >= eval_checkpoint.stat().st_mtime
+            newer = eval_file.stat().st_mtime >= eval_checkpoint.stat().st_mtime
         except OSError:
             newer = False
         evaluated = newer and result.get("n_episodes") == n_episodes

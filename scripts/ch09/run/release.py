@@ -44,10 +44,19 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
-from ch09.artifacts import EVAL_FORMAT, PERIODIC_RE, REPO_ROOT, atomic_replace, format_steps, parse_steps
-from ch09.digest import (
+from ch09.errors import UserError
+from ch09.run.artifacts import (
+    EVAL_FORMAT,
+    PERIODIC_RE,
+    REPO_ROOT,
+    RunPaths,
+    atomic_replace,
+    format_steps,
+    parse_steps,
+)
+from ch09.run.digest import (
     SHA256SUMS_NAME,
     DigestMismatchError,
     is_hex_digest,
@@ -57,7 +66,6 @@ from ch09.digest import (
     verify_sha256,
     write_sha256sums,
 )
-from ch09.errors import UserError
 
 DOWNLOAD_ATTEMPTS = 5
 """Connections in a row that bring no new byte before a download gives up; one that does starts the count
@@ -285,6 +293,10 @@ class _NotFound(UserError):
     """HTTP 404: the file is not on the server."""
 
 
+@overload
+def download(url: str, target: Path, expected: str | None, missing_ok: Literal[False] = False) -> Path: ...
+@overload
+def download(url: str, target: Path, expected: str | None, missing_ok: bool) -> Path | None: ...
 def download(url: str, target: Path, expected: str | None, missing_ok: bool = False) -> Path | None:
     """Fetch ``url`` into ``target``, through ``target.part``, and return ``target``.
 
@@ -490,7 +502,7 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     files = {checkpoint.name: checkpoint, meta_path.name: meta_path}
     for snapshot in snapshot_paths(checkpoint):
         files[snapshot.name] = snapshot
-    recorded = meta.get("sha256") if isinstance(meta.get("sha256"), dict) else {}
+    recorded: dict[str, str] = meta["sha256"] if isinstance(meta.get("sha256"), dict) else {}
     for name, path in files.items():
         if name in recorded and (digest if path == checkpoint else sha256_file(path)) != recorded[name]:
             raise UserError(f"{path} differs from the SHA-256 its metadata recorded when it was written (changed "
@@ -498,11 +510,11 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     results = root / "results"
     for name in list(files):
         if name.endswith(".zip"):
-            eval_json = results / f"{name.removesuffix('.zip')}_eval.json"
+            eval_json = RunPaths.eval_result_of(root, Path(name))
             if eval_json.is_file():
                 files[eval_json.name] = eval_json
     # eval --video lists {"file": <relative to the artifact root>, ...}; any others of this run are in results/videos/
-    listed = evaluation.get("videos") if isinstance(evaluation.get("videos"), list) else []
+    listed: list[Any] = evaluation["videos"] if isinstance(evaluation.get("videos"), list) else []
     videos = {Path(v) if Path(v).is_absolute() else root / v
               for v in (entry.get("file") if isinstance(entry, dict) else entry for entry in listed)
               if isinstance(v, str)}

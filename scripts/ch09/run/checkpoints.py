@@ -12,7 +12,7 @@
 Loading a checkpoint yourself
 -----------------------------
 ``SAC.load(path, env=env)`` works for every checkpoint of this project when ``env`` is the env it was
-trained on (``scripts/`` and ``scripts/labs/`` on ``sys.path``, so the pickled classes import). Without
+trained on, in any process where the project is installed (``pip install -e .``: the pickled classes import). Without
 ``env=``, SB3 refuses a model whose replay buffer is a ``HerReplayBuffer`` (all of ours), because it
 rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a one-row plain buffer.
 """
@@ -35,7 +35,9 @@ import torch as th
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.artifacts import (
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.errors import ArtifactWriteError, UserError
+from ch09.run.artifacts import (
     CHECKPOINT_FORMAT,
     PERIODIC_RE,
     RunPaths,
@@ -45,12 +47,11 @@ from ch09.artifacts import (
     size_on_disk,
     write_json,
 )
-from ch09.digest import sha256_file
-from ch09.errors import ArtifactWriteError, UserError
-from ch09.framestack_replay import FrameStackHerReplayBuffer
-from ch09.validation import Number, OptionalDict, check_fields, read_json_object
+from ch09.run.digest import sha256_file
+from ch09.run.validation import FieldType, Number, OptionalDict, check_fields, read_json_object
 
-ACT_ONLY_OBJECTS = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1, "learning_starts": 0}
+ACT_ONLY_OBJECTS: dict[str, object] = {"replay_buffer_class": None, "replay_buffer_kwargs": {}, "buffer_size": 1,
+                                       "learning_starts": 0}
 """``custom_objects`` for a model that only acts: SB3 then builds a one-row plain buffer instead of HER's,
 which needs no env and no memory."""
 
@@ -58,8 +59,9 @@ which needs no env and no memory."""
 # ---------------------------------------------------------------------------------------------------------
 # Metadata
 # ---------------------------------------------------------------------------------------------------------
-META_FIELDS = {"format": str, "tag": str, "env_id": str, "seed": int, "config": dict, "steps_done": int,
-               "wall_time_s": Number, "sessions": list, "periodic_checkpoints": list, "replay_buffer": OptionalDict}
+META_FIELDS: dict[str, FieldType] = {
+    "format": str, "tag": str, "env_id": str, "seed": int, "config": dict, "steps_done": int, "wall_time_s": Number,
+    "sessions": list, "periodic_checkpoints": list, "replay_buffer": OptionalDict}
 """The fields of a .meta.json that eval and --resume read, with their JSON types: checked before any is used."""
 
 
@@ -331,6 +333,7 @@ def restore_replay_buffer(model: SAC, path: Path, saved: dict | None,
             buffer.load(path)
         else:  # re-attaches HER's env, closes the open episode
             model.load_replay_buffer(path)
+        assert model.replay_buffer is not None, "both loads leave a buffer"
         print(f"[resume] replay buffer restored from {path} "
               f"({model.replay_buffer.size():,} transitions)")
         return True

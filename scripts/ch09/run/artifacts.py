@@ -2,7 +2,7 @@
 
 | piece                                   | what it does                                                     |
 |-----------------------------------------|------------------------------------------------------------------|
-| ``RunPaths``                            | checkpoints/, runs/ and the replay-buffer path of one run         |
+| ``RunPaths``                            | every artifact name: checkpoints/, runs/, results/ of one run     |
 | ``format_steps`` / ``parse_steps``      | 500000 <-> '500K': the step labels of periodic checkpoints        |
 | ``atomic_replace``                      | THE atomic write: JSON, model zips, copies and buffer folders     |
 | ``clean_interrupted_writes``            | what a killed write left behind: stale temporaries, a ``.old``    |
@@ -33,7 +33,7 @@ from typing import Any
 
 from ch09.errors import ArtifactWriteError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 """The repository root: the default --artifact-root."""
 
 CHECKPOINT_FORMAT = "ch09-checkpoint-v1"
@@ -71,7 +71,7 @@ def parse_steps(label: str) -> int:
     return int(round(float(label.rstrip("KM")) * scale))
 
 
-def artifact_root(value: str) -> Path:
+def artifact_root(value: str | Path) -> Path:
     """The folder that holds checkpoints/, results/ and runs/ ('' means the repository root)."""
     return Path(value).expanduser().resolve() if value else REPO_ROOT
 
@@ -122,6 +122,27 @@ class RunPaths:
 
     def has_tensorboard_events(self) -> bool:
         return self.run_dir.is_dir() and any(self.run_dir.glob("events.out.tfevents*"))
+
+    # ---- results/: what eval and aggregate write ---------------------------------------------------
+    @property
+    def eval_result(self) -> Path:
+        """results/<stem>_eval.json: ``eval`` of the run's latest model."""
+        return self.eval_result_of(self.root, self.checkpoint)
+
+    @staticmethod
+    def eval_result_of(root: Path, checkpoint: Path) -> Path:
+        """results/<checkpoint name>_eval.json: ``eval`` of any checkpoint (a snapshot, a downloaded one)."""
+        return root / "results" / f"{checkpoint.name.removesuffix('.zip')}_eval.json"
+
+    @staticmethod
+    def aggregate(root: Path, tag: str, env_id: str) -> Path:
+        """results/ch09_<tag>_<env>_aggregate.json: ``aggregate`` over seeds."""
+        return root / "results" / f"ch09_{tag}_{env_id}_aggregate.json"
+
+    @staticmethod
+    def success_vs_steps(root: Path, tag: str, env_id: str) -> Path:
+        """results/ch09_<tag>_<env>_success_vs_steps.json: ``aggregate`` over a run's snapshots."""
+        return root / "results" / f"ch09_{tag}_{env_id}_success_vs_steps.json"
 
 
 # ---------------------------------------------------------------------------------------------------------

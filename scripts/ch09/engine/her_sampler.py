@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch as th
@@ -51,7 +51,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 
-from ch09.framestack_replay import MIN_ACCEPTANCE, FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import MIN_ACCEPTANCE, FrameStackHerReplayBuffer
 from image_augmentation import random_shift_aug
 
 RANDOM_RANGE = 2**62
@@ -455,9 +455,10 @@ def sample_her_batch(
     next_observations = _unpack(buffer, next_vectors, batch_size)
     if buffer.frame_shape is not None:
         obs_stack, next_stack = _gather_stacks(view, ep_start, step, envs, batch_size)
-        if buffer.drq:
-            obs_stack = random_shift_aug(obs_stack, buffer.drq_pad)
-            next_stack = random_shift_aug(next_stack, buffer.drq_pad)  # a fresh shift, as the buffer does
+        if buffer.drq:  # (random_shift_aug without return_shifts returns the images alone)
+            obs_stack = cast(th.Tensor, random_shift_aug(obs_stack, buffer.drq_pad))
+            # a fresh shift, as the buffer does
+            next_stack = cast(th.Tensor, random_shift_aug(next_stack, buffer.drq_pad))
         observations[buffer.pixel_key], next_observations[buffer.pixel_key] = obs_stack, next_stack
     order = list(buffer.observation_space.spaces)
     samples = DictReplayBufferSamples(
@@ -475,6 +476,7 @@ def _unpack(buffer: FrameStackHerReplayBuffer, packed: th.Tensor, batch_size: in
     out = {}
     for key, columns in buffer._vector_columns.items():
         space = buffer.observation_space[key]
+        assert space.shape is not None, "a packed key is a float Box"
         dtype = th.from_numpy(np.zeros(0, dtype=space.dtype)).dtype
         out[key] = packed[:, columns].reshape(batch_size, *space.shape).to(dtype)
     return out
@@ -488,6 +490,7 @@ def _gather_stacks(view: DeviceReplayView, ep_start: th.Tensor, step: th.Tensor,
     offsets = step[:, None] - stack_depth + 1 + th.arange(stack_depth + 1, device=view.device)
     frame_rows = (ep_start[:, None] + offsets.clamp(min=0)) % view.rows  # (B, K+1), oldest first
     frames = view.tensors["frames"][frame_rows, envs[:, None]]  # (B, K+1, C, H, W)
+    assert buffer.frame_shape is not None, "sample_her_batch gathers stacks only from a buffer with frames"
     channels, height, width = buffer.frame_shape
     depth = stack_depth * channels
     return (frames[:, :-1].reshape(batch_size, depth, height, width),

@@ -21,16 +21,18 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 from ch09.errors import UserError
 
 SEED_LIMIT = 2**32
 """Seeds must lie in [0, SEED_LIMIT): NumPy's SeedSequence and SB3's set_random_seed refuse others."""
 
-Number = (int, float)
+FieldType: TypeAlias = type | tuple[type, ...]
+"""A ``check_fields`` spec of one field: a JSON type, or a tuple of those any of which will do."""
+Number: FieldType = (int, float)
 """``check_fields`` spec for a number (an int is a fine float)."""
-OptionalDict = (dict, type(None))
+OptionalDict: FieldType = (dict, type(None))
 """``check_fields`` spec for an object or null."""
 
 
@@ -102,7 +104,7 @@ def read_json_object(path: Path, what: str, fix: str) -> dict[str, Any]:
     return data
 
 
-def _type_name(spec: type | tuple[type, ...]) -> str:
+def _type_name(spec: FieldType) -> str:
     names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
              bool: "true/false", type(None): "null"}
     specs = spec if isinstance(spec, tuple) else (spec,)
@@ -111,14 +113,14 @@ def _type_name(spec: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(s, s.__name__) for s in specs)
 
 
-def _matches(value: Any, spec: type | tuple[type, ...]) -> bool:
+def _matches(value: Any, spec: FieldType) -> bool:
     specs = spec if isinstance(spec, tuple) else (spec,)
     if isinstance(value, bool) and bool not in specs:  # JSON true is not a step count
         return False
     return isinstance(value, specs) or (float in specs and isinstance(value, int))
 
 
-def check_fields(data: Mapping[str, Any], spec: Mapping[str, type | tuple[type, ...]], what: str,
+def check_fields(data: Mapping[str, Any], spec: Mapping[str, FieldType], what: str,
                  fix: str) -> None:
     """Refuse, in one sentence ending in ``fix``, the first field of ``spec`` that is missing or of another type.
 

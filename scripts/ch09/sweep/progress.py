@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ch09.artifacts import now_iso, write_json
+from ch09.run.artifacts import now_iso, write_json
 
 STATUS_FORMAT = "ch09-sweep-status-v1"
 """The ``format`` field of results/<sweep>_status.json."""
@@ -128,8 +128,8 @@ class RunStatus:
             elif hasattr(self, key):
                 setattr(self, key, value)
         remaining = self.total_steps - self.steps
-        training = self.state == "training" and self.steps_per_s and remaining > 0
-        self.eta_s = remaining / self.steps_per_s if training else None
+        rate = self.steps_per_s
+        self.eta_s = remaining / rate if self.state == "training" and rate and remaining > 0 else None
         self.updated_at = time.time()
 
     def as_json(self) -> dict[str, Any]:

@@ -43,7 +43,8 @@ from typing import Any
 import ray
 
 from ch09.errors import USER_ERROR_EXIT, UserError
-from ch09.sweep_plan import (
+from ch09.run.artifacts import RunPaths
+from ch09.sweep.plan import (
     FIGURE_SCRIPT,
     TRAIN_SCRIPT,
     Run,
@@ -51,13 +52,12 @@ from ch09.sweep_plan import (
     disk_state,
     display,
     eval_args,
-    eval_json_path,
     figure_args,
     host_port,
     shown_path,
     train_args,
 )
-from ch09.sweep_progress import ProgressView, RunStatus, TensorBoardProgress
+from ch09.sweep.progress import ProgressView, RunStatus, TensorBoardProgress
 
 CONNECT_TIMEOUT_S = 5.0
 """How long a cluster address may take to accept a TCP connection before the sweep says it does not answer."""
@@ -138,7 +138,7 @@ def connect(address: str, num_cpus: int | None) -> Cluster:
     """``ray.init`` for a local instance (on loopback only) or an existing cluster; scripts/ reaches the workers."""
     pythonpath = os.pathsep.join(p for p in (str(TRAIN_SCRIPT.parent), os.environ.get("PYTHONPATH", "")) if p)
     runtime_env = {"env_vars": {"PYTHONPATH": pythonpath}}
-    quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+    quiet: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if address == "local":
             # Without this, a local instance binds to the machine's network address; a sweep on one machine
@@ -394,7 +394,7 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
         return {"state": "stopped"}
     if state.done:
         board.report.remote(run.name, {"state": "skipped"})
-        return {"state": "skipped", "eval_json": str(eval_json_path(run.paths.root, state.eval_checkpoint))}
+        return {"state": "skipped", "eval_json": str(RunPaths.eval_result_of(run.paths.root, state.eval_checkpoint))}
 
     if not state.trained:
         outcome = run_phase(task, "train", train_args(run, state), board, attempt)
@@ -413,7 +413,7 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
     final = disk_state(run, task.n_episodes)
     board.report.remote(run.name, {"state": "done", "steps": final.steps_done, "sessions": final.sessions,
                                    "error": None})
-    return {"state": "done", "eval_json": str(eval_json_path(run.paths.root, final.eval_checkpoint))}
+    return {"state": "done", "eval_json": str(RunPaths.eval_result_of(run.paths.root, final.eval_checkpoint))}
 
 
 def run_command(script: Path, args: list[str], log: Path) -> tuple[int, str]:
@@ -461,7 +461,7 @@ def run_sweep(plan: SweepPlan, cluster: Cluster) -> int:
                       commands=[display(TRAIN_SCRIPT, train_args(run, None)),
                                 display(TRAIN_SCRIPT, eval_args(run, run.paths.checkpoint, plan.n_episodes))])
             for run in plan.runs]
-    board = ray.remote(num_cpus=0)(StatusBoard).remote(rows)
+    board: Any = ray.remote(num_cpus=0)(StatusBoard).remote(rows)
     task_fn = ray.remote(execute_run)
     refs = {}
     for run in plan.runs:

@@ -32,7 +32,7 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from ch09.artifacts import atomic_replace
+from ch09.run.artifacts import atomic_replace
 from pixel_wrapper import (  # imports lab_support first: MUJOCO_GL and the mujoco pin guard, before mujoco loads
     GOAL_MARKER_SITE,
     PIXEL_KEY,
@@ -98,7 +98,7 @@ class CameraView:
     def __init__(self, env: gym.Env, size: int = CAMERA_SIZE) -> None:
         import mujoco
 
-        fetch = env.unwrapped
+        fetch: Any = env.unwrapped  # a MujocoRobotEnv: model and data are its own attributes
         self.model, self.data, self.size = fetch.model, fetch.data, size
         self.scratch = mujoco.MjData(self.model)
         self.camera = fetch_camera(env)
@@ -217,6 +217,7 @@ class EpisodeRecorder(gym.Wrapper):
         if self.view is None:
             self.view = CameraView(self.env, self.camera_size)
         episode = self.current
+        assert episode is not None, "frames are added only while an episode is recorded"
         achieved, goal = np.asarray(obs["achieved_goal"]), np.asarray(obs["desired_goal"])
         distance = float(np.linalg.norm(achieved - goal))
         episode.camera.append(self.view.render(goal))
@@ -248,7 +249,7 @@ class EpisodeRecorder(gym.Wrapper):
                     self.on_episode(episode)
                 else:
                     self.finished.append(episode)
-        return obs, reward, terminated, truncated, info
+        return obs, float(reward), terminated, truncated, info
 
     def close(self) -> None:
         if self.view is not None:
@@ -382,6 +383,7 @@ def log_tensorboard_video(logger: Any, tag: str, frames: Sequence[np.ndarray], s
     image = Summary.Image(height=height, width=width, colorspace=3, encoded_image_string=gif)
     summary = Summary(value=[Summary.Value(tag=tag, image=image)])
     for writer in writers:
+        assert writer.file_writer is not None, "a SummaryWriter opens its file writer when it is made"
         writer.file_writer.add_summary(summary, global_step=step)
         writer.flush()
     return len(gif)

@@ -7,7 +7,7 @@ copies the batch to the device, calls ``.item()`` four times (each a wait for th
 kernel of the update one by one from Python. ``FastSAC`` keeps SB3's algorithm object (collection, callbacks,
 logger, ``save``/``load``) and replaces only ``train()``:
 
-1. the batch of every gradient step is drawn on the device (``ch09.her_sampler``: HER relabelling and the
+1. the batch of every gradient step is drawn on the device (``ch09.engine.her_sampler``: HER relabelling and the
    sparse Fetch reward in torch, frames gathered from the frame-once buffer where they live);
 2. critic, actor, entropy coefficient and Polyak target update are ONE step function with no host sync (no
    ``.item()``, ``.cpu()`` or Python branch on a tensor value); the losses are summed on the device and read
@@ -47,9 +47,12 @@ DrQ-v2's ``update_actor(obs.detach())``. Where the critic step does not change f
 passes per step: SB3 5; reduced 3 with a shared encoder (DrQv2SACPolicy), 4 with separate encoders
 (MultiInputPolicy). ``sb3_order=True`` restores SB3's five passes in SB3's order; ``tests/test_fast_sac.py``
 checks it against ``SAC.train()`` and the default against a plain implementation of the equations above.
-Gradients flow where SB3 sends them and nowhere else: f_a(s) carries a gradient only if the actor optimizer
-holds f_a (DrQv2SACPolicy's actor sees sg(f(s))), f_c(s) only if the critic optimizer holds f_c, and each
-backward computes only the gradients its optimizer steps (``backward(inputs=...)``).
+Gradients flow where SB3 sends them and nowhere else. The routing is the policy's own: the engine maps features
+to actions and Q values through the actor's and critic's feature heads where they define them (the lab's
+``CriticEncoderActor.dist_params_from_features`` with its ``sg(f(s))``, ``CriticEncoderCritic.q_values``), so an
+edit of the lab's detach reaches this engine exactly as it reaches ``SAC.train()``. f_c(s) carries a gradient
+only if the critic optimizer holds f_c, and each backward computes only the gradients SB3's would that an
+optimizer can step, plus the actor's encoder when the actor's head lets the loss reach it (``backward(inputs=...)``).
 
 s and s' are not concatenated into one online-encoder pass by default: the gradient of pass 1 would then run
 the backward over both halves. ``fuse_next_obs_pass=True`` does it anyway (fewer, larger kernels), for a
@@ -83,12 +86,13 @@ Checkpoints stay plain SB3
 
 Use
 ---
-    from ch09.fast_sac import FastSAC
+    from ch09.engine.fast_sac import FastSAC
     model = FastSAC(DrQv2SACPolicy, env, replay_buffer_class=FrameStackHerReplayBuffer, precision="fp32", ...)
 
-Any SAC configuration this engine does not cover (gSDE, a custom actor or critic ``forward``) trains with
-SB3's own ``train()`` and a warning saying why. Tasks without a torch reward (not a Fetch goal task), SB3's
-replay buffers and VecNormalize sample on the host with the buffer's own ``sample()``; the step is the same.
+Any SAC configuration this engine does not cover (gSDE, an actor or critic that overrides SB3's method without a
+feature head) trains with SB3's own ``train()`` and a warning saying why. Tasks without a torch reward (not a Fetch
+goal task), SB3's replay buffers and VecNormalize sample on the host with the buffer's own ``sample()``; the step
+is the same.
 """
 
 from __future__ import annotations
@@ -101,12 +105,13 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch as th
 import torch.nn.functional as F
 from stable_baselines3 import SAC
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
 from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.policies import ContinuousCritic
@@ -114,13 +119,19 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
 
-from ch09.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
-from drqv2_sac_policy import CriticEncoderActor, CriticEncoderCritic
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
 
 PRECISIONS = ("fp32", "bf16")
 GRAPH_WARMUP_STEPS = 3
 """Eager gradient steps (on a side stream) before the capture: cuDNN picks its kernels, Adam creates its state."""
 
+ACTOR_FEATURE_HEAD = "dist_params_from_features"
+"""The actor method that maps features to (mean, log_std, kwargs) through the actor's own routing (the lab's
+CriticEncoderActor detaches there); SB3's Actor has none and routes nothing, so the engine writes its formula out."""
+CRITIC_FEATURE_HEAD = "q_values"
+"""The critic method that maps (features, actions) to the twin Q values through the critic's own routing (the lab's
+CriticEncoderCritic detaches for Q(s, pi(s))); SB3's ContinuousCritic has none."""
 GRAPH_VERIFY_RTOL = {"fp32": 1e-3, "bf16": 3e-2}
 """How far a replayed step may differ from the eager step it stands for, per precision.
 
@@ -142,8 +153,6 @@ NO_CUDA_GRAPH_ENV = "CH09_NO_CUDA_GRAPH"
 GRAPH_FALLBACK_LINE = "CUDA-graph step disabled ({reason}); training eagerly, same losses, slower"
 """The one line printed (to stderr) when a capture is dropped."""
 
-SUPPORTED_ACTOR_HEADS = (Actor.get_action_dist_params, CriticEncoderActor.get_action_dist_params)
-SUPPORTED_CRITIC_FORWARDS = (ContinuousCritic.forward, CriticEncoderCritic.forward)
 CAPTURABLE_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 ENGINE_ATTRIBUTES = (
@@ -299,14 +308,33 @@ def squashed_gaussian_sample(mean: th.Tensor, log_std: th.Tensor, epsilon: float
 
 
 def _actor_head(actor: Actor, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-    """Actor.get_action_dist_params after the features: (mean, clamped log_std)."""
+    """get_action_dist_params after the features: (mean, clamped log_std), through the actor's own feature head
+    when it has one (the lab's, with its detach), else SB3's Actor formula."""
+    feature_head = getattr(actor, ACTOR_FEATURE_HEAD, None)
+    if feature_head is not None:
+        mean, log_std, _ = feature_head(features)
+        return mean, log_std
     latent = actor.latent_pi(features)
-    return actor.mu(latent), th.clamp(actor.log_std(latent), LOG_STD_MIN, LOG_STD_MAX)
+    # SB3 types log_std as gSDE's Parameter; without gSDE (which the engine leaves to SB3) it is a Linear layer.
+    log_std_layer = cast(th.nn.Linear, actor.log_std)
+    return actor.mu(latent), th.clamp(log_std_layer(latent), LOG_STD_MIN, LOG_STD_MAX)
 
 
 def _q_values(critic: ContinuousCritic, features: th.Tensor, actions: th.Tensor) -> list[th.Tensor]:
+    """The twin Q values after the features, through the critic's own feature head when it has one (the lab's)."""
+    feature_head = getattr(critic, CRITIC_FEATURE_HEAD, None)
+    if feature_head is not None:
+        return list(feature_head(features, actions))
     q_input = th.cat([features, actions], dim=1)
     return [q_net(q_input) for q_net in critic.q_networks]
+
+
+def _head_passes_gradient(actor: Actor) -> bool:
+    """Whether the actor's head lets a gradient through to its features: asked of the head itself, once, on a
+    probe batch (the lab's CriticEncoderActor answers no: its detach)."""
+    probe = th.zeros(2, actor.features_dim, device=next(actor.parameters()).device, requires_grad=True)
+    mean, log_std = _actor_head(actor, probe)
+    return th.autograd.grad((mean.sum() + log_std.sum()), probe, allow_unused=True)[0] is not None
 
 
 def _optimizer_params(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
@@ -315,18 +343,20 @@ def _optimizer_params(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
 
 @dataclass(frozen=True)
 class Routing:
-    """Which loss trains which encoder: read from the optimizers, so it holds for any of the three layouts.
+    """Which loss reaches which encoder: the optimizers say what each step updates, the actor's head says whether
+    the actor loss differentiates its features at all (the lab's detach), so it holds for any layout.
 
-    | layout                                   | shared | actor trains it | critic trains it |
-    |------------------------------------------|--------|-----------------|------------------|
-    | MultiInputPolicy (separate encoders)     | no     | f_a: yes        | f_c: yes         |
-    | DrQv2SACPolicy (DrQ-v2 routing)          | yes    | no              | yes              |
-    | SACPolicy(share_features_extractor=True) | yes    | yes             | no               |
+    | layout                                   | shared | actor optimizer | critic optimizer | actor head   |
+    |------------------------------------------|--------|-----------------|------------------|--------------|
+    | MultiInputPolicy (separate encoders)     | no     | holds f_a       | holds f_c        | passes grad  |
+    | DrQv2SACPolicy (DrQ-v2 routing)          | yes    | not f           | holds f          | detaches     |
+    | SACPolicy(share_features_extractor=True) | yes    | holds f         | not f            | passes grad  |
     """
 
     shared_encoder: bool
     actor_trains_encoder: bool
     critic_trains_encoder: bool
+    actor_head_passes_gradient: bool = True
 
     @classmethod
     def of(cls, policy: Any) -> Routing:
@@ -337,7 +367,30 @@ class Routing:
             shared_encoder=actor_encoder is critic_encoder,
             actor_trains_encoder=any(id(p) in actor_held for p in actor_encoder.parameters()),
             critic_trains_encoder=any(id(p) in critic_held for p in critic_encoder.parameters()),
+            actor_head_passes_gradient=_head_passes_gradient(policy.actor),
         )
+
+    @property
+    def critic_may_reuse_actor_pass(self) -> bool:
+        """f_c(s) = f_a(s) is pass 1 again, unless both losses would backpropagate through that one pass."""
+        return self.shared_encoder and not (self.critic_trains_encoder and self.actor_head_passes_gradient)
+
+
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((klass for klass in cls.__mro__ if name in vars(klass)), None)
+
+
+def _routing_unknown(module: Any, sb3_class: type, sb3_method: str, feature_head: str) -> bool:
+    """True when the class overrides SB3's method below its feature head (or has none): then the engine could not
+    call its routing without bypassing the override."""
+    override = _defining_class(type(module), sb3_method)
+    if override is sb3_class:
+        return False
+    head = _defining_class(type(module), feature_head)
+    if head is None:
+        return True
+    assert override is not None, f"module is a {sb3_class.__name__}, which defines {sb3_method}"
+    return not issubclass(head, override)
 
 
 def unsupported_reason(model: SAC) -> str | None:
@@ -345,11 +398,13 @@ def unsupported_reason(model: SAC) -> str | None:
     policy = model.policy
     if model.use_sde:
         return "gSDE exploration (use_sde=True)"
-    if type(policy.actor).get_action_dist_params not in SUPPORTED_ACTOR_HEADS:
-        return f"the actor class {type(policy.actor).__name__} overrides get_action_dist_params"
+    if _routing_unknown(policy.actor, Actor, "get_action_dist_params", ACTOR_FEATURE_HEAD):
+        return (f"the actor class {type(policy.actor).__name__} overrides get_action_dist_params without a "
+                f"{ACTOR_FEATURE_HEAD} method")
     for name in ("critic", "critic_target"):
-        if type(getattr(policy, name)).forward not in SUPPORTED_CRITIC_FORWARDS:
-            return f"the {name} class {type(getattr(policy, name)).__name__} overrides forward"
+        if _routing_unknown(getattr(policy, name), ContinuousCritic, "forward", CRITIC_FEATURE_HEAD):
+            return (f"the {name} class {type(getattr(policy, name)).__name__} overrides forward without a "
+                    f"{CRITIC_FEATURE_HEAD} method")
     if not isinstance(policy.actor.action_dist, SquashedDiagGaussianDistribution):
         return f"the action distribution is {type(policy.actor.action_dist).__name__}"
     return None
@@ -445,14 +500,18 @@ class SacUpdateEngine:
         self.optimizers = [self.actor.optimizer, self.critic.optimizer]
         if model.ent_coef_optimizer is not None:
             self.optimizers.append(model.ent_coef_optimizer)
-        self.actor_params = _optimizer_params(self.actor.optimizer)
-        self.critic_params = _optimizer_params(self.critic.optimizer)
-        self.polyak_sources = list(self.critic.parameters())
-        self.polyak_targets = list(self.critic_target.parameters())
+        self.actor_params: list[th.Tensor] = _optimizer_params(self.actor.optimizer)
+        if self.routing.actor_head_passes_gradient and not self.routing.actor_trains_encoder:
+            # What SB3's actor_loss.backward() differentiates too: the actor's encoder, stepped by no optimizer.
+            self.actor_params += list(self.actor.features_extractor.parameters())
+        self.critic_params: list[th.Tensor] = _optimizer_params(self.critic.optimizer)
+        self.polyak_sources: list[th.Tensor] = list(self.critic.parameters())
+        self.polyak_targets: list[th.Tensor] = list(self.critic_target.parameters())
         self.norm_stat_sources, self.norm_stat_targets = model.batch_norm_stats, model.batch_norm_stats_target
         self.metric_sums = th.zeros(len(METRIC_NAMES), device=self.device)
 
-        self.buffer = model.replay_buffer
+        assert model.replay_buffer is not None, "SAC._setup_model creates the buffer before any train()"
+        self.buffer: FrameStackHerReplayBuffer | ReplayBuffer = model.replay_buffer
         self.view, self.reward_fn, self.host_sampling_reason = self._device_sampler(model)
         if self.channels_last:
             self._encoders_to_channels_last()
@@ -468,27 +527,30 @@ class SacUpdateEngine:
 
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
-        reason = device_sampler_supported(self.buffer, model._vec_normalize_env)
-        reward_fn = None
-        if reason is None and self.buffer.n_sampled_goal > 0:
-            reward_fn = TorchGoalReward.for_env(model.env) if model.env is not None else None
-            numpy_reward = self.buffer.compute_reward
-            if reward_fn is None or numpy_reward is None:
-                reason = "the task has no torch compute_reward (not a Fetch goal task)"
-            else:
-                goal_space = self.buffer.observation_space["achieved_goal"]
-                dtype = self.buffer.vectors.dtype
-                if not reward_fn.matches(numpy_reward, int(np.prod(goal_space.shape)), dtype):
-                    reason = "the torch reward differs from the env's compute_reward on random goals"
+        buffer = self.buffer
+        reason = device_sampler_supported(buffer, model._vec_normalize_env)
         if reason is not None:
             return None, None, reason
-        return DeviceReplayView(self.buffer, self.device), reward_fn, None
+        assert isinstance(buffer, FrameStackHerReplayBuffer), "device_sampler_supported accepts no other buffer"
+        reward_fn = None
+        if buffer.n_sampled_goal > 0:
+            reward_fn = TorchGoalReward.for_env(model.env) if model.env is not None else None
+            numpy_reward = buffer.compute_reward
+            if reward_fn is None or numpy_reward is None:
+                return None, None, "the task has no torch compute_reward (not a Fetch goal task)"
+            goal_shape = buffer.observation_space["achieved_goal"].shape
+            assert goal_shape is not None, "a float Box: device_sampler_supported admits no other key"
+            dtype = buffer.vectors.dtype
+            if not reward_fn.matches(numpy_reward, int(np.prod(goal_shape)), dtype):
+                return None, None, "the torch reward differs from the env's compute_reward on random goals"
+        return DeviceReplayView(buffer, self.device), reward_fn, None
 
     def _sample(self) -> DictReplayBufferSamples:
         """One batch: drawn on the device (inside the graph), or the buffer's own host ``sample()``."""
         if self.view is not None:
             return sample_her_batch(self.view, self.batch_size, self.reward_fn)[0]
-        return self.buffer.sample(self.batch_size, env=self.model._vec_normalize_env)
+        # SB3 types sample() for any buffer; the engine's tasks have dict (goal) observations, so a DictReplayBuffer.
+        return cast(DictReplayBufferSamples, self.buffer.sample(self.batch_size, env=self.model._vec_normalize_env))
 
     def stale(self) -> bool:
         """The model swapped its buffer, or the buffer an array: build a new engine."""
@@ -499,7 +561,8 @@ class SacUpdateEngine:
         encoders = {id(m): m for m in (self.actor.features_extractor, self.critic.features_extractor,
                                        self.critic_target.features_extractor)}
         for encoder in encoders.values():
-            encoder.to(memory_format=th.channels_last)  # swaps .data: the optimizers keep the same Parameters
+            # swaps .data: the optimizers keep the same Parameters (torch's stubs lack Module.to(memory_format=))
+            encoder.to(memory_format=th.channels_last)  # type: ignore[call-overload]
         for optimizer in self.optimizers:  # Adam moments in the same layout as their weights
             for param, state in optimizer.state.items():
                 for key, value in state.items():
@@ -532,23 +595,26 @@ class SacUpdateEngine:
         if batch is None:
             batch = self._sample()
         obs, next_obs = batch.observations, batch.next_observations
-        discounts = batch.discounts if getattr(batch, "discounts", None) is not None else self.gamma
+        batch_discounts: th.Tensor | None = getattr(batch, "discounts", None)
+        discounts = batch_discounts if batch_discounts is not None else self.gamma
 
         actor_z = next_actor_z = critic_z = None
         if self.sb3_order or not self.fuse_next_obs_pass:
             actor_z = self._encode(actor, obs)  # pass 1
         else:
             actor_z, next_actor_z = self._encode_with_next(actor, obs, next_obs)  # passes 1 + 2 as one
-        if not self.sb3_order and routing.shared_encoder:
+        if not self.sb3_order and routing.critic_may_reuse_actor_pass:
             critic_z = actor_z if routing.critic_trains_encoder else actor_z.detach()  # pass 4 = pass 1
-        if not routing.actor_trains_encoder:
-            actor_z = actor_z.detach()  # DrQv2SACPolicy: sg(f(s)); no gradient would reach an optimizer anyway
+        # The actor's head routes its features (the lab's CriticEncoderActor: sg(f(s))), exactly as in SAC.train().
         actions_pi, log_prob = squashed_gaussian_sample(*_actor_head(actor, actor_z), self.epsilon)  # eps1
         log_prob = log_prob.reshape(-1, 1)
 
         if model.ent_coef_optimizer is not None:
+            assert model.log_ent_coef is not None, "SAC._setup_model creates log_ent_coef with its optimizer"
+            # SB3 types target_entropy str | float ("auto"); _setup_model has turned it into a float.
+            target_entropy = cast(float, model.target_entropy)
             ent_coef = th.exp(model.log_ent_coef.detach())
-            ent_coef_loss = -(model.log_ent_coef * (log_prob + model.target_entropy).detach()).mean()
+            ent_coef_loss = -(model.log_ent_coef * (log_prob + target_entropy).detach()).mean()
             self._zero_grad(model.ent_coef_optimizer)
             ent_coef_loss.backward(inputs=[model.log_ent_coef])
             model.ent_coef_optimizer.step()
@@ -571,7 +637,8 @@ class SacUpdateEngine:
             if not routing.critic_trains_encoder:
                 critic_z = critic_z.detach()
         current_q = _q_values(critic, critic_z, batch.actions)
-        critic_loss = 0.5 * sum(F.mse_loss(q, target_q) for q in current_q)
+        # A tensor: the twin heads' losses are never the empty sum (typeshed's sum() allows its int 0).
+        critic_loss = 0.5 * cast(th.Tensor, sum(F.mse_loss(q, target_q) for q in current_q))
         self._zero_grad(critic.optimizer)
         critic_loss.backward(inputs=self.critic_params)
         critic.optimizer.step()
@@ -665,6 +732,7 @@ class SacUpdateEngine:
         self._restore(state, before)
         self._static_step()  # the eager step: this gradient step's result
         if failure is None:
+            assert replayed is not None, "the capture and replay ran without raising, so replayed was set"
             deviation, finite = self._deviation(before[0], replayed, state)
             if not finite:
                 failure = "the replayed step gave non-finite values"
@@ -785,9 +853,9 @@ def _copy_batch(static: DictReplayBufferSamples, batch: DictReplayBufferSamples)
     for key, value in batch.next_observations.items():
         static.next_observations[key].copy_(value)
     for name in ("actions", "dones", "rewards", "discounts"):
-        value = getattr(batch, name, None)
-        if value is not None:
-            getattr(static, name).copy_(value)
+        field_value = getattr(batch, name, None)
+        if field_value is not None:
+            getattr(static, name).copy_(field_value)
 
 
 class _UpdateWhileEnvsStep(VecEnvWrapper):

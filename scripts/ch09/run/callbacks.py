@@ -24,13 +24,15 @@ import time
 from typing import Any
 
 import numpy as np
+from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import HParam
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.checkpoints import Checkpointer, StopRequest
-from ch09.video import EpisodeRecorder, log_tensorboard_video
+from ch09.run.checkpoints import Checkpointer, StopRequest
+from ch09.run.video import EpisodeRecorder, log_tensorboard_video
 
 PROGRESS_POSTFIX_EVERY = 1000
 """Callback calls between updates of the progress bar's success-rate postfix."""
@@ -42,6 +44,8 @@ TEST_KILL_RUN = "CH09_TEST_KILL_RUN"
 
 class CheckpointCallback(BaseCallback):
     """Periodic checkpoints at multiples of ``freq`` env steps, and the stop on SIGINT/SIGTERM."""
+
+    model: SAC  # SB3 declares a BaseAlgorithm; the checkpoints are SAC's (train's model, FastSAC included)
 
     def __init__(self, checkpointer: Checkpointer, stop: StopRequest, freq: int) -> None:
         super().__init__()
@@ -99,14 +103,14 @@ class PeriodicEvalCallback(BaseCallback):
             self.last_success_rate = float(np.mean(successes))
             self.logger.record("eval/success_rate", self.last_success_rate)
         if self.recorder is not None:
-            self._log_video(self.recorder.seconds - recording_before)
+            self._log_video(self.recorder, self.recorder.seconds - recording_before)
         self.logger.record("eval/seconds", time.perf_counter() - start)  # the whole evaluation, video included
         self.logger.dump(self.num_timesteps)
         return True
 
-    def _log_video(self, recording_seconds: float) -> None:
+    def _log_video(self, recorder: EpisodeRecorder, recording_seconds: float) -> None:
         start = time.perf_counter()
-        for episode in self.recorder.take()[:1]:
+        for episode in recorder.take()[:1]:
             frames = list(episode.frames(f"{self.num_timesteps:,} steps"))
             log_tensorboard_video(self.logger, "eval/video", frames, self.num_timesteps)
             self.logger.record("eval/video_seconds", recording_seconds + time.perf_counter() - start)
@@ -119,6 +123,8 @@ class ProgressBarCallback(BaseCallback):
     their rate would promise an ETA many times too short: they get a bar of their own, and the bar that
     follows measures its rate, and so its ETA, from the first update on.
     """
+
+    model: OffPolicyAlgorithm  # SB3 declares a BaseAlgorithm; learning_starts is an off-policy algorithm's
 
     def __init__(self, total_steps: int, description: str, evaluator: PeriodicEvalCallback | None) -> None:
         super().__init__()
@@ -176,6 +182,8 @@ class NoCudaNotice(BaseCallback):
     """
 
     MEASURED_ITERATIONS = 5
+
+    model: OffPolicyAlgorithm  # SB3 declares a BaseAlgorithm; learning_starts, gradient_steps are off-policy's
 
     def __init__(self, total_steps: int) -> None:
         super().__init__()
