@@ -76,9 +76,9 @@ from ch09.experiment import (
     eval_env_factory,
     open_run,
     resolve_config,
-    resolved_replay,
     resume_agent,
     run_paths,
+    saved_replay_buffer,
     train_command,
     train_config_of,
     training_callbacks,
@@ -182,10 +182,10 @@ def train(cfg: TrainConfig) -> int:
         return 0  # a resumed run that already has --total-steps
 
     env_fns = [env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
-    saved_buffer = paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None
     session = TrainingSession(paths, meta, env_fns, cfg.worker_timeout,
                               eval_env_fn=eval_env_factory(cfg) if cfg.eval_freq > 0 else None,
-                              eval_seed=cfg.seed + EVAL_SEED_OFFSET, replay_buffer_path=saved_buffer)
+                              eval_seed=cfg.seed + EVAL_SEED_OFFSET,
+                              replay_buffer_path=saved_replay_buffer(cfg, paths))
     with session:
         if cfg.resume:
             model, restored = resume_agent(cfg, paths, session.env, meta)

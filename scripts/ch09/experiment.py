@@ -332,6 +332,11 @@ def resolved_replay(cfg: TrainConfig) -> ReplayKind:
     return cfg.replay
 
 
+def saved_replay_buffer(cfg: TrainConfig, paths: RunPaths) -> Path | None:
+    """Where this run saves its replay buffer at every checkpoint; None without --save-replay-buffer."""
+    return paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None
+
+
 def check_train_arguments(cfg: TrainConfig) -> None:
     """What ``resolve_config`` cannot judge from the flags alone: this machine's devices and folders, and a
     run that would never train. Called before anything is built (no env, no worker, no model)."""
@@ -465,7 +470,7 @@ def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
     meta = None
     if cfg.resume:
         meta = resume_meta(cfg, paths)
-        check_room_to_resume(paths, paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None)
+        check_room_to_resume(paths, saved_replay_buffer(cfg, paths))
         if meta.get("steps_done", 0) >= cfg.total_steps:
             print(f"[resume] {paths.checkpoint} already has {meta['steps_done']:,} steps >= --total-steps "
                   f"{cfg.total_steps:,}; raise --total-steps to train further.")
