@@ -49,6 +49,13 @@ stage_limit_s() {
 
 say() { echo "[gpu_checks +$(( $(date +%s) - START_S ))s] $*" | tee -a "$LOG"; }
 
+# project_on_path: the project's modules importable as `pip install -e .` would make them (pyproject.toml's
+# package-dir: the labs from scripts/labs, ch09 from scripts/), for this shell and every process it starts. The
+# GPU image's python3 gets no install step: building the project there needs nothing but these two folders.
+project_on_path() {
+  export PYTHONPATH="$PWD/scripts/labs:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+}
+
 # ---- the stages (each a function run under `timeout`, in its own process group) -----------------------
 stage_tests() {
   local files
@@ -180,9 +187,11 @@ main() {
   say "free memory first (deadline ${DEADLINE_S} s from the call's start, $(time_left_s) s left):"
   { free -g; nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free,driver_version --format=csv; } \
     2>&1 | tee -a "$LOG"
+  project_on_path
   missing=$(python3 - <<'PY'
 import importlib.util
-need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard", "pytest"]
+need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard", "pytest",
+        "ch09", "drqv2_sac_policy", "cli_guard"]
 print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
 PY
 )

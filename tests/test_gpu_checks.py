@@ -8,11 +8,17 @@ executed) and running its real ``run_stages`` on two stand-in stages under a dea
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import bench_train
+import ch09_pixel_push as pixel_push
+import pytest
+import tyro
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "gpu_checks.sh"
@@ -22,9 +28,18 @@ MAX_FILES_BACK = 8
 """The device tool brings back at most this many files from $OUT."""
 
 
-def bash(script: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def bash(script: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", f"source {SCRIPT}\n{script}"], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO_ROOT)
+                          timeout=timeout, cwd=REPO_ROOT, env=env)
+
+
+def stand_in_python3(folder: Path, body: str) -> dict[str, str]:
+    """An environment whose ``python3`` is a bash script with this body (the stages call ``python3``, the GPU
+    image's interpreter)."""
+    folder.mkdir()
+    (folder / "python3").write_text(f"#!/usr/bin/env bash\n{body}\n")
+    (folder / "python3").chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
 def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_deadline():
@@ -98,3 +113,54 @@ def test_the_proxy_curve_is_read_from_the_tensorboard_folder_of_a_run(production
     assert [step for step, _ in report["eval_success_rate"]] == [100, 200]
     assert all(0.0 <= rate <= 1.0 for _, rate in report["eval_success_rate"])
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
+
+
+def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
+    """The stages' commands as the GPU machine would run them, recorded by a stand-in ``python3``, then read by the
+    real parsers: a misspelt flag or run name would otherwise cost the lent machine's only call."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    env = stand_in_python3(tmp_path / "bin", f'printf "%s\\0" "$@" > {calls}/$(date +%s%N)')
+    proc = bash(f"export OUT={tmp_path} PROXY_ROOT={tmp_path}/proxy PROXY_STEPS=20000 PROXY_POLL_S=600\n"
+                "stage_tests && stage_selftest && stage_bench1 && stage_proxy && stage_bench8", env=env)
+    assert proc.returncode == 0, proc.stderr
+    commands = [call.read_text().rstrip("\0").split("\0") for call in sorted(calls.iterdir())]
+    assert [argv[0] for argv in commands] == ["-m", "scripts/ch09_pixel_push.py", "scripts/bench_train.py",
+                                              "scripts/ch09_pixel_push.py", "scripts/bench_train.py"]
+
+    pytest_argv = commands[0][2:]  # -m pytest ...
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", *pytest_argv],
+                               capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert collected.returncode == 0, collected.stdout[-2000:]
+    per_file = dict(re.findall(r"^(tests/test_\w+\.py): (\d+)$", collected.stdout, re.M))  # the stage's own -q
+    assert per_file and all(int(count) > 0 for count in per_file.values()), collected.stdout[-2000:]
+
+    for argv in commands[1:]:
+        try:
+            if argv[0] == "scripts/bench_train.py":
+                cfg = tyro.cli(bench_train.BenchConfig, args=argv[1:])
+                assert set(cfg.runs) <= set(bench_train.RUNS) and cfg.device == "cuda", argv
+            else:
+                cfg = pixel_push.parse_command_line(argv[1:])
+                assert type(cfg).__name__.lower().startswith(argv[1][:4]) and cfg.device == "cuda", argv
+        except SystemExit as exc:
+            pytest.fail(f"gpu_checks.sh's `{' '.join(argv)}` does not parse (exit {exc.code})")
+
+
+def test_the_stages_find_the_project_in_a_python_where_it_is_not_installed(tmp_path):
+    """The GPU image's python3 has the packages (the image's and the carried wheels) but not this project: no
+    ``pip install -e .`` runs there. Stood in for by this Python with ``-S`` (no site processing, so not the
+    editable install's .pth file) and its site-packages on PYTHONPATH."""
+    site_packages = ":".join(path for path in sys.path if path.endswith("site-packages"))
+    env = stand_in_python3(tmp_path / "bin", f'PYTHONPATH="${{PYTHONPATH:+$PYTHONPATH:}}{site_packages}" '
+                                             f'exec {sys.executable} -S "$@"')
+    env.pop("PYTHONPATH", None)
+    bare = subprocess.run(["python3", "-c", "import ch09"], capture_output=True, text=True, env=env)
+    assert bare.returncode != 0 and "No module named 'ch09'" in bare.stderr  # the stand-in lacks the project
+
+    proc = bash("project_on_path\n"
+                "python3 -c 'import ch09, cli_guard, drqv2_sac_policy; print(ch09.__file__)' && "
+                "python3 scripts/bench_train.py --help >/dev/null && "
+                "python3 scripts/ch09_pixel_push.py selftest --help >/dev/null", env=env, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip() == str(REPO_ROOT / "scripts" / "ch09" / "__init__.py")
