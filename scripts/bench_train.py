@@ -19,6 +19,7 @@ timing; their env steps/s add up.
 | bytes/transition | replay bytes per stored transition (the frame-once buffer: rows and the engine's device copy) |
 | GPU util %       | mean of ``nvidia-smi`` utilization.gpu samples while timed (where it answers)  |
 | graph            | FastSAC's CUDA-graph step (``graph_status``: state here, reason in the JSON)   |
+| ms per env step  | a second table: updates (host, GPU), env step, rest (``PhaseClock``)            |
 
 Runs (``--runs``; the defaults depend on ``--device``)
 ------------------------------------------------------
@@ -74,8 +75,9 @@ import numpy as np  # noqa: E402
 import torch as th  # noqa: E402
 import tyro  # noqa: E402
 
-from ch09.benchmark import CPU_RUNS, GPU_RUNS, REFERENCE_RUN, RUNS, Measurement, measure  # noqa: E402
+from ch09.benchmark import CPU_RUNS, GPU_RUNS, PHASES, REFERENCE_RUN, RUNS, Measurement, measure  # noqa: E402
 from ch09.errors import UserError  # noqa: E402
+from ch09.run.artifacts import write_json  # noqa: E402
 
 REPO_ROOT = SCRIPTS_DIR.parent
 RESULT_PREFIX = "BENCH_RESULT "
@@ -230,12 +232,18 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         "peak_gpu_memory_bytes": max(peak) if peak else None,
         "bytes_per_transition": first["bytes_per_transition"],
         "gpu_utilization_percent": float(np.mean(utilization)) if utilization else None,
+        **{phase: _mean([r[phase] for r in results]) for phase in PHASES},
         "cuda_graph": first["cuda_graph"], "device_sampler": first["device_sampler"],
         "per_process": results,
     }
 
 
-MEDIAN_FIELDS = ("env_steps_per_s", "updates_per_s", "train_only_updates_per_s", "gpu_utilization_percent")
+def _mean(values: list[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return float(np.mean(present)) if present else None
+
+
+MEDIAN_FIELDS = ("env_steps_per_s", "updates_per_s", "train_only_updates_per_s", "gpu_utilization_percent", *PHASES)
 
 
 def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -267,6 +275,12 @@ def _cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def print_aligned(table: list[tuple[str, ...]]) -> None:
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+
+
 def print_table(rows: list[dict[str, Any]], device: str) -> None:
     header = ("run", "n_envs", "batch", "prec", "procs", "env steps/s", "updates/s", "train-only upd/s",
               "x stock", "peak GPU GB", "bytes/transition", "GPU util %", "graph")
@@ -278,9 +292,14 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
                       _cell(row["train_only_updates_per_s"]), _cell(row["x_stock"], 2), _cell(peak, 2),
                       _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0),
                       row["cuda_graph"]["state"] if row["cuda_graph"] else "-"))
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    for line in table:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+    print_aligned(table)
+    print()
+    print("Where the time goes, ms per env step (PhaseClock in scripts/ch09/benchmark.py):")
+    phases = [("run", "n_envs", "prec", "procs", "updates (host)", "updates (GPU)", "env step", "rest")]
+    for row in rows:
+        phases.append((row["run"], str(row["n_envs"]), row["precision"], str(row["concurrent"]),
+                       *(_cell(row[phase], 2) for phase in PHASES)))
+    print_aligned(phases)
     if device == "cpu":
         print("CPU proxy: full-state Push only. The pixel figures (Step 0 stock vs Step 2 FastSAC) need a GPU: "
               "python scripts/bench_train.py --device cuda")
@@ -309,7 +328,7 @@ def bench(cfg: BenchConfig) -> int:
             rounds[number].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
             report["rows"] = [median_row(done) for done in rounds if done]
             add_ratios(report["rows"])
-            out.write_text(json.dumps(report, indent=1) + "\n")
+            write_json(out, report)  # atomically: a deadline that kills the bench keeps the last one whole
     print()
     print_table(report["rows"], cfg.device)
     print(f"results: {out}")

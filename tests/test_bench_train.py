@@ -35,8 +35,23 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
         "state": "not-cuda", "reason": None, "max_deviation": None}
     assert rows["state-sb3"]["cuda_graph"] is None  # stock SB3 has no graph step
     assert not rows["state-sb3"]["device_sampler"]
+    for row in rows.values():  # the phases share out the timed window, each second counted once
+        window_ms = 1000.0 / row["env_steps_per_s"]
+        phases = [row["train_ms"], row["env_ms"], row["rest_ms"]]
+        assert min(phases) > 0 and sum(phases) == pytest.approx(window_ms, rel=0.05)
+        assert row["train_gpu_ms"] is None  # CUDA events only on a GPU
     printed = capsys.readouterr().out
-    assert "env steps/s" in printed and "need a GPU" in printed
+    assert "env steps/s" in printed and "need a GPU" in printed and "Where the time goes" in printed
+
+
+def test_overlapped_updates_count_as_updates_not_as_env_time(tmp_path):
+    """With --overlap, ``train()`` only defers the updates, which run in ``_UpdateWhileEnvsStep.step_async``: the
+    clock still puts them under updates (an update of full-state Push is ~5x its env step on a CPU). A clock on
+    ``train()`` would show ~0 there, and one that nests wrongly would put them under the env step."""
+    out = tmp_path / "bench.json"
+    assert bench_train.main(["--quick", "--overlap", "--runs", "state-fast", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["overlap"] and row["train_ms"] > 2 * row["env_ms"] > 0
 
 
 @pytest.mark.parametrize("argv, fragment", [

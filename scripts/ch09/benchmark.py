@@ -7,11 +7,13 @@ table; ``selftest`` takes a short speed sample with the same function. What a me
 |-------------------|----------------------------------------------------------------------------------------|
 | ``RUNS``          | the configurations by name (stock SB3 Step 0 / Step 2, FastSAC Step 2, full-state)     |
 | ``Measurement``   | one process's job: run, envs, batch, precision, device, budgets                        |
+| ``PhaseClock``    | where the timed seconds go: updates (host, GPU), env steps, the rest                   |
 | ``measure``       | build the agent as ``train`` does, warm up, time training (and the updates alone)      |
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import threading
@@ -143,6 +145,99 @@ class GpuUtilization:
         return float(np.mean(self.samples)) if self.samples else None
 
 
+class PhaseClock:
+    """Where the seconds of timed training go, per phase, each second counted once (exclusive time).
+
+    ``with PhaseClock(model) as clock:`` wraps, on the instances, the method that runs the gradient steps
+    (``FastSAC._train_now``, which also runs the updates an overlapped collection defers; ``SAC.train`` for stock
+    SB3) and the vec env's ``step_async`` / ``step_wait`` (the envs simulating and rendering, or waiting for their
+    worker processes). ``phases_ms(steps)`` gives milliseconds per env step:
+
+    | phase          | what                                                                                  |
+    |----------------|---------------------------------------------------------------------------------------|
+    | ``train_ms``   | host time inside the update calls (Python, kernel launches or one graph replay)        |
+    | ``train_gpu_ms`` | GPU time of those calls: CUDA events around each, on the current stream (None off CUDA) |
+    | ``env_ms``     | host time inside the env step                                                         |
+    | ``rest_ms``    | the rest: the policy's action, the buffer's add, SB3's bookkeeping; on CUDA also the   |
+    |                | wait for queued updates, since the action is read back to the host                     |
+
+    On a GPU, ``train_gpu_ms`` near ``1000 / env steps/s`` means the GPU is the bottleneck; far below it, the host is.
+    """
+
+    def __init__(self, model: Any) -> None:
+        from ch09.engine.fast_sac import FastSAC
+
+        self.device: th.device = model.device
+        self.env = model.get_env()
+        self.model = model
+        self.train_method = "_train_now" if isinstance(model, FastSAC) else "train"
+        self.seconds: dict[str, float] = {"train": 0.0, "env": 0.0}
+        self._events: list[tuple[th.cuda.Event, th.cuda.Event]] = []
+        self._stack: list[str] = []
+        self._since = 0.0
+        self._total = 0.0
+        self._started = 0.0
+
+    def _enter(self, phase: str) -> None:
+        now = time.perf_counter()
+        if self._stack:
+            self.seconds[self._stack[-1]] += now - self._since
+        self._stack.append(phase)
+        self._since = now
+
+    def _exit(self) -> None:
+        now = time.perf_counter()
+        self.seconds[self._stack.pop()] += now - self._since
+        self._since = now
+
+    def _timed(self, phase: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        on_cuda = phase == "train" and self.device.type == "cuda"
+
+        @functools.wraps(method)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._enter(phase)
+            if on_cuda:
+                start, end = th.cuda.Event(enable_timing=True), th.cuda.Event(enable_timing=True)
+                start.record()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if on_cuda:
+                    end.record()
+                    self._events.append((start, end))
+                self._exit()
+
+        return timed
+
+    def __enter__(self) -> PhaseClock:
+        self.model.__dict__[self.train_method] = self._timed("train", getattr(self.model, self.train_method))
+        for name in ("step_async", "step_wait"):
+            self.env.__dict__[name] = self._timed("env", getattr(self.env, name))
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _synchronize(self.device)  # every recorded event has happened
+        self._total = time.perf_counter() - self._started
+        del self.model.__dict__[self.train_method]
+        for name in ("step_async", "step_wait"):
+            del self.env.__dict__[name]
+
+    def phases_ms(self, steps: int) -> dict[str, float | None]:
+        """Milliseconds per env step of each phase over the timed window."""
+        per_step = 1000.0 / max(steps, 1)
+        gpu = sum(start.elapsed_time(end) for start, end in self._events) / 1000.0 if self._events else None
+        return {
+            "train_ms": self.seconds["train"] * per_step,
+            "train_gpu_ms": gpu * per_step if gpu is not None else None,
+            "env_ms": self.seconds["env"] * per_step,
+            "rest_ms": (self._total - self.seconds["train"] - self.seconds["env"]) * per_step,
+        }
+
+
+PHASES = ("train_ms", "train_gpu_ms", "env_ms", "rest_ms")
+
+
 def _wait_for_peers(measurement: Measurement) -> None:
     if measurement.barrier_count <= 1:
         return
@@ -205,7 +300,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
 
         _synchronize(device)
         steps_before, updates_before = model.num_timesteps, model._n_updates
-        with GpuUtilization(device.index or 0) as utilization:
+        with GpuUtilization(device.index or 0) as utilization, PhaseClock(model) as clock:
             start = time.perf_counter()
             model.learn(measurement.max_steps, callback=_StopAfter.make(measurement.seconds),
                         reset_num_timesteps=False, log_interval=None)  # type: ignore[arg-type]  # (as above)
@@ -231,6 +326,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "seconds": seconds,
             "env_steps_per_s": steps / seconds,
             "updates_per_s": updates / seconds,
+            **clock.phases_ms(steps),
             "train_only_updates_per_s": train_only,
             "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "bytes_per_transition": bytes_per_transition(model),
