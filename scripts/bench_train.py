@@ -42,9 +42,12 @@ Run it
     python scripts/bench_train.py --device cuda --n-envs 1 8 --precisions fp32 bf16
     python scripts/bench_train.py --device cuda --runs step2-fast --concurrent 1 2 3 4
     python scripts/bench_train.py --quick                                  # seconds: checks the script works
+    python scripts/bench_train.py --report docs/measurements/<date>_<machine>_bench1.json   # README markdown
 
 It prints the table and writes JSON to ``results/bench_train_<device>.json`` (or ``--out``) after every
-measurement.
+measurement. A figure goes into the README as the ``--report`` markdown of a JSON committed under
+``docs/measurements/``, between ``<!-- measured: FILE -->`` and ``<!-- end measured -->``; the tests check that
+every such block is still what its file renders.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ import tyro  # noqa: E402
 from ch09.benchmark import CPU_RUNS, GPU_RUNS, PHASES, REFERENCE_RUN, RUNS, Measurement, measure  # noqa: E402
 from ch09.errors import UserError  # noqa: E402
 from ch09.run.artifacts import write_json  # noqa: E402
+from ch09.run.validation import read_json_object  # noqa: E402
+from ch09.selftest import EXPERIMENT_CARD_STEPS  # noqa: E402
 
 REPO_ROOT = SCRIPTS_DIR.parent
 RESULT_PREFIX = "BENCH_RESULT "
@@ -125,6 +130,9 @@ class BenchConfig:
     """JSON output (default: results/bench_train_<device>.json)."""
     quick: bool = False
     """Seconds-long budgets on the CPU: checks that the script works (its figures mean nothing)."""
+    report: str = ""
+    """Measure nothing: print the README's markdown of a saved result, this script's JSON or the proxy.json of
+    scripts/gpu_checks.sh (README tables are these blocks, checked against their files by the tests)."""
     worker: str = ""
     """Internal: run ONE measurement described by this JSON and print its result."""
 
@@ -317,7 +325,8 @@ def bench(cfg: BenchConfig) -> int:
     cfg = resolve(cfg)
     out = Path(cfg.out) if cfg.out else REPO_ROOT / "results" / f"bench_train_{cfg.device}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"config": asdict(cfg), "machine": machine_info(), "rows": []}
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "config": asdict(cfg), "machine": machine_info(),
+                              "rows": []}
     jobs = measurements(cfg)
     rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
     for repeat in range(cfg.repeats):
@@ -335,8 +344,67 @@ def bench(cfg: BenchConfig) -> int:
     return 0
 
 
+# ======================================================================================================
+# The README's tables, from the saved JSON
+# ======================================================================================================
+def _markdown(header: Sequence[str], lines: list[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(line) + " |"
+                                                                            for line in lines]
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """Two tables: the speeds, and where each env step's time goes (``PhaseClock``)."""
+    speeds, phases = [], []
+    for row in report["rows"]:
+        peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
+        per_run = row["env_steps_per_s"] / row["concurrent"]  # concurrent seeds share out the summed speed
+        hours = EXPERIMENT_CARD_STEPS / per_run / 3600
+        setup = (row["run"], str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"]))
+        speeds.append((*setup, _cell(row["env_steps_per_s"]), _cell(row["x_stock"], 2), _cell(row["updates_per_s"]),
+                       _cell(row["train_only_updates_per_s"]), _cell(peak, 2), _cell(row["bytes_per_transition"], 0),
+                       _cell(row["gpu_utilization_percent"], 0),
+                       row["cuda_graph"]["state"] if row["cuda_graph"] else "-", f"{hours:,.1f}"))
+        phases.append((*setup, *(_cell(row.get(phase), 2) for phase in PHASES)))
+    setup_header = ("run", "envs", "batch", "precision", "seeds")
+    card_hours = f"h per {EXPERIMENT_CARD_STEPS / 1e6:g}M steps (each seed)"
+    lines = _markdown((*setup_header, "env steps/s", "x stock", "updates/s", "train-only updates/s", "peak GPU GB",
+                       "replay B/transition", "GPU util %", "CUDA graph", card_hours), speeds)
+    lines += ["", "ms per env step:", ""]
+    lines += _markdown((*setup_header, "updates (host)", "updates (GPU)", "env step", "rest"), phases)
+    return "\n".join(lines)
+
+
+def proxy_markdown(report: dict[str, Any]) -> str:
+    """The proxy's eval success curve, one row per evaluation, and how far and how fast the run went."""
+    lines = _markdown(("env steps", "eval success rate"),
+                      [(f"{step:,}", f"{rate:.2f}") for step, rate in report["eval_success_rate"]])
+    done = "finished" if report["finished"] else "cut short"
+    reaches = "yes" if report["reaches_0.9"] else "no"
+    lines += ["", f"{_cell(report['steps_done'], 0)} of {report['total_steps']:,} env steps ({done}) at "
+                  f"{_cell(report['steps_per_s'])} env steps/s; reaches 0.9: {reaches}"]
+    return "\n".join(lines)
+
+
+def markdown_report(path: Path) -> str:
+    """The markdown of a saved result: a bench JSON or gpu_checks.sh's proxy.json."""
+    fix = "pass a JSON file written by bench_train.py or scripts/gpu_checks.sh"
+    data = read_json_object(path, "--report", fix)
+    if isinstance(data.get("rows"), list):
+        return bench_markdown(data)
+    if isinstance(data.get("eval_success_rate"), list):
+        return proxy_markdown(data)
+    raise UserError(f"--report {path} holds neither a bench JSON's rows nor a proxy's eval_success_rate; {fix}.")
+
+
+def print_report(path: Path) -> int:
+    print(markdown_report(path))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_with_one_line_errors(lambda: tyro.cli(BenchConfig, args=argv, description=__doc__.split("\n")[0]))
+    if cfg.report:
+        return run_guarded(functools.partial(print_report, Path(cfg.report)))
     return run_guarded(functools.partial(worker_main, cfg.worker) if cfg.worker else functools.partial(bench, cfg))
 
 

@@ -26,6 +26,11 @@
 # rewritten from the TensorBoard folder every PROXY_POLL_S and after the stage, whatever ended it) and
 # crash_logs.txt (every crash-*.log the entry points' guard wrote during the run, after every stage).
 #
+# After the call: copy bench1.json, bench8.json and proxy.json to docs/measurements/<date>_h200_<name>.json and put
+# each into README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
+# and `<!-- end measured -->` (the tests check every such block against its file). bench1's second table says
+# where each env step's time goes: the updates on the host and on the GPU, the env step, the rest.
+#
 # Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
 set -uo pipefail
 

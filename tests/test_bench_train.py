@@ -8,6 +8,7 @@ it measured, and that bad input ends in one sentence.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,8 @@ def test_overlapped_updates_count_as_updates_not_as_env_time(tmp_path):
     (["--runs", "no-such-run", "--device", "cpu"], "unknown --runs"),
     (["--runs", "step2-fast", "--device", "cpu"], "need a GPU"),
     (["--device", "cpu", "--n-envs", "0"], "at least 1"),
+    (["--report", "no/such/bench.json"], "does not exist"),
+    (["--report", str(REPO_ROOT / "pyproject.toml")], "not readable JSON"),
     pytest.param(["--device", "cuda"], "no CUDA GPU", marks=pytest.mark.skipif(not NO_CUDA, reason="has a GPU")),
 ])
 def test_bad_input_is_one_sentence_and_exit_2(argv, fragment, capsys):
@@ -75,3 +78,22 @@ def test_gpu_checks_refuses_an_unknown_stage_and_a_machine_without_gpu(tmp_path)
         no_gpu = subprocess.run(["bash", str(script), "tests"], capture_output=True, text=True, env=env, timeout=120)
         assert no_gpu.returncode == 2 and len(no_gpu.stderr.strip().splitlines()) == 1
         assert "no CUDA GPU" in no_gpu.stderr or "lacks" in no_gpu.stderr
+
+
+MEASURED_BLOCK = re.compile(r"<!-- measured: (\S+) -->\n(.*?)\n<!-- end measured -->", re.S)
+
+
+def test_every_measured_table_in_the_readme_is_what_its_file_renders():
+    """README figures of the benchmarks are ``--report`` blocks of committed files: edit a number by hand, or
+    replace a file without its table, and this fails."""
+    blocks = MEASURED_BLOCK.findall((REPO_ROOT / "README.md").read_text())
+    assert blocks, "the README has no <!-- measured: FILE --> block"
+    for name, table in blocks:
+        assert table.strip() == bench_train.markdown_report(REPO_ROOT / name), (
+            f"the README's table of {name} is not what `python scripts/bench_train.py --report {name}` prints")
+    renderable = []
+    for path in sorted((REPO_ROOT / "docs" / "measurements").glob("*.json")):
+        data = json.loads(path.read_text())
+        if "rows" in data or "eval_success_rate" in data:
+            renderable.append(path.relative_to(REPO_ROOT).as_posix())
+    assert set(renderable) <= {name for name, _ in blocks}, "a committed measurement the README does not show"

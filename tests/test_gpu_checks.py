@@ -113,6 +113,9 @@ def test_the_proxy_curve_is_read_from_the_tensorboard_folder_of_a_run(production
     assert [step for step, _ in report["eval_success_rate"]] == [100, 200]
     assert all(0.0 <= rate <= 1.0 for _, rate in report["eval_success_rate"])
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
+    table = bench_train.markdown_report(out / "proxy.json").splitlines()  # what goes into the README
+    assert [line.split(" | ")[0] for line in table[2:4]] == ["| 100", "| 200"]
+    assert table[-1].startswith("200 of 200 env steps (finished) at ")
 
 
 def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
