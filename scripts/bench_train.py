@@ -242,6 +242,7 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         "gpu_utilization_percent": float(np.mean(utilization)) if utilization else None,
         **{phase: _mean([r[phase] for r in results]) for phase in PHASES},
         "cuda_graph": first["cuda_graph"], "device_sampler": first["device_sampler"],
+        "cudnn_deterministic": first["cudnn_deterministic"],
         "per_process": results,
     }
 

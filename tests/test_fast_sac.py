@@ -1104,6 +1104,28 @@ def test_a_mismatching_capture_falls_back_on_cuda(capsys):
 
 
 @pytest.mark.gpu
+def test_a_capture_that_raises_falls_back_and_the_eager_steps_still_draw_on_cuda(fixed_cudnn, capsys):
+    """The real CUDA graph over a step that reads a value on the host (CUDA cannot record that): the capture
+    raises, and the eager steps after it run on the caller's stream with the generator out of capture mode."""
+    from ch09.engine.fast_sac import CudaStepGraph
+
+    class HostReadingGraph(CudaStepGraph):
+        def capture(self, step):
+            super().capture(lambda: (step(), float(graphed._engine.metric_sums.sum())))
+
+    eager, graphed = gpu_pair(step_graph_class=HostReadingGraph)
+    stream = th.cuda.current_stream()
+    for model in (eager, graphed):
+        th.manual_seed(5)
+        model.train(gradient_steps=6, batch_size=64)  # graphed: 3 warm-up, the failed capture, 2 eager
+    status = graphed.graph_status
+    assert status.state == "fallback" and status.reason.startswith("the capture raised"), status
+    assert th.cuda.current_stream() == stream and graphed._engine.graph is None
+    assert_close_in_bulk(eager, graphed, atol=GPU_WEIGHT_ATOL["fp32"])  # the same draws on both sides
+    assert capsys.readouterr().err.count("CUDA-graph step disabled (the capture raised") == 1
+
+
+@pytest.mark.gpu
 def test_bf16_losses_track_fp32_on_cuda(fixed_cudnn):
     fp32, bf16 = gpu_pair(precision="bf16")
     fp32 = FastSAC.from_sac(fp32)  # gpu_pair's eager twin shares the precision: rebuild it in fp32

@@ -333,6 +333,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "gpu_utilization_percent": utilization.mean,
             "cuda_graph": asdict(graph_status) if graph_status is not None else None,
             "device_sampler": bool(engine is not None and engine.view is not None),
+            "cudnn_deterministic": th.backends.cudnn.deterministic,  # SB3's seeding sets it on a CUDA device
         }
     finally:
         env.close()

@@ -227,15 +227,27 @@ class CudaStepGraph:
         self._graph = th.cuda.CUDAGraph()
 
     def warm_up(self, step: Callable[[], None]) -> None:
-        side = th.cuda.Stream(self.device)  # PyTorch's capture recipe: warm up on a side stream
-        side.wait_stream(th.cuda.current_stream(self.device))
-        with th.cuda.stream(side):
-            step()
-        th.cuda.current_stream(self.device).wait_stream(side)
+        with th.cuda.device(self.device):  # the model's GPU, whichever is current (cuda:1 on a multi-GPU host)
+            side = th.cuda.Stream(self.device)  # PyTorch's capture recipe: warm up on a side stream
+            side.wait_stream(th.cuda.current_stream(self.device))
+            with th.cuda.stream(side):
+                step()
+            th.cuda.current_stream(self.device).wait_stream(side)
 
     def capture(self, step: Callable[[], None]) -> None:
-        with th.cuda.graph(self._graph):
-            step()
+        """Record the step. A capture that raises (an op CUDA cannot record, e.g. a host read) leaves the process
+        as it found it: ``th.cuda.graph`` does not restore the current stream when ending the broken capture
+        raises, and the generator stays in capture mode, where the eager fallback's first random draw fails."""
+        with th.cuda.device(self.device):
+            stream = th.cuda.current_stream(self.device)
+            try:
+                with th.cuda.graph(self._graph):
+                    step()
+            except BaseException:
+                th.cuda.set_stream(stream)
+                generator = th.cuda.default_generators[th.cuda.current_device()]
+                generator.graphsafe_set_state(generator.clone_state())  # the same seed and offset, not capturing
+                raise
 
     def replay(self) -> None:
         self._graph.replay()
