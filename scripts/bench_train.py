@@ -53,6 +53,7 @@ every such block is still what its file renders.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import platform
@@ -110,8 +111,9 @@ class BenchConfig:
     repeats: int = 1
     """Rounds over all measurements, interleaved; the table shows each figure's median over the rounds
     (on a shared machine the load changes between measurements)."""
-    overlap: bool = False
-    """FastSAC with overlapped collection (one-step policy lag)."""
+    overlap: tuple[bool, ...] = (False,)
+    """FastSAC without (False) and with (True) overlapped collection, one-step policy lag: ``--overlap False True``
+    measures both (stock runs have no overlap)."""
     learning_starts: int = 1_000
     """Random-action env steps collected before training (not timed)."""
     warmup_steps: int = 200
@@ -186,16 +188,15 @@ def measurements(cfg: BenchConfig) -> list[tuple[Measurement, int]]:
     for n_envs in cfg.n_envs:
         for batch_size in cfg.batch_sizes:
             for run in sorted(cfg.runs, key=lambda r: RUNS[r].engine != "sb3"):
-                precisions = cfg.precisions if RUNS[run].engine == "fast" else ("fp32",)
-                for precision in precisions:
-                    for concurrent in cfg.concurrent:
-                        jobs.append((Measurement(
-                            run=run, n_envs=n_envs, batch_size=batch_size, precision=precision,
-                            device=cfg.device, seed=0, learning_starts=cfg.learning_starts,
-                            warmup_steps=cfg.warmup_steps, seconds=cfg.seconds, max_steps=cfg.max_steps,
-                            train_only_updates=cfg.train_only_updates, buffer_size=cfg.buffer_size,
-                            overlap=cfg.overlap and RUNS[run].engine == "fast",
-                            torch_threads=max(1, cpus // (concurrent * (n_envs + 1)))), concurrent))
+                fast = RUNS[run].engine == "fast"
+                precisions, overlaps = (cfg.precisions, cfg.overlap) if fast else (("fp32",), (False,))
+                for precision, overlap, concurrent in itertools.product(precisions, overlaps, cfg.concurrent):
+                    jobs.append((Measurement(
+                        run=run, n_envs=n_envs, batch_size=batch_size, precision=precision,
+                        device=cfg.device, seed=0, learning_starts=cfg.learning_starts,
+                        warmup_steps=cfg.warmup_steps, seconds=cfg.seconds, max_steps=cfg.max_steps,
+                        train_only_updates=cfg.train_only_updates, buffer_size=cfg.buffer_size, overlap=overlap,
+                        torch_threads=max(1, cpus // (concurrent * (n_envs + 1)))), concurrent))
     return jobs
 
 
@@ -284,6 +285,11 @@ def _cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def run_label(row: dict[str, Any]) -> str:
+    """The run's name, and whether its collection overlapped the updates (``--overlap True``)."""
+    return row["run"] + (" +overlap" if row["overlap"] else "")
+
+
 def print_aligned(table: list[tuple[str, ...]]) -> None:
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
     for line in table:
@@ -296,7 +302,7 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
     table = [header]
     for row in rows:
         peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
-        table.append((row["run"], str(row["n_envs"]), str(row["batch_size"]), row["precision"],
+        table.append((run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"],
                       str(row["concurrent"]), _cell(row["env_steps_per_s"]), _cell(row["updates_per_s"]),
                       _cell(row["train_only_updates_per_s"]), _cell(row["x_stock"], 2), _cell(peak, 2),
                       _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0),
@@ -306,7 +312,7 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
     print("Where the time goes, ms per env step (PhaseClock in scripts/ch09/benchmark.py):")
     phases = [("run", "n_envs", "prec", "procs", "updates (host)", "updates (GPU)", "env step", "rest")]
     for row in rows:
-        phases.append((row["run"], str(row["n_envs"]), row["precision"], str(row["concurrent"]),
+        phases.append((run_label(row), str(row["n_envs"]), row["precision"], str(row["concurrent"]),
                        *(_cell(row[phase], 2) for phase in PHASES)))
     print_aligned(phases)
     if device == "cpu":
@@ -360,7 +366,7 @@ def bench_markdown(report: dict[str, Any]) -> str:
         peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
         per_run = row["env_steps_per_s"] / row["concurrent"]  # concurrent seeds share out the summed speed
         hours = EXPERIMENT_CARD_STEPS / per_run / 3600
-        setup = (row["run"], str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"]))
+        setup = (run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"]))
         speeds.append((*setup, _cell(row["env_steps_per_s"]), _cell(row["x_stock"], 2), _cell(row["updates_per_s"]),
                        _cell(row["train_only_updates_per_s"]), _cell(peak, 2), _cell(row["bytes_per_transition"], 0),
                        _cell(row["gpu_utilization_percent"], 0),

@@ -15,9 +15,10 @@
 #   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
 #   selftest     70 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run
-#   bench1       90 s    pixels, 1 env: Step 0 stock vs Step 2 FastSAC in fp32 and bf16, 15 s windows
+#   bench1      120 s    pixels, 1 env: Step 0 stock vs Step 2 FastSAC in fp32 and bf16, each without and with
+#                        overlapped collection, 10 s windows
 #   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
-#   bench8       60 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 10 s windows (if time remains)
+#   bench8       30 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows (if time remains)
 # Sum 505 s, under DEADLINE_S = 510 s from T0, under the call's 540 s.
 #
 # What comes back under $OUT (at most 8 files; each written as it is made, so a stage cut off by its timeout
@@ -35,7 +36,7 @@
 set -uo pipefail
 
 STAGES=(tests selftest bench1 proxy bench8)
-declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [selftest]=70 [bench1]=90 [proxy]=150 [bench8]=60)
+declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [selftest]=70 [bench1]=120 [proxy]=150 [bench8]=30)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
@@ -75,12 +76,12 @@ stage_selftest() {
 
 stage_bench1() {
   python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-fast --precisions fp32 bf16 \
-    --seconds 15 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 --out "$OUT/bench1.json"
+    --overlap False True --seconds 10 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 --out "$OUT/bench1.json"
 }
 
 stage_bench8() {
   python3 scripts/bench_train.py --device cuda --n-envs 8 --runs step0-sb3 step2-fast --precisions fp32 \
-    --seconds 10 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
+    --seconds 8 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
 }
 
 stage_proxy() {

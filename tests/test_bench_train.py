@@ -46,13 +46,15 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
 
 
 def test_overlapped_updates_count_as_updates_not_as_env_time(tmp_path):
-    """With --overlap, ``train()`` only defers the updates, which run in ``_UpdateWhileEnvsStep.step_async``: the
+    """With --overlap True, ``train()`` only defers the updates, which run in ``_UpdateWhileEnvsStep.step_async``: the
     clock still puts them under updates (an update of full-state Push is ~5x its env step on a CPU). A clock on
     ``train()`` would show ~0 there, and one that nests wrongly would put them under the env step."""
     out = tmp_path / "bench.json"
-    assert bench_train.main(["--quick", "--overlap", "--runs", "state-fast", "--out", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["overlap"] and row["train_ms"] > 2 * row["env_ms"] > 0
+    assert bench_train.main(["--quick", "--overlap", "False", "True", "--runs", "state-fast", "--out", str(out)]) == 0
+    plain, overlapped = json.loads(out.read_text())["rows"]  # the run without and with overlap, in one bench
+    assert not plain["overlap"] and overlapped["overlap"]
+    assert overlapped["train_ms"] > 2 * overlapped["env_ms"] > 0
+    assert "| state-fast +overlap | 1 |" in bench_train.markdown_report(out)  # the README tells the two apart
 
 
 @pytest.mark.parametrize("argv, fragment", [
