@@ -8,18 +8,21 @@ and then trains for ``--seconds`` (at most ``--max-steps`` env steps) while it i
 start that many processes of the same measurement with different seeds, which wait for each other before
 timing; their env steps/s add up.
 
-| column           | meaning                                                                        |
-|------------------|--------------------------------------------------------------------------------|
-| env steps/s      | env steps trained per second (summed over concurrent processes)                |
-| updates/s        | gradient steps per second during that training (summed)                        |
-| train-only upd/s | gradient steps per second of ``model.train()`` alone (mean per process)         |
-| (with --repeats) | each speed is the median over the interleaved rounds; the JSON keeps every round |
-| x stock          | env steps/s over the stock run's at the same n_envs and batch                  |
-| peak GPU GB      | ``torch.cuda.max_memory_allocated`` of the process (largest of the concurrent)  |
-| bytes/transition | replay bytes per stored transition (the frame-once buffer: rows and the engine's device copy) |
-| GPU util %       | mean of ``nvidia-smi`` utilization.gpu samples while timed (where it answers)  |
-| graph            | FastSAC's CUDA-graph step (``graph_status``: state here, reason in the JSON)   |
-| ms per env step  | a second table: updates (host, GPU), env step, rest (``PhaseClock``)            |
+| column               | meaning                                                                     |
+|----------------------|-----------------------------------------------------------------------------|
+| run                  | the run's name (below); ``+overlap``: collection overlapped (``--overlap``)  |
+| seeds                | concurrent processes of the measurement (``--concurrent``)                  |
+| env steps/s          | env steps trained per second (summed over concurrent processes)             |
+| x stock              | env steps/s over the stock run's at the same envs and batch                 |
+| updates/s            | gradient steps per second during that training (summed)                     |
+| train-only updates/s | gradient steps per second of ``model.train()`` alone (mean per process)      |
+| (with --repeats)     | each speed is the median over the interleaved rounds; the JSON keeps every round |
+| peak GPU GB          | ``torch.cuda.max_memory_allocated`` of the process (largest of the concurrent) |
+| replay B/transition  | replay bytes per stored transition (frame-once buffer: rows and the device copy) |
+| GPU util %           | mean of ``nvidia-smi`` utilization.gpu samples while timed (where it answers) |
+| CUDA graph           | FastSAC's CUDA-graph step (``graph_status``: state here, reason in the JSON) |
+| h per 5M steps       | the Experiment Card's steps at the env steps/s of one seed                  |
+| ms per env step      | a second table: updates (host, GPU), env step, rest (``PhaseClock``)         |
 
 Runs (``--runs``; the defaults depend on ``--device``)
 ------------------------------------------------------
@@ -296,25 +299,37 @@ def print_aligned(table: list[tuple[str, ...]]) -> None:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))))
 
 
+SETUP_HEADER = ("run", "envs", "batch", "precision", "seeds")
+SPEED_HEADER = (*SETUP_HEADER, "env steps/s", "x stock", "updates/s", "train-only updates/s", "peak GPU GB",
+                "replay B/transition", "GPU util %", "CUDA graph",
+                f"h per {EXPERIMENT_CARD_STEPS / 1e6:g}M steps (each seed)")
+PHASE_HEADER = (*SETUP_HEADER, "updates (host)", "updates (GPU)", "env step", "rest")
+
+
+def _setup_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    return run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"])
+
+
+def speed_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """One row of the speed table (console and README)."""
+    peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
+    per_seed = row["env_steps_per_s"] / row["concurrent"]  # concurrent seeds share out the summed speed
+    return (*_setup_cells(row), _cell(row["env_steps_per_s"]), _cell(row["x_stock"], 2), _cell(row["updates_per_s"]),
+            _cell(row["train_only_updates_per_s"]), _cell(peak, 2), _cell(row["bytes_per_transition"], 0),
+            _cell(row["gpu_utilization_percent"], 0), row["cuda_graph"]["state"] if row["cuda_graph"] else "-",
+            f"{EXPERIMENT_CARD_STEPS / per_seed / 3600:,.1f}")
+
+
+def phase_cells(row: dict[str, Any]) -> tuple[str, ...]:
+    """One row of the where-the-time-goes table: ms per env step of each ``PhaseClock`` phase."""
+    return (*_setup_cells(row), *(_cell(row.get(phase), 2) for phase in PHASES))
+
+
 def print_table(rows: list[dict[str, Any]], device: str) -> None:
-    header = ("run", "n_envs", "batch", "prec", "procs", "env steps/s", "updates/s", "train-only upd/s",
-              "x stock", "peak GPU GB", "bytes/transition", "GPU util %", "graph")
-    table = [header]
-    for row in rows:
-        peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
-        table.append((run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"],
-                      str(row["concurrent"]), _cell(row["env_steps_per_s"]), _cell(row["updates_per_s"]),
-                      _cell(row["train_only_updates_per_s"]), _cell(row["x_stock"], 2), _cell(peak, 2),
-                      _cell(row["bytes_per_transition"], 0), _cell(row["gpu_utilization_percent"], 0),
-                      row["cuda_graph"]["state"] if row["cuda_graph"] else "-"))
-    print_aligned(table)
+    print_aligned([SPEED_HEADER, *map(speed_cells, rows)])
     print()
     print("Where the time goes, ms per env step (PhaseClock in scripts/ch09/benchmark.py):")
-    phases = [("run", "n_envs", "prec", "procs", "updates (host)", "updates (GPU)", "env step", "rest")]
-    for row in rows:
-        phases.append((run_label(row), str(row["n_envs"]), row["precision"], str(row["concurrent"]),
-                       *(_cell(row[phase], 2) for phase in PHASES)))
-    print_aligned(phases)
+    print_aligned([PHASE_HEADER, *map(phase_cells, rows)])
     if device == "cpu":
         print("CPU proxy: full-state Push only. The pixel figures (Step 0 stock vs Step 2 FastSAC) need a GPU: "
               "python scripts/bench_train.py --device cuda")
@@ -361,23 +376,9 @@ def _markdown(header: Sequence[str], lines: list[Sequence[str]]) -> list[str]:
 
 def bench_markdown(report: dict[str, Any]) -> str:
     """Two tables: the speeds, and where each env step's time goes (``PhaseClock``)."""
-    speeds, phases = [], []
-    for row in report["rows"]:
-        peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
-        per_run = row["env_steps_per_s"] / row["concurrent"]  # concurrent seeds share out the summed speed
-        hours = EXPERIMENT_CARD_STEPS / per_run / 3600
-        setup = (run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"]))
-        speeds.append((*setup, _cell(row["env_steps_per_s"]), _cell(row["x_stock"], 2), _cell(row["updates_per_s"]),
-                       _cell(row["train_only_updates_per_s"]), _cell(peak, 2), _cell(row["bytes_per_transition"], 0),
-                       _cell(row["gpu_utilization_percent"], 0),
-                       row["cuda_graph"]["state"] if row["cuda_graph"] else "-", f"{hours:,.1f}"))
-        phases.append((*setup, *(_cell(row.get(phase), 2) for phase in PHASES)))
-    setup_header = ("run", "envs", "batch", "precision", "seeds")
-    card_hours = f"h per {EXPERIMENT_CARD_STEPS / 1e6:g}M steps (each seed)"
-    lines = _markdown((*setup_header, "env steps/s", "x stock", "updates/s", "train-only updates/s", "peak GPU GB",
-                       "replay B/transition", "GPU util %", "CUDA graph", card_hours), speeds)
+    lines = _markdown(SPEED_HEADER, [speed_cells(row) for row in report["rows"]])
     lines += ["", "ms per env step:", ""]
-    lines += _markdown((*setup_header, "updates (host)", "updates (GPU)", "env step", "rest"), phases)
+    lines += _markdown(PHASE_HEADER, [phase_cells(row) for row in report["rows"]])
     return "\n".join(lines)
 
 
