@@ -76,7 +76,8 @@ stage_selftest() {
 
 stage_bench1() {
   python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-fast --precisions fp32 bf16 \
-    --overlap False True --seconds 10 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 --out "$OUT/bench1.json"
+    --overlap False True --seconds 10 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 \
+    --out "$OUT/bench1.json"
 }
 
 stage_bench8() {

@@ -218,6 +218,13 @@ class StepGraph(Protocol):
     def synchronize(self) -> None: ...
 
 
+def default_generator(device: th.device) -> th.Generator:
+    """The device's default generator: the device draw, DrQ's shifts and the actor's noise use it."""
+    if device.type == "cuda":
+        return th.cuda.default_generators[device.index if device.index is not None else th.cuda.current_device()]
+    return th.default_generator
+
+
 class CudaStepGraph:
     """``torch.cuda.CUDAGraph`` behind the ``StepGraph`` surface: ``capture`` records the step's kernels (nothing
     runs), ``replay`` launches them all at once."""
@@ -245,7 +252,7 @@ class CudaStepGraph:
                     step()
             except BaseException:
                 th.cuda.set_stream(stream)
-                generator = th.cuda.default_generators[th.cuda.current_device()]
+                generator = default_generator(self.device)
                 generator.graphsafe_set_state(generator.clone_state())  # the same seed and offset, not capturing
                 raise
 
@@ -730,7 +737,7 @@ class SacUpdateEngine:
         worked and the replay matched; otherwise it is dropped, one line says why, and training goes on eagerly.
         """
         state = self._state_tensors()
-        generator = self._generator()
+        generator = default_generator(self.device)
         before = [t.detach().clone() for t in state], generator.get_state()
         replayed: list[th.Tensor] | None = None
         failure = None
@@ -773,20 +780,13 @@ class SacUpdateEngine:
         tensors.setdefault(id(self.metric_sums), self.metric_sums)
         return list(tensors.values())
 
-    def _generator(self) -> th.Generator:
-        """The default generator of the device: the device draw, DrQ's shifts and the actor's noise use it."""
-        if self.device.type == "cuda":
-            index = self.device.index if self.device.index is not None else th.cuda.current_device()
-            return th.cuda.default_generators[index]
-        return th.default_generator
-
     def _restore(self, state: list[th.Tensor], saved: tuple[list[th.Tensor], th.Tensor]) -> None:
         """Put the saved values back IN PLACE (a captured graph holds these addresses) and the generator state."""
         values, generator_state = saved
         with th.no_grad():
             for tensor, value in zip(state, values):
                 tensor.copy_(value)
-        self._generator().set_state(generator_state)
+        default_generator(self.device).set_state(generator_state)
 
     def _deviation(self, before: list[th.Tensor], replayed: list[th.Tensor],
                    eager: list[th.Tensor]) -> tuple[float, bool]:
