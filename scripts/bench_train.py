@@ -115,8 +115,8 @@ class BenchConfig:
     """Rounds over all measurements, interleaved; the table shows each figure's median over the rounds
     (on a shared machine the load changes between measurements)."""
     overlap: tuple[bool, ...] = (False,)
-    """FastSAC without (False) and with (True) overlapped collection, one-step policy lag: ``--overlap False True``
-    measures both (stock runs have no overlap)."""
+    """FastSAC without (False) and with (True) overlapped collection (``train --overlap-collection``: one-step
+    policy lag); ``--overlap False True`` measures both (stock runs have no overlap)."""
     learning_starts: int = 1_000
     """Random-action env steps collected before training (not timed)."""
     warmup_steps: int = 200

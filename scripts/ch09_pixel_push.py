@@ -191,7 +191,8 @@ def train(cfg: TrainConfig) -> int:
             model, restored = resume_agent(cfg, paths, session.env, meta)
         else:
             model, restored = build_agent(cfg, session.env), False
-        session.begin(model, restored, engine=cfg.engine, precision=cfg.precision)
+        session.begin(model, restored, engine=cfg.engine, precision=cfg.precision,
+                      overlap_collection=cfg.overlap_collection)
         session.learn(model, cfg.total_steps, cfg.checkpoint_freq, training_callbacks(cfg, paths, session.eval_env),
                       LOG_INTERVAL_EPISODES)
     return session.report(model)

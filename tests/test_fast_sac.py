@@ -646,13 +646,20 @@ def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
 
 def test_the_production_script_trains_with_either_engine_and_switches_on_resume(tmp_path, production):
     """``train`` uses FastSAC by default, records the engine, and a resume may change it (``--engine sb3``);
-    ``--no-cuda-graph`` reaches the engine and its graph status the run's metadata."""
+    ``--no-cuda-graph`` reaches the engine and its graph status the run's metadata; with ``--overlap-collection``
+    the checkpoint still holds every update (the last step's deferred ones run before it is written)."""
+    from stable_baselines3.common.save_util import load_from_zip_file
+
     budget = [*production.STATE_BUDGET, "--replay", "framestack", "--artifact-root", str(tmp_path)]
-    production.check("train", "--seed", "0", "--total-steps", "200", "--no-cuda-graph", *budget)
+    production.check("train", "--seed", "0", "--total-steps", "200", "--no-cuda-graph", "--overlap-collection",
+                     *budget)
     meta_path = tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["config"]["engine"] == "fast" and meta["sessions"][0]["engine"] == "fast"
     assert meta["cuda_graph"]["state"] == "off" and "--no-cuda-graph" in meta["cuda_graph"]["reason"]
+    assert meta["sessions"][0]["overlap_collection"] is True
+    data, _, _ = load_from_zip_file(meta_path.with_name("ch09_fullstate_FetchPush-v4_seed0.zip"), load_data=True)
+    assert data["_n_updates"] == 200 - 100  # one update per env step after --learning-starts 100
     production.check("train", "--seed", "0", "--total-steps", "300", "--resume", "--engine", "sb3", *budget)
     meta = json.loads(meta_path.read_text())
     assert meta["steps_done"] == 300 and meta["config"]["engine"] == "sb3"
@@ -660,6 +667,28 @@ def test_the_production_script_trains_with_either_engine_and_switches_on_resume(
     assert meta["cuda_graph"] is None and meta["sessions"][0]["cuda_graph"]["state"] == "off"
     refused = production.run("train", "--engine", "jax", *budget)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
+
+
+def test_the_engine_flags_of_train_reach_fastsac_when_it_is_built_and_when_it_resumes(tmp_path):
+    """``--precision``, ``--no-cuda-graph`` and ``--overlap-collection`` are FastSAC options, not saved in a
+    checkpoint: ``build_agent`` and the resume's load must both hand them over."""
+    from ch09 import experiment
+    from ch09.run.checkpoints import load_agent
+
+    cfg = experiment.resolve_config(experiment.parse_train_args(
+        ["--full-state", "--buffer-size", "1000", "--device", "cpu", "--precision", "bf16", "--no-cuda-graph",
+         "--overlap-collection"]))
+    env = DummyVecEnv([experiment.env_factory(cfg)])
+    try:
+        built = experiment.build_agent(cfg, env)
+        built.save(tmp_path / "run.zip")
+        algorithm, options = experiment.agent_class(cfg)  # what resume_agent loads the checkpoint with
+        resumed = load_agent(tmp_path / "run.zip", env, cfg.device, algorithm=algorithm, **options)
+    finally:
+        env.close()
+    for model in (built, resumed):
+        assert isinstance(model, FastSAC)
+        assert (model.precision, model.cuda_graph, model.overlap_collection) == ("bf16", False, True)
 
 
 def test_a_broken_cuda_context_ends_train_in_one_sentence_after_the_last_checkpoint(tmp_path, cli, production,

@@ -275,7 +275,6 @@ def bytes_per_transition(model: Any) -> float:
 def measure(measurement: Measurement) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process."""
     from ch09 import experiment  # SB3, MuJoCo and the experiment load in the measuring process only
-    from ch09.engine.fast_sac import FastSAC
     from ch09.run.vec_env import make_vec_env
 
     th.set_num_threads(measurement.torch_threads)
@@ -283,15 +282,14 @@ def measure(measurement: Measurement) -> dict[str, Any]:
     cfg = experiment.TrainConfig(
         seed=measurement.seed, n_envs=measurement.n_envs, batch_size=measurement.batch_size,
         buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
-        device=measurement.device, engine=spec.engine, precision=measurement.precision, **spec.flags)
+        device=measurement.device, engine=spec.engine, precision=measurement.precision,
+        overlap_collection=measurement.overlap, **spec.flags)
     cfg = experiment.resolve_config(cfg)
     env_fns: list[Callable[[], gym.Env]] = [experiment.env_factory(cfg, in_worker=cfg.n_envs > 1)
                                             for _ in range(cfg.n_envs)]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
         model = experiment.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
-        if measurement.overlap and isinstance(model, FastSAC):
-            model.overlap_collection = True  # FastSAC's option (SAC has none); not a `train` flag
         device = model.device
         # SB3 types learn()'s log_interval int, but hands it to collect_rollouts, which takes None (no episode logs)
         model.learn(measurement.learning_starts + measurement.warmup_steps,

@@ -148,6 +148,10 @@ class TrainConfig:
     cuda_graph: bool = True
     """FastSAC on CUDA: replay the update as one CUDA graph, verified against an eager step at every capture;
     --no-cuda-graph runs it eagerly (same losses, slower). The run's .meta.json records what became of it."""
+    overlap_collection: bool = False
+    """FastSAC: run the updates of env step t while the envs simulate step t + 1, so the two take the time of
+    the longer one; the action of step t + 1 then comes from the weights before step t's updates (a one-step
+    policy lag). Off: the updates run between env steps, as SB3's do."""
     eval_freq: int = 50_000
     """Env steps between deterministic evaluations logged as eval/success_rate (0 turns them off)."""
     eval_episodes: int = 20
@@ -263,7 +267,8 @@ def agent_class(cfg: TrainConfig) -> tuple[type[SAC], dict[str, Any]]:
     whose checkpoints are plain SAC checkpoints (``ch09.engine.fast_sac``)."""
     if cfg.engine == "sb3":
         return SAC, {}
-    return FastSAC, {"precision": cfg.precision, "cuda_graph": cfg.cuda_graph}
+    return FastSAC, {"precision": cfg.precision, "cuda_graph": cfg.cuda_graph,
+                     "overlap_collection": cfg.overlap_collection}
 
 
 def expected_policy(cfg: TrainConfig) -> dict[str, str]:
@@ -309,6 +314,13 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.resume and cfg.move_old_run:
         raise UserError("--resume continues the earlier run and --move-old-run moves it aside; give only one.")
     check_seed("seed", cfg.seed)
+    if cfg.engine == "sb3":  # SB3's train() has neither: the run would silently be fp32 and not overlapped
+        fast_only = {"--precision bf16": cfg.precision == "bf16", "--overlap-collection": cfg.overlap_collection}
+        given = [flag for flag, is_given in fast_only.items() if is_given]
+        if given:
+            one = len(given) == 1
+            raise UserError(f"{' and '.join(given)} only work{'s' if one else ''} with --engine fast; drop "
+                            f"{'it' if one else 'them'} or drop --engine sb3.")
 
     if cfg.full_state:
         pixel_only = {"--encoder": cfg.encoder is not None, "--critic-encoder": cfg.critic_encoder,

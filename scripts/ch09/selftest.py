@@ -118,6 +118,8 @@ class SelftestConfig:
     """The --precision you will train with: its CUDA graph is checked, and the speed sample uses it."""
     n_envs: int = 1
     """The --n-envs you will train with (memory check and speed sample)."""
+    overlap_collection: bool = False
+    """The --overlap-collection you will train with: the speed sample's FastSAC run uses it."""
     out: Path = REPO_ROOT / "results" / "selftest.json"
     """Where the JSON report goes (versions, device, every figure and result): attach it to a problem report."""
     render_seconds: float = 3.0
@@ -330,12 +332,14 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
             run=run, n_envs=card.n_envs, batch_size=SPEED_BATCH,
             precision=card.precision if RUNS[run].engine == "fast" else "fp32", device=str(device), seed=0,
             learning_starts=SPEED_LEARNING_STARTS, warmup_steps=SPEED_WARMUP_STEPS, seconds=seconds,
-            max_steps=10**9, train_only_updates=0, buffer_size=SPEED_BUFFER_SIZE, overlap=False,
+            max_steps=10**9, train_only_updates=0, buffer_size=SPEED_BUFFER_SIZE,
+            overlap=card.overlap_collection and RUNS[run].engine == "fast",
             torch_threads=th.get_num_threads()))
         rates[run], measurements[run] = result["env_steps_per_s"], result
     stock, fast = rates[stock_run], rates[fast_run]
     figures = {"runs": {run: RUNS[run].what for run in rates}, "env_steps_per_s": rates, "n_envs": card.n_envs,
-               "batch_size": SPEED_BATCH, "precision": card.precision, "seconds_each": seconds,
+               "batch_size": SPEED_BATCH, "precision": card.precision,
+               "overlap_collection": card.overlap_collection, "seconds_each": seconds,
                "speedup": fast / stock, "measurements": measurements}  # bench_train's own record of each
     proxy = "" if RUNS[fast_run].pixels else " (full-state proxy: pixel updates need a GPU)"
     speed = CheckResult("speed sample", "pass", f"{stock_run} {stock:.1f}, {fast_run} {fast:.1f} env steps/s "
@@ -422,10 +426,11 @@ def run_selftest(cfg: SelftestConfig) -> int:
     started = time.perf_counter()
     card = experiment.resolve_config(experiment.TrainConfig(
         **EXPERIMENT_CARD_FLAGS, buffer_size=cfg.buffer_size, n_envs=cfg.n_envs, device=str(device),
-        precision=cfg.precision))
+        precision=cfg.precision, overlap_collection=cfg.overlap_collection))
+    overlap = " --overlap-collection" if cfg.overlap_collection else ""
     print(f"[selftest] {device}, the Experiment Card's flags with --buffer-size {cfg.buffer_size:,} --n-envs "
-          f"{cfg.n_envs} --precision {cfg.precision}: device, renderer, replay memory, bf16 vs fp32, CUDA graph, "
-          "speed sample", flush=True)
+          f"{cfg.n_envs} --precision {cfg.precision}{overlap}: device, renderer, replay memory, bf16 vs fp32, "
+          "CUDA graph, speed sample", flush=True)
 
     mujoco_starts = renderer_import_error() is None  # no MuJoCo, no env of any kind
     no_mujoco = "MuJoCo did not start (see the renderer row)"
