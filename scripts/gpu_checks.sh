@@ -30,7 +30,8 @@
 # After the call: copy bench1.json, bench8.json and proxy.json to docs/measurements/<date>_h200_<name>.json and put
 # each into README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
 # and `<!-- end measured -->` (the tests check every such block against its file). bench1's second table says
-# where each env step's time goes: the updates on the host and on the GPU, the env step, the rest.
+# where each env step's time goes: the updates on the host and on the GPU, the env step, the rest. Its rows choose
+# the defaults of train's --precision and --overlap-collection (bench8's, of --n-envs); the proxy trains with neither.
 #
 # Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
 set -uo pipefail
