@@ -48,9 +48,11 @@ Run it
     python scripts/bench_train.py --report docs/measurements/<date>_<machine>_bench1.json   # README markdown
 
 It prints the table and writes JSON to ``results/bench_train_<device>.json`` (or ``--out``) after every
-measurement. A figure goes into the README as the ``--report`` markdown of a JSON committed under
-``docs/measurements/``, between ``<!-- measured: FILE -->`` and ``<!-- end measured -->``; the tests check that
-every such block is still what its file renders.
+measurement. A measurement that gives no result (its worker stops with an error, or it runs past ``--timeout``)
+is a row marked ``failed``, with the reason under the table and the worker's stderr in the JSON; the bench goes
+on with the next one and exits 1 at the end. A figure goes into the README as the ``--report`` markdown of a JSON
+committed under ``docs/measurements/``, between ``<!-- measured: FILE -->`` and ``<!-- end measured -->``; the
+tests check that every such block is still what its file renders.
 """
 
 from __future__ import annotations
@@ -161,8 +163,8 @@ def resolve(cfg: BenchConfig) -> BenchConfig:
     """Defaults that depend on the device, and one-sentence refusals of impossible requests."""
     if cfg.quick:
         cfg = replace(cfg, device="cpu", runs=cfg.runs or ("state-sb3", "state-fast"), batch_sizes=(16,),
-                      learning_starts=100, warmup_steps=20, seconds=2.0, max_steps=400, train_only_updates=10,
-                      buffer_size=2_000)
+                      learning_starts=100 * max(cfg.n_envs), warmup_steps=20, seconds=2.0, max_steps=400,
+                      train_only_updates=10, buffer_size=2_000)  # two episodes per env before the first update
     device = cfg.device
     if device == "auto":
         device = "cuda" if th.cuda.is_available() else "cpu"
@@ -203,6 +205,15 @@ def measurements(cfg: BenchConfig) -> list[tuple[Measurement, int]]:
     return jobs
 
 
+class MeasurementFailed(Exception):
+    """A measurement that ended without a result: a worker failed (``reason``: its one-line error, ``detail``:
+    the end of its stderr) or it ran past ``--timeout``. The bench records a failed row and goes on."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
 def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> list[dict[str, Any]]:
     """``concurrent`` worker processes of one measurement (seeds 0, 1, ...); their results."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as barrier:
@@ -219,11 +230,15 @@ def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> 
             except subprocess.TimeoutExpired:
                 for other in procs:
                     other.kill()
-                raise UserError(f"{measurement.run} (n_envs {measurement.n_envs}) took longer than --timeout "
-                                f"{timeout:g} s; give it more time or fewer --seconds.") from None
+                    other.communicate()
+                raise MeasurementFailed(f"took longer than --timeout {timeout:g} s (give it more time or fewer "
+                                        "--seconds)") from None
             lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
             if proc.returncode != 0 or not lines:
-                raise RuntimeError(f"benchmark worker for {measurement.run} failed:\n{err[-3000:]}")
+                said = [line for line in err.splitlines() if line.strip()]
+                raise MeasurementFailed(f"the worker exited {proc.returncode}: "
+                                        f"{said[-1].removeprefix('error: ') if said else 'it printed nothing'}",
+                                        err[-3000:])
             results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
     return results
 
@@ -251,6 +266,14 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def failed_row(measurement: Measurement, concurrent: int, failure: MeasurementFailed) -> dict[str, Any]:
+    """The row of a measurement that gave no result: its setup, why, and the end of the worker's stderr."""
+    return {"run": measurement.run, "engine": RUNS[measurement.run].engine, "what": RUNS[measurement.run].what,
+            "n_envs": measurement.n_envs, "batch_size": measurement.batch_size, "precision": measurement.precision,
+            "overlap": measurement.overlap, "concurrent": concurrent, "failed": failure.reason,
+            "stderr_tail": failure.detail}
+
+
 def _mean(values: list[float | None]) -> float | None:
     present = [value for value in values if value is not None]
     return float(np.mean(present)) if present else None
@@ -273,9 +296,11 @@ def median_row(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
+        if "failed" in row:
+            continue
         reference = REFERENCE_RUN[RUNS[row["run"]].pixels]
         stock = [r for r in rows if r["run"] == reference and r["n_envs"] == row["n_envs"]
-                 and r["batch_size"] == row["batch_size"] and r["concurrent"] == 1]
+                 and r["batch_size"] == row["batch_size"] and r["concurrent"] == 1 and "failed" not in r]
         row["x_stock"] = row["env_steps_per_s"] / stock[0]["env_steps_per_s"] if stock else None
         row["stock_reference"] = reference if stock else None
 
@@ -311,7 +336,9 @@ def _setup_cells(row: dict[str, Any]) -> tuple[str, ...]:
 
 
 def speed_cells(row: dict[str, Any]) -> tuple[str, ...]:
-    """One row of the speed table (console and README)."""
+    """One row of the speed table (console and README); a failed measurement's says so and measures nothing."""
+    if "failed" in row:
+        return (*_setup_cells(row), "failed", *["-"] * (len(SPEED_HEADER) - len(SETUP_HEADER) - 1))
     peak = row["peak_gpu_memory_bytes"] / 1e9 if row["peak_gpu_memory_bytes"] is not None else None
     per_seed = row["env_steps_per_s"] / row["concurrent"]  # concurrent seeds share out the summed speed
     return (*_setup_cells(row), _cell(row["env_steps_per_s"]), _cell(row["x_stock"], 2), _cell(row["updates_per_s"]),
@@ -325,8 +352,16 @@ def phase_cells(row: dict[str, Any]) -> tuple[str, ...]:
     return (*_setup_cells(row), *(_cell(row.get(phase), 2) for phase in PHASES))
 
 
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Why each failed measurement gave no result, one line each (under the speed table)."""
+    return [f"failed: {run_label(row)}, {row['n_envs']} env(s), batch {row['batch_size']}, {row['precision']}: "
+            f"{row['failed']}" for row in rows if "failed" in row]
+
+
 def print_table(rows: list[dict[str, Any]], device: str) -> None:
     print_aligned([SPEED_HEADER, *map(speed_cells, rows)])
+    for line in failure_lines(rows):
+        print(line)
     print()
     print("Where the time goes, ms per env step (PhaseClock in scripts/ch09/benchmark.py):")
     print_aligned([PHASE_HEADER, *map(phase_cells, rows)])
@@ -351,19 +386,30 @@ def bench(cfg: BenchConfig) -> int:
                               "rows": []}
     jobs = measurements(cfg)
     rounds: list[list[dict[str, Any]]] = [[] for _ in jobs]
+    failures: dict[int, dict[str, Any]] = {}  # the last failure of each measurement
     for repeat in range(cfg.repeats):
         for number, (measurement, concurrent) in enumerate(jobs):
             print(f"[round {repeat + 1}/{cfg.repeats}, {number + 1}/{len(jobs)}] {measurement.run}: n_envs "
                   f"{measurement.n_envs}, batch {measurement.batch_size}, {measurement.precision}, "
                   f"{concurrent} process(es)", flush=True)
-            rounds[number].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
-            report["rows"] = [median_row(done) for done in rounds if done]
+            try:
+                rounds[number].append(combine(run_processes(measurement, concurrent, cfg.timeout)))
+            except MeasurementFailed as failure:  # the next measurements may still work: measure them
+                print(f"  failed: {failure.reason}", flush=True)
+                failures[number] = failed_row(measurement, concurrent, failure)
+            # a measurement with no result in any round is a failed row, in its place
+            report["rows"] = [median_row(done) if done else failures[number]
+                              for number, done in enumerate(rounds) if done or number in failures]
             add_ratios(report["rows"])
             write_json(out, report)  # atomically: a deadline that kills the bench keeps the last one whole
     print()
     print_table(report["rows"], cfg.device)
     print(f"results: {out}")
-    return 0
+    failed = [row for row in report["rows"] if "failed" in row]
+    if failed:
+        print(f"error: {len(failed)} of {len(jobs)} measurements gave no result (the rows marked failed; the JSON "
+              "keeps each worker's stderr).", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ======================================================================================================
@@ -377,6 +423,9 @@ def _markdown(header: Sequence[str], lines: list[Sequence[str]]) -> list[str]:
 def bench_markdown(report: dict[str, Any]) -> str:
     """Two tables: the speeds, and where each env step's time goes (``PhaseClock``)."""
     lines = _markdown(SPEED_HEADER, [speed_cells(row) for row in report["rows"]])
+    failures = failure_lines(report["rows"])
+    if failures:
+        lines += ["", *(f"- {line}" for line in failures)]
     lines += ["", "ms per env step:", ""]
     lines += _markdown(PHASE_HEADER, [phase_cells(row) for row in report["rows"]])
     return "\n".join(lines)

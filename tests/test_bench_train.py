@@ -45,6 +45,25 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
     assert "env steps/s" in printed and "need a GPU" in printed and "Where the time goes" in printed
 
 
+def test_a_measurement_that_fails_is_a_failed_row_and_the_bench_measures_the_next_one(tmp_path, capsys):
+    """A real worker that stops with an error (at 2 envs, --learning-starts 50 ends before each env has finished
+    an episode, which the worker refuses in train's sentence): its row says failed and why, the 1-env measurement
+    after it is still made, and the bench exits 1."""
+    out = tmp_path / "bench.json"
+    code = bench_train.main(["--device", "cpu", "--runs", "state-fast", "--n-envs", "2", "1", "--batch-sizes", "16",
+                             "--learning-starts", "50", "--warmup-steps", "20", "--seconds", "1", "--max-steps", "200",
+                             "--train-only-updates", "0", "--buffer-size", "1000", "--out", str(out)])
+    assert code == 1
+    two_envs, one_env = json.loads(out.read_text())["rows"]
+    assert two_envs["n_envs"] == 2 and "--learning-starts 50 comes before" in two_envs["failed"]
+    assert "use --learning-starts 100 or more" in two_envs["stderr_tail"]
+    assert "failed" not in one_env and one_env["n_envs"] == 1 and one_env["env_steps_per_s"] > 0
+    assert "1 of 2 measurements gave no result" in capsys.readouterr().err
+    markdown = bench_train.markdown_report(out)
+    assert "| state-fast | 2 | 16 | fp32 | 1 | failed | - |" in markdown
+    assert "- failed: state-fast, 2 env(s), batch 16, fp32: the worker exited 2: --learning-starts 50" in markdown
+
+
 def test_overlapped_updates_count_as_updates_not_as_env_time(tmp_path):
     """With --overlap True, ``train()`` only defers the updates, which run in ``_UpdateWhileEnvsStep.step_async``: the
     clock still puts them under updates (an update of full-state Push is ~5x its env step on a CPU). A clock on

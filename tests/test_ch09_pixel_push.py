@@ -234,6 +234,8 @@ def test_help_shows_field_docs_and_real_defaults(capsys: pytest.CaptureFixture) 
     (["train", "--seed"], ["--seed needs a value"]),
     (["train", "--engine", "sb3", "--precision", "bf16", "--overlap-collection"],
      ["--precision bf16 and --overlap-collection only work with --engine fast", "drop them or drop --engine sb3"]),
+    (["train", "--full-state", "--n-envs", "2", "--learning-starts", "60"],  # the HER buffer would raise
+     ["--learning-starts 60", "50-step episode (2 env(s))", "--learning-starts 100 or more"]),
     (["package"], ["package needs --checkpoint"]),
 ])
 def test_a_bad_command_line_is_one_sentence_and_exit_2(cli, argv: list[str], fragments: list[str]) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import functools
 import json
 import math
 import os
@@ -527,8 +528,9 @@ def reach_env(n_envs: int = 1) -> DummyVecEnv:
     return DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")] * n_envs)
 
 
-def reach_model(env, replay_buffer_class: type = FrameStackHerReplayBuffer, **kwargs) -> FastSAC:
-    return FastSAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=100, seed=0,
+def reach_model(env, replay_buffer_class: type = FrameStackHerReplayBuffer, learning_starts: int = 100,
+                **kwargs) -> FastSAC:
+    return FastSAC("MultiInputPolicy", env, buffer_size=2_000, batch_size=32, learning_starts=learning_starts, seed=0,
                    device="cpu", gamma=0.95, replay_buffer_class=replay_buffer_class,
                    replay_buffer_kwargs=dict(n_sampled_goal=4), policy_kwargs=dict(net_arch=[64, 64]), **kwargs)
 
@@ -642,6 +644,47 @@ def test_overlapped_collection_runs_the_same_updates_inside_step_async(overlap):
         assert ran_inside[51:] == [2] * (150 - 51) and ran_inside[:51] == [0] * 51
     else:
         assert set(ran_inside) == {0}
+
+
+def test_the_device_draw_refuses_to_sample_before_the_first_episode_ends_as_the_buffer_does():
+    """Before any episode has finished nothing is sampleable: the host sample() raises, and so must the device
+    draw, which would otherwise train on rows of no finished episode without a word."""
+    env = reach_env()
+    try:
+        model = reach_model(env, learning_starts=10)  # FetchReach episodes last 50 steps
+        with pytest.raises(RuntimeError, match="Unable to sample before the end of the first episode"):
+            model.learn(60)
+        assert model._engine is not None and model._engine.view is not None, "the device draw refused"
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("replay", [FrameStackHerReplayBuffer, HerReplayBuffer])
+def test_overlap_with_env_worker_processes_sends_nothing_to_a_worker_mid_step(replay):
+    """Deferred updates run while the worker processes step, when anything sent down a worker's pipe would be
+    answered by the step's results. The frame-once buffer's device draw overlaps (the engine, whose reward lookup
+    asks env 0, is built between steps); SB3's HER buffer asks a worker for compute_reward at every sample, so its
+    updates run between steps, with one warning."""
+    from ch09.run.vec_env import make_vec_env
+
+    reach = functools.partial(make_fetch_env, "FetchReach-v4", pixels=False, goal_mode="both")
+    probe = StepProbe(make_vec_env([reach, reach], worker_timeout=120))
+    try:
+        model = reach_model(probe, replay, overlap_collection=True, train_freq=1, gradient_steps=2)
+        probe.model = model
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.learn(300)
+    finally:
+        probe.close()
+    assert model._n_updates == 2 * (150 - 50) and model.num_timesteps == 300  # every update, none lost
+    ran_inside = [w - a for a, w in zip(probe.at_async, probe.at_wait)]
+    declined = [w for w in caught if "not overlapped with them" in str(w.message)]
+    if replay is FrameStackHerReplayBuffer:
+        assert ran_inside[51:] == [2] * (150 - 51) and not declined
+    else:
+        assert set(ran_inside) == {0} and len(declined) == 1
+        assert "HerReplayBuffer, not FrameStackHerReplayBuffer" in str(declined[0].message)
 
 
 def test_the_production_script_trains_with_either_engine_and_switches_on_resume(tmp_path, production):

@@ -33,7 +33,7 @@ QUICK = ("--device", "cpu", "--render-seconds", "1", "--speed-seconds", "1")
 def unfit_run(production, tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
     proc = production.run("selftest", *QUICK, "--buffer-size", str(UNFIT_BUFFER), "--overlap-collection",
-                          "--out", str(out), timeout=300)
+                          "--n-envs", "3", "--out", str(out), timeout=300)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -76,6 +76,7 @@ def test_selftest_on_a_cpu_prints_one_table_one_skip_line_and_exits_1_for_the_ch
     assert 0 <= losses["worst_fraction_of_bound"] <= 1 and len(losses["fp32_losses"]) == losses["updates"] > 1
     speed = checks["speed sample"]["figures"]
     assert set(speed["env_steps_per_s"]) == {"state-sb3", "state-fast"}
+    assert speed["n_envs"] == 3  # its random steps finish an episode per env before SB3's HER buffer samples
     overlapped = {run: measured["overlap"] for run, measured in speed["measurements"].items()}
     assert overlapped == {"state-sb3": False, "state-fast": True}  # the flag reaches FastSAC's run only
     assert all(rate > 0 for rate in speed["env_steps_per_s"].values())

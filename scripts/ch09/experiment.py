@@ -356,6 +356,7 @@ def check_train_arguments(cfg: TrainConfig) -> None:
         raise UserError(f"--learning-starts {cfg.learning_starts:,} >= --total-steps {cfg.total_steps:,}: the run "
                         "would only collect random steps and never update; lower --learning-starts or raise "
                         "--total-steps.")
+    check_first_sample(cfg)
     if cfg.checkpoint_freq % cfg.n_envs:
         # A vector step adds n_envs steps at once: only multiples of n_envs are ever reached exactly, and a
         # snapshot's name must equal the steps inside it (write_missed_snapshot relies on it too).
@@ -366,6 +367,21 @@ def check_train_arguments(cfg: TrainConfig) -> None:
     positive_seconds("worker_timeout", cfg.worker_timeout)
     check_device("device", cfg.device)
     check_writable_folder("artifact_root", cfg.artifact_root)
+
+
+def check_first_sample(cfg: TrainConfig) -> None:
+    """HER buffers (SB3's and the frame-once one) sample only from finished episodes: refuse a
+    ``--learning-starts`` that lets the first update come before every env has finished one (the buffer would
+    stop the run there with a RuntimeError)."""
+    try:
+        episode_steps = gym.spec(cfg.env).max_episode_steps or 1
+    except gym.error.Error:  # not registered here (MuJoCo did not start): the renderer check says so, later
+        return
+    needed = episode_steps * cfg.n_envs
+    if cfg.learning_starts < needed:
+        raise UserError(f"--learning-starts {cfg.learning_starts:,} comes before every env has finished its first "
+                        f"{episode_steps}-step episode ({cfg.n_envs} env(s)), and the HER replay buffer samples only "
+                        f"finished episodes; use --learning-starts {needed:,} or more.")
 
 
 def check_replay_memory(cfg: TrainConfig, observation_space: spaces.Space, action_space: spaces.Space

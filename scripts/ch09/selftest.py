@@ -82,7 +82,8 @@ update takes seconds, the full-state pair (bench_train's CPU proxy)."""
 SPEED_BATCH = 256
 """The Experiment Card's batch."""
 SPEED_LEARNING_STARTS = 100
-"""Random steps before the sample's updates (two complete episodes)."""
+"""Random steps per env before the sample's updates (two complete episodes each: the HER buffers sample only
+finished ones)."""
 SPEED_WARMUP_STEPS = 20
 """Trained steps before the timing starts: cuDNN autotuning and the CUDA-graph capture stay out of it."""
 SPEED_BUFFER_SIZE = 5_000
@@ -331,7 +332,7 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
         result = measure(Measurement(
             run=run, n_envs=card.n_envs, batch_size=SPEED_BATCH,
             precision=card.precision if RUNS[run].engine == "fast" else "fp32", device=str(device), seed=0,
-            learning_starts=SPEED_LEARNING_STARTS, warmup_steps=SPEED_WARMUP_STEPS, seconds=seconds,
+            learning_starts=SPEED_LEARNING_STARTS * card.n_envs, warmup_steps=SPEED_WARMUP_STEPS, seconds=seconds,
             max_steps=10**9, train_only_updates=0, buffer_size=SPEED_BUFFER_SIZE,
             overlap=card.overlap_collection and RUNS[run].engine == "fast",
             torch_threads=th.get_num_threads()))

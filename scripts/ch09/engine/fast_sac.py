@@ -116,7 +116,7 @@ from stable_baselines3.common.distributions import SquashedDiagGaussianDistribut
 from stable_baselines3.common.logger import KVWriter
 from stable_baselines3.common.policies import ContinuousCritic
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
-from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
 
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
@@ -158,7 +158,7 @@ CAPTURABLE_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 ENGINE_ATTRIBUTES = (
     "precision", "sb3_order", "overlap_collection", "cuda_graph", "fuse_next_obs_pass", "step_graph_class",
     "_engine", "_engine_unsupported", "_pending_updates", "_unread_update_steps", "_in_learn", "_overlap_env",
-    "_graph_fallback",
+    "_overlap_declined", "_graph_fallback",
 )
 """FastSAC's own attributes: kept out of the checkpoint, which stays exactly what SAC.save writes."""
 
@@ -694,6 +694,7 @@ class SacUpdateEngine:
         device: this call's sums are what SB3 would log for it)."""
         if self.view is not None:
             self.view.sync()
+            self.view.raise_if_nothing_to_draw()
         if self.graph is not None and self._addresses() != self._captured_addresses:
             self._set_status("warming-up")  # a captured pointer went stale: capture again, after a warm-up
             self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS
@@ -870,6 +871,13 @@ def _copy_batch(static: DictReplayBufferSamples, batch: DictReplayBufferSamples)
             getattr(static, name).copy_(field_value)
 
 
+def _runs_in_process(env: VecEnv | None) -> bool:
+    """True if ``env`` steps its envs in this process (DummyVecEnv under any VecEnv wrappers)."""
+    while isinstance(env, VecEnvWrapper):
+        env = env.venv
+    return isinstance(env, DummyVecEnv)
+
+
 class _UpdateWhileEnvsStep(VecEnvWrapper):
     """``step_async`` sends the actions, then runs the updates SB3 deferred; ``step_wait`` collects the envs."""
 
@@ -953,6 +961,7 @@ class FastSAC(SAC):
         self._engine: SacUpdateEngine | None = None
         self._engine_unsupported: str | None = None
         self._pending_updates: list[tuple[int, int]] = []
+        self._overlap_declined = False
         self._unread_update_steps = 0
         self._in_learn = False
         self._overlap_env: _UpdateWhileEnvsStep | None = None
@@ -985,10 +994,27 @@ class FastSAC(SAC):
         return planned_graph_status(self)
 
     def train(self, gradient_steps: int, batch_size: int = 64) -> None:
-        if self.overlap_collection and self._in_learn:
+        if self.overlap_collection and self._in_learn and self._may_defer(batch_size):
             self._pending_updates.append((gradient_steps, batch_size))  # run inside the next step_async
             return
         self._train_now(gradient_steps, batch_size)
+
+    def _may_defer(self, batch_size: int) -> bool:
+        """Whether updates may run inside ``step_async``, while env worker processes are mid-step: only if they
+        send nothing down the workers' pipes (a message there would be answered by the step's results). Envs in
+        this process are always safe; with worker processes, only a device draw is (SB3's HER sampling asks a
+        worker for ``compute_reward``). The engine is built here, between steps: building it asks env 0 for
+        its reward. Otherwise the updates run now, as without overlap, and one warning says why."""
+        engine = self._engine_for(batch_size)
+        if (engine is not None and engine.view is not None) or _runs_in_process(self.get_env()):
+            return True
+        if not self._overlap_declined:
+            self._overlap_declined = True
+            reason = self._engine_unsupported if engine is None else engine.host_sampling_reason
+            warnings.warn("FastSAC runs the updates between env steps, not overlapped with them: with envs in "
+                          f"worker processes that needs the batch drawn on the device, and here {reason}.",
+                          stacklevel=2)
+        return False
 
     def _train_now(self, gradient_steps: int, batch_size: int) -> None:
         engine = self._engine_for(batch_size)
