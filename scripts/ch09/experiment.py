@@ -314,13 +314,6 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.resume and cfg.move_old_run:
         raise UserError("--resume continues the earlier run and --move-old-run moves it aside; give only one.")
     check_seed("seed", cfg.seed)
-    if cfg.engine == "sb3":  # SB3's train() has neither: the run would silently be fp32 and not overlapped
-        fast_only = {"--precision bf16": cfg.precision == "bf16", "--overlap-collection": cfg.overlap_collection}
-        given = [flag for flag, is_given in fast_only.items() if is_given]
-        if given:
-            one = len(given) == 1
-            raise UserError(f"{' and '.join(given)} only work{'s' if one else ''} with --engine fast; drop "
-                            f"{'it' if one else 'them'} or drop --engine sb3.")
 
     if cfg.full_state:
         pixel_only = {"--encoder": cfg.encoder is not None, "--critic-encoder": cfg.critic_encoder,
@@ -350,13 +343,22 @@ def saved_replay_buffer(cfg: TrainConfig, paths: RunPaths) -> Path | None:
 
 
 def check_train_arguments(cfg: TrainConfig) -> None:
-    """What ``resolve_config`` cannot judge from the flags alone: this machine's devices and folders, and a
-    run that would never train. Called before anything is built (no env, no worker, no model)."""
+    """What ``resolve_config`` does not judge: this machine's devices and folders, a run that would never train
+    or would fail at its first sample, and flags the chosen engine would ignore. Called before anything is built
+    (no env, no worker, no model)."""
     if cfg.learning_starts >= cfg.total_steps:
         raise UserError(f"--learning-starts {cfg.learning_starts:,} >= --total-steps {cfg.total_steps:,}: the run "
                         "would only collect random steps and never update; lower --learning-starts or raise "
                         "--total-steps.")
     check_first_sample(cfg)
+    # Here, not in resolve_config, which also rebuilds the configs that older checkpoints recorded.
+    if cfg.engine == "sb3":  # SB3's train() has neither: the run would silently be fp32 and not overlapped
+        fast_only = {"--precision bf16": cfg.precision == "bf16", "--overlap-collection": cfg.overlap_collection}
+        given = [flag for flag, is_given in fast_only.items() if is_given]
+        if given:
+            one = len(given) == 1
+            raise UserError(f"{' and '.join(given)} only work{'s' if one else ''} with --engine fast; drop "
+                            f"{'it' if one else 'them'} or drop --engine sb3.")
     if cfg.checkpoint_freq % cfg.n_envs:
         # A vector step adds n_envs steps at once: only multiples of n_envs are ever reached exactly, and a
         # snapshot's name must equal the steps inside it (write_missed_snapshot relies on it too).
