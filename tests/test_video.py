@@ -23,7 +23,7 @@ import mujoco
 import numpy as np
 import pytest
 
-from ch09.run.callbacks import ProgressBarCallback
+from ch09.run.callbacks import NoCudaNotice, ProgressBarCallback
 from ch09.run.video import (
     CAMERA_SIZE,
     HEADER_HEIGHT,
@@ -132,7 +132,10 @@ def test_pixel_run_without_cuda_prints_its_measured_update_time(pixel_run: dict)
     assert len(lines) == 1, pixel_run["stdout"][-3000:]
     seconds = float(re.search(rf"{NOTICE} ([0-9.e+-]+) s here", lines[0])[1])
     assert seconds > 0
-    assert f"so {TRAIN_STEPS:,} steps would take ~" in lines[0] and "--full-state" in lines[0]
+    # the projection covers the steps still to go: not the random-action ones, nor the measured iterations
+    steps_left = int(re.search(r"so the remaining ([0-9,]+) steps would take ~", lines[0])[1].replace(",", ""))
+    assert 0 < steps_left <= TRAIN_STEPS - LEARNING_STARTS - NoCudaNotice.MEASURED_ITERATIONS, lines[0]
+    assert "--full-state" in lines[0]
 
 
 def test_full_state_run_has_no_notice_and_no_eval_video_with_the_flag(production, tmp_path: Path) -> None:

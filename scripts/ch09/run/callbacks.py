@@ -177,8 +177,8 @@ class NoCudaNotice(BaseCallback):
     SB3 calls ``train()`` (the ``gradient_steps`` updates) after a rollout ends and before the next one
     starts, so the time between those two callbacks is the update time, and the time from one rollout
     start to the next is a whole training iteration (``n_envs`` env steps plus their updates), which the
-    projection uses. The first iteration (allocations, warm-up) is not counted; the median of the next
-    ``MEASURED_ITERATIONS`` is, so an evaluation falling among them does not inflate the figure.
+    projection of the steps still to go uses. The first iteration (allocations, warm-up) is not counted; the
+    median of the next ``MEASURED_ITERATIONS`` is, so an evaluation falling among them does not inflate the figure.
     """
 
     MEASURED_ITERATIONS = 5
@@ -196,7 +196,6 @@ class NoCudaNotice(BaseCallback):
 
     def _on_training_start(self) -> None:
         self.active = self.model.device.type != "cuda"
-        self.session_steps = self.total_steps - self.num_timesteps
 
     def _on_rollout_end(self) -> None:
         if self.active and self.num_timesteps > self.model.learning_starts:
@@ -220,9 +219,10 @@ class NoCudaNotice(BaseCallback):
 
         per_update = float(np.median(update_seconds)) / max(self.model.gradient_steps, 1)
         per_step = float(np.median(iteration_seconds)) / self.training_env.num_envs
+        steps_left = max(self.total_steps - self.num_timesteps, 0)  # the random-action steps are behind us
         where = "no CUDA GPU" if not torch.cuda.is_available() else f"training on {self.model.device}, not CUDA"
-        tqdm.write(f"{where}: a pixel update takes {per_update:.3g} s here, so {self.session_steps:,} steps would "
-                   f"take ~{human_duration(per_step * self.session_steps)}; use a GPU, or --full-state to check "
+        tqdm.write(f"{where}: a pixel update takes {per_update:.3g} s here, so the remaining {steps_left:,} steps "
+                   f"would take ~{human_duration(per_step * steps_left)}; use a GPU, or --full-state to check "
                    "the pipeline", file=sys.stdout)
 
     def _on_step(self) -> bool:
