@@ -440,6 +440,38 @@ def test_bf16_encoder_passes_run_on_the_cpu_and_stay_close_to_fp32(pixel_data):
         assert logged_losses(bf16)[key] != logged_losses(fp32)[key], "bf16 should change the numbers a little"
 
 
+def test_channels_last_encoders_take_their_adam_moments_along_and_keep_the_bf16_step(pixel_data):
+    """bf16's CUDA-only layout, forced on the CPU on a model whose Adam states exist (a bf16 resume on a GPU):
+    the encoders' weights and their Adam moments turn channels_last, the optimizers keep the same Parameters,
+    and the next updates are the NCHW ones up to summation order."""
+    vec_env, buffers = pixel_data
+    _, nchw = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy", precision="bf16")
+    channels_last = FastSAC.from_sac(nchw, precision="bf16")  # the same weights and Adam states, as a resume loads
+    channels_last.replay_buffer = nchw.replay_buffer
+    channels_last.set_logger(Logger(folder=None, output_formats=[]))
+    engine = channels_last._engine_for(PIXEL_BATCH)
+    engine.channels_last = True
+    engine._encoders_to_channels_last()
+    for model in (nchw, channels_last):
+        np.random.seed(5)
+        th.manual_seed(5)
+        model.train(gradient_steps=2, batch_size=PIXEL_BATCH)
+    assert channels_last._engine is engine, "the forced engine ran the updates"
+
+    encoder = channels_last.critic.features_extractor
+    convs = [p for p in encoder.parameters() if p.dim() == 4]
+    optimized = {id(p) for group in channels_last.critic.optimizer.param_groups for p in group["params"]}
+    assert convs and all(id(p) in optimized for p in convs), "the optimizer lost the encoder's Parameters"
+    for param in convs:
+        state = channels_last.critic.optimizer.state[param]
+        for tensor in (param, param.grad, state["exp_avg"], state["exp_avg_sq"]):
+            assert tensor.is_contiguous(memory_format=th.channels_last), tuple(tensor.stride())
+    assert_close_in_bulk(nchw, channels_last, atol=GPU_WEIGHT_ATOL["bf16"])
+    for key in ("train/critic_loss", "train/actor_loss"):
+        assert logged_losses(channels_last)[key] == pytest.approx(logged_losses(nchw)[key],
+                                                                  rel=GRAPH_VERIFY_RTOL["bf16"], abs=1e-5), key
+
+
 def test_routing_of_drqv2_policy_survives_the_engine(pixel_data):
     """The lab's invariants after FastSAC updates: the encoder is in the critic's optimizer only, the actor's
     step leaves it alone, and the target encoder is its Polyak average."""
