@@ -34,6 +34,10 @@
 # the defaults of train's --precision and --overlap-collection (bench8's, of --n-envs); the proxy trains with neither.
 #
 # Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
+# A rerun after a fix: the machine goes back 30 s after a call, so the rerun starts a fresh one (1-2 min of the
+# session's device time) and needs 4 min left to start at all: rerun only the stages that failed or were cut, with
+# DEADLINE_S = what `status` gives as budget_left_s, less 150 s, and timeout_s = DEADLINE_S + 30, e.g.
+#   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
 STAGES=(tests selftest bench1 proxy bench8)
