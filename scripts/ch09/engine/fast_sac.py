@@ -873,9 +873,7 @@ def _copy_batch(static: DictReplayBufferSamples, batch: DictReplayBufferSamples)
 
 def _runs_in_process(env: VecEnv | None) -> bool:
     """True if ``env`` steps its envs in this process (DummyVecEnv under any VecEnv wrappers)."""
-    while isinstance(env, VecEnvWrapper):
-        env = env.venv
-    return isinstance(env, DummyVecEnv)
+    return env is not None and isinstance(env.unwrapped, DummyVecEnv)
 
 
 class _UpdateWhileEnvsStep(VecEnvWrapper):
