@@ -14,7 +14,9 @@ What they pin down, on the CPU (the CUDA-graph and bf16 checks at the bottom run
 - overlapped collection runs the same number of updates, inside ``step_async``;
 - the CUDA-graph logic, through the CPU stand-in ``RecordedStepGraph``: warm-up, the static batch, every recapture
   trigger, the verified capture and its fallback (one line, the reason recorded), the off switches, a broken
-  context ending ``train`` in one sentence; the losses are read once per logger dump, and equal SB3's there.
+  context ending ``train`` in one sentence; the losses are read once per logger dump, and equal SB3's there;
+- the step a graph records makes no host read a CPU run can see (what CUDA's capture refuses), on pixels with the
+  device draw, DrQ, both policies and bf16.
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ from stable_baselines3.common.utils import polyak_update
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnvWrapper
 from stable_baselines3.her import HerReplayBuffer
 from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import ch09.engine.fast_sac as fast_sac_module
 from ch09.engine.fast_sac import (
     GRAPH_VERIFY_RTOL,
+    GRAPH_WARMUP_STEPS,
     NO_CUDA_GRAPH_ENV,
     CudaContextError,
     FastSAC,
@@ -1002,6 +1007,142 @@ def test_a_capture_that_fails_verification_falls_back_once_and_trains_eagerly(ho
         env.close()
     lines = [line for line in capsys.readouterr().err.splitlines() if "CUDA-graph" in line]
     assert lines == [f"CUDA-graph step disabled ({status.reason}); training eagerly, same losses, slower"]
+
+
+# What CUDA refuses while it captures, seen on the CPU: an op that makes the host wait for a tensor's value.
+VALUE_DEPENDENT_SHAPE = "a shape that depends on values"
+HOST_READS = {
+    "_local_scalar_dense": "a tensor read as a Python value (.item(), float(), int(), bool())",
+    "is_nonzero": "a tensor read as a Python bool",
+    "equal": "torch.equal, a Python bool",
+    "nonzero": VALUE_DEPENDENT_SHAPE,
+    "masked_select": VALUE_DEPENDENT_SHAPE,
+    "_unique2": VALUE_DEPENDENT_SHAPE,
+    "unique_consecutive": VALUE_DEPENDENT_SHAPE,
+    "unique_dim": VALUE_DEPENDENT_SHAPE,
+}
+MASKABLE_INDEXING = ("index", "index_put", "index_put_", "_index_put_impl_")
+"""Ops that take a boolean mask as an index (``x[mask]``, ``x[mask] = v``): the mask's nonzero runs inside them,
+where a dispatch mode does not see it."""
+
+
+def host_read(func, args) -> str | None:
+    """What makes ``func(*args)`` a host read ("aten.op, why"), or None."""
+    name = func.overloadpacket.__name__
+    if name in HOST_READS:
+        return f"aten.{name}, {HOST_READS[name]}"
+    if name in MASKABLE_INDEXING and any(isinstance(index, th.Tensor) and index.dtype in (th.bool, th.uint8)
+                                         for index in args[1]):
+        return f"aten.{name} with a boolean mask, {VALUE_DEPENDENT_SHAPE}"
+    return None
+
+
+class RefuseHostReads(TorchDispatchMode):
+    """Raise on a host read (``host_read``), as CUDA does on such an op inside a capture.
+
+    Adam's own CPU step reads its step counters (``capturable=False``: Adam refuses ``capturable=True`` on a
+    CPU; on CUDA the engine makes it capturable): ``exempt`` lets those through. What a CPU run cannot see: a
+    copy to the host (``.cpu()``, ``.tolist()`` and ``.numpy()`` are free on a CPU tensor) and host data sent to
+    the device; the ``-m gpu`` tests capture the real graph.
+    """
+
+    exempt = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        reason = host_read(func, args)
+        if reason is not None and not RefuseHostReads.exempt:
+            raise RuntimeError(f"operation not permitted when stream is capturing: {reason}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_read_refusing_stand_in(monkeypatch) -> type[RecordedStepGraph]:
+    """The stand-in whose replay runs the step under ``RefuseHostReads``, Adam's CPU step counters exempt."""
+    adam_step = th.optim.Adam.step
+
+    def step_with_exempt_counters(self, *args, **kwargs):
+        RefuseHostReads.exempt += 1
+        try:
+            return adam_step(self, *args, **kwargs)
+        finally:
+            RefuseHostReads.exempt -= 1
+
+    monkeypatch.setattr(th.optim.Adam, "step", step_with_exempt_counters)
+
+    class RefusingStandIn(RecordedStepGraph):
+        def replay(self):
+            with RefuseHostReads():
+                super().replay()
+
+    return RefusingStandIn
+
+
+@pytest.fixture(scope="module")
+def frame_once_pixel_buffers():
+    """Pixel FetchPush frame-once buffers of PIXEL_STEPS random-action steps, without and with DrQ, and their env."""
+    vec_env = DummyVecEnv([lambda: make_fetch_env("FetchPush-v4", pixels=True, goal_mode="both")])
+    buffers = {}
+    for drq in (False, True):
+        collector = FastSAC("MultiInputPolicy", vec_env, buffer_size=2_000, learning_starts=PIXEL_STEPS, seed=0,
+                            device="cpu", replay_buffer_class=FrameStackHerReplayBuffer,
+                            replay_buffer_kwargs=dict(n_sampled_goal=4, drq=drq), policy_kwargs=PIXEL_POLICY_KWARGS)
+        collector.learn(PIXEL_STEPS)
+        buffers[drq] = collector.replay_buffer
+    yield vec_env, buffers
+    vec_env.close()
+
+
+def trained_through_the_stand_in(buffers, stand_in, policy_name: str = "DrQv2SACPolicy", drq: bool = False,
+                                 precision: str = "fp32") -> FastSAC:
+    """A pixel FastSAC on a filled frame-once buffer (the device draw runs inside the step), after the warm-up,
+    the capture with its verifying replay, and one more replay."""
+    vec_env, filled = buffers
+    model = FastSAC(POLICIES[policy_name], vec_env, buffer_size=2_000, batch_size=PIXEL_BATCH, learning_starts=0,
+                    seed=0, device="cpu", gamma=0.95, replay_buffer_class=FrameStackHerReplayBuffer,
+                    replay_buffer_kwargs=dict(n_sampled_goal=4, drq=drq), policy_kwargs=PIXEL_POLICY_KWARGS,
+                    precision=precision, step_graph_class=stand_in)
+    model.replay_buffer = filled[drq]
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    model.train(gradient_steps=GRAPH_WARMUP_STEPS + 2, batch_size=PIXEL_BATCH)
+    return model
+
+
+@pytest.mark.parametrize("policy_name, drq, precision", [
+    *[(policy, drq, "fp32") for policy in POLICIES for drq in (False, True)],
+    ("DrQv2SACPolicy", False, "bf16"),
+])
+def test_the_step_a_graph_records_makes_no_host_read(frame_once_pixel_buffers, host_read_refusing_stand_in,
+                                                     policy_name, drq, precision):
+    """The whole step the graph records -- the HER draw, DrQ's shifts, the encoder passes, the losses, their
+    backward and the Polyak update -- makes no op that would make CUDA's capture raise (and the engine fall
+    back to eager steps on the GPU)."""
+    model = trained_through_the_stand_in(frame_once_pixel_buffers, host_read_refusing_stand_in, policy_name, drq,
+                                         precision)
+    assert model._engine.view is not None, "the device draw should be inside the step"
+    assert model.graph_status.state == "captured", model.graph_status.reason
+
+
+@pytest.mark.parametrize("read, op", [
+    (lambda mean: float(mean.detach().sum()), "aten._local_scalar_dense"),
+    (lambda mean: bool(mean.isfinite().all()), "aten._local_scalar_dense"),
+    (lambda mean: mean[mean > 0], "aten.index with a boolean mask"),
+    (lambda mean: th.where(mean > 0), "aten.nonzero"),
+])
+def test_a_host_read_in_the_step_is_refused_as_cuda_refuses_it(frame_once_pixel_buffers, host_read_refusing_stand_in,
+                                                               monkeypatch, capsys, read, op):
+    """The check above can fail: a host read slipped into the step makes the stand-in's capture fail, and the
+    engine falls back with the op named."""
+    sample = fast_sac_module.squashed_gaussian_sample
+
+    def sample_after_a_host_read(mean, log_std, epsilon):
+        read(mean)
+        return sample(mean, log_std, epsilon)
+
+    monkeypatch.setattr(fast_sac_module, "squashed_gaussian_sample", sample_after_a_host_read)
+    model = trained_through_the_stand_in(frame_once_pixel_buffers, host_read_refusing_stand_in)
+    status = model.graph_status
+    assert status.state == "fallback" and op in status.reason, status
+    assert "CUDA-graph step disabled (the capture raised RuntimeError" in capsys.readouterr().err
 
 
 def test_the_graph_is_off_with_cuda_graph_false_or_the_environment_variable(stand_in, monkeypatch):
