@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 try:
-    from cli_guard import guard_entry_point, run_guarded
+    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
     sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
@@ -343,11 +343,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder searched (recursively) for files with regions (default: scripts/)")
     parser.add_argument("--manifest", type=Path, default=MANIFEST_PATH,
                         help="JSON list of the regions the chapter prints (default: scripts/snippets_manifest.json)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    # not required=True: argparse would then report a missing command before an unknown flag
+    sub = parser.add_subparsers(dest="command")
     sub.add_parser("check", help="verify markers, widths, class sizes and that every needed region is present")
     extract_cmd = sub.add_parser("extract", help="write each region to OUTDIR/<file stem>/<region>.py")
     extract_cmd.add_argument("out_dir", type=Path, metavar="OUTDIR")
-    args = parser.parse_args(argv)
+    def parse() -> argparse.Namespace:
+        parsed = parser.parse_args(argv)
+        if parsed.command is None:
+            parser.error("name a command: check or extract")
+        return parsed
+
+    args = parse_with_one_line_errors(parse)
     try:
         return run(args)
     except UsageError as error:

@@ -47,7 +47,7 @@ class RandomPixelEnv(gym.Env):
 def test_routing_report_tells_the_three_routings_apart():
     observation_space, action_space = _spaces()
     ours = lab.routing_report(lab.drqv2_policy(observation_space, action_space))
-    shared = lab.routing_report(lab.sb3_default_policy(observation_space, action_space))
+    shared = lab.routing_report(lab.sb3_shared_encoder_policy(observation_space, action_space))
     separate = lab.routing_report(SACPolicy(observation_space, action_space, lambda _: 3e-4,
                                             features_extractor_class=lab.ManipulationExtractor,
                                             normalize_images=False))

@@ -42,7 +42,7 @@ def test_drqv2_bridge_command_passes_claims_probe_and_criteria(lab_script):
     assert "class drqv2_sac_policy.DrQv2SACPolicy" in result.stdout
     encoder_in_actor = next(line for line in result.stdout.splitlines()
                             if line.startswith("encoder in actor optimizer"))
-    assert encoder_in_actor.split()[-2:] == ["8/8", "0/8"]  # the probe's table: SB3 default, ours
+    assert encoder_in_actor.split()[-2:] == ["8/8", "0/8"]  # the probe's table: SB3 shared, ours
 
 
 # ---------------------------------------------------------------------------------------------------------

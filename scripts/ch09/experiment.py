@@ -169,7 +169,7 @@ class TrainConfig:
     move_old_run: bool = False
     """Start over: move an earlier run's TensorBoard folder and checkpoints aside (renamed with a timestamp)."""
     compare_sb3: Annotated[bool, tyro.conf.arg(aliases=("--bridge",))] = False
-    """Print the lab's gradient-routing comparison (SB3 default vs DrQv2SACPolicy) before training."""
+    """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy) before training."""
     progress: bool = True
     """Show a progress bar with steps/s and ETA."""
     artifact_root: Path = REPO_ROOT

@@ -47,7 +47,7 @@ The encoders divide the uint8 pixels by 255 themselves, so `DrQv2SACPolicy` defa
 How to run (from the repository root)
 -------------------------------------
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --verify   # routing, save/load, SB3 smoke claims
-    bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --probe    # SB3 default vs ours, gradient norms
+    bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --probe    # SB3 shared encoder vs ours, gradients
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --bridge   # verify + probe + match-criteria table
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --demo     # 5,000 steps SAC+HER, pixel Push
     bash docker/dev.sh python scripts/labs/drqv2_sac_policy.py --demo --steps 1000
@@ -60,8 +60,9 @@ Saving and loading: `SAC.save` pickles `DrQv2SACPolicy` by reference (module `dr
 process that has the project installed (`pip install -e .`; `docker/dev.sh` does it) can load it.
 `SAC.load(path)` needs no `custom_objects` for a model whose replay buffer is not a HER buffer (as in
 `--verify`); a model trained with a `HerReplayBuffer` needs `SAC.load(path, env=env)`. When this file runs as
-a script, `__main__` re-imports it under its module name first (see the bottom of the file): a class pickled
-from `__main__` could only be loaded by this script.
+a script, `__main__` re-imports it under its module name first (see the bottom of the file): a class defined
+in `__main__` would be pickled by value (cloudpickle), and loaded as a look-alike copy that is not
+`drqv2_sac_policy.DrQv2SACPolicy`.
 """
 
 from __future__ import annotations
@@ -368,7 +369,7 @@ def routing_report(policy: SACPolicy) -> dict[str, Any]:
     }
 
 
-def sb3_default_policy(observation_space: spaces.Space, action_space: spaces.Box) -> SACPolicy:
+def sb3_shared_encoder_policy(observation_space: spaces.Space, action_space: spaces.Box) -> SACPolicy:
     """SB3's stock SAC policy with ONE shared encoder (`share_features_extractor=True`), our extractor."""
     return SACPolicy(
         observation_space,
@@ -556,7 +557,7 @@ def _deterministic_actions(model: SAC, obs: dict[str, th.Tensor]) -> np.ndarray:
 # ======================================================================================================
 
 CLAIM_SMOKE = f"SB3 SAC run on pixel {ENV_ID} gives finite losses and Q-values"
-CLAIM_SAVE_LOAD = "SAC.save/SAC.load round trip keeps the policy class, routing and actions"
+CLAIM_SAVE_LOAD = "SAC.save/SAC.load (no custom_objects) keeps the policy class, routing and actions"
 
 
 @dataclass
@@ -720,7 +721,7 @@ def verify(config: SmokeConfig | None = None) -> list[Claim]:
 
 
 # ======================================================================================================
-# --probe: SB3's default shared encoder vs ours, same weights, same real batch
+# --probe: SB3's shared encoder vs ours, same weights, same real batch
 # ======================================================================================================
 
 
@@ -741,7 +742,7 @@ class ProbeResult:
 
     @property
     def critic_to_actor_ratio(self) -> float:
-        """||dL_Q/dphi|| (ours) / ||dL_pi/dphi|| (SB3 default: the actor loss's gradient before our detach)."""
+        """||dL_Q/dphi|| (ours) / ||dL_pi/dphi|| (SB3 shared: the actor loss's gradient before our detach)."""
         return self.ours.critic_grad_norm / self.sb3.actor_grad_norm if self.sb3.actor_grad_norm > 0 else math.inf
 
     @property
@@ -775,7 +776,7 @@ def probe(seed: int = 0) -> ProbeResult:
         batch = collect_real_batch(env, ROUTING_BATCH, seed=seed)
         th.manual_seed(seed)
         ours = drqv2_policy(env.observation_space, env.action_space)
-        sb3 = sb3_default_policy(env.observation_space, env.action_space)
+        sb3 = sb3_shared_encoder_policy(env.observation_space, env.action_space)
         sb3.load_state_dict(ours.state_dict())
         sb3_report, ours_report = routing_report(sb3), routing_report(ours)
         return ProbeResult(
@@ -830,7 +831,7 @@ def print_probe(result: ProbeResult) -> None:
     print()
     print("Encoder gradient L2 norm at initialization, same weights and batch:")
     print(f"  from the critic loss (ours)                           {ours.critic_grad_norm:.4g}")
-    print(f"  from the actor loss, before the detach (SB3 default)  {sb3.actor_grad_norm:.4g}")
+    print(f"  from the actor loss, before the detach (SB3 shared)   {sb3.actor_grad_norm:.4g}")
     print(f"  ratio critic / actor                                  {result.critic_to_actor_ratio:.1f}x")
     print("(SB3's true default, share_features_extractor=False, builds two encoders: the actor's learns from the "
           "actor loss, the critic's from the critic loss, at twice the encoder compute.)")
@@ -838,12 +839,12 @@ def print_probe(result: ProbeResult) -> None:
 
 
 # ======================================================================================================
-# --bridge: the chapter's match criteria, SB3 default vs ours
+# --bridge: the chapter's match criteria, SB3's shared encoder vs ours
 # ======================================================================================================
 
 
 def print_bridge(claims: list[Claim] | None = None, result: ProbeResult | None = None) -> int:
-    """Print the Bridging Proof's match criteria for SB3's default shared encoder and for DrQv2SACPolicy.
+    """Print the Bridging Proof's match criteria for SB3's shared encoder and for DrQv2SACPolicy.
 
     Runs (and prints) `verify()` and `probe()` when their results are not passed in, as `--bridge` does.
     Returns 0 when DrQv2SACPolicy meets every criterion, else 1.
@@ -883,7 +884,7 @@ def print_bridge(claims: list[Claim] | None = None, result: ProbeResult | None =
         ("SB3 training: finite losses and Q", "-", _yes(smoke.passed), smoke.passed),
     ]
     print()
-    print("Bridge (the chapter's match criteria): SB3 default shared encoder vs DrQv2SACPolicy")
+    print("Bridge (the chapter's match criteria): SB3 shared encoder vs DrQv2SACPolicy")
     _print_table(
         ("criterion", "SB3 share=True", "DrQv2SACPolicy", "ours"),
         [(name, left, right, "PASS" if ok else "FAIL") for name, left, right, ok in rows],
@@ -1001,7 +1002,7 @@ def verify_mode(options: RunOptions) -> list[Claim]:
 
 
 def probe_mode(options: RunOptions) -> int:
-    """SB3's default shared encoder vs ours, side by side."""
+    """SB3's shared encoder (share_features_extractor=True) vs ours, side by side."""
     th.set_num_threads(options.threads)
     result = probe()
     print_probe(result)

@@ -28,7 +28,7 @@ Three rules make it work in an RL pipeline:
      DrQ-v2; the original DrQ also averaged K=2 target and M=2 loss augmentations.)
 
 With HER (``HerDrQDictReplayBuffer``) the two sample-time operations compose: SB3 first relabels the
-goal VECTORS (desired_goal <- a future achieved_goal with probability k/(k+1), reward recomputed with
+goal VECTORS (desired_goal <- a future achieved_goal for k/(k+1) of the batch, reward recomputed with
 ``compute_reward``), then the pixels are shifted. The goal never lives in the image (the pixel wrapper
 hides the goal marker), so relabelling cannot contradict what the image shows.
 

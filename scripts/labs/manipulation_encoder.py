@@ -4,9 +4,12 @@ NatureCNN (visual_encoder.py) opens with an 8x8 stride-4 convolution. For Atari 
 FetchPush it is not: the puck is only a few pixels wide in an 84x84 frame, and after one stride-4 layer
 a 5-pixel object spans about one cell of a 20x20 grid. Three ideas fix that:
 
-1. ManipulationCNN -- small 3x3 kernels, stride 2 only twice, padding 1 (DrQ / SAC-AE style):
+1. ManipulationCNN -- small 3x3 kernels, stride 2 only twice, padding 1:
 
        84 --3x3/2--> 42 --3x3/1--> 42 --3x3/1--> 42 --3x3/2--> 21      output (B, 32, 21, 21)
+
+   (DrQ and SAC-AE also use 32-channel 3x3 kernels, with stride 2 once and no padding:
+   84 -> 41 -> 39 -> 37 -> 35.)
 
    A 5-pixel object still spans 2.5 cells per axis after the first layer (5 / stride 2) and 1.25
    after the last, instead of 1.25 and 0.6 for NatureCNN; `blob_reach` measures this layer by layer.
@@ -262,9 +265,10 @@ def blob_reach(
     |                 | all weights 1/fan_in, no bias: checks reached_cells   |
     | max_coverage    | largest share of one cell's window the blob fills     |
 
-    `footprint` is the chapter's "~1 cell" vs "~3 cells"; `max_coverage`
-    says how much the object dominates the best cell's view instead of being
-    averaged away. Pass an encoder (its Conv2d layers in order) or a list.
+    `footprint` is what the chapter rounds to "~1 cell" vs "~3 cells";
+    `max_coverage` says how much the object dominates the best cell's view
+    instead of being averaged away. Pass an encoder (its Conv2d layers in
+    order) or a list.
     """
     if isinstance(layers, nn.Module):
         convs = [m for m in layers.modules() if isinstance(m, nn.Conv2d)]
@@ -314,8 +318,6 @@ def blob_reach(
             }
         )
     return rows
-
-
 # --8<-- [end:blob_reach]
 
 
@@ -458,8 +460,8 @@ def check_blob_reach() -> tuple[list[Claim], str]:
     consistent = all(row["reached_cells"] == row["changed_cells"] for row in nature + manipulation)
     return [
         Claim(
-            f"a {BLOB_SIZE}-pixel object spans ~1 cell per axis after NatureCNN layer 1, ~3 after ManipulationCNN "
-            "layer 1",
+            f"a {BLOB_SIZE}-pixel object spans about 1 cell per axis after NatureCNN layer 1, at least 2 after "
+            "ManipulationCNN layer 1",
             nature[0]["footprint"] < 1.5 and manipulation[0]["footprint"] >= 2.0,
             f"{nature[0]['footprint']:.2f} vs {manipulation[0]['footprint']:.2f} cells per axis "
             f"(grids {nature[0]['size']}^2 vs {manipulation[0]['size']}^2)",

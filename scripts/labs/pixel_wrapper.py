@@ -267,19 +267,21 @@ class PixelObservationWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
         )
         if hide_goal_marker:
             self._set_goal_marker_alpha(0.0)
-    # --8<-- [end:pixel_obs_wrapper]
 
     def _set_goal_marker_alpha(self, alpha: float) -> None:
-        """Set the goal sphere's opacity. Fetch moves the site to the goal before every render but never
-        touches its colour, so setting alpha once is enough."""
+        """Set the goal sphere's opacity. Fetch moves the site to the goal
+        before every render but never touches its colour, so setting alpha
+        once is enough."""
         model = getattr(self.env.unwrapped, "model", None)
         if model is None:
             return  # not a MuJoCo env: no marker to hide
-        import mujoco  # loaded by lab_support already, after it chose the GL backend
+        import mujoco  # lab_support loaded it, after choosing the GL backend
 
-        site_id = mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_SITE, GOAL_MARKER_SITE)
+        site_id = mujoco.mj_name2id(
+            model, mujoco.mjtObj.mjOBJ_SITE, GOAL_MARKER_SITE)
         if site_id >= 0:
             model.site_rgba[site_id, 3] = alpha
+    # --8<-- [end:pixel_obs_wrapper]
 
     # --8<-- [start:pixel_obs_wrapper_step]
     def _observation(self, env_obs: dict[str, np.ndarray]) -> dict:

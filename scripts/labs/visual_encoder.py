@@ -38,7 +38,8 @@ The change-of-variables term is computed in the numerically stable form
 
 which never takes log(0) when tanh(u) rounds to +-1 in float32 (|u| > ~9); the common
 `log(1 - tanh(u)^2 + 1e-6)` shortcut drifts from the true value once tanh saturates (``--verify``
-prints by how much at |u| = 8). FetchPush actions live in [-1, 1]^4, so tanh(u) needs no rescaling.
+prints by how much, on log-probs of 4-D actions with |u| up to 8). FetchPush actions live in
+[-1, 1]^4, so tanh(u) needs no rescaling.
 
 Run it:
 
@@ -280,8 +281,8 @@ class NormalizedCombinedExtractor(BaseFeaturesExtractor):
 
     features_dim = 512 + (the vector entries present) = 528 with all four.
 
-    Why normalise the vectors: Fetch positions are metres from the robot's
-    base, far from zero, while the puck and goal move by centimetres and the
+    Why normalise the vectors: Fetch positions are world coordinates in
+    metres, far from zero, while the puck and goal move by centimetres and the
     gripper velocities are smaller still. Raw, they reach the MLP as a nearly
     constant offset beside 512 image features. Why a *running mean/std* (per
     dimension, VecNormalize style) and not the alternatives:
