@@ -13,7 +13,8 @@ does not, in-process through ``main(argv)``, which runs under the same top-level
 | 4    | ``--worker-timeout -1 --n-envs 2``                          | test_4_worker_timeout_not_positive       |
 | 5    | a ``.meta.json`` of the wrong shape, on eval and on resume   | test_5_metadata_of_the_wrong_shape       |
 | 6    | ``aggregate`` on a JSON list or a wrongly typed eval file   | test_6_aggregate_input_of_the_wrong_shape|
-| 7    | a full disk during a checkpoint, then ``--resume`` on it     | test_7_full_disk_during_a_checkpoint     |
+| 7    | a full disk during a checkpoint, then ``--resume`` on it;   | test_7_full_disk_during_a_checkpoint,    |
+|      | one during its buffer: all of the last checkpoint stays     | test_7_a_failed_buffer_write_keeps_...   |
 | 8    | mujoco >= 3.12 (and the file requirements.txt points to)    | test_8_mujoco_refusal_is_one_sentence    |
 | 9    | ``--learning-starts 5000 --total-steps 300``                | test_9_run_that_would_never_train        |
 | 10   | a kill during the periodic snapshot copy                    | test_10_interrupted_snapshot_is_repaired |
@@ -234,6 +235,43 @@ def test_7_full_disk_during_a_checkpoint(cli, small_disk: tuple[Path, str], prod
     assert load_for_acting(root / "checkpoints" / f"{STEM}.zip").num_timesteps == 400
 
 
+
+@pytest.mark.parametrize("replay", ["framestack", "sb3"])
+def test_7_a_failed_buffer_write_keeps_the_whole_previous_checkpoint(cli, replay: str, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the replay buffer of the step-200 checkpoint is written (the zip already is): the
+    zip, the buffer and the metadata all stay at step 100, the sentence says so, and the resume continues with
+    the step-100 buffer instead of throwing it away."""
+    from ch09.run import checkpoints
+    from ch09.run.digest import sha256_file
+
+    write_replay_buffer = checkpoints.write_replay_buffer
+    calls = []
+
+    def fails_the_second_time(model, path: Path) -> None:
+        calls.append(model.num_timesteps)
+        write_replay_buffer(model, path)  # a partial file or folder is left at the temporary path
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "write_replay_buffer", fails_the_second_time)
+    argv = ["train", *REACH, "--replay", replay, "--save-replay-buffer", "--artifact-root", str(tmp_path)]
+    code, _, err = cli.run(*argv, "--total-steps", "300")
+    cli.assert_one_line(code, err, 2, "The checkpoint of step 200 was not saved", "_replay_buffer",
+                        "No space left", "the checkpoint files of step 100 are intact", "--resume")
+    assert calls == [100, 200] and temporaries(tmp_path) == []
+    folder = tmp_path / "checkpoints"
+    meta = read_meta(folder / f"{STEM}.meta.json", "the test")
+    assert meta["steps_done"] == 100 and meta["replay_buffer"]["steps"] == 100
+    assert load_for_acting(folder / f"{STEM}.zip").num_timesteps == 100
+    assert meta["sha256"][f"{STEM}.zip"] == sha256_file(folder / f"{STEM}.zip")
+
+    monkeypatch.setattr(checkpoints, "write_replay_buffer", write_replay_buffer)
+    code, out, err = cli.run(*argv, "--total-steps", "300", "--resume")
+    assert code == 0, err
+    assert "[resume] replay buffer restored" in out and "no replay buffer saved" not in out
+
+
 # ------------------------------------------------------------------------------------------------------
 # 8: mujoco >= 3.12 is refused in one sentence (an installed-package record that says 3.12.0)
 # ------------------------------------------------------------------------------------------------------
@@ -267,9 +305,9 @@ def test_8_requirements_point_to_the_file_with_the_check() -> None:
 # 10: a kill during the periodic snapshot copy
 # ------------------------------------------------------------------------------------------------------
 def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None:
-    """The state a SIGKILL during the copy of ``_200_steps.zip`` leaves: the latest checkpoint at step 200
-    (written first), the metadata still at step 100 (written last), a partial temporary of the snapshot
-    and no snapshot. A resume removes the temporary and writes the missed snapshot."""
+    """The state a SIGKILL during the copy of ``_200_steps.zip`` leaves: the checkpoint of step 200 committed
+    (zip and metadata), the metadata not yet listing the snapshot, a partial temporary of it and no snapshot.
+    A resume removes the temporary and writes the missed snapshot."""
     production.check("train", *REACH, "--total-steps", "200", "--artifact-root", str(tmp_path))
     checkpoints = tmp_path / "checkpoints"
     snapshot = checkpoints / f"{STEM}_200_steps.zip"
@@ -282,8 +320,8 @@ def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None
     legacy.write_bytes(b"partial")
     meta_path = checkpoints / f"{STEM}.meta.json"
     meta = json.loads(meta_path.read_text())
-    meta["steps_done"] = 100
     meta["periodic_checkpoints"] = [f"{STEM}_100_steps.zip"]
+    del meta["sha256"][snapshot.name]
     meta_path.write_text(json.dumps(meta))
 
     proc = production.check("train", *REACH, "--total-steps", "300", "--resume", "--artifact-root", str(tmp_path))
@@ -294,10 +332,9 @@ def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None
     assert load_for_acting(checkpoints / f"{STEM}_300_steps.zip").num_timesteps == 300
     repaired = read_meta(meta_path, "the test")
     assert snapshot.name in repaired["periodic_checkpoints"]
-    if "sha256" in repaired:  # the digest the checkpoint track checks a published snapshot against
-        from ch09.run.digest import sha256_file
+    from ch09.run.digest import sha256_file
 
-        assert repaired["sha256"][snapshot.name] == sha256_file(snapshot)
+    assert repaired["sha256"][snapshot.name] == sha256_file(snapshot)  # what a published snapshot is checked against
 
 
 def test_stale_temporary_of_a_live_writer_is_kept(tmp_path: Path) -> None:

@@ -212,17 +212,27 @@ def atomic_replace(path: Path) -> Iterator[Path]:
         raise write_failure(path, exc, 0) from None
     tmp = path.with_name(f"{path.name}{TEMPORARY_MARK}{os.getpid()}-{next(_write_counter)}")
     try:
-        yield tmp
-        _publish(tmp, path)
-    except OSError as exc:
-        written = size_on_disk(tmp)
-        _remove(tmp)
-        if exc.errno not in WRITE_FAILURES:
-            raise
-        raise write_failure(path, exc, written) from None
+        with writing(path, tmp):
+            yield tmp
+            _publish(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+@contextmanager
+def writing(path: Path, tmp: Path) -> Iterator[None]:
+    """A failed write of ``tmp`` (the temporary of ``path``) raised as ``ArtifactWriteError`` naming ``path``.
+
+    ``atomic_replace`` wraps its block in it; a block that fills several temporaries before one commit (the
+    checkpoint: zip, buffer, metadata) wraps each write, so the sentence names the file the failure hit.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in WRITE_FAILURES:
+            raise
+        raise write_failure(path, exc, size_on_disk(tmp)) from None
 
 
 def sync_folder(folder: Path) -> None:
@@ -300,10 +310,15 @@ def clean_interrupted_writes(folder: Path, stem: str) -> list[str]:
     return notes
 
 
+def json_text(data: dict[str, Any]) -> str:
+    """``data`` as the indented JSON every artifact of the project is written in."""
+    return json.dumps(data, indent=2, default=str) + "\n"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` as indented JSON at ``path``, atomically."""
     with atomic_replace(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        tmp.write_text(json_text(data))
 
 
 def copy_file(source: Path, target: Path) -> None:

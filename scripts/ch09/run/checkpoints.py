@@ -19,6 +19,7 @@ rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -43,9 +44,11 @@ from ch09.run.artifacts import (
     RunPaths,
     atomic_replace,
     copy_file,
+    json_text,
     now_iso,
     size_on_disk,
     write_json,
+    writing,
 )
 from ch09.run.digest import sha256_file
 from ch09.run.validation import FieldType, Number, OptionalDict, check_fields, read_json_object
@@ -136,15 +139,15 @@ def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "
 # ---------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------
-def save_replay_buffer(model: SAC, path: Path) -> None:
-    """SB3 pickles its buffer into one file; the frame-stack buffer streams its arrays into a folder."""
+def write_replay_buffer(model: SAC, path: Path) -> None:
+    """Write the model's buffer at ``path`` (a temporary of ``atomic_replace``): SB3 pickles its buffer into one
+    file; the frame-stack buffer streams its arrays into a folder."""
     assert model.replay_buffer is not None
-    with atomic_replace(path) as tmp:
-        if isinstance(model.replay_buffer, FrameStackHerReplayBuffer):
-            model.replay_buffer.save(tmp)
-        else:
-            with open(tmp, "wb") as handle:
-                model.save_replay_buffer(handle)
+    if isinstance(model.replay_buffer, FrameStackHerReplayBuffer):
+        model.replay_buffer.save(path)
+    else:
+        with open(path, "wb") as handle:
+            model.save_replay_buffer(handle)
 
 
 class Checkpointer:
@@ -164,22 +167,32 @@ class Checkpointer:
         """Write the latest checkpoint (and the ``periodic_steps`` snapshot, the buffer, the metadata).
 
         A write that fails (a full disk, a folder made read-only) raises ``ArtifactWriteError``: one
-        sentence with the folder and the bytes needed; its temporary is gone and the files of earlier
-        checkpoints are intact and load.
+        sentence with the folder and the bytes needed; the temporaries are gone and the previous
+        checkpoint's files are intact, all of one step (see ``_write``).
         """
         try:
             return self._write(model, periodic_steps)
+        except SnapshotWriteError as exc:
+            raise ArtifactWriteError(
+                f"The checkpoint of step {model.num_timesteps:,} is saved, but not its periodic snapshot: writing "
+                f"{Path(exc.path).name} in {Path(exc.path).parent} failed ({exc.reason}; {self._room(exc)}); "
+                f"{exc.fix} and continue with the same command plus --resume, which writes the missing snapshot.",
+                exc.path, exc.reason, exc.bytes_needed, exc.bytes_free, exc.fix) from None
         except ArtifactWriteError as exc:
             last = int(self.meta.get("steps_done", 0))
             then = (f"the checkpoint files of step {last:,} are intact, so {exc.fix} and continue with the "
                     "same command plus --resume" if last else
                     f"no checkpoint had been written yet, so {exc.fix} and run the same command again")
-            free = f"{exc.bytes_free:,} bytes free" if exc.bytes_free is not None else "free space unknown"
             raise ArtifactWriteError(
                 f"The checkpoint of step {model.num_timesteps:,} was not saved: writing {Path(exc.path).name} in "
-                f"{Path(exc.path).parent} failed ({exc.reason}; at least {exc.bytes_needed:,} bytes needed, "
-                f"{free}); the partial file was removed and {then}.",
+                f"{Path(exc.path).parent} failed ({exc.reason}; {self._room(exc)}); the partial files were removed "
+                f"and {then}.",
                 exc.path, exc.reason, exc.bytes_needed, exc.bytes_free, exc.fix) from None
+
+    @staticmethod
+    def _room(exc: ArtifactWriteError) -> str:
+        free = f"{exc.bytes_free:,} bytes free" if exc.bytes_free is not None else "free space unknown"
+        return f"at least {exc.bytes_needed:,} bytes needed, {free}"
 
     def write_missed_snapshot(self, model: SAC, freq: int) -> Path | None:
         """On resume: the periodic snapshot of the restored step, if a kill during its copy lost it.
@@ -204,40 +217,75 @@ class Checkpointer:
         return periodic
 
     def _write(self, model: SAC, periodic_steps: int | None) -> Path:
-        with atomic_replace(self.paths.checkpoint) as tmp:
-            model.save(tmp)
-        # Each zip's SHA-256, recorded when it is written: a published copy can be checked against it.
-        if not isinstance(self.meta.get("sha256"), dict):
-            self.meta["sha256"] = {}
-        digest = self.meta["sha256"][self.paths.checkpoint.name] = sha256_file(self.paths.checkpoint)
-        if periodic_steps is not None:
-            periodic = self.paths.periodic(periodic_steps)
-            copy_file(self.paths.checkpoint, periodic)
-            self.meta["sha256"][periodic.name] = digest
-            self.meta.setdefault("periodic_checkpoints", [])
-            if periodic.name not in self.meta["periodic_checkpoints"]:
-                self.meta["periodic_checkpoints"].append(periodic.name)
-        if self.replay_buffer_path is not None and model.replay_buffer is not None:
-            save_replay_buffer(model, self.replay_buffer_path)
-            self.meta["replay_buffer"] = {"path": self.replay_buffer_path.name, "steps": model.num_timesteps}
-        self.write_meta(model)
-        return self.paths.checkpoint
+        """One commit: the zip, the replay buffer and the metadata are written under temporary names, and only
+        when all of them are complete are they renamed into place, the metadata last.
 
-    def write_meta(self, model: SAC) -> None:
+        A write that fails, or a kill during one, leaves the previous checkpoint's files as they were, all of
+        one step: the metadata never names a zip or a buffer that is not there. (A kill in the milliseconds
+        between the renames can leave the buffer one checkpoint ahead of the zip.) The periodic snapshot is
+        copied from the committed zip after it; ``write_missed_snapshot`` redoes a copy a kill cut short.
+        """
+        checkpoint = self.paths.checkpoint
+        buffer_path = self.replay_buffer_path if model.replay_buffer is not None else None
+        with contextlib.ExitStack() as commit:  # the renames run on exit, last entered first
+            meta_tmp = commit.enter_context(atomic_replace(self.paths.meta))
+            zip_tmp = commit.enter_context(atomic_replace(checkpoint))
+            with writing(checkpoint, zip_tmp):
+                model.save(zip_tmp)
+            # Each zip's SHA-256, recorded when it is written: a published copy can be checked against it.
+            digest = sha256_file(zip_tmp)
+            changes: dict[str, Any] = {**self._progress(model), "sha256": {**self._digests(), checkpoint.name: digest}}
+            if buffer_path is not None:
+                buffer_tmp = commit.enter_context(atomic_replace(buffer_path))
+                with writing(buffer_path, buffer_tmp):
+                    write_replay_buffer(model, buffer_tmp)
+                changes["replay_buffer"] = {"path": buffer_path.name, "steps": model.num_timesteps}
+            with writing(self.paths.meta, meta_tmp):
+                meta_tmp.write_text(json_text({**self.meta, **changes}))
+        self.meta.update(changes)  # only now: a failed commit leaves the metadata of the last one
+        if periodic_steps is not None:
+            self._write_snapshot(periodic_steps, digest)
+        return checkpoint
+
+    def _write_snapshot(self, steps: int, digest: str) -> None:
+        """Copy the committed zip to its periodic name and record it; on a failure, the checkpoint is saved."""
+        periodic = self.paths.periodic(steps)
+        try:
+            copy_file(self.paths.checkpoint, periodic)
+        except ArtifactWriteError as exc:
+            raise SnapshotWriteError(exc) from None
+        self.meta["sha256"][periodic.name] = digest
+        if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
+            self.meta["periodic_checkpoints"].append(periodic.name)
+        write_json(self.paths.meta, self.meta)
+
+    def _digests(self) -> dict[str, str]:
+        recorded = self.meta.get("sha256")
+        return dict(recorded) if isinstance(recorded, dict) else {}
+
+    def _progress(self, model: SAC) -> dict[str, Any]:
+        """The metadata of where the run stands: steps, wall time, speed, the policy, the CUDA graph, GPU memory."""
         elapsed = time.time() - self.session_start
         session_steps = model.num_timesteps - self.session_start_steps
-        self.meta.update({
+        status = getattr(model, "graph_status", None)  # FastSAC: what became of its CUDA-graph step
+        progress = {
             "steps_done": int(model.num_timesteps),
             "wall_time_s": round(self.previous_wall_time + elapsed, 1),
             "steps_per_s": round(session_steps / elapsed, 2) if elapsed > 0 else None,
             "updated_at": now_iso(),
             "policy": describe_policy(model),
-        })
-        status = getattr(model, "graph_status", None)  # FastSAC: what became of its CUDA-graph step
-        self.meta["cuda_graph"] = asdict(status) if status is not None else None
+            "cuda_graph": asdict(status) if status is not None else None,
+        }
         if model.device.type == "cuda":  # networks, batches and (framestack) the replay frames
-            self.meta["gpu_memory_peak_bytes"] = int(th.cuda.max_memory_allocated(model.device))
-        write_json(self.paths.meta, self.meta)
+            progress["gpu_memory_peak_bytes"] = int(th.cuda.max_memory_allocated(model.device))
+        return progress
+
+
+class SnapshotWriteError(ArtifactWriteError):
+    """The checkpoint was committed, but copying it to its periodic snapshot failed."""
+
+    def __init__(self, cause: ArtifactWriteError) -> None:
+        super().__init__(str(cause), cause.path, cause.reason, cause.bytes_needed, cause.bytes_free, cause.fix)
 
 
 class StopRequest:
