@@ -247,7 +247,8 @@ def test_a_bad_command_line_is_one_sentence_and_exit_2(cli, argv: list[str], fra
 
 def test_step_labels_of_periodic_checkpoints() -> None:
     for steps, label in [(500_000, "500K"), (1_000_000, "1M"), (1_500_000, "1.5M"), (5_000_000, "5M"),
-                         (250, "250"), (2_500_000, "2.5M")]:
+                         (250, "250"), (2_500_000, "2.5M"), (1_500_500, "1.5005M"), (12_345, "12.345K"),
+                         (1_000_002, "1000002"), (1_000_006, "1000006"), (1_000_013, "1000013")]:
         assert artifacts.format_steps(steps) == label
         assert artifacts.parse_steps(label) == steps
 

@@ -57,11 +57,12 @@ PERIODIC_RE = re.compile(r"^(?P<stem>.+)_(?P<steps>\d+(?:\.\d+)?[KM]?)_steps$")
 # Names
 # ---------------------------------------------------------------------------------------------------------
 def format_steps(steps: int) -> str:
-    """500000 -> '500K', 1000000 -> '1M', 1500000 -> '1.5M', 250 -> '250' (periodic checkpoint names)."""
-    if steps >= 1_000_000:
-        return f"{steps / 1_000_000:g}M"
-    if steps >= 1_000:
-        return f"{steps / 1_000:g}K"
+    """500000 -> '500K', 1000000 -> '1M', 1500000 -> '1.5M', 250 -> '250', 1000002 -> '1000002' (periodic
+    checkpoint names): a K or M label only where it names exactly these steps."""
+    for scale, unit in ((1_000_000, "M"), (1_000, "K")):
+        label = f"{steps / scale:g}{unit}"
+        if steps >= scale and parse_steps(label) == steps:
+            return label
     return str(steps)
 
 
