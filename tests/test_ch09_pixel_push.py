@@ -462,8 +462,42 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, producti
     assert 0 < model.num_timesteps == meta["steps_done"] < 100_000
     assert meta["replay_buffer"]["steps"] == model.num_timesteps
     buffer = load_from_pkl(f"{stem}_replay_buffer.pkl")
-    assert buffer.size() in (model.num_timesteps, model.num_timesteps - 1)  # the interrupted step is not stored
+    assert buffer.size() == model.num_timesteps  # saved between two steps: the last one is stored
     assert not list(stem.parent.glob("*.tmp*"))  # temporaries are <name>.tmp-<pid>-<n>
+
+
+def saved_counters(checkpoint: Path) -> dict[str, int]:
+    """What a checkpoint says the run has done: env steps, finished episodes, gradient steps."""
+    with zipfile.ZipFile(checkpoint) as archive:
+        saved = json.loads(archive.read("data"))  # SB3's save(): its attributes as JSON
+    return {name: saved[name] for name in ("num_timesteps", "_episode_num", "_n_updates")}
+
+
+def test_a_run_killed_after_a_periodic_checkpoint_resumes_as_if_never_killed(tmp_path: Path, production) -> None:
+    """Killed at step 150 (SIGKILL), resumed from the step-100 checkpoint: at step 300 the run has stored every
+    transition, counted every episode and run every update of a run that was never killed, and the snapshot of
+    the last step is the final checkpoint."""
+    flags = ["train", "--seed", "3", "--total-steps", "300", "--replay", "sb3", "--save-replay-buffer",
+             *production.STATE_BUDGET]
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    from ch09.run.digest import sha256_file
+
+    finished = {}
+    for name in ("whole", "killed"):
+        root = tmp_path / name
+        if name == "killed":
+            killed = production.run(*flags, "--artifact-root", str(root), CH09_TEST_KILL_AT_STEP="150")
+            assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+            production.check(*flags, "--resume", "--artifact-root", str(root))
+        else:
+            production.check(*flags, "--artifact-root", str(root))
+        stem = root / "checkpoints/ch09_fullstate_FetchPush-v4_seed3"
+        finished[name] = {**saved_counters(Path(f"{stem}.zip")),
+                          "transitions": load_from_pkl(f"{stem}_replay_buffer.pkl").size()}
+        assert sha256_file(Path(f"{stem}_300_steps.zip")) == sha256_file(Path(f"{stem}.zip"))
+    assert finished["whole"] == {"num_timesteps": 300, "_episode_num": 6, "_n_updates": 200, "transitions": 300}
+    assert finished["killed"] == finished["whole"]
 
 
 # ------------------------------------------------------------------------------------------------------

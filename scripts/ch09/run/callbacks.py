@@ -31,7 +31,7 @@ from stable_baselines3.common.logger import HParam
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.run.checkpoints import Checkpointer, StopRequest
+from ch09.run.checkpoints import Checkpointer, StopRequest, StopTraining
 from ch09.run.video import EpisodeRecorder, log_tensorboard_video
 
 PROGRESS_POSTFIX_EVERY = 1000
@@ -43,7 +43,15 @@ TEST_KILL_RUN = "CH09_TEST_KILL_RUN"
 
 
 class CheckpointCallback(BaseCallback):
-    """Periodic checkpoints at multiples of ``freq`` env steps, and the stop on SIGINT/SIGTERM."""
+    """Periodic checkpoints at multiples of ``freq`` env steps, and the stop on SIGINT/SIGTERM, both between
+    two env steps.
+
+    SB3 calls ``_on_step`` after the envs stepped but before it stores their transitions, counts the episodes
+    they finished and runs the step's updates: a checkpoint there would miss all three, and a resume from it
+    would lose them. At ``_on_rollout_start`` (SB3 collects a rollout of ``train_freq`` steps, then trains)
+    the last step is stored and trained on: the run is whole. The last step of ``learn()`` has no rollout
+    after it; the session's final save writes its snapshot (``due_snapshot``).
+    """
 
     model: SAC  # SB3 declares a BaseAlgorithm; the checkpoints are SAC's (train's model, FastSAC included)
 
@@ -55,11 +63,22 @@ class CheckpointCallback(BaseCallback):
     def _on_training_start(self) -> None:
         self.next_checkpoint = (self.num_timesteps // self.freq + 1) * self.freq
 
-    def _on_step(self) -> bool:
-        if self.num_timesteps >= self.next_checkpoint:
-            self.checkpointer.save(self.model, periodic_steps=self.next_checkpoint)
+    def due_snapshot(self) -> int | None:
+        """The periodic step a save now should also be kept as (``_<N>_steps.zip``), or None."""
+        return self.next_checkpoint if self.model.num_timesteps >= self.next_checkpoint else None
+
+    def _on_rollout_start(self) -> None:
+        due = self.due_snapshot()
+        if due is not None:
+            self.checkpointer.save(self.model, periodic_steps=due)
             self.next_checkpoint += self.freq
-        return self.stop.signum is None
+        if self.stop.signum is not None:
+            if due is None:
+                self.checkpointer.save(self.model)
+            raise StopTraining(self.model.num_timesteps)
+
+    def _on_step(self) -> bool:
+        return True
 
 
 class PeriodicEvalCallback(BaseCallback):

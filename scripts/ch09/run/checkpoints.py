@@ -3,7 +3,7 @@
 | piece                                  | what it does                                                         |
 |----------------------------------------|----------------------------------------------------------------------|
 | ``Checkpointer``                       | latest model, periodic snapshots, replay buffer, metadata            |
-| ``StopRequest``                        | SIGINT/SIGTERM end ``learn()`` at the next step, after a checkpoint   |
+| ``StopRequest``, ``StopTraining``      | SIGINT/SIGTERM end ``learn()`` between two steps, after a checkpoint |
 | ``guard_fresh_run``                    | a fresh run never mixes into (or overwrites) an earlier one          |
 | ``restore_replay_buffer``              | on resume: the saved buffer, or ``learning_starts`` moved past it     |
 | ``load_agent``, ``load_for_acting``    | ``SAC.load`` with its failures turned into one sentence each         |
@@ -289,7 +289,7 @@ class SnapshotWriteError(ArtifactWriteError):
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM; the checkpoint callback ends ``learn()`` at the next env step."""
+    """Set by SIGINT/SIGTERM; the checkpoint callback saves before the next env step and ends ``learn()``."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -309,6 +309,14 @@ class StopRequest:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+class StopTraining(Exception):
+    """Raised by the checkpoint callback between two env steps, once the stop request's checkpoint is saved:
+    it ends ``learn()`` there (SB3 lets a callback end it only from ``_on_step``, before the step is stored)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__(f"stopped at step {steps:,} on request, after saving a checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------------

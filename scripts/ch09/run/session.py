@@ -34,7 +34,7 @@ from ch09.engine.fast_sac import CudaContextError
 from ch09.errors import UserError
 from ch09.run.artifacts import REPO_ROOT, WRITE_FAILURES, RunPaths, git_commit, now_iso, write_json
 from ch09.run.callbacks import CheckpointCallback
-from ch09.run.checkpoints import Checkpointer, StopRequest
+from ch09.run.checkpoints import Checkpointer, StopRequest, StopTraining
 from ch09.run.vec_env import WorkerTimeoutError, make_vec_env
 
 
@@ -52,6 +52,7 @@ class TrainingSession:
         self.env: VecEnv | None = None
         self.eval_env: DummyVecEnv | None = None
         self.checkpoint: Path | None = None
+        self.completed = False  # learn() reached --total-steps
 
     # ---- the envs ------------------------------------------------------------------------------------
     def __enter__(self) -> TrainingSession:
@@ -93,15 +94,22 @@ class TrainingSession:
               log_interval: int) -> Path:
         """Train to ``total_steps`` with a snapshot every ``checkpoint_freq`` steps; save; return the checkpoint."""
         self.checkpointer.write_missed_snapshot(model, checkpoint_freq)  # a kill during the last copy lost it
-        every = CallbackList([CheckpointCallback(self.checkpointer, self.stop, checkpoint_freq), *callbacks])
+        checkpoints = CheckpointCallback(self.checkpointer, self.stop, checkpoint_freq)
+        every = CallbackList([checkpoints, *callbacks])
         start_steps = model.num_timesteps
         print(f"[train] training steps {start_steps:,} -> {total_steps:,}; TensorBoard: "
               f"tensorboard --logdir {self.paths.run_dir.parent.parent}", flush=True)
         with self.stop.installed():
             try:
-                model.learn(total_timesteps=total_steps - start_steps, callback=every, log_interval=log_interval,
-                            reset_num_timesteps=False)
-                self.checkpoint = self.checkpointer.save(model)
+                try:
+                    model.learn(total_timesteps=total_steps - start_steps, callback=every,
+                                log_interval=log_interval, reset_num_timesteps=False)
+                except StopTraining:  # a stop request: the callback saved the checkpoint between two steps
+                    every.on_training_end()  # SB3 skips it when learn() ends in an exception (the progress bar)
+                    self.checkpoint = self.paths.checkpoint
+                else:
+                    self.completed = True  # a signal during this last save changes nothing: the run is done
+                    self.checkpoint = self.checkpointer.save(model, periodic_steps=checkpoints.due_snapshot())
             except WorkerTimeoutError as exc:
                 # The model and buffer are intact (the failed step was never stored): keep the progress.
                 checkpoint = self.checkpointer.save(model)
@@ -126,7 +134,7 @@ class TrainingSession:
 
     def report(self, model: SAC) -> int:
         """The closing line of the session, and its exit code."""
-        if self.stop.signum is not None:
+        if self.stop.signum is not None and not self.completed:
             print(f"[{signal.Signals(self.stop.signum).name}] stopped at step {model.num_timesteps:,} and saved "
                   f"{self.checkpoint}; continue with the same command plus --resume.", file=sys.stderr)
             return 128 + self.stop.signum
