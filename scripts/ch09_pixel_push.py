@@ -79,6 +79,7 @@ from ch09.experiment import (
     resume_agent,
     run_paths,
     saved_replay_buffer,
+    session_seed,
     train_command,
     train_config_of,
     training_callbacks,
@@ -184,7 +185,7 @@ def train(cfg: TrainConfig) -> int:
     env_fns = [env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
     session = TrainingSession(paths, meta, env_fns, cfg.worker_timeout,
                               eval_env_fn=eval_env_factory(cfg) if cfg.eval_freq > 0 else None,
-                              eval_seed=cfg.seed + EVAL_SEED_OFFSET,
+                              eval_seed=session_seed(cfg.seed + EVAL_SEED_OFFSET, int(meta["steps_done"])),
                               replay_buffer_path=saved_replay_buffer(cfg, paths))
     with session:
         if cfg.resume:

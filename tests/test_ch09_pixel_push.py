@@ -466,6 +466,20 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, producti
     assert not list(stem.parent.glob("*.tmp*"))  # temporaries are <name>.tmp-<pid>-<n>
 
 
+def test_a_resumed_session_draws_goals_of_its_own(tmp_path: Path, production) -> None:
+    """SAC.load seeds every generator with the run's seed: without a session seed of its own, the episodes after
+    a resume would replay the first session's goals (episode 3 = episode 0, 4 = 1)."""
+    from stable_baselines3.common.save_util import load_from_pkl
+
+    flags = ["train", "--seed", "4", "--replay", "sb3", "--save-replay-buffer", *production.STATE_BUDGET,
+             "--artifact-root", str(tmp_path)]
+    production.check(*flags, "--total-steps", "150")
+    production.check(*flags, "--total-steps", "250", "--resume")
+    buffer = load_from_pkl(tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed4_replay_buffer.pkl")
+    goals = buffer.observations["desired_goal"][[0, 50, 100, 150, 200], 0]  # the first step of episodes 0-4
+    assert buffer.size() == 250 and len({tuple(goal) for goal in goals}) == 5, goals
+
+
 def saved_counters(checkpoint: Path) -> dict[str, int]:
     """What a checkpoint says the run has done: env steps, finished episodes, gradient steps."""
     with zipfile.ZipFile(checkpoint) as archive:

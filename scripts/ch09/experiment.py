@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias, cast
 
 import gymnasium as gym
+import numpy as np
 import tyro
 from gymnasium import spaces
 from stable_baselines3 import SAC
@@ -83,6 +84,18 @@ GOAL_MODE = "both"
 
 EVAL_SEED_OFFSET = 10_000
 """Eval envs are seeded with seed + this, so evaluation goals are not the training stream's goals."""
+
+
+def session_seed(seed: int, from_step: int) -> int:
+    """The seed of a training session that starts at ``from_step``: ``seed`` itself for a fresh run.
+
+    A resume gets a seed of its own, drawn from (seed, from_step) by NumPy's SeedSequence: ``SAC.load`` seeds
+    every generator (torch, NumPy, the envs' goals) with the run's seed, so without it each resumed session
+    would replay the first session's goals and draws. The same resume of the same run draws the same again.
+    """
+    if from_step == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, from_step]).generate_state(1)[0])
 
 
 LOG_INTERVAL_EPISODES = 4
@@ -553,6 +566,7 @@ def resume_agent(cfg: TrainConfig, paths: RunPaths, env: VecEnv, meta: dict[str,
     algorithm, engine_options = agent_class(cfg)  # --engine may differ from the saved run's
     model = load_agent(paths.checkpoint, env, cfg.device, algorithm=algorithm, **engine_options)
     check_policy(model, cfg, paths.checkpoint, "the flags ask for")
+    model.set_random_seed(session_seed(cfg.seed, model.num_timesteps))  # the envs take it at their next reset
     restored = restore_replay_buffer(model, paths.replay_buffer(resolved_replay(cfg)), meta.get("replay_buffer"),
                                      cfg.learning_starts)
     return model, restored
