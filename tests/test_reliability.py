@@ -16,9 +16,11 @@ does not, in-process through ``main(argv)``, which runs under the same top-level
 | 7    | a full disk during a checkpoint, then ``--resume`` on it;   | test_7_full_disk_during_a_checkpoint,    |
 |      | one during its buffer: all of the last checkpoint stays     | test_7_a_failed_buffer_write_keeps_...   |
 | 8    | mujoco >= 3.12 (and the file requirements.txt points to)    | test_8_mujoco_refusal_is_one_sentence    |
-| 9    | ``--learning-starts 5000 --total-steps 300``                | test_9_run_that_would_never_train        |
+| 9    | ``--learning-starts 5000 --total-steps 300``, a first sample | test_9_run_that_would_never_train        |
+|      | before any finished episode                                 |                                          |
 | 10   | a kill during the periodic snapshot copy                    | test_10_interrupted_snapshot_is_repaired |
 | 11   | SIGTERM, SIGINT at start-up; a kill before checkpoint one   | test_11_*                                |
+| 12   | a damaged, or missing, saved replay buffer on ``--resume``  | test_12_a_damaged_or_missing_replay_...  |
 
 Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds each).
 """
@@ -115,10 +117,18 @@ def test_4_worker_timeout_not_positive(cli, timeout: str, tmp_path: Path) -> Non
     assert out == ""
 
 
-def test_9_run_that_would_never_train(cli, tmp_path: Path) -> None:
-    code, out, err = cli.run("train", "--learning-starts", "5000", "--total-steps", "300",
-                              "--artifact-root", str(tmp_path))
-    cli.assert_one_line(code, err, 2, "--learning-starts 5,000", "--total-steps 300", "never update")
+@pytest.mark.parametrize("argv, fragments", [
+    (["--learning-starts", "5000", "--total-steps", "300"], ["--learning-starts 5,000", "--total-steps 300",
+                                                             "never update"]),
+    (["--learning-starts", "30"], ["--learning-starts 30", "50-step episode", "--learning-starts 50"]),
+    (["--n-envs", "2", "--buffer-size", "60"], ["--buffer-size 60", "2 env(s)", "--buffer-size 102"]),
+])
+def test_9_run_that_would_never_train(cli, argv: list[str], fragments: list[str], tmp_path: Path) -> None:
+    """A run that would never update, or whose HER buffer would stop it at its first sample (no finished
+    episode to draw from), is refused before anything is built."""
+    code, out, err = cli.run("train", *argv, "--artifact-root", str(tmp_path))
+    cli.assert_one_line(code, err, 2, *fragments)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -270,6 +280,37 @@ def test_7_a_failed_buffer_write_keeps_the_whole_previous_checkpoint(cli, replay
     code, out, err = cli.run(*argv, "--total-steps", "300", "--resume")
     assert code == 0, err
     assert "[resume] replay buffer restored" in out and "no replay buffer saved" not in out
+    assert "truncate" not in err  # the loads' warning about the closed episode is for code that would continue it
+
+
+@pytest.mark.parametrize("replay, damage", [("framestack", "state.json"), ("sb3", "truncated")])
+def test_12_a_damaged_or_missing_replay_buffer_on_resume(cli, replay: str, damage: str, tmp_path: Path) -> None:
+    """A damaged saved buffer ends the resume in one sentence (nothing is lost: delete it to go on); a missing
+    one is named, and the resume collects fresh steps first; a resume that would then end before its first
+    update is refused before anything is built."""
+    argv = ["train", *REACH, "--replay", replay, "--save-replay-buffer", "--artifact-root", str(tmp_path)]
+    code, _, err = cli.run(*argv, "--total-steps", "200")
+    assert code == 0, err
+    buffer = tmp_path / "checkpoints" / f"{STEM}_replay_buffer{'.pkl' if replay == 'sb3' else ''}"
+    if damage == "state.json":
+        (buffer / "state.json").write_text('{"not": "finished')
+    else:
+        buffer.write_bytes(buffer.read_bytes()[:1000])
+    code, _, err = cli.run(*argv, "--total-steps", "300", "--resume")
+    cli.assert_one_line(code, err, 2, str(buffer), "cannot be loaded", "delete it and run the same command again")
+
+    if buffer.is_dir():
+        shutil.rmtree(buffer)
+    else:
+        buffer.unlink()
+    code, _, err = cli.run(*argv, "--total-steps", "250", "--resume")
+    cli.assert_one_line(code, err, 2, "--resume from step 200 has no saved replay buffer", "--total-steps 250",
+                        "before any update")
+    code, out, err = cli.run(*argv, "--total-steps", "400", "--resume")
+    assert code == 0, err
+    assert f"the replay buffer saved at step 200 is missing ({buffer})" in out
+    session = read_meta(tmp_path / "checkpoints" / f"{STEM}.meta.json", "the test")["sessions"][-1]
+    assert session["learning_starts"] == 300 and session["replay_restored"] is False
 
 
 # ------------------------------------------------------------------------------------------------------

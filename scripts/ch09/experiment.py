@@ -386,12 +386,18 @@ def check_train_arguments(cfg: TrainConfig) -> None:
 
 def check_first_sample(cfg: TrainConfig) -> None:
     """HER buffers (SB3's and the frame-once one) sample only from finished episodes: refuse a
-    ``--learning-starts`` that lets the first update come before every env has finished one (the buffer would
-    stop the run there with a RuntimeError)."""
+    ``--learning-starts`` that lets the first update come before every env has finished one, and a
+    ``--buffer-size`` that cannot hold one episode per env (the buffer would stop the run at its first
+    sample, or refuse to be built)."""
     try:
         episode_steps = gym.spec(cfg.env).max_episode_steps or 1
     except gym.error.Error:  # not registered here (MuJoCo did not start): the renderer check says so, later
         return
+    smallest_buffer = (episode_steps + 1) * cfg.n_envs  # the frame-once buffer also keeps each episode's first obs
+    if cfg.buffer_size < smallest_buffer:
+        raise UserError(f"--buffer-size {cfg.buffer_size:,} cannot hold one {episode_steps}-step episode per env "
+                        f"({cfg.n_envs} env(s)), and the HER replay buffer samples only finished episodes; use "
+                        f"--buffer-size {smallest_buffer:,} or more.")
     needed = episode_steps * cfg.n_envs
     if cfg.learning_starts < needed:
         raise UserError(f"--learning-starts {cfg.learning_starts:,} comes before every env has finished its first "
@@ -518,6 +524,7 @@ def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
             print(f"[resume] {paths.checkpoint} already has {meta['steps_done']:,} steps >= --total-steps "
                   f"{cfg.total_steps:,}; raise --total-steps to train further.")
             return None
+        check_resume_updates(cfg, paths, meta)
         meta["config"] |= {k: v for k, v in asdict(cfg).items() if k not in EXPERIMENT_FIELDS}
     else:
         guard_fresh_run(paths, cfg.move_old_run)
@@ -540,6 +547,19 @@ def training_callbacks(cfg: TrainConfig, paths: RunPaths, eval_env: DummyVecEnv 
     if not cfg.full_state:
         callbacks.append(NoCudaNotice(cfg.total_steps))  # says nothing on a CUDA device
     return callbacks + testing_hooks(paths.stem)  # empty unless a test sets CH09_TEST_KILL_AT_STEP
+
+
+def check_resume_updates(cfg: TrainConfig, paths: RunPaths, meta: dict[str, Any]) -> None:
+    """Refuse a resume that would end before its first update: without its replay buffer (not saved, or missing)
+    it collects ``--learning-starts`` fresh steps first (``restore_replay_buffer``), as a fresh run does."""
+    steps, saved = int(meta["steps_done"]), meta["replay_buffer"]
+    if saved is not None and saved["steps"] == steps and paths.replay_buffer(resolved_replay(cfg)).exists():
+        return
+    if steps + cfg.learning_starts >= cfg.total_steps:
+        raise UserError(f"--resume from step {steps:,} has no saved replay buffer, so it collects --learning-starts "
+                        f"{cfg.learning_starts:,} fresh steps before updating (to step {steps + cfg.learning_starts:,})"
+                        f" and --total-steps {cfg.total_steps:,} would end before any update; raise --total-steps "
+                        "or lower --learning-starts.")
 
 
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -372,6 +373,23 @@ def check_room_to_resume(paths: RunPaths, replay_buffer_path: Path | None) -> No
                         "checkpoints/ and runs/ to a larger disk and pass --artifact-root) and resume again.")
 
 
+def load_replay_buffer(model: SAC, path: Path) -> None:
+    """The replay buffer saved at ``path`` into ``model``; a damaged one ends the resume in one sentence."""
+    try:
+        with warnings.catch_warnings():
+            # Both loads close the episode that was running at the checkpoint, and say so in a warning meant for
+            # code that would continue it: a resume starts new episodes, so closing it is what it needs.
+            warnings.filterwarnings("ignore", message="The last trajectory in the replay buffer will be truncated")
+            if isinstance(model.replay_buffer, FrameStackHerReplayBuffer):
+                model.replay_buffer.load(path)
+            else:  # re-attaches HER's env
+                model.load_replay_buffer(path)
+    except Exception as exc:  # EOFError, pickle, JSON, mmap and NumPy errors all mean: damaged
+        raise UserError(f"The replay buffer {path} saved with the checkpoint cannot be loaded ({type(exc).__name__}: "
+                        f"{str(exc)[:200]}); it is damaged: restore it from a backup, or delete it and run the same "
+                        "command again (the resume then collects --learning-starts fresh steps first).") from None
+
+
 # --8<-- [start:restore_replay_buffer]
 def restore_replay_buffer(model: SAC, path: Path, saved: dict | None,
                           learning_starts: int) -> bool:
@@ -383,18 +401,18 @@ def restore_replay_buffer(model: SAC, path: Path, saved: dict | None,
     fail "Unable to sample before the end of the first episode".
     """
     steps = model.num_timesteps
-    buffer = model.replay_buffer
-    if saved and saved.get("steps") == steps and path.exists():
-        if isinstance(buffer, FrameStackHerReplayBuffer):
-            buffer.load(path)
-        else:  # re-attaches HER's env, closes the open episode
-            model.load_replay_buffer(path)
-        assert model.replay_buffer is not None, "both loads leave a buffer"
-        print(f"[resume] replay buffer restored from {path} "
-              f"({model.replay_buffer.size():,} transitions)")
-        return True
+    if saved and saved.get("steps") == steps:
+        if path.exists():
+            load_replay_buffer(model, path)
+            assert model.replay_buffer is not None, "both loads leave a buffer"
+            print(f"[resume] replay buffer restored from {path} "
+                  f"({model.replay_buffer.size():,} transitions)")
+            return True
+        why = f"the replay buffer saved at step {steps:,} is missing ({path})"
+    else:
+        why = f"no replay buffer saved at step {steps:,}"
     model.learning_starts = steps + learning_starts
-    print(f"[resume] no replay buffer saved at step {steps:,}: collecting "
-          f"{learning_starts:,} fresh steps before updates resume")
+    print(f"[resume] {why}: collecting {learning_starts:,} fresh steps "
+          "before updates resume")
     return False
 # --8<-- [end:restore_replay_buffer]
