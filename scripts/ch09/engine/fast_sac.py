@@ -1099,6 +1099,11 @@ class FastSAC(SAC):
             env = self._overlap_env
         return super().collect_rollouts(env, *args, **kwargs)
 
+    @property
+    def deferred_update_steps(self) -> int:
+        """Gradient steps ``train()`` has left to the next ``step_async`` (overlapped collection); 0 otherwise."""
+        return sum(gradient_steps for gradient_steps, _ in self._pending_updates)
+
     def _run_pending_updates(self) -> None:
         while self._pending_updates:
             gradient_steps, batch_size = self._pending_updates.pop(0)

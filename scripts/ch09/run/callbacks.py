@@ -198,6 +198,8 @@ class NoCudaNotice(BaseCallback):
     start to the next is a whole training iteration (``n_envs`` env steps plus their updates), which the
     projection of the steps still to go uses. The first iteration (allocations, warm-up) is not counted; the
     median of the next ``MEASURED_ITERATIONS`` is, so an evaluation falling among them does not inflate the figure.
+    With overlapped collection ``train()`` only defers the updates to the next env step, so the notice gives the
+    time of a whole training step instead of an update's.
     """
 
     MEASURED_ITERATIONS = 5
@@ -212,6 +214,7 @@ class NoCudaNotice(BaseCallback):
         self.iteration_started: float | None = None
         self.update_seconds: list[float] = []
         self.iteration_seconds: list[float] = []
+        self.updates_deferred = False  # FastSAC's overlapped collection: train() left its updates to the next step
 
     def _on_training_start(self) -> None:
         self.active = self.model.device.type != "cuda"
@@ -225,6 +228,7 @@ class NoCudaNotice(BaseCallback):
             return
         now = time.perf_counter()
         if self.update_started is not None and self.iteration_started is not None:  # train() ran since the last
+            self.updates_deferred |= getattr(self.model, "deferred_update_steps", 0) > 0
             self.update_seconds.append(now - self.update_started)
             self.iteration_seconds.append(now - self.iteration_started)
         self.update_started, self.iteration_started = None, now
@@ -240,9 +244,11 @@ class NoCudaNotice(BaseCallback):
         per_step = float(np.median(iteration_seconds)) / self.training_env.num_envs
         steps_left = max(self.total_steps - self.num_timesteps, 0)  # the random-action steps are behind us
         where = "no CUDA GPU" if not torch.cuda.is_available() else f"training on {self.model.device}, not CUDA"
-        tqdm.write(f"{where}: a pixel update takes {per_update:.3g} s here, so the remaining {steps_left:,} steps "
-                   f"would take ~{human_duration(per_step * steps_left)}; use a GPU, or --full-state to check "
-                   "the pipeline", file=sys.stdout)
+        took = (f"a pixel training step (env step and update, overlapped) takes {per_step:.3g} s here"
+                if self.updates_deferred else f"a pixel update takes {per_update:.3g} s here")
+        tqdm.write(f"{where}: {took}, so the remaining {steps_left:,} steps would take "
+                   f"~{human_duration(per_step * steps_left)}; use a GPU, or --full-state to check the pipeline",
+                   file=sys.stdout)
 
     def _on_step(self) -> bool:
         return True
