@@ -601,7 +601,8 @@ def test_eval_refuses_damaged_and_mismatched_checkpoints(cli, root: Path, nature
         (checkpoints / "ch09_fullstate_FetchPush-v4_seed0.meta.json").read_text())
     code, _, err = cli.run("eval", "--checkpoint", str(damaged), "--device", "cpu",
                             "--artifact-root", str(tmp_path))
-    cli.assert_user_error(code, err, "cannot be loaded")
+    cli.assert_user_error(code, err, "cannot be loaded", "ch09_fullstate_FetchPush-v4_seed0_<N>_steps.zip",
+                          "copy one over ch09_fullstate_FetchPush-v4_seed0.zip to --resume from it")
 
     # A full-state checkpoint next to a pixel run's metadata: another config.
     mismatched = tmp_path / "mismatch.zip"
@@ -615,7 +616,7 @@ def test_eval_refuses_damaged_and_mismatched_checkpoints(cli, root: Path, nature
     lonely = tmp_path / "lonely.zip"
     lonely.write_bytes(b"PK")
     code, _, err = cli.run("eval", "--checkpoint", str(lonely), "--artifact-root", str(tmp_path))
-    cli.assert_user_error(code, err, "No metadata file")
+    cli.assert_user_error(code, err, "No metadata file", "copy it there with the checkpoint")
 
 
 def test_aggregate_refuses_mixed_configs(cli, root: Path, state_runs: dict[str, Any], tmp_path: Path) -> None:

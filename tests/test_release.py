@@ -356,6 +356,27 @@ def test_release_snapshots_and_package_refusals(cli, run: dict[str, Any], tmp_pa
     assert (checkpoints / f"{STEM}.zip").is_file()
 
 
+@pytest.mark.parametrize("change", ["zip replaced", "metadata moved on"])
+def test_package_refuses_an_evaluation_of_another_checkpoint(cli, run: dict[str, Any], change: str,
+                                                            tmp_path: Path) -> None:
+    """The eval JSON is of the step-300 zip: a zip swapped for the step-100 snapshot, or a run that has trained
+    on since, is refused, each with the reason that holds."""
+    root = tmp_path / "root"
+    for folder in ("checkpoints", "results", "runs"):
+        shutil.copytree(run["root"] / folder, root / folder)
+    checkpoints = root / "checkpoints"
+    if change == "zip replaced":
+        shutil.copyfile(checkpoints / f"{STEM}_100_steps.zip", checkpoints / f"{STEM}.zip")
+        fragments = [f"{STEM}.zip is another file now", "evaluate it again"]
+    else:
+        meta = json.loads((checkpoints / f"{STEM}.meta.json").read_text())
+        (checkpoints / f"{STEM}.meta.json").write_text(json.dumps({**meta, "steps_done": 400}))
+        fragments = ["evaluated", "at 300 steps", "the run now has 400", "evaluate it again"]
+    code, _, err = cli.run("package", "--checkpoint", str(checkpoints / f"{STEM}.zip"), "--out",
+                           str(tmp_path / "release"))
+    cli.assert_user_error(code, err, *fragments)
+
+
 def test_aggregate_over_snapshots_gives_success_against_steps(cli, run: dict[str, Any], tmp_path: Path) -> None:
     results = run["root"] / "results"
     files = [results / f"{STEM}_200_steps_eval.json", results / f"{STEM}_eval.json"]

@@ -72,7 +72,8 @@ META_FIELDS: dict[str, FieldType] = {
 def read_meta(path: Path, what: str) -> dict[str, Any]:
     """Load a .meta.json, explaining a missing, damaged or wrongly shaped one (every file read is untrusted)."""
     if not path.is_file():
-        raise UserError(f"No metadata file {path} for {what}; was the checkpoint written by this script?")
+        raise UserError(f"No metadata file {path} for {what}: this script writes one beside every checkpoint; copy "
+                        "it there with the checkpoint (a zip from elsewhere cannot be evaluated or resumed here).")
     fix = "restore it from a backup or start a fresh run"
     meta = read_json_object(path, "The metadata file", fix)
     if meta.get("format") != CHECKPOINT_FORMAT:
@@ -121,12 +122,20 @@ def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
         if "spaces do not match" in str(exc) or "Observation spaces" in str(exc) or "Action spaces" in str(exc):
             raise UserError(f"Checkpoint {path} was trained on other observations than its .meta.json describes "
                             f"(a checkpoint from another config?): {str(exc).splitlines()[0]}") from None
-        raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
-                        "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
+        raise UserError(damaged_checkpoint(path, exc)) from None
     except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
-        raise UserError(f"Checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); it is "
-                        "damaged or not an SB3 SAC checkpoint, use a periodic ..._steps.zip instead.") from None
+        raise UserError(damaged_checkpoint(path, exc)) from None
     return model
+
+
+def damaged_checkpoint(path: Path, error: Exception) -> str:
+    """The sentence for a checkpoint SB3 cannot load, with the way round it: a periodic snapshot of the run."""
+    stem = path.name.removesuffix(".zip")
+    match = PERIODIC_RE.match(stem)
+    run_stem = match["stem"] if match else stem
+    return (f"Checkpoint {path} cannot be loaded ({type(error).__name__}: {str(error)[:200]}); it is damaged or not "
+            f"an SB3 SAC checkpoint: evaluate a periodic snapshot ({run_stem}_<N>_steps.zip) instead, or copy one "
+            f"over {run_stem}.zip to --resume from it.")
 
 
 def load_for_acting(path: str | Path, env: VecEnv | None = None, device: str = "cpu") -> SAC:

@@ -494,11 +494,13 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     recorded when it was written."""
     stem = checkpoint.name.removesuffix(".zip")
     digest = sha256_file(checkpoint)
-    if int(evaluation.get("checkpoint_steps", -1)) != int(meta.get("steps_done", -2)) or \
-            evaluation.get("checkpoint_sha256", digest) != digest:
-        raise UserError(f"results/{stem}_eval.json evaluated {checkpoint.name} at "
-                        f"{evaluation.get('checkpoint_steps')} steps, but the checkpoint now holds "
-                        f"{meta.get('steps_done')} (or is another file); evaluate it again before packaging.")
+    evaluated = f"results/{stem}_eval.json evaluated {checkpoint.name} at {evaluation.get('checkpoint_steps')} steps"
+    if int(evaluation.get("checkpoint_steps", -1)) != int(meta.get("steps_done", -2)):
+        raise UserError(f"{evaluated}, but its metadata says the run now has {meta.get('steps_done')}; evaluate it "
+                        "again before packaging.")
+    if evaluation.get("checkpoint_sha256", digest) != digest:
+        raise UserError(f"{evaluated}, but {checkpoint.name} is another file now (its SHA-256 is not the one "
+                        "evaluated); evaluate it again before packaging.")
     files = {checkpoint.name: checkpoint, meta_path.name: meta_path}
     for snapshot in snapshot_paths(checkpoint):
         files[snapshot.name] = snapshot
