@@ -644,10 +644,13 @@ def test_aggregate_refuses_seeds_at_different_step_counts(cli, root: Path, state
     assert out == "" and not list((tmp_path / "results").glob("*aggregate*"))
 
 
-def test_renderer_unavailable_is_one_sentence(cli, tmp_path: Path, production) -> None:
-    proc = production.run("train", "--artifact-root", str(tmp_path), "--device", "cpu", MUJOCO_GL="osmesa",
-                          PYOPENGL_PLATFORM="osmesa", timeout=180)
-    cli.assert_user_error(proc.returncode, proc.stderr, "MUJOCO_GL=osmesa", "MUJOCO_GL=egl")
+@pytest.mark.parametrize("backend", ["osmesa", "glfw"])
+def test_renderer_unavailable_is_one_sentence(cli, backend: str, tmp_path: Path, production) -> None:
+    """No OSMesa here, and GLFW without a display (which warns before it fails: the warnings are held back)."""
+    platform = {"osmesa": "osmesa", "glfw": "egl"}[backend]  # GLFW makes its own context, without PyOpenGL
+    proc = production.run("train", "--artifact-root", str(tmp_path), "--device", "cpu", MUJOCO_GL=backend,
+                          PYOPENGL_PLATFORM=platform, DISPLAY="", timeout=180)
+    cli.assert_user_error(proc.returncode, proc.stderr, f"MUJOCO_GL={backend}", "MUJOCO_GL=egl")
 
 
 # ------------------------------------------------------------------------------------------------------

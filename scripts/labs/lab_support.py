@@ -22,7 +22,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -108,6 +109,18 @@ class RendererUnavailableError(RuntimeError):
             "start Python with MUJOCO_GL=egl (install libegl1 and the Mesa GL libraries if EGL itself fails), "
             "see the README section 'Troubleshooting'."
         )
+
+
+@contextlib.contextmanager
+def renderer_start_warnings() -> Iterator[None]:
+    """Hold the warnings MuJoCo's GL backend prints while it creates a context (GLFW warns, then fails):
+    issued again if the context starts, dropped if it fails, where ``RendererUnavailableError`` says in one
+    sentence what to do."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for held in caught:
+        warnings.warn_explicit(held.message, held.category, held.filename, held.lineno)
 
 
 def renderer_import_error() -> Exception | None:

@@ -66,6 +66,7 @@ from lab_support import (  # sets MUJOCO_GL=egl unless you chose, and guards the
     lab_main,
     make_render_context_current,
     renderer_import_error,
+    renderer_start_warnings,
 )
 
 __all__ = [  # the names other modules import from here (some are re-exported from lab_support)
@@ -351,7 +352,8 @@ def make_fetch_env(
     try:
         env.reset()  # rendering needs a goal, which the first reset samples
         try:
-            env.render()  # the OpenGL context is created here; this is where a bad MUJOCO_GL fails
+            with renderer_start_warnings():
+                env.render()  # the OpenGL context is created here; this is where a bad MUJOCO_GL fails
         except Exception as exc:
             raise RendererUnavailableError.from_exception(exc) from None
         return PixelObservationWrapper(

@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ch09.run.artifacts import atomic_replace
+from lab_support import renderer_start_warnings
 from pixel_wrapper import (  # imports lab_support first: MUJOCO_GL and the mujoco pin guard, before mujoco loads
     GOAL_MARKER_SITE,
     PIXEL_KEY,
@@ -109,7 +110,8 @@ class CameraView:
         saved = (visual.offwidth, visual.offheight)
         visual.offwidth, visual.offheight = max(saved[0], size), max(saved[1], size)
         try:
-            self.renderer = mujoco.Renderer(self.model, size, size)
+            with renderer_start_warnings():
+                self.renderer = mujoco.Renderer(self.model, size, size)
         except Exception as exc:  # no EGL / wrong MUJOCO_GL: the lab's one sentence says what to do
             raise RendererUnavailableError.from_exception(exc) from None
         finally:
