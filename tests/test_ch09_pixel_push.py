@@ -531,10 +531,19 @@ def test_move_old_run_moves_logs_and_checkpoints_aside(tmp_path: Path) -> None:
     paths.checkpoint.write_bytes(b"zip")
     other_seed = paths.checkpoint_dir / "ch09_fullstate_FetchPush-v4_seed01.zip"
     other_seed.write_bytes(b"zip")
+    results = tmp_path / "results"
+    (results / "videos").mkdir(parents=True)
+    evaluations = [results / f"{paths.stem}_eval.json", results / f"{paths.stem}_100_steps_eval.json",
+                   results / "videos" / f"{paths.stem}_100_ep0.mp4"]
+    other_evaluation = results / "ch09_fullstate_FetchPush-v4_seed01_eval.json"
+    for path in [*evaluations, other_evaluation]:
+        path.write_text("{}")
     guard_fresh_run(paths, move_old_run=True)
     assert not paths.run_dir.exists() and not paths.checkpoint.exists() and other_seed.exists()
     assert len(list(paths.run_dir.parent.glob("seed0.old-*"))) == 1
     assert len(list(paths.checkpoint_dir.glob(f"{paths.stem}.old-*/{paths.stem}.zip"))) == 1
+    assert not any(path.exists() for path in evaluations) and other_evaluation.exists()
+    assert len(list(results.glob(f"{paths.stem}.old-*/*"))) == 3  # aggregate would mix them with the new run's
     guard_fresh_run(paths, move_old_run=False)  # nothing left to move: a fresh run may start
 
 

@@ -180,7 +180,8 @@ class TrainConfig:
     resume: bool = False
     """Continue the latest checkpoint of the same tag and seed, in the same TensorBoard folder."""
     move_old_run: bool = False
-    """Start over: move an earlier run's TensorBoard folder and checkpoints aside (renamed with a timestamp)."""
+    """Start over: move an earlier run's TensorBoard folder, checkpoints and evaluations aside (renamed with a
+    timestamp)."""
     compare_sb3: Annotated[bool, tyro.conf.arg(aliases=("--bridge",))] = False
     """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy) before training."""
     progress: bool = True

@@ -121,6 +121,13 @@ class RunPaths:
                       if (p.name.startswith(self.stem + ".") or p.name.startswith(self.stem + "_"))
                       and not p.name.startswith(self.stem + ".old-"))  # runs moved aside earlier
 
+    def own_result_files(self) -> list[Path]:
+        """This run's files in results/: the evaluations of its checkpoints and snapshots, and their videos."""
+        results = self.root / "results"
+        evaluations = [results / f"{self.stem}_eval.json", *results.glob(f"{self.stem}_*_steps_eval.json")]
+        videos = [p for p in (results / "videos").glob(f"{self.stem}_*") if p.suffix in (".mp4", ".gif")]
+        return sorted(p for p in [*evaluations, *videos] if p.is_file())
+
     def has_tensorboard_events(self) -> bool:
         return self.run_dir.is_dir() and any(self.run_dir.glob("events.out.tfevents*"))
 

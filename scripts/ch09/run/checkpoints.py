@@ -363,6 +363,13 @@ def guard_fresh_run(paths: RunPaths, move_old_run: bool) -> None:
         for path in old_files:
             os.replace(path, aside_dir / path.name)
         print(f"[fresh run] moved {len(old_files)} old checkpoint file(s) to {aside_dir}")
+    old_results = paths.own_result_files()  # the old run's evaluations: aggregate would mix them with the new run's
+    if old_results:
+        aside_dir = paths.root / "results" / f"{paths.stem}.old-{stamp}"
+        aside_dir.mkdir(parents=True)
+        for path in old_results:
+            os.replace(path, aside_dir / path.name)
+        print(f"[fresh run] moved {len(old_results)} old evaluation file(s) and video(s) to {aside_dir}")
 
 
 def check_room_to_resume(paths: RunPaths, replay_buffer_path: Path | None) -> None:
