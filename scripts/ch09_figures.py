@@ -1019,20 +1019,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     a, b = (parse_steps(x.strip()) for x in args.phases.split(","))
                 except (ValueError, IndexError):
-                    parser.error(f"--phases wants two step counts 'A,B' such as 1.2M,3.5M or 5000,8000, "
-                                 f"got {args.phases!r}")
+                    raise FigureInputError(f"--phases wants two step counts 'A,B' such as 1.2M,3.5M or 5000,8000, "
+                                           f"got {args.phases!r}") from None
                 if not a < b:
-                    parser.error(f"--phases wants A < B, got {step_label(a)} and {step_label(b)}")
+                    raise FigureInputError(f"--phases wants A < B, got {step_label(a)} and {step_label(b)}")
                 phases = (float(a), float(b))
             if not 0.0 <= args.smoothing < 1.0:
-                parser.error(f"--smoothing must be in [0, 1), got {args.smoothing}")
+                raise FigureInputError(f"--smoothing must be in [0, 1), got {args.smoothing}")
             paths = plot_loss_phases(args.run, args.out_dir, phases, args.smoothing, args.success_curve)
         elif args.figure == "rollout":
             paths = rollout_figure(args.checkpoint, args.seed, args.frames, args.out_dir)
         else:
             paths = plot_investigation(args.results, args.out_dir, args.env, args.highlight)
     except FigureInputError as err:
-        print(f"ch09_figures.py {args.figure}: {err}", file=sys.stderr)
+        print(f"error: ch09_figures.py {args.figure}: {err}", file=sys.stderr)
         return 2
     for path in paths:
         print(f"wrote {path}")
