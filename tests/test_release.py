@@ -326,6 +326,18 @@ def test_a_download_that_keeps_breaking_off_fails_in_one_sentence(cli, run: dict
     assert final_names(tmp_path / "checkpoints") == {f"{STEM}.meta.json"}  # the zip only as .part
 
 
+def test_a_served_sha256sums_too_large_to_be_one_is_refused_at_once(cli, run: dict[str, Any], tmp_path: Path) -> None:
+    """Reading stops at the size limit: a 3 MB SHA256SUMS is no broken connection, and no retry can help."""
+    served = tmp_path / "served"
+    shutil.copytree(run["release"], served)
+    (served / "SHA256SUMS").write_bytes(b"0" * 3_000_000)
+    with ReleaseServer(served) as server:
+        code, _, err = cli.run("eval", "--from-release", server.url, *EVAL_FLAGS, "--artifact-root",
+                               str(tmp_path / "root"))
+    cli.assert_user_error(code, err, "SHA256SUMS is larger than", "so it is not a SHA256SUMS")
+    assert [name for name, _, _ in server.requests] == ["SHA256SUMS"]
+
+
 @pytest.mark.parametrize("argv, fragments", [
     (["eval", "--n-episodes", "1"], ["--checkpoint PATH_OR_URL or --from-release"]),
     (["eval", "--checkpoint", "x.zip", "--steps", "1M"], ["--steps picks a snapshot of --from-release"]),

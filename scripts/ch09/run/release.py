@@ -406,14 +406,16 @@ def _open(url: str, offset: int) -> http.client.HTTPResponse:
 
 
 def _read_body(response: http.client.HTTPResponse, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes or more (the caller refuses a body that large): a body cut short
+    below the limit is a broken connection."""
     chunks, size = [], 0
     while size < limit:
         chunk = _read_chunk(response)
         if not chunk:
+            _check_complete(response, size)
             break
         chunks.append(chunk)
         size += len(chunk)
-    _check_complete(response, size)
     return b"".join(chunks)
 
 
