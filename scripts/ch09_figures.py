@@ -73,7 +73,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
 from ch09.run.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
-from ch09.run.stats import MixedStepCounts, common_step_count, success_summary, wilson_interval
+from ch09.run.stats import MixedStepCounts, common_step_count, success_summary
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
 
@@ -738,9 +738,8 @@ def bar_statistics(bar: InvestigationBar) -> None:
 
     The same rule `ch09_pixel_push.py aggregate` reports (``stats.success_summary``).
     """
-    first = bar.seeds[0]
-    one_seed_ci = wilson_interval(round(first.success_rate * first.n_episodes), first.n_episodes)
-    bar.mean, _std, bar.ci95, _method = success_summary([s.success_rate for s in bar.seeds], one_seed_ci)
+    bar.mean, _std, bar.ci95, _method = success_summary([s.success_rate for s in bar.seeds],
+                                                        [s.n_episodes for s in bar.seeds])
 
 
 def investigation_bars(results: list[SeedResult]) -> list[InvestigationBar]:
@@ -857,7 +856,7 @@ def plot_investigation(results_dir: Path, out_dir: Path, env_id: str | None = No
     ax.spines[["top", "right"]].set_visible(False)
     methods = []
     if any(len(b.seeds) > 1 for b in bars):
-        methods.append("Student t over seeds")
+        methods.append("Student t over seeds, never narrower than Wilson over all their episodes")
     if any(len(b.seeds) == 1 for b in bars):
         methods.append("Wilson over episodes for a single seed")
     ax.set_title(f"The investigation on {env_id}: deterministic success rate per step\n"

@@ -264,10 +264,15 @@ def test_wilson_and_t_intervals() -> None:
     assert mean == pytest.approx(0.6) and std == pytest.approx(0.1)
     assert (low, high) == pytest.approx((0.6 - half, 0.6 + half), abs=1e-3)
     assert stats.seed_mean_interval([0.0, 0.0, 0.1])[2][0] == 0.0  # clipped to [0, 1]
-    one_seed = stats.success_summary([0.9], single_seed_ci=(0.82, 0.95))
-    assert one_seed[1:3] == (0.0, (0.82, 0.95)) and one_seed[3].startswith("Wilson")
-    three_seeds = stats.success_summary([0.5, 0.6, 0.7], single_seed_ci=(0.0, 1.0))
+    one_seed = stats.success_summary([0.9], episodes=[100])
+    assert one_seed[1:3] == (0.0, stats.wilson_interval(90, 100)) and one_seed[3].startswith("Wilson")
+    three_seeds = stats.success_summary([0.5, 0.6, 0.7], episodes=[100] * 3)
     assert three_seeds[2] == pytest.approx((0.6 - half, 0.6 + half), abs=1e-3) and "df=2" in three_seeds[3]
+    assert "widened" not in three_seeds[3]  # the spread over seeds is the larger uncertainty here
+    # Seeds that agree have no spread, but 3 x 20 episodes are a sample: never the zero-width [1, 1].
+    agreeing = stats.success_summary([1.0, 1.0, 1.0], episodes=[20] * 3)
+    assert agreeing[2] == stats.wilson_interval(60, 60) and agreeing[2][0] < 0.95
+    assert "widened to the Wilson interval over all 60 episodes" in agreeing[3]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def success_over_seeds(results: list[dict[str, Any]], names: list[str]) -> dict[
     except MixedStepCounts as exc:
         raise UserError(str(exc)) from None
     rates = [float(r["success_rate"]) for r in results]
-    mean, std, ci, method = success_summary(rates, results[0]["success_ci95"])
+    mean, std, ci, method = success_summary(rates, [int(r["n_episodes"]) for r in results])
     return {
         "format": AGGREGATE_FORMAT,
         "tag": results[0]["tag"],
@@ -157,7 +157,7 @@ def success_over_steps(results: list[dict[str, Any]]) -> dict[str, Any]:
     rows = []
     for steps, group in sorted(by_steps.items()):
         rates = [float(r["success_rate"]) for r in group]
-        mean, std, ci, method = success_summary(rates, group[0]["success_ci95"])
+        mean, std, ci, method = success_summary(rates, [int(r["n_episodes"]) for r in group])
         rows.append({"steps": steps, "n_seeds": len(group), "seeds": sorted(r["train_seed"] for r in group),
                      "episodes_per_seed": sorted({r["n_episodes"] for r in group}), "success_rate_mean": mean,
                      "success_rate_std": std, "success_rate_ci95": [round(ci[0], 4), round(ci[1], 4)],

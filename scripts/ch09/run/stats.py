@@ -6,7 +6,8 @@ Pure Python and NumPy (no torch, no scipy), so the figure script can use them wi
 |-------------------------|-------------------------------------|--------------------------------------------|
 | ``wilson_interval``     | one seed's success rate (k of n)    | stays inside [0, 1] and is sane at 0/n, n/n |
 | ``seed_mean_interval``  | the mean success rate over seeds    | few seeds: a t quantile, not z             |
-| ``success_summary``     | eval results of one config (1+ seeds) | t over seeds, or the one seed's Wilson    |
+| ``success_summary``     | eval results of one config (1+ seeds) | t over seeds (never narrower than Wilson |
+|                         |                                     | over all episodes), or the one seed's Wilson |
 
 A number over seeds describes one training budget, so ``common_step_count`` is the one rule every summary asks
 first (``aggregate``, the investigation figure, and the sweep through ``aggregate``): results of different step
@@ -63,17 +64,25 @@ def seed_mean_interval(rates: Sequence[float]) -> tuple[float, float, tuple[floa
     return mean, std, (max(0.0, mean - half), min(1.0, mean + half))
 
 
-def success_summary(rates: Sequence[float], single_seed_ci: Sequence[float]
+def success_summary(rates: Sequence[float], episodes: Sequence[int]
                     ) -> tuple[float, float, tuple[float, float], str]:
-    """Mean, std, 95% interval and how it was computed, for the success rates of one or more seeds.
+    """Mean, std, 95% interval and how it was computed, for the success rates of one or more seeds, each
+    measured over ``episodes`` evaluation episodes.
 
-    One seed has no spread over seeds: its own Wilson interval over episodes (``single_seed_ci``) is used.
+    One seed has no spread over seeds: its Wilson interval over episodes. Several: the Student t interval over
+    seeds, widened to the Wilson interval over all their episodes where that one is wider. Seeds that agree
+    (three at 1.0) have no spread, yet each is measured on a sample of episodes: the t interval alone would be
+    [1, 1].
     """
-    if len(rates) > 1:
-        mean, std, ci = seed_mean_interval(rates)
-        return mean, std, ci, f"Student t over seeds, 95%, df={len(rates) - 1}"
-    return float(rates[0]), 0.0, (float(single_seed_ci[0]), float(single_seed_ci[1])), \
-        "Wilson over the single seed's episodes, 95%"
+    pooled = wilson_interval(sum(round(rate * n) for rate, n in zip(rates, episodes)), sum(episodes))
+    if len(rates) == 1:
+        return float(rates[0]), 0.0, pooled, "Wilson over the single seed's episodes, 95%"
+    mean, std, (low, high) = seed_mean_interval(rates)
+    method = f"Student t over seeds, 95%, df={len(rates) - 1}"
+    if pooled[0] < low or pooled[1] > high:
+        low, high = min(low, pooled[0]), max(high, pooled[1])
+        method += f", widened to the Wilson interval over all {sum(episodes)} episodes"
+    return mean, std, (low, high), method
 
 
 class MixedStepCounts(ValueError):
