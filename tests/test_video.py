@@ -140,8 +140,9 @@ def test_pixel_run_without_cuda_prints_its_measured_update_time(pixel_run: dict)
 
 def test_with_overlapped_collection_the_notice_times_whole_training_steps(production, tmp_path: Path) -> None:
     """train() only defers the updates to the next env step there: the time between SB3's callbacks is not an
-    update's, so the notice gives the time of a training step, which includes an 84x84 render (milliseconds)."""
-    proc = production.check("train", *PIXEL_RUN, "--overlap-collection", "--eval-freq", "0",
+    update's, so the notice gives the time of a training step, which includes an 84x84 render (milliseconds).
+    The run asks for bf16, which the notice says is for GPUs."""
+    proc = production.check("train", *PIXEL_RUN, "--overlap-collection", "--precision", "bf16", "--eval-freq", "0",
                             "--artifact-root", str(tmp_path))
     assert NOTICE not in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if "no CUDA GPU" in line]
@@ -149,6 +150,7 @@ def test_with_overlapped_collection_the_notice_times_whole_training_steps(produc
     seconds = float(re.search(r"a pixel training step \(env step and update, overlapped\) takes ([0-9.e+-]+) s here",
                               lines[0])[1])
     assert seconds > 1e-3, lines[0]
+    assert lines[0].endswith("; --precision bf16 is for CUDA GPUs (slower than fp32 on a CPU)")
 
 
 def test_full_state_run_has_no_notice_and_no_eval_video_with_the_flag(production, tmp_path: Path) -> None:

@@ -246,8 +246,10 @@ class NoCudaNotice(BaseCallback):
         where = "no CUDA GPU" if not torch.cuda.is_available() else f"training on {self.model.device}, not CUDA"
         took = (f"a pixel training step (env step and update, overlapped) takes {per_step:.3g} s here"
                 if self.updates_deferred else f"a pixel update takes {per_update:.3g} s here")
+        bf16 = "; --precision bf16 is for CUDA GPUs (slower than fp32 on a CPU)" \
+            if getattr(self.model, "precision", "fp32") == "bf16" else ""
         tqdm.write(f"{where}: {took}, so the remaining {steps_left:,} steps would take "
-                   f"~{human_duration(per_step * steps_left)}; use a GPU, or --full-state to check the pipeline",
+                   f"~{human_duration(per_step * steps_left)}; use a GPU, or --full-state to check the pipeline{bf16}",
                    file=sys.stdout)
 
     def _on_step(self) -> bool:
