@@ -365,7 +365,7 @@ def test_10_interrupted_snapshot_is_repaired(tmp_path: Path, production) -> None
     del meta["sha256"][snapshot.name]
     meta_path.write_text(json.dumps(meta))
 
-    proc = production.check("train", *REACH, "--total-steps", "300", "--resume", "--artifact-root", str(tmp_path))
+    proc = production.check("train", *REACH, "--total-steps", "400", "--resume", "--artifact-root", str(tmp_path))
     assert f"removed {partial.name}" in proc.stdout and f"removed {legacy.name}" in proc.stdout
     assert f"wrote the periodic snapshot {snapshot.name}" in proc.stdout
     assert temporaries(tmp_path) == []

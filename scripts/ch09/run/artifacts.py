@@ -208,9 +208,10 @@ def atomic_replace(path: Path) -> Iterator[Path]:
     """Let the block write a file or a folder at a temporary path, then put it at ``path`` in one rename.
 
     A crash (or Ctrl-C) inside the block leaves ``path`` as it was: a reader never finds a half-written
-    checkpoint behind the expected name. A file is fsynced before the rename, and the folder after it. A folder
-    (the frame-stack replay buffer) replaces the old one through a ``.old`` name, removed once the new one is in place.
-    A full disk or an unwritable folder raises ``ArtifactWriteError`` (one sentence), the temporary removed.
+    checkpoint behind the expected name. A file (or each file of a folder) is fsynced before the rename, and the
+    folder that holds it after it. A folder (the frame-stack replay buffer) replaces the old one through a
+    ``.old`` name, removed once the new one is in place. A full disk or an unwritable folder raises
+    ``ArtifactWriteError`` (one sentence), the temporary removed.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -261,8 +262,13 @@ def sync_folder(folder: Path) -> None:
 
 def _publish(tmp: Path, path: Path) -> None:
     """Put the finished temporary at ``path``: one rename for a file, two for a folder; then sync the folder
-    that holds them, or the rename (which ``.meta.json`` may already record) could be lost to a power cut."""
+    that holds them, or the rename (which ``.meta.json`` may already record) could be lost to a power cut.
+    Before the rename, the file (or every file of the folder, and the folder) is synced to the disk."""
     if tmp.is_dir():
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                _sync_file(file)
+        sync_folder(tmp)
         old = path.with_name(path.name + ".old")
         _remove(old)
         if path.exists():
@@ -271,10 +277,14 @@ def _publish(tmp: Path, path: Path) -> None:
         sync_folder(path.parent)
         _remove(old)
         return
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    _sync_file(tmp)
     os.replace(tmp, path)
     sync_folder(path.parent)
+
+
+def _sync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
 
 
 def _writer_alive(temporary: Path) -> bool:
