@@ -525,7 +525,7 @@ def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
             print(f"[resume] {paths.checkpoint} already has {meta['steps_done']:,} steps >= --total-steps "
                   f"{cfg.total_steps:,}; raise --total-steps to train further.")
             return None
-        check_resume_updates(cfg, paths, meta)
+        note_resume_without_updates(cfg, paths, meta)
         meta["config"] |= {k: v for k, v in asdict(cfg).items() if k not in EXPERIMENT_FIELDS}
     else:
         guard_fresh_run(paths, cfg.move_old_run)
@@ -550,17 +550,17 @@ def training_callbacks(cfg: TrainConfig, paths: RunPaths, eval_env: DummyVecEnv 
     return callbacks + testing_hooks(paths.stem)  # empty unless a test sets CH09_TEST_KILL_AT_STEP
 
 
-def check_resume_updates(cfg: TrainConfig, paths: RunPaths, meta: dict[str, Any]) -> None:
-    """Refuse a resume that would end before its first update: without its replay buffer (not saved, or missing)
-    it collects ``--learning-starts`` fresh steps first (``restore_replay_buffer``), as a fresh run does."""
+def note_resume_without_updates(cfg: TrainConfig, paths: RunPaths, meta: dict[str, Any]) -> None:
+    """Say so when a resume will end before its first update: without its replay buffer (not saved, or missing)
+    it collects ``--learning-starts`` fresh steps first (``restore_replay_buffer``). Not refused: a sweep retries
+    a run killed near its end with the run's own flags, and it must be able to finish."""
     steps, saved = int(meta["steps_done"]), meta["replay_buffer"]
     if saved is not None and saved["steps"] == steps and paths.replay_buffer(resolved_replay(cfg)).exists():
         return
     if steps + cfg.learning_starts >= cfg.total_steps:
-        raise UserError(f"--resume from step {steps:,} has no saved replay buffer, so it collects --learning-starts "
-                        f"{cfg.learning_starts:,} fresh steps before updating (to step {steps + cfg.learning_starts:,})"
-                        f" and --total-steps {cfg.total_steps:,} would end before any update; raise --total-steps "
-                        "or lower --learning-starts.")
+        print(f"[resume] note: with no saved replay buffer, this session collects --learning-starts "
+              f"{cfg.learning_starts:,} fresh steps before updating (to step {steps + cfg.learning_starts:,}), so it "
+              f"ends at --total-steps {cfg.total_steps:,} without an update; raise --total-steps to train further.")
 
 
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
