@@ -19,7 +19,6 @@ rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -237,7 +236,7 @@ class Checkpointer:
         """
         checkpoint = self.paths.checkpoint
         buffer_path = self.replay_buffer_path if model.replay_buffer is not None else None
-        with contextlib.ExitStack() as commit:  # the renames run on exit, last entered first
+        with ExitStack() as commit:  # the renames run on exit, last entered first
             meta_tmp = commit.enter_context(atomic_replace(self.paths.meta))
             zip_tmp = commit.enter_context(atomic_replace(checkpoint))
             with writing(checkpoint, zip_tmp):
