@@ -143,7 +143,7 @@ def test_with_overlapped_collection_the_notice_times_whole_training_steps(produc
     update's, so the notice gives the time of a training step, which includes an 84x84 render (milliseconds).
     The run asks for bf16, which the notice says is for GPUs."""
     proc = production.check("train", *PIXEL_RUN, "--overlap-collection", "--precision", "bf16", "--eval-freq", "0",
-                            "--artifact-root", str(tmp_path))
+                            "--batch-size", "8", "--artifact-root", str(tmp_path))  # (bf16 is slow on a CPU)
     assert NOTICE not in proc.stdout
     lines = [line for line in proc.stdout.splitlines() if "no CUDA GPU" in line]
     assert len(lines) == 1, proc.stdout[-3000:]
