@@ -694,7 +694,7 @@ class SacUpdateEngine:
         device: this call's sums are what SB3 would log for it)."""
         if self.view is not None:
             self.view.sync()
-            self.view.raise_if_nothing_to_draw()
+            self.view.buffer.raise_if_nothing_to_sample()  # host side: a captured draw cannot raise
         if self.graph is not None and self._addresses() != self._captured_addresses:
             self._set_status("warming-up")  # a captured pointer went stale: capture again, after a warm-up
             self.graph, self.warmup_steps_left = None, GRAPH_WARMUP_STEPS

@@ -753,14 +753,18 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         """A batch of ``batch_size`` transitions, torch tensors on ``device``; pixels stay uint8."""
         return self._gather(self._sample_indices(batch_size), env)
 
+    def raise_if_nothing_to_sample(self) -> None:
+        """Raise SB3's error before the first episode has finished: there is no finished transition to draw
+        (the device draw, which cannot raise inside a captured step, asks here first)."""
+        if self._n_sampleable == 0:
+            raise RuntimeError("Unable to sample before the end of the first episode; set learning_starts greater "
+                               "than the steps of one episode.")
+
     # --8<-- [start:frame_stack_sample_indices]
     def _sample_indices(self, batch_size: int) -> SampleIndices:
         """Draw transitions uniformly from finished episodes, then HER goals:
         all index arithmetic, no data is read."""
-        if self._n_sampleable == 0:
-            raise RuntimeError(
-                "Unable to sample before the end of the first episode; set "
-                "learning_starts greater than the steps of one episode.")
+        self.raise_if_nothing_to_sample()  # no episode has finished yet
         rows, envs = self._uniform_sampleable(batch_size)
         ep_start = self.ep_start[rows, envs]
         ep_length = self.ep_length[rows, envs]

@@ -232,13 +232,6 @@ class DeviceReplayView:
             return th.from_numpy(source)  # a view: the buffer's writes show up immediately
         return th.empty(source.shape, dtype=th.from_numpy(source[:0]).dtype, device=self.device)
 
-    def raise_if_nothing_to_draw(self) -> None:
-        """Raise what ``buffer.sample()`` raises before the first episode has finished: a draw then would read
-        rows that belong to no finished episode (host side; call it before a captured step replays)."""
-        if self.buffer._n_sampleable == 0:
-            raise RuntimeError("Unable to sample before the end of the first episode; set learning_starts greater "
-                               "than the steps of one episode.")
-
     def is_stale(self) -> bool:
         """True if the buffer replaced one of its arrays (the tensors here would no longer follow it)."""
         return any(getattr(self.buffer, name) is not source for name, source in self._sources.items())
