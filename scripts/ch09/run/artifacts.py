@@ -125,8 +125,12 @@ class RunPaths:
         """This run's files in results/: the evaluations of its checkpoints and snapshots, and their videos."""
         results = self.root / "results"
         evaluations = [results / f"{self.stem}_eval.json", *results.glob(f"{self.stem}_*_steps_eval.json")]
-        videos = [p for p in (results / "videos").glob(f"{self.stem}_*") if p.suffix in (".mp4", ".gif")]
-        return sorted(p for p in [*evaluations, *videos] if p.is_file())
+        return sorted(p for p in [*evaluations, *self.videos_of(self.root, self.stem)] if p.is_file())
+
+    @staticmethod
+    def videos_of(root: Path, stem: str) -> list[Path]:
+        """results/videos/<stem>_*.mp4|gif: what ``eval --video`` wrote of the checkpoints of the run ``stem``."""
+        return [p for p in (root / "results" / "videos").glob(f"{stem}_*") if p.suffix in (".mp4", ".gif")]
 
     def has_tensorboard_events(self) -> bool:
         return self.run_dir.is_dir() and any(self.run_dir.glob("events.out.tfevents*"))

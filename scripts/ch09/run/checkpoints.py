@@ -356,19 +356,15 @@ def guard_fresh_run(paths: RunPaths, move_old_run: bool) -> None:
         aside = paths.run_dir.with_name(f"{paths.run_dir.name}.old-{stamp}")
         os.replace(paths.run_dir, aside)
         print(f"[fresh run] moved old TensorBoard folder to {aside}")
-    if old_files:
-        aside_dir = paths.checkpoint_dir / f"{paths.stem}.old-{stamp}"
-        aside_dir.mkdir(parents=True)
-        for path in old_files:
-            os.replace(path, aside_dir / path.name)
-        print(f"[fresh run] moved {len(old_files)} old checkpoint file(s) to {aside_dir}")
-    old_results = paths.own_result_files()  # the old run's evaluations: aggregate would mix them with the new run's
-    if old_results:
-        aside_dir = paths.root / "results" / f"{paths.stem}.old-{stamp}"
-        aside_dir.mkdir(parents=True)
-        for path in old_results:
-            os.replace(path, aside_dir / path.name)
-        print(f"[fresh run] moved {len(old_results)} old evaluation file(s) and video(s) to {aside_dir}")
+    # The old run's evaluations go too: aggregate would mix them with the new run's.
+    for files, folder, what in ((old_files, paths.checkpoint_dir, "checkpoint file(s)"),
+                                (paths.own_result_files(), paths.root / "results", "evaluation file(s) and video(s)")):
+        if files:
+            aside_dir = folder / f"{paths.stem}.old-{stamp}"
+            aside_dir.mkdir(parents=True)
+            for path in files:
+                os.replace(path, aside_dir / path.name)
+            print(f"[fresh run] moved {len(files)} old {what} to {aside_dir}")
 
 
 def check_room_to_resume(paths: RunPaths, replay_buffer_path: Path | None) -> None:

@@ -511,7 +511,6 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
         if name in recorded and (digest if path == checkpoint else sha256_file(path)) != recorded[name]:
             raise UserError(f"{path} differs from the SHA-256 its metadata recorded when it was written (changed "
                             "since, or a crash between the two writes); --resume the run, or drop the file.")
-    results = root / "results"
     for name in list(files):
         if name.endswith(".zip"):
             eval_json = RunPaths.eval_result_of(root, Path(name))
@@ -522,7 +521,7 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     videos = {Path(v) if Path(v).is_absolute() else root / v
               for v in (entry.get("file") if isinstance(entry, dict) else entry for entry in listed)
               if isinstance(v, str)}
-    videos |= {p for p in (results / "videos").glob(f"{stem}_*") if p.suffix in (".mp4", ".gif")}
+    videos |= set(RunPaths.videos_of(root, stem))
     for video in sorted(v for v in videos if v.is_file()):
         files[f"videos/{video.name}"] = video
     for events in sorted(run_dir.glob("events.out.tfevents*")):  # `tensorboard --logdir`, the loss-phases figure
