@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("check", help="verify markers, widths, class sizes and that every needed region is present")
     extract_cmd = sub.add_parser("extract", help="write each region to OUTDIR/<file stem>/<region>.py")
     extract_cmd.add_argument("out_dir", type=Path, metavar="OUTDIR")
+
     def parse() -> argparse.Namespace:
         parsed = parser.parse_args(argv)
         if parsed.command is None:
