@@ -63,11 +63,11 @@ from ch09.engine.fast_sac import (
     unsupported_reason,
 )
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
-from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, sample_her_batch
+from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
 from drqv2_sac_policy import CriticEncoderActor, DrQv2SACPolicy, routing_report
 from image_augmentation import HerDrQDictReplayBuffer
 from manipulation_encoder import ManipulationExtractor
-from pixel_wrapper import make_fetch_env
+from pixel_wrapper import make_fetch_env, pixel_observation_space
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ATOL = 1e-5
@@ -584,7 +584,7 @@ def test_a_fast_checkpoint_loads_and_resumes_in_plain_sb3(tmp_path):
     # Started outside the repository, with no PYTHONPATH: the installed project is all it has (pyproject.toml).
     script = textwrap.dedent(f"""
         import sys
-        from pixel_wrapper import make_fetch_env
+        from pixel_wrapper import make_fetch_env, pixel_observation_space
         from stable_baselines3 import SAC
         from stable_baselines3.common.vec_env import DummyVecEnv
         env = DummyVecEnv([lambda: make_fetch_env("FetchReach-v4", pixels=False, goal_mode="both")])
@@ -694,6 +694,17 @@ def test_the_device_draw_refuses_to_sample_before_the_first_episode_ends_as_the_
         assert model._engine is not None and model._engine.view is not None, "the device draw refused"
     finally:
         env.close()
+
+
+def test_frames_kept_in_ram_are_drawn_on_the_host_when_training_on_a_gpu():
+    """storage_device='cpu' keeps the frames out of GPU memory: the device draw, which would copy them all to the
+    GPU (and past the memory preflight, which books them in RAM), must decline and say why."""
+    space = pixel_observation_space()
+    actions = spaces.Box(-1.0, 1.0, (4,), np.float32)
+    in_ram = FrameStackHerReplayBuffer(1_000, space, actions, device="cpu", storage_device="cpu",
+                                       n_sampled_goal=4, compute_reward=lambda *a: None)
+    assert "storage_device='cpu'" in device_sampler_supported(in_ram, None, th.device("cuda"))
+    assert device_sampler_supported(in_ram, None, th.device("cpu")) is None  # on a CPU, RAM is the device
 
 
 @pytest.mark.parametrize("replay", [FrameStackHerReplayBuffer, HerReplayBuffer])
@@ -958,12 +969,17 @@ def test_every_stale_pointer_triggers_a_warm_up_and_a_new_verified_capture(trigg
 
 def perturbing_stand_in(how: str) -> type[RecordedStepGraph]:
     """A stand-in that breaks the step in one way: its replay draws other random numbers, moves a weight or
-    writes a NaN, or its capture raises (as CUDA does for an op it cannot capture)."""
+    writes a NaN, its capture raises (as CUDA does for an op it cannot capture), or its capture runs the step
+    and records nothing (as when the kernels go to a stream that is not capturing: an empty graph)."""
 
     class BrokenStandIn(RecordedStepGraph):
         def capture(self, step):
             if how == "raises":
                 raise RuntimeError("operation not permitted when stream is capturing")
+            if how == "ran eagerly":
+                step()
+                self._step = lambda: None
+                return
             super().capture(step)
 
         def replay(self):
@@ -983,6 +999,7 @@ def perturbing_stand_in(how: str) -> type[RecordedStepGraph]:
 @pytest.mark.parametrize("how, reason", [
     ("other draws", "the replayed step differs from the eager one by"),
     ("mismatch", "the replayed step differs from the eager one by"),
+    ("ran eagerly", "the replayed step differs from the eager one by"),
     ("nan", "the replayed step gave non-finite values"),
     ("raises", "the capture raised RuntimeError: operation not permitted when stream is capturing"),
 ])
@@ -994,7 +1011,7 @@ def test_a_capture_that_fails_verification_falls_back_once_and_trains_eagerly(ho
         train_both((eager, graphed), gradient_steps=6)
         status = graphed.graph_status
         assert status.state == "fallback" and reason in status.reason, status
-        if how in ("other draws", "mismatch"):
+        if how in ("other draws", "mismatch", "ran eagerly"):
             assert status.max_deviation > GRAPH_VERIFY_RTOL["fp32"]
         assert graphed._engine.graph is None and not graphed._engine.use_graph
         assert_identical(eager, graphed)  # the state was put back and the step ran eagerly

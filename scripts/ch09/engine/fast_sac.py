@@ -26,7 +26,7 @@ critic's, f_t the target critic's; Q_j the twin heads, Qt_j the target heads; H 
     y = r + gamma (1 - d) (min_j Qt_j(f_t(s'), a') - alpha log pi(a'|s')),  a' ~ pi(.|f_a(s')), eps2  (no grad)
     L_Q = 1/2 sum_j mean( (Q_j(f_c(s), a) - y)^2 )                  -> Adam step on the critic optimizer
     L_pi = mean( alpha log pi(a~|s) - min_j Q'_j(sg(z_pi), a~) )    -> Adam step on the actor optimizer
-    (f_t, Qt) <- (1 - tau) (f_t, Qt) + tau (f_c, Q)                 SB3's polyak_update, every step
+    (f_t, Qt) <- (1 - tau) (f_t, Qt) + tau (f_c, Q)                 SB3's polyak_update (target_update_interval)
 
 Q' are the heads after the critic's Adam step (SB3 and DrQ-v2 both do this). What ``z_pi`` is, is the one place
 the default departs from SB3:
@@ -248,7 +248,9 @@ class CudaStepGraph:
         with th.cuda.device(self.device):
             stream = th.cuda.current_stream(self.device)
             try:
-                with th.cuda.graph(self._graph):
+                # A capture stream on this GPU: th.cuda.graph's default one is made once per process, on the GPU of
+                # its first capture, and the kernels of a second model on another GPU would run, not be recorded.
+                with th.cuda.graph(self._graph, stream=th.cuda.Stream(self.device)):
                     step()
             except BaseException:
                 th.cuda.set_stream(stream)
@@ -547,7 +549,7 @@ class SacUpdateEngine:
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
         buffer = self.buffer
-        reason = device_sampler_supported(buffer, model._vec_normalize_env)
+        reason = device_sampler_supported(buffer, model._vec_normalize_env, self.device)
         if reason is not None:
             return None, None, reason
         assert isinstance(buffer, FrameStackHerReplayBuffer), "device_sampler_supported accepts no other buffer"
@@ -744,6 +746,7 @@ class SacUpdateEngine:
         failure = None
         try:
             graph.capture(self._static_step)
+            self._restore(state, before)  # a capture records and runs nothing; if it ran the step, the check sees it
             graph.replay()
             replayed = [t.detach().clone() for t in state]
         except Exception as exc:  # noqa: BLE001 -- whatever the capture refuses, the eager step still works
