@@ -52,7 +52,7 @@ from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer, rows_per_transition
 from ch09.engine.memory import allocated_bytes_per_transition
 from ch09.run.artifacts import REPO_ROOT
 from ch09.run.validation import check_device
@@ -243,9 +243,8 @@ def bench_buffers(config: BenchConfig) -> list[BufferResult]:
             per_transition = float(allocated_bytes_per_transition(buffer))
             extra = {}
         else:
-            # Full of 50-step episodes, a row buffer holds 50 transitions per 51 rows.
             rows = buffer.buffer_size * buffer.n_envs
-            per_transition = buffer.allocated_bytes() / (rows * FETCH_EPISODE_STEPS / (FETCH_EPISODE_STEPS + 1))
+            per_transition = buffer.allocated_bytes() / rows * rows_per_transition(FETCH_EPISODE_STEPS)
             extra = {"bytes_per_row": buffer.bytes_per_row,
                      "estimate_bytes_per_row": FrameStackHerReplayBuffer.bytes_per_row_for(observation_space, actions)}
         results.append(BufferResult(

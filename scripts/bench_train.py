@@ -86,11 +86,10 @@ import tyro  # noqa: E402
 
 from ch09.benchmark import CPU_RUNS, GPU_RUNS, PHASES, REFERENCE_RUN, RUNS, Measurement, measure  # noqa: E402
 from ch09.errors import UserError  # noqa: E402
-from ch09.run.artifacts import write_json  # noqa: E402
+from ch09.run.artifacts import REPO_ROOT, write_json  # noqa: E402
 from ch09.run.validation import read_json_object  # noqa: E402
 from ch09.selftest import EXPERIMENT_CARD_STEPS  # noqa: E402
 
-REPO_ROOT = SCRIPTS_DIR.parent
 RESULT_PREFIX = "BENCH_RESULT "
 """A worker prints its measurement as one JSON line after this prefix."""
 CPU_BATCHES = (32, 256)

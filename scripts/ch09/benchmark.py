@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -90,24 +90,20 @@ class Measurement:
     torch_threads: int
     barrier_dir: str = ""
     barrier_count: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
-class _StopAfter:
-    """An SB3 callback (built lazily: SB3 imports stay in the worker) that ends learn() after ``seconds``."""
+def stop_after(seconds: float) -> Any:
+    """An SB3 callback that ends learn() ``seconds`` after it starts (SB3 is imported here: in the worker only)."""
+    from stable_baselines3.common.callbacks import BaseCallback
 
-    @staticmethod
-    def make(seconds: float) -> Any:
-        from stable_baselines3.common.callbacks import BaseCallback
+    class StopAfter(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.deadline = time.perf_counter() + seconds
 
-        class StopAfter(BaseCallback):
-            def _on_training_start(self) -> None:
-                self.deadline = time.perf_counter() + seconds
+        def _on_step(self) -> bool:
+            return time.perf_counter() < self.deadline
 
-            def _on_step(self) -> bool:
-                return time.perf_counter() < self.deadline
-
-        return StopAfter()
+    return StopAfter()
 
 
 class GpuUtilization:
@@ -255,9 +251,10 @@ def _synchronize(device: th.device) -> None:
         th.cuda.synchronize(device)
 
 
-def bytes_per_transition(model: Any) -> float:
-    """Replay bytes per stored transition, measured on the allocated arrays (and the engine's device copy)."""
-    from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+def replay_bytes_per_transition(model: Any, episode_steps: int) -> float:
+    """Replay bytes per stored transition, measured on the allocated arrays (and the engine's device copy), when
+    the buffer is full of ``episode_steps``-step episodes."""
+    from ch09.engine.framestack_replay import FrameStackHerReplayBuffer, rows_per_transition
     from ch09.engine.memory import allocated_bytes_per_transition
 
     buffer = model.replay_buffer
@@ -267,9 +264,7 @@ def bytes_per_transition(model: Any) -> float:
     engine = getattr(model, "_engine", None)
     if engine is not None and engine.view is not None:
         per_row += engine.view.device_bytes / (buffer.buffer_size * buffer.n_envs)
-    spec = model.get_env().get_attr("spec", indices=[0])[0]
-    episode_steps = spec.max_episode_steps if spec is not None and spec.max_episode_steps else 50
-    return per_row * (episode_steps + 1) / episode_steps  # one extra row per episode: its reset frame
+    return per_row * rows_per_transition(episode_steps)
 
 
 def measure(measurement: Measurement) -> dict[str, Any]:
@@ -301,7 +296,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         steps_before, updates_before = model.num_timesteps, model._n_updates
         with GpuUtilization(device.index or 0) as utilization, PhaseClock(model) as clock:
             start = time.perf_counter()
-            model.learn(measurement.max_steps, callback=_StopAfter.make(measurement.seconds),
+            model.learn(measurement.max_steps, callback=stop_after(measurement.seconds),
                         reset_num_timesteps=False, log_interval=None)  # type: ignore[arg-type]  # (as above)
             _synchronize(device)
             seconds = time.perf_counter() - start
@@ -328,7 +323,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             **clock.phases_ms(steps),
             "train_only_updates_per_s": train_only,
             "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            "bytes_per_transition": bytes_per_transition(model),
+            "bytes_per_transition": replay_bytes_per_transition(model, experiment.episode_steps(cfg.env)),
             "gpu_utilization_percent": utilization.mean,
             "cuda_graph": asdict(graph_status) if graph_status is not None else None,
             "device_sampler": bool(engine is not None and engine.view is not None),

@@ -102,6 +102,12 @@ SAVE_FORMAT_VERSION = 1
 MIN_ACCEPTANCE = 0.25
 """Below this fraction of sampleable slots, sampling switches from rejection to an exact index list."""
 
+def rows_per_transition(episode_steps: int) -> float:
+    """Rows per stored transition in a buffer full of ``episode_steps``-step episodes: an episode of L
+    transitions takes L + 1 rows, one more for its reset frame."""
+    return (episode_steps + 1) / episode_steps
+
+
 TRUNCATION_WARNING = (
     "The last trajectory in the replay buffer will be truncated.\n"
     "If you are in the same episode as when the replay buffer was saved,\n"
@@ -284,6 +290,9 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             if isinstance(goal_selection_strategy, str)
             else goal_selection_strategy
         )
+        if n_sampled_goal < 0:
+            raise ValueError(f"n_sampled_goal is the number of relabelled goals per transition (0 turns HER off), "
+                             f"so it cannot be negative; got {n_sampled_goal}.")
         self.n_sampled_goal = n_sampled_goal
         self.her_ratio = 1 - 1.0 / (n_sampled_goal + 1)  # P(relabel) = k / (k + 1)
         if n_sampled_goal > 0 and not {"achieved_goal", "desired_goal"} <= set(self._obs_shapes) - {pixel_key}:
@@ -446,7 +455,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
     def bytes_per_transition(self, episode_steps: int) -> float:
         """Bytes per stored transition when full of ``episode_steps``-step episodes (L + 1 rows per L)."""
-        return self.bytes_per_row * (episode_steps + 1) / episode_steps
+        return self.bytes_per_row * rows_per_transition(episode_steps)
 
     def allocated_bytes(self) -> int:
         """Bytes this buffer's arrays hold now (frames wherever they live, plus the host arrays)."""
@@ -786,14 +795,21 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
                              goal_rows)
     # --8<-- [end:frame_stack_sample_indices]
 
+    def draw_plan(self) -> tuple[int, bool]:
+        """How a uniform draw of sampleable slots goes, on the host or the device: (the filled rows per env,
+        whether to pick from an exact list of sampleable slots instead of rejecting candidates from the filled
+        rows, as when fewer than ``MIN_ACCEPTANCE`` of them are sampleable)."""
+        filled = int(min(self._rows_written.max(), self.buffer_size))
+        return filled, self._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs
+
     def _uniform_sampleable(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, envs) uniform over sampleable slots, by rejection from the filled part of the rings.
 
         Nearly every filled row is sampleable (all but one row per episode and the running episodes), so
         about one round suffices and nothing scans the whole buffer; a near-empty buffer takes the exact path.
         """
-        filled = int(min(self._rows_written.max(), self.buffer_size))
-        if self._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs:
+        filled, exact = self.draw_plan()
+        if exact:
             flat = np.flatnonzero(self.sampleable[:filled])
             rows, envs = np.unravel_index(np.random.choice(flat, size=batch_size), (filled, self.n_envs))
             return rows, envs

@@ -40,7 +40,6 @@ sampleable slots and the draw is uniform over that list instead, as the buffer d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -51,7 +50,7 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 
-from ch09.engine.framestack_replay import MIN_ACCEPTANCE, FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
 from image_augmentation import random_shift_aug
 
 RANDOM_RANGE = 2**62
@@ -60,8 +59,10 @@ integers (a float ``rand() * n`` in float32 would favour some rows by ~n / 2**24
 
 CANDIDATE_FACTOR = 8
 EXTRA_CANDIDATES = 1024
-"""Candidate slots per batch: ``CANDIDATE_FACTOR * B + EXTRA_CANDIDATES``. At the lowest acceptance the
-rejection path is used for (MIN_ACCEPTANCE), B = 256 expects 2B + 256 hits, ~15 standard deviations above B."""
+"""Candidate slots per batch: ``M = CANDIDATE_FACTOR * B + EXTRA_CANDIDATES``. At the lowest acceptance the
+rejection path is used for (``p = MIN_ACCEPTANCE``), B = 256 expects ``M p = 2B + 256`` hits with a standard
+deviation of ``sqrt(M p (1 - p))``: more than 20 of them above B, so a batch that must reuse hits
+(``_draw_slots``) practically never happens."""
 
 REWARD_CHECK_GOALS = 4096
 """Random goal pairs on which the torch reward must equal the env's ``compute_reward`` before it is used."""
@@ -345,8 +346,7 @@ class DeviceReplayView:
     def _scalars_to_upload(self, upload: HostUpload) -> tuple[int, int | None]:
         """Slots of (filled slots, use the exact list, its length) and, early on, of the exact list itself."""
         buffer = self.buffer
-        filled = int(min(buffer._rows_written.max(), self.rows))
-        exact = buffer._n_sampleable < MIN_ACCEPTANCE * filled * self.n_envs
+        filled, exact = buffer.draw_plan()
         count, exact_slot = self._exact_count_host, None
         if exact and buffer._n_sampleable > 0:  # the first episodes: few slots, an exact list is cheap
             flat = np.flatnonzero(buffer.sampleable[:filled].reshape(-1)).astype(np.int64)
@@ -497,14 +497,14 @@ def _gather_stacks(view: DeviceReplayView, ep_start: th.Tensor, step: th.Tensor,
             frames[:, 1:].reshape(batch_size, depth, height, width))
 
 
-def device_sampler_supported(buffer: Any, vec_normalize: Any) -> str | None:
-    """None if ``sample_her_batch`` can serve this buffer; else the reason it cannot (one sentence)."""
+def device_sampler_supported(buffer: Any, vec_normalize: Any, device: th.device) -> str | None:
+    """None if ``sample_her_batch`` can serve this buffer on ``device``; else the reason it cannot (one sentence)."""
     if not isinstance(buffer, FrameStackHerReplayBuffer):
         return f"the replay buffer is {type(buffer).__name__}, not FrameStackHerReplayBuffer"
+    if device.type != "cpu" and buffer.frames is not None and buffer.storage_device.type == "cpu":
+        return "its frames are kept in RAM (storage_device='cpu'), and drawing on the GPU would copy them all there"
     if vec_normalize is not None:
         return "VecNormalize rescales sampled observations on the host"
     if getattr(buffer, "key_arrays", None):  # keys that are not float vectors (ints, extra images)
         return f"the keys {list(buffer.key_arrays)} are stored apart from the float vectors"
-    if not math.isfinite(buffer.her_ratio):
-        return "the buffer's her_ratio is not a number"
     return None
