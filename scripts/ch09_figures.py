@@ -72,7 +72,16 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 # Only the standard library behind these two: the JSON and event-file figures load no torch, SB3 or MuJoCo.
-from ch09.run.artifacts import AGGREGATE_FORMAT, EVAL_FORMAT, REPO_ROOT, format_steps, parse_steps
+from ch09.run.artifacts import (
+    AGGREGATE_FORMAT,
+    EVAL_FORMAT,
+    REPO_ROOT,
+    TENSORBOARD_EVENTS,
+    format_steps,
+    parse_steps,
+    read_scalar_events,
+    tensorboard_event_files,
+)
 from ch09.run.stats import MixedStepCounts, common_step_count, success_summary
 
 DEFAULT_OUT_DIR = REPO_ROOT / "figures"
@@ -450,6 +459,7 @@ SUCCESS_CURVES = {"rollout": "rollout/success_rate", "eval": "eval/success_rate"
 LINE_COLOR, EVAL_COLOR = "#1f77b4", "0.1"
 CRITIC_TAG = "train/critic_loss"
 MIN_POINTS_TO_SMOOTH = 20  # shorter curves are drawn raw, point by point
+DEFAULT_SMOOTHING = 0.6  # TensorBoard's EMA weight for the success curve the phases are read from (--smoothing)
 ACTOR_TAG = "train/actor_loss"
 
 
@@ -485,9 +495,9 @@ def find_event_dir(run_dir: Path) -> Path:
         raise FigureInputError(
             f"run folder {run_dir} does not exist; pass --run runs/ch09_<tag>/<env>/seed<N> "
             "as written by 'scripts/ch09_pixel_push.py train'.")
-    if any(p.is_file() for p in run_dir.glob("events.out.tfevents.*")):
+    if tensorboard_event_files(run_dir):
         return run_dir
-    dirs = sorted({p.parent for p in run_dir.rglob("events.out.tfevents.*") if p.is_file()})
+    dirs = sorted({p.parent for p in run_dir.rglob(TENSORBOARD_EVENTS) if p.is_file()})
     if not dirs:
         raise FigureInputError(
             f"run folder {run_dir} holds no TensorBoard event files (events.out.tfevents.*); "
@@ -501,13 +511,9 @@ def find_event_dir(run_dir: Path) -> Path:
 
 def read_scalars(run_dir: Path) -> dict[str, Curve]:
     """Every scalar curve of one run folder, read with TensorBoard's own EventAccumulator, sorted by step."""
-    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
-
-    accumulator = EventAccumulator(str(find_event_dir(run_dir)), size_guidance={SCALARS: 0})  # 0: keep all points
-    accumulator.Reload()  # reads every event file of the folder, oldest first
     merged: dict[str, dict[int, float]] = defaultdict(dict)
-    for tag in accumulator.Tags()["scalars"]:
-        for event in accumulator.Scalars(tag):
+    for tag, events in read_scalar_events(find_event_dir(run_dir)).items():
+        for event in events:
             merged[tag][int(event.step)] = float(event.value)  # a step logged twice (resume): the later wins
     curves = {}
     for tag, points in merged.items():
@@ -560,7 +566,7 @@ def drawn_values(curve: Curve, smoothing: float) -> np.ndarray:
 
 
 def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] | None = None,
-                     smoothing: float = 0.6, success_curve: str | None = None,
+                     smoothing: float = DEFAULT_SMOOTHING, success_curve: str | None = None,
                      rule: PhaseRule = PhaseRule()) -> list[Path]:
     """Three panels on one step axis with the phases shaded.
 
@@ -978,8 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="curve the phases are detected on (default: rollout, or eval if there is no rollout "
                         "curve); rollout/success_rate is SB3's mean over the last 100 episodes, so it lags by up "
                         "to 5K steps: use eval for short runs")
-    p.add_argument("--smoothing", type=float, default=0.6,
-                   help="TensorBoard-style EMA weight in [0, 1) for the smoothed curves (default 0.6)")
+    p.add_argument("--smoothing", type=float, default=DEFAULT_SMOOTHING,
+                   help=f"TensorBoard-style EMA weight in [0, 1) for the smoothed curves (default {DEFAULT_SMOOTHING})")
     p = add("investigation", "success rate per investigation step (Steps 0-4) with 95%% confidence intervals")
     p.add_argument("--results", type=Path, required=True, help="folder with *_eval.json (or aggregate) files")
     p.add_argument("--env", type=str, default=None,

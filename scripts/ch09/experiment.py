@@ -12,7 +12,7 @@ component), the checks that turn a bad flag into one sentence, the envs, and the
 | 1                  | ``--encoder manip --no-drq``            | MultiInputPolicy, ManipulationCNN + SpatialSoftmax    |
 | 2                  | ``--critic-encoder --no-drq``           | DrQv2SACPolicy: the critic trains the encoder         |
 | 4                  | ``--critic-encoder``                    | the DrQ + SpatialSoftmax ablation                     |
-| -                  | ``--full-state``                        | the 25-D state control (pipeline check)               |
+| -                  | ``--full-state``                        | the state-vector control (pipeline check)             |
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class TrainConfig:
     total_steps: int = 2_000_000
     """Env steps to train for, counted over all envs; on --resume, the total to reach (raise it to extend a run)."""
     full_state: bool = False
-    """Observe the 25-D state vector instead of pixels: the control run that checks the pipeline."""
+    """Observe the Fetch state vector (25-D for Push, 10-D for Reach) instead of pixels: the pipeline check."""
     encoder: Literal["nature", "manip"] | None = None
     """nature (NatureCNN) or manip (ManipulationCNN); None: manip with --critic-encoder or --no-spatial-softmax."""
     critic_encoder: bool = False
@@ -260,7 +260,7 @@ def policy_setup(cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:
 
 
 def replay_setup(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
-    """Replay buffer class and its kwargs; HER ('future') is on in every configuration.
+    """Replay buffer class and its kwargs; HER ('future') is on in every configuration (--her-n-sampled-goal 0: off).
 
     | --replay               | DrQ on                    | DrQ off (--no-drq, --full-state) |
     |------------------------|---------------------------|----------------------------------|
@@ -385,24 +385,29 @@ def check_train_arguments(cfg: TrainConfig) -> None:
     check_writable_folder("artifact_root", cfg.artifact_root)
 
 
+def episode_steps(env_id: str) -> int:
+    """Env steps per episode of ``env_id``: its registered time limit (Fetch episodes only truncate)."""
+    return gym.spec(env_id).max_episode_steps or 1
+
+
 def check_first_sample(cfg: TrainConfig) -> None:
     """HER buffers (SB3's and the frame-once one) sample only from finished episodes: refuse a
     ``--learning-starts`` that lets the first update come before every env has finished one, and a
     ``--buffer-size`` that cannot hold one episode per env (the buffer would stop the run at its first
     sample, or refuse to be built)."""
     try:
-        episode_steps = gym.spec(cfg.env).max_episode_steps or 1
+        episode_length = episode_steps(cfg.env)
     except gym.error.Error:  # not registered here (MuJoCo did not start): the renderer check says so, later
         return
-    smallest_buffer = (episode_steps + 1) * cfg.n_envs  # the frame-once buffer also keeps each episode's first obs
+    smallest_buffer = (episode_length + 1) * cfg.n_envs  # the frame-once buffer also keeps each episode's first obs
     if cfg.buffer_size < smallest_buffer:
-        raise UserError(f"--buffer-size {cfg.buffer_size:,} cannot hold one {episode_steps}-step episode per env "
+        raise UserError(f"--buffer-size {cfg.buffer_size:,} cannot hold one {episode_length}-step episode per env "
                         f"({cfg.n_envs} env(s)), and the HER replay buffer samples only finished episodes; use "
                         f"--buffer-size {smallest_buffer:,} or more.")
-    needed = episode_steps * cfg.n_envs
+    needed = episode_length * cfg.n_envs
     if cfg.learning_starts < needed:
         raise UserError(f"--learning-starts {cfg.learning_starts:,} comes before every env has finished its first "
-                        f"{episode_steps}-step episode ({cfg.n_envs} env(s)), and the HER replay buffer samples only "
+                        f"{episode_length}-step episode ({cfg.n_envs} env(s)), and the HER replay buffer samples only "
                         f"finished episodes; use --learning-starts {needed:,} or more.")
 
 

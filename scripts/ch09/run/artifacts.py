@@ -133,7 +133,7 @@ class RunPaths:
         return [p for p in (root / "results" / "videos").glob(f"{stem}_*") if p.suffix in (".mp4", ".gif")]
 
     def has_tensorboard_events(self) -> bool:
-        return self.run_dir.is_dir() and any(self.run_dir.glob("events.out.tfevents*"))
+        return bool(tensorboard_event_files(self.run_dir))
 
     # ---- results/: what eval and aggregate write ---------------------------------------------------
     @property
@@ -155,6 +155,28 @@ class RunPaths:
     def success_vs_steps(root: Path, tag: str, env_id: str) -> Path:
         """results/ch09_<tag>_<env>_success_vs_steps.json: ``aggregate`` over a run's snapshots."""
         return root / "results" / f"ch09_{tag}_{env_id}_success_vs_steps.json"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a run's TensorBoard folder
+# ---------------------------------------------------------------------------------------------------------
+TENSORBOARD_EVENTS = "events.out.tfevents*"
+"""The names TensorBoard's writers give event files (a run folder has one per training session)."""
+
+
+def tensorboard_event_files(folder: Path) -> list[Path]:
+    """The event files directly in ``folder``, in name order (their names start with the time they were made)."""
+    return sorted(p for p in folder.glob(TENSORBOARD_EVENTS) if p.is_file())
+
+
+def read_scalar_events(folder: Path) -> dict[str, list[Any]]:
+    """Every scalar point of the event files in ``folder``, by tag (sorted), oldest file first: TensorBoard's own
+    ``EventAccumulator`` keeping every point; each a ``ScalarEvent(wall_time, step, value)``."""
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
+
+    accumulator = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0: keep every point
+    accumulator.Reload()
+    return {tag: accumulator.Scalars(tag) for tag in sorted(accumulator.Tags()["scalars"])}
 
 
 # ---------------------------------------------------------------------------------------------------------

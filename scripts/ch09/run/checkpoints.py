@@ -20,6 +20,7 @@ rebuilds the buffer on load. To act only, ``load_for_acting(path)`` swaps in a o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,7 +37,7 @@ import torch as th
 from stable_baselines3 import SAC
 from stable_baselines3.common.vec_env import VecEnv
 
-from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.framestack_replay import TRUNCATION_WARNING, FrameStackHerReplayBuffer
 from ch09.errors import ArtifactWriteError, UserError
 from ch09.run.artifacts import (
     CHECKPOINT_FORMAT,
@@ -121,18 +122,26 @@ def load_agent(path: Path, env: VecEnv | None, device: str = "auto",
         if "spaces do not match" in str(exc) or "Observation spaces" in str(exc) or "Action spaces" in str(exc):
             raise UserError(f"Checkpoint {path} was trained on other observations than its .meta.json describes "
                             f"(a checkpoint from another config?): {str(exc).splitlines()[0]}") from None
-        raise UserError(damaged_checkpoint(path, exc)) from None
+        raise UserError(damaged_checkpoint_message(path, exc)) from None
     except Exception as exc:  # BadZipFile, EOFError, pickle and torch errors all mean: damaged
-        raise UserError(damaged_checkpoint(path, exc)) from None
+        raise UserError(damaged_checkpoint_message(path, exc)) from None
     return model
 
 
-def damaged_checkpoint(path: Path, error: Exception) -> str:
+ERROR_DETAIL_CHARS = 200
+"""How much of a load error's own message a sentence quotes (a pickle error can hold a whole object)."""
+
+
+def _error_detail(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error)[:ERROR_DETAIL_CHARS]}"
+
+
+def damaged_checkpoint_message(path: Path, error: Exception) -> str:
     """The sentence for a checkpoint SB3 cannot load, with the way round it: a periodic snapshot of the run."""
     stem = path.name.removesuffix(".zip")
     match = PERIODIC_RE.match(stem)
     run_stem = match["stem"] if match else stem
-    return (f"Checkpoint {path} cannot be loaded ({type(error).__name__}: {str(error)[:200]}); it is damaged or not "
+    return (f"Checkpoint {path} cannot be loaded ({_error_detail(error)}); it is damaged or not "
             f"an SB3 SAC checkpoint: evaluate a periodic snapshot ({run_stem}_<N>_steps.zip) instead, or copy one "
             f"over {run_stem}.zip to --resume from it.")
 
@@ -218,10 +227,7 @@ class Checkpointer:
         except ArtifactWriteError as exc:
             raise ArtifactWriteError(f"{exc} (while writing the missed snapshot of step {steps:,})", exc.path,
                                      exc.reason, exc.bytes_needed, exc.bytes_free, exc.fix) from None
-        if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
-            self.meta["periodic_checkpoints"].append(periodic.name)
-        if isinstance(self.meta.get("sha256"), dict):  # as save() records it for every snapshot it writes
-            self.meta["sha256"][periodic.name] = sha256_file(periodic)
+        self._record_snapshot(periodic, sha256_file(periodic))
         print(f"[resume] wrote the periodic snapshot {periodic.name} that an interrupted run had not finished")
         return periodic
 
@@ -263,10 +269,14 @@ class Checkpointer:
             copy_file(self.paths.checkpoint, periodic)
         except ArtifactWriteError as exc:
             raise SnapshotWriteError(exc) from None
-        self.meta["sha256"][periodic.name] = digest
+        self._record_snapshot(periodic, digest)
+        write_json(self.paths.meta, self.meta)
+
+    def _record_snapshot(self, periodic: Path, digest: str) -> None:
+        """List the snapshot ``periodic`` and its SHA-256 in the metadata (in memory; the caller writes it)."""
+        self.meta["sha256"] = {**self._digests(), periodic.name: digest}
         if periodic.name not in self.meta.setdefault("periodic_checkpoints", []):
             self.meta["periodic_checkpoints"].append(periodic.name)
-        write_json(self.paths.meta, self.meta)
 
     def _digests(self) -> dict[str, str]:
         recorded = self.meta.get("sha256")
@@ -390,14 +400,14 @@ def load_replay_buffer(model: SAC, path: Path) -> None:
         with warnings.catch_warnings():
             # Both loads close the episode that was running at the checkpoint, and say so in a warning meant for
             # code that would continue it: a resume starts new episodes, so closing it is what it needs.
-            warnings.filterwarnings("ignore", message="The last trajectory in the replay buffer will be truncated")
+            warnings.filterwarnings("ignore", message=re.escape(TRUNCATION_WARNING))
             if isinstance(model.replay_buffer, FrameStackHerReplayBuffer):
                 model.replay_buffer.load(path)
             else:  # re-attaches HER's env
                 model.load_replay_buffer(path)
     except Exception as exc:  # EOFError, pickle, JSON, mmap and NumPy errors all mean: damaged
-        raise UserError(f"The replay buffer {path} saved with the checkpoint cannot be loaded ({type(exc).__name__}: "
-                        f"{str(exc)[:200]}); it is damaged: restore it from a backup, or delete it and run the same "
+        raise UserError(f"The replay buffer {path} saved with the checkpoint cannot be loaded ({_error_detail(exc)}); "
+                        "it is damaged: restore it from a backup, or delete it and run the same "
                         "command again (the resume then collects --learning-starts fresh steps first).") from None
 
 

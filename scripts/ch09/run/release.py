@@ -55,6 +55,8 @@ from ch09.run.artifacts import (
     atomic_replace,
     format_steps,
     parse_steps,
+    read_scalar_events,
+    tensorboard_event_files,
 )
 from ch09.run.digest import (
     SHA256SUMS_NAME,
@@ -66,6 +68,7 @@ from ch09.run.digest import (
     verify_sha256,
     write_sha256sums,
 )
+from pixel_wrapper import FETCH_OBS_DIM, FETCH_REACH_OBS_DIM, PROPRIO_DIM
 
 DOWNLOAD_ATTEMPTS = 5
 """Connections in a row that bring no new byte before a download gives up; one that does starts the count
@@ -270,14 +273,14 @@ def _expected_digest(name: str, listed: str | None, wanted: str | None, source: 
     return wanted or listed
 
 
-def _verify(path: Path, expected: str | None, label: str | None = None) -> None:
+def _verify(path: Path, expected: str | None) -> None:
     """Refuse ``path`` in one sentence unless its digest is ``expected`` (None: nothing to check against)."""
     if expected is None:
         return
     if not path.is_file():
         raise UserError(f"{path} is listed in {SHA256SUMS_NAME} but missing; download the whole release again.")
     try:
-        verify_sha256(path, expected, label)
+        verify_sha256(path, expected)
     except DigestMismatchError as exc:
         raise UserError(str(exc)) from None
 
@@ -524,7 +527,7 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
     videos |= set(RunPaths.videos_of(root, stem))
     for video in sorted(v for v in videos if v.is_file()):
         files[f"videos/{video.name}"] = video
-    for events in sorted(run_dir.glob("events.out.tfevents*")):  # `tensorboard --logdir`, the loss-phases figure
+    for events in tensorboard_event_files(run_dir):  # `tensorboard --logdir`, the loss-phases figure
         files[f"tensorboard/{events.name}"] = events
     licence = licence_file()
     if licence is not None:
@@ -534,16 +537,11 @@ def release_files(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evalu
 
 def export_scalars_csv(run_dir: Path, target: Path) -> dict[str, int]:
     """Every scalar of a TensorBoard folder (all its event files) as CSV; returns points per tag."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})  # 0: keep every point
-    accumulator.Reload()
     counts = {}
     with open(target, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["tag", "step", "wall_time", "value"])
-        for tag in sorted(accumulator.Tags()["scalars"]):
-            events = accumulator.Scalars(tag)
+        for tag, events in read_scalar_events(run_dir).items():
             counts[tag] = len(events)
             writer.writerows([tag, e.step, f"{e.wall_time:.3f}", repr(float(e.value))] for e in events)
     return counts
@@ -587,9 +585,14 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
     peak = meta.get("gpu_memory_peak_bytes")
     commit = meta.get("git", {}) or {}
     config = meta.get("config", {})
-    observation = ("the 25-D state vector" if meta.get("observation") == "state" else
+    state_dim = FETCH_REACH_OBS_DIM if env_id.startswith("FetchReach") else FETCH_OBS_DIM
+    observation = (f"the {state_dim}-D state vector" if meta.get("observation") == "state" else
                    f"{meta.get('image_size')}x{meta.get('image_size')} camera pixels, {meta.get('frame_stack')} "
-                   "frames stacked, 10-D proprioception")
+                   f"frames stacked, {PROPRIO_DIM}-D proprioception")
+    n_sampled_goal = config.get("her_n_sampled_goal")
+    relabelling = ("no HER relabelling" if n_sampled_goal == 0 else
+                   f"HER 'future' relabelling ({n_sampled_goal} relabelled goals per transition)"
+                   if n_sampled_goal is not None else "HER 'future' relabelling")
     policy = meta.get("policy", {})
     zips = [name for name in sizes if name.endswith(".zip")]
     snapshot_rows = []
@@ -636,7 +639,7 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
         "",
         "| | |",
         "|---|---|",
-        f"| task | `{env_id}` (gymnasium-robotics), sparse reward, HER 'future' relabelling; observes {observation} |",
+        f"| task | `{env_id}` (gymnasium-robotics), sparse reward, {relabelling}; observes {observation} |",
         f"| configuration | tag `{meta.get('tag')}`, seed {meta.get('seed')}; policy `{policy.get('policy')}`, "
         f"encoder `{policy.get('features_extractor')}`, replay `{policy.get('replay_buffer')}` |",
         f"| steps | {int(meta.get('steps_done', 0)):,} env steps trained (of {int(config.get('total_steps', 0)):,} "
@@ -647,7 +650,7 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
         f"| hardware | {gpu}; devices: {', '.join(devices) or 'not recorded'}"
         + (f"; peak GPU memory {peak / 1e9:.1f} GB" if isinstance(peak, (int, float)) else "") + " |",
         f"| wall time | {_duration(float(meta.get('wall_time_s', 0.0)))} over {len(sessions)} session(s); "
-        f"{meta.get('steps_per_s')} env steps/s in the last |",
+        f"{meta.get('steps_per_s')} env steps/s in the last session |",
         f"| software | torch {versions.get('torch')}, stable-baselines3 {versions.get('stable-baselines3')}, "
         f"gymnasium {versions.get('gymnasium')}, gymnasium-robotics {versions.get('gymnasium-robotics')}, "
         f"mujoco {versions.get('mujoco')}, Python {versions.get('python')}; commit `{commit.get('commit')}`"
@@ -704,7 +707,7 @@ def package_run(checkpoint: Path, meta_path: Path, meta: dict[str, Any], evaluat
         raise UserError(f"The metadata {meta_path} names no TensorBoard folder (tensorboard_dir); was it written by "
                         "this script's train?")
     run_dir = root / tensorboard_dir
-    if not run_dir.is_dir() or not any(run_dir.glob("events.out.tfevents*")):
+    if not tensorboard_event_files(run_dir):
         raise UserError(f"No TensorBoard events in {run_dir}; package needs the run's folder under runs/ (pass "
                         "--artifact-root if the run lives elsewhere).")
     files = release_files(checkpoint, meta_path, meta, evaluation, root, run_dir)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ch09.run.artifacts import now_iso, write_json
+from ch09.run.artifacts import now_iso, tensorboard_event_files, write_json
 
 STATUS_FORMAT = "ch09-sweep-status-v1"
 """The ``format`` field of results/<sweep>_status.json."""
@@ -59,10 +59,9 @@ class TensorBoardProgress:
     def poll(self) -> dict[str, Any]:
         from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
-        if self.run_dir.is_dir():
-            for path in sorted(self.run_dir.glob("events.out.tfevents*")):
-                if path not in self.loaders:
-                    self.loaders[path] = LegacyEventFileLoader(str(path))
+        for path in tensorboard_event_files(self.run_dir):
+            if path not in self.loaders:
+                self.loaders[path] = LegacyEventFileLoader(str(path))
         before = self.steps
         for loader in self.loaders.values():
             try:
