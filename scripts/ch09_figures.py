@@ -53,7 +53,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from ch09.run.artifacts import (
     AGGREGATE_FORMAT,
     EVAL_FORMAT,
+    INVESTIGATION_TOTAL_STEPS,
     REPO_ROOT,
     TENSORBOARD_EVENTS,
     format_steps,
@@ -491,6 +492,8 @@ def find_event_dir(run_dir: Path) -> Path:
     tensorboard_log puts them one level down (SAC_1/). Several sub-folders are several runs (a parent folder
     of seed0/, seed1/, ...), whose curves must not be mixed, so that is refused.
     """
+    if run_dir.is_file():
+        raise FigureInputError(f"--run {run_dir} is a file; pass the run folder that holds it ({run_dir.parent}).")
     if not run_dir.is_dir():
         raise FigureInputError(
             f"run folder {run_dir} does not exist; pass --run runs/ch09_<tag>/<env>/seed<N> "
@@ -599,8 +602,11 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
             how = (f"phases from {success.tag}: Phase 2 = the final climb from {rule.start_threshold:.0%}, "
                    f"Phase 3 from {rule.saturation_fraction:.0%} of its max")
             bounds = [x_start, *detected, x_end]
+    elif phases[1] > x_end:
+        raise FigureInputError(f"--phases {step_label(phases[0])},{step_label(phases[1])} goes past the last step "
+                               f"run folder {run_dir} logged ({step_label(x_end)}); pass boundaries inside the run.")
     else:
-        bounds = [x_start, min(phases[0], x_end), min(phases[1], x_end), x_end]
+        bounds = [x_start, phases[0], phases[1], x_end]
         how = "phase boundaries given by hand (--phases)"
 
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=FIGURE_SIZES["loss-phases"], layout="constrained")
@@ -637,7 +643,7 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
                      for i in range(3) if bounds[i + 1] > bounds[i]]
     fig.legend(handles=phase_handles, loc="outside lower center", ncol=3, fontsize=8.5, frameon=False)
     run_name = "/".join(run_dir.resolve().parts[-3:])
-    fig.suptitle(f"Three-phase loss signature: {run_name}\n{how}; smoothing {smoothing}", fontsize=10)
+    fig.suptitle(f"Three-phase loss signature: {run_name}\n{how}\n(smoothing {smoothing})", fontsize=10)
     return save_figure(fig, "loss-phases", out_dir)
 
 
@@ -690,6 +696,7 @@ class InvestigationBar:
     seeds: list[SeedResult]
     mean: float = 0.0
     ci95: tuple[float, float] = (0.0, 1.0)
+    left_out: list[SeedResult] = field(default_factory=list)  # seeds of the tag evaluated only at other budgets
 
 
 def load_seed_results(results_dir: Path) -> list[SeedResult]:
@@ -697,11 +704,15 @@ def load_seed_results(results_dir: Path) -> list[SeedResult]:
 
     Several evaluations of the same seed at the same budget (re-runs of eval) keep the newest.
     """
+    if results_dir.is_file():
+        raise FigureInputError(f"--results {results_dir} is a file; pass the folder that holds the *_eval.json "
+                               f"files ({results_dir.parent}).")
     if not results_dir.is_dir():
         raise FigureInputError(f"results folder {results_dir} does not exist; pass --results results/ "
                                "(where 'scripts/ch09_pixel_push.py eval' writes its *_eval.json files).")
     evals, aggregates = [], []
-    paths = sorted({*results_dir.rglob("*_eval.json"), *results_dir.rglob("*_aggregate.json")})
+    # The folder itself, not its subfolders: train --move-old-run moves an old run's evaluations into one.
+    paths = sorted({*results_dir.glob("*_eval.json"), *results_dir.glob("*_aggregate.json")})
     for path in paths:
         try:
             data = json.loads(path.read_text())
@@ -709,18 +720,22 @@ def load_seed_results(results_dir: Path) -> list[SeedResult]:
             continue  # not ours, or half-written: skip rather than fail the whole figure
         if not isinstance(data, dict):
             continue
-        if data.get("format") == EVAL_FORMAT:
-            evals.append(SeedResult(data["tag"], data["env_id"], int(data["train_seed"]),
-                                    int(data["checkpoint_steps"]), float(data["success_rate"]),
-                                    int(data["n_episodes"]), tuple(data["success_ci95"]), data.get("created_at", ""),
-                                    path.name))
-        elif data.get("format") == AGGREGATE_FORMAT:
-            n_episodes = min(data.get("episodes_per_seed") or [0])
-            for seed in data["per_seed"]:
-                # The aggregate keeps no per-seed interval; the bar's interval over seeds is recomputed anyway.
-                aggregates.append(SeedResult(data["tag"], data["env_id"], int(seed["seed"]), int(seed["steps"]),
-                                             float(seed["success_rate"]), n_episodes, (math.nan, math.nan),
-                                             data.get("created_at", ""), f"{path.name} seed {seed['seed']}"))
+        try:
+            if data.get("format") == EVAL_FORMAT:
+                evals.append(SeedResult(data["tag"], data["env_id"], int(data["train_seed"]),
+                                        int(data["checkpoint_steps"]), float(data["success_rate"]),
+                                        int(data["n_episodes"]), tuple(data["success_ci95"]),
+                                        data.get("created_at", ""), path.name))
+            elif data.get("format") == AGGREGATE_FORMAT:
+                n_episodes = min(data.get("episodes_per_seed") or [0])
+                for seed in data["per_seed"]:
+                    # The aggregate keeps no per-seed interval; the bar's interval over seeds is recomputed anyway.
+                    aggregates.append(SeedResult(data["tag"], data["env_id"], int(seed["seed"]), int(seed["steps"]),
+                                                 float(seed["success_rate"]), n_episodes, (math.nan, math.nan),
+                                                 data.get("created_at", ""), f"{path.name} seed {seed['seed']}"))
+        except (KeyError, TypeError, ValueError) as exc:
+            print(f"note: leaving out {path}: its {data['format']} fields are incomplete or of the wrong type "
+                  f"({type(exc).__name__}: {exc}); evaluate that checkpoint again to rewrite it.")
     have_evals = {(r.tag, r.env_id) for r in evals}
     newest: dict[tuple, SeedResult] = {}
     for result in evals + [r for r in aggregates if (r.tag, r.env_id) not in have_evals]:
@@ -751,26 +766,30 @@ def bar_statistics(bar: InvestigationBar) -> None:
 def investigation_bars(results: list[SeedResult]) -> list[InvestigationBar]:
     """Map results to investigation steps, one bar per step (plus one per tag outside the arc).
 
-    Each tag is shown at its largest training budget, except the critic-encoder tag: with two or more budgets,
-    Step 3 (patience) is its largest and Step 2 the budget closest to the other steps' budget (same-budget
-    comparison), or its smallest when no other step was run.
+    Each tag is shown at its largest training budget. The critic-encoder tag is Step 2 up to the investigation's
+    budget (``INVESTIGATION_TOTAL_STEPS``) and Step 3 (patience: the same configuration trained longer) beyond
+    it: a bar for each that it has, at the largest budget of each. A seed with no result at its bar's budget
+    (a run that stopped early) is left out of the bar and listed in ``left_out``.
     """
     budgets: dict[str, dict[float, list[SeedResult]]] = defaultdict(lambda: defaultdict(list))
     for result in results:
         budgets[result.tag][budget_key(result.steps)].append(result)
+    investigation = budget_key(INVESTIGATION_TOTAL_STEPS)
     bars = []
     for tag, by_budget in budgets.items():
-        step = STEP_OF_TAG.get(tag)
-        largest = max(by_budget)
-        if tag == CRITIC_ENCODER_TAG and len(by_budget) >= 2:
-            others = [max(b) for t, b in budgets.items() if t in STEP_OF_TAG and t != tag]
-            reference = max(others) if others else min(by_budget)
-            step2 = min((b for b in by_budget if b != largest), key=lambda b: (abs(b - reference), b))
-            picks = [(2, step2), (3, largest)]
+        if tag == CRITIC_ENCODER_TAG:
+            groups = [(2, [b for b in by_budget if b <= investigation]),
+                      (3, [b for b in by_budget if b > investigation])]
         else:
-            picks = [(step, largest)]
-        for bar_step, budget in picks:
-            seeds = by_budget[budget]
+            groups = [(STEP_OF_TAG.get(tag), list(by_budget))]
+        for bar_step, group in groups:
+            if not group:
+                continue
+            seeds = by_budget[max(group)]
+            shown = {s.seed for s in seeds}
+            latest: dict[int, SeedResult] = {}
+            for budget in sorted(group):
+                latest.update({s.seed: s for s in by_budget[budget] if s.seed not in shown})
             try:  # the rule `aggregate` applies: a bar is a number over seeds at one step count
                 steps = common_step_count({s.name: s.steps for s in seeds}, BAR_STEPS_FIX)
             except MixedStepCounts as exc:
@@ -779,7 +798,8 @@ def investigation_bars(results: list[SeedResult]) -> list[InvestigationBar]:
                 label = f"{wrap_tag(tag)}\n(outside the\n5-step arc)\n{step_label(steps)} steps"
             else:
                 label = f"Step {bar_step}\n{STEP_CHANGES[bar_step]}\n{wrap_tag(tag)}\n{step_label(steps)} steps"
-            bars.append(InvestigationBar(label, bar_step, tag, steps, sorted(seeds, key=lambda s: s.seed)))
+            bars.append(InvestigationBar(label, bar_step, tag, steps, sorted(seeds, key=lambda s: s.seed),
+                                         left_out=[latest[seed] for seed in sorted(latest)]))
     bars.sort(key=lambda b: (b.step is None, b.step if b.step is not None else 0, b.tag, b.steps))
     for bar in bars:
         bar_statistics(bar)
@@ -821,6 +841,11 @@ def plot_investigation(results_dir: Path, out_dir: Path, env_id: str | None = No
         raise FigureInputError(f"results folder {results_dir} has no results for --env {env_id} "
                                f"(it has {', '.join(envs)}).")
     bars = investigation_bars(results)
+    for bar in bars:
+        if bar.left_out:
+            others = ", ".join(f"seed {s.seed} (at {step_label(s.steps)})" for s in bar.left_out)
+            print(f"note: the {bar.tag} bar at {step_label(bar.steps)} steps leaves out {others}: no evaluation "
+                  "of them at its steps.")
     if highlight is None:
         breakthrough = find_breakthrough(bars)
     else:
@@ -865,8 +890,8 @@ def plot_investigation(results_dir: Path, out_dir: Path, env_id: str | None = No
         methods.append("Student t over seeds, never narrower than Wilson over all their episodes")
     if any(len(b.seeds) == 1 for b in bars):
         methods.append("Wilson over episodes for a single seed")
-    ax.set_title(f"The investigation on {env_id}: deterministic success rate per step\n"
-                 f"bars: mean over seeds, dots: seeds; whiskers: 95% CI ({'; '.join(methods)})", fontsize=10)
+    ax.set_title("\n".join([f"The investigation on {env_id}: deterministic success rate per step",
+                            "bars: mean over seeds, dots: seeds; whiskers: 95% CI:", "; ".join(methods)]), fontsize=10)
     return save_figure(fig, "investigation", out_dir)
 
 

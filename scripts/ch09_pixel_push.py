@@ -72,6 +72,7 @@ from ch09.experiment import (
     build_agent,
     check_policy,
     check_train_arguments,
+    differing_flags,
     env_factory,
     eval_env_factory,
     open_run,
@@ -271,6 +272,11 @@ def aggregate(cfg: AggregateConfig) -> int:
     configs = {(r["tag"], r["env_id"]) for r in results}
     if len(configs) > 1:
         raise UserError(f"The eval files mix configurations {sorted(configs)}; aggregate one tag and env at a time.")
+    differing = differing_flags([r["config"] if isinstance(r.get("config"), dict) else {} for r in results])
+    if differing:
+        raise UserError(f"The eval files are of {results[0]['tag']} runs trained with different "
+                        f"{', '.join(differing)} (flags that are not part of the tag); aggregate the runs of one "
+                        "setting at a time.")
     (tag, env_id), root = next(iter(configs)), artifact_root(cfg.artifact_root)
     seeds = [r["train_seed"] for r in results]
     if len(set(seeds)) < len(seeds):  # snapshots of a run: one row per step count

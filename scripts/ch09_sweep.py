@@ -64,6 +64,7 @@ from ch09.sweep.plan import (
     plan_run,
     read_runs_file,
     refuse_duplicates,
+    refuse_mixed_settings,
     train_args,
 )
 
@@ -173,6 +174,7 @@ def sweep_runs(cfg: SweepConfig, root: Path) -> list[Run]:
                  for step in cfg.steps for seed in cfg.seeds]
     runs = [plan_run(args, root, source) for args, source in lines]
     refuse_duplicates(runs)
+    refuse_mixed_settings(runs)
     return runs
 
 

@@ -642,6 +642,17 @@ def test_aggregate_refuses_mixed_configs(cli, root: Path, state_runs: dict[str, 
     cli.assert_user_error(code, err, "mix configurations")
 
 
+def test_aggregate_refuses_seeds_trained_in_other_settings(cli, root: Path, state_runs: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """Same tag, same steps, but another --batch-size: not part of the tag, yet another experiment."""
+    other = load_meta(state_runs["evals"][1])
+    other["config"]["batch_size"] *= 2
+    (tmp_path / "other_eval.json").write_text(json.dumps(other))
+    code, _, err = cli.run("aggregate", str(state_runs["evals"][0]), str(tmp_path / "other_eval.json"),
+                            "--artifact-root", str(tmp_path))
+    cli.assert_user_error(code, err, "trained with different --batch-size", "one setting at a time")
+
+
 def test_aggregate_refuses_seeds_at_different_step_counts(cli, root: Path, state_runs: dict[str, Any],
                                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Seed 0 at 200 steps and seed 1's 100-step snapshot, both real evaluations: one number over them would

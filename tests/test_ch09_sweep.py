@@ -261,6 +261,30 @@ def test_two_lines_with_the_same_artifact_names_are_refused(tmp_path: Path, caps
     assert_one_sentence_error(code, capsys.readouterr().err, "both train ch09_fullstate_FetchPush-v4_seed0")
 
 
+@pytest.mark.parametrize(("second", "flags"), [
+    ("--seed 1 --full-state --batch-size 128 --gamma 0.9", "different --batch-size, --gamma"),
+    ("--seed 1 --full-state --total-steps 600", "different --total-steps"),
+])
+def test_runs_of_one_configuration_in_other_settings_are_refused(second: str, flags: str, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The sweep aggregates the seeds of one tag and env as one configuration: lines that differ in flags outside
+    the tag would be pooled into one mean (or, trained as long, stop the aggregate after every run trained)."""
+    runs_file = tmp_path / "runs.txt"
+    runs_file.write_text(f"--seed 0 --full-state\n{second}\n")
+    code = ch09_sweep.main(["--runs", str(runs_file), "--dry-run"])
+    assert_one_sentence_error(code, capsys.readouterr().err, "runs.txt line 1 and runs.txt line 2 both train "
+                              "fullstate on FetchPush-v4", flags)
+
+
+def test_a_bad_value_in_a_runs_line_points_to_help_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs_file = tmp_path / "runs.txt"
+    runs_file.write_text("--seed 0 --full-state --batch-size many\n")
+    code = ch09_sweep.main(["--runs", str(runs_file), "--dry-run"])
+    err = capsys.readouterr().err
+    assert_one_sentence_error(code, err, "runs.txt line 1", "--batch-size")
+    assert err.count("--help") == 1, err
+
+
 def test_gpu_fraction_that_cannot_be_placed(tmp_path: Path) -> None:
     import torch
 

@@ -93,6 +93,24 @@ def test_a_folder_of_several_runs_is_refused(artifacts: Path, tmp_path: Path, ca
     assert len(figures.read_scalars(tmp_path / "seed1")) > 0  # one of them is fine
 
 
+def test_investigation_reads_the_results_folder_not_moved_aside_runs(artifacts: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """`train --move-old-run` moves an old run's evaluations into results/<stem>.old-<time>/: they are not the
+    run's results any more. A file of ours with a field missing is named and left out, not a crash."""
+    results = tmp_path / "results"
+    shutil.copytree(artifacts / "results", results)
+    eval_file = results / f"ch09_{TAG}_{ENV_ID}_seed{SEED}_eval.json"
+    old = json.loads(eval_file.read_text())
+    old.update(checkpoint_steps=TRAIN_STEPS * 10, train_seed=SEED + 1)
+    (results / f"ch09_{TAG}_{ENV_ID}_seed{SEED}.old-20261204-000000").mkdir()
+    (results / f"ch09_{TAG}_{ENV_ID}_seed{SEED}.old-20261204-000000" / "moved_eval.json").write_text(json.dumps(old))
+    incomplete = {key: value for key, value in old.items() if key != "env_id"}
+    (results / "incomplete_eval.json").write_text(json.dumps(incomplete))
+    loaded = figures.load_seed_results(results)
+    assert [(r.seed, r.steps) for r in loaded] == [(SEED, TRAIN_STEPS)]
+    assert f"note: leaving out {results / 'incomplete_eval.json'}" in capsys.readouterr().out
+
+
 def test_investigation_from_real_eval_files(artifacts: Path, tmp_path: Path) -> None:
     results = figures.load_seed_results(artifacts / "results")
     eval_data = json.loads((artifacts / "results" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}_eval.json").read_text())
@@ -184,6 +202,23 @@ def test_investigation_maps_tags_to_steps_and_finds_the_breakthrough() -> None:
     assert figures.find_breakthrough(bars[:2]) is None  # no step beats the earlier ones by 25 points
 
 
+def test_the_experiment_card_alone_is_step_3_and_a_seed_that_stopped_early_is_named() -> None:
+    """Step 3 is Step 2's configuration trained past the investigation's budget, whatever else was run: the
+    reproduce sweep's 5M results alone are Step 3. A seed evaluated only at a smaller budget is left out of its
+    bar, and the bar says so, instead of turning the other seeds into 'Step 3'."""
+    card = [seed_result("manip_noDrQ_criticEnc", 5_000_000, 0.9, seed=seed) for seed in range(3)]
+    assert [(b.step, b.steps, len(b.seeds)) for b in figures.investigation_bars(card)] == [(3, 5_000_000, 3)]
+    stopped = [seed_result("nature", 2_000_000, 0.1, seed=0), seed_result("nature", 2_000_000, 0.2, seed=1),
+               seed_result("nature", 1_200_000, 0.9, seed=2),
+               seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.3, seed=0),
+               seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.4, seed=1),
+               seed_result("manip_noDrQ_criticEnc", 1_000_000, 0.1, seed=2)]
+    bars = figures.investigation_bars(stopped)
+    assert [(b.step, b.steps, [s.seed for s in b.seeds]) for b in bars] == [(0, 2_000_000, [0, 1]),
+                                                                            (2, 2_000_000, [0, 1])]
+    assert [[(s.seed, s.steps) for s in b.left_out] for b in bars] == [[(2, 1_200_000)], [(2, 1_000_000)]]
+
+
 def test_a_bar_refuses_seeds_of_different_step_counts() -> None:
     """aggregate's rule (stats.common_step_count): seeds a few steps apart fall into one bar, which names them."""
     results = [seed_result("manip_noDrQ_criticEnc", 2_000_000, 0.30, seed=0),
@@ -221,6 +256,23 @@ def test_bad_folders_give_one_sentence(figure, option, make, tmp_path: Path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and str(folder) in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_phases_past_the_end_of_the_run_are_refused(artifacts: Path, tmp_path: Path, capsys) -> None:
+    run_dir = artifacts / "runs" / f"ch09_{TAG}" / ENV_ID / f"seed{SEED}"
+    assert figures.main(["loss-phases", "--run", str(run_dir), "--phases", "1M,2M", "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "goes past the last step" in err and "400" in err, err
+    assert not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("figure, option", [("loss-phases", "--run"), ("investigation", "--results")])
+def test_a_file_where_a_folder_belongs_is_named(figure: str, option: str, tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "ch09_fullstate_FetchReach-v4_seed0_eval.json"
+    a_file.write_text("{}")
+    assert figures.main([figure, option, str(a_file), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a file; pass the" in err and str(tmp_path) in err, err
 
 
 @pytest.mark.parametrize("option, value", [("--phases", "2M"), ("--phases", "3M,1M"), ("--phases", "a,b"),

@@ -41,6 +41,7 @@ from ch09.engine.memory import memory_plan, memory_preflight
 from ch09.errors import UserError
 from ch09.run.artifacts import (
     CHECKPOINT_FORMAT,
+    INVESTIGATION_TOTAL_STEPS,
     REPO_ROOT,
     RunPaths,
     artifact_root,
@@ -117,7 +118,7 @@ class TrainConfig:
     """Fetch goal task: FetchPush-v4 (the chapter), or FetchReach-v4 etc. to check quickly that learning works."""
     seed: int = 0
     """Random seed (torch, numpy, env resets); also part of every artifact name."""
-    total_steps: int = 2_000_000
+    total_steps: int = INVESTIGATION_TOTAL_STEPS
     """Env steps to train for, counted over all envs; on --resume, the total to reach (raise it to extend a run)."""
     full_state: bool = False
     """Observe the Fetch state vector (25-D for Push, 10-D for Reach) instead of pixels: the pipeline check."""
@@ -195,6 +196,15 @@ EXPERIMENT_FIELDS = ("env", "seed", "full_state", "encoder", "critic_encoder", "
                      "gamma", "tau", "n_envs")
 """Fields a resume must not change: SAC.load restores them from the checkpoint, so a different value on the
 command line would be silently ignored. --total-steps, --eval-*, --checkpoint-freq, --device may change."""
+SETTING_FIELDS = tuple(name for name in EXPERIMENT_FIELDS if name != "seed")
+"""What makes runs one setting, whose seeds a mean over seeds may pool: the experiment's fields but the seed."""
+
+
+def differing_flags(configs: Sequence[dict[str, Any]], fields: Sequence[str] = SETTING_FIELDS) -> list[str]:
+    """The train flags (``--batch-size``, ...) among ``fields`` on which run configs disagree; each config is
+    ``TrainConfig`` as a dict (``asdict``, or the ``config`` a .meta.json or an eval file records)."""
+    return [f"--{name.replace('_', '-')}" for name in fields
+            if len({repr(config.get(name)) for config in configs}) > 1]
 
 
 # ======================================================================================================

@@ -49,6 +49,10 @@ VERSIONED_PACKAGES = ("torch", "stable-baselines3", "gymnasium", "gymnasium-robo
                       "tensorboard")
 """Packages whose versions every checkpoint and result records."""
 
+INVESTIGATION_TOTAL_STEPS = 2_000_000
+"""Env steps of each investigation run: train's default --total-steps. Step 3 of the investigation is Step 2's
+configuration trained longer (the Experiment Card), which is how the investigation figure tells them apart."""
+
 PERIODIC_RE = re.compile(r"^(?P<stem>.+)_(?P<steps>\d+(?:\.\d+)?[KM]?)_steps$")
 """A periodic checkpoint's name without .zip: ``<stem>_<500K>_steps``."""
 

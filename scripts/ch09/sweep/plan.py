@@ -5,6 +5,7 @@
 | ``plan_run``             | a ``train`` argument line -> a ``Run``: names and paths from the production     |
 |                          | script's own ``config_tag`` / ``run_paths``, never re-derived here              |
 | ``read_runs_file``       | ``--runs FILE``: one ``train`` argument line per line                          |
+| ``refuse_duplicates`` .. | runs that would write one another's files, or pool other settings in one mean   |
 | ``disk_state``           | what is on disk for a run: steps done, finished, evaluated, what to resume      |
 | ``train_args`` ...       | the argument lists of train, eval, aggregate and the investigation figure      |
 | ``display``              | a command as the README prints it: ``python scripts/ch09_pixel_push.py train ...`` |
@@ -24,7 +25,7 @@ import json
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -58,6 +59,8 @@ class Run:
     total_steps: int
     source: str
     """Where the run was defined: 'reproduce seed 1', 'investigation step 2 seed 0', 'runs.txt line 3'."""
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The resolved ``TrainConfig`` as a dict: the runs one aggregate pools must agree on its setting."""
 
     @property
     def name(self) -> str:
@@ -68,10 +71,11 @@ class Run:
 # From a train argument line to a Run (the production script's own parser, resolver and tag)
 # ---------------------------------------------------------------------------------------------------------
 def _parse_error(text: str) -> str:
-    """The one sentence the production script's parser printed (``error: ...``), without its prefix."""
+    """The one sentence the production script's parser printed (``error: ...``), without its prefix and its
+    pointer to ``--help`` (the sweep's sentence gives that)."""
     for line in text.splitlines():
         if line.startswith("error: "):
-            return line.removeprefix("error: ").rstrip(".")
+            return line.removeprefix("error: ").split("; see ")[0].rstrip(".")
     return "it could not be parsed"
 
 
@@ -95,7 +99,8 @@ def plan_run(args: Sequence[str], root: Path, source: str) -> Run:
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     paths = experiment.run_paths(cfg)
-    return Run(tuple(args), paths, experiment.config_tag(cfg), cfg.env, cfg.seed, cfg.total_steps, source)
+    return Run(tuple(args), paths, experiment.config_tag(cfg), cfg.env, cfg.seed, cfg.total_steps, source,
+               dataclasses.asdict(cfg))
 
 
 def read_runs_file(path: Path) -> list[tuple[list[str], str]]:
@@ -140,6 +145,22 @@ def refuse_duplicates(runs: Sequence[Run]) -> None:
                             "part of the artifact name do not tell runs apart); change the seed, or run one of them "
                             "in another sweep with its own --artifact-root.")
         seen[run.name] = run
+
+
+def refuse_mixed_settings(runs: Sequence[Run]) -> None:
+    """The runs of one tag and env are one configuration to aggregate over seeds (one aggregate file): they must
+    be one setting trained as long, or the mean over seeds would pool other experiments without a word."""
+    from ch09 import experiment
+
+    first: dict[tuple[str, str], Run] = {}
+    for run in runs:
+        other = first.setdefault((run.tag, run.env_id), run)
+        differing = experiment.differing_flags([other.config, run.config],
+                                               (*experiment.SETTING_FIELDS, "total_steps"))
+        if differing:
+            raise UserError(f"{other.source} and {run.source} both train {run.tag} on {run.env_id}, with different "
+                            f"{', '.join(differing)}, and the sweep would aggregate them as one configuration; give "
+                            "each setting a sweep of its own, with its own --artifact-root.")
 
 
 def host_port(address: str) -> tuple[str | None, int | None]:
