@@ -138,6 +138,9 @@ def test_killed_run_is_retried_from_its_checkpoint(swept: dict[str, Any]) -> Non
     assert f"SIGKILL at step {KILL_AT_STEP}" in log
     retry_line = next(line for line in log.splitlines() if line.startswith("# attempt 2"))
     assert retry_line.endswith("--resume")
+    output = swept["proc"].stdout + swept["proc"].stderr
+    assert "Traceback" not in output and "retries remaining" not in output, output[-3000:]  # no Ray retry report
+    assert "Token authentication" not in output  # Ray's note on its own default, on every local start
 
 
 def test_rerun_of_a_finished_sweep_trains_nothing(swept: dict[str, Any]) -> None:
@@ -149,7 +152,11 @@ def test_rerun_of_a_finished_sweep_trains_nothing(swept: dict[str, Any]) -> None
     assert_ok(proc)
     assert {path: path.stat().st_mtime_ns for path in watched} == before
     assert {run: len(meta(root, run)["sessions"]) for run in sessions} == sessions
-    assert {row["state"] for row in status_rows(root).values()} == {"skipped"}
+    rows = status_rows(root)
+    assert {row["state"] for row in rows.values()} == {"skipped"}
+    for run, row in rows.items():  # a finished run still shows its result: its final evaluation's
+        final = json.loads((root / "results" / f"{run}_eval.json").read_text())["success_rate"]
+        assert (row["success_rate"], row["success_source"]) == (final, "final eval")
 
 
 def test_ctrl_c_saves_each_run_and_a_rerun_resumes(tmp_path: Path) -> None:

@@ -196,8 +196,9 @@ EXPERIMENT_FIELDS = ("env", "seed", "full_state", "encoder", "critic_encoder", "
                      "gamma", "tau", "n_envs")
 """Fields a resume must not change: SAC.load restores them from the checkpoint, so a different value on the
 command line would be silently ignored. --total-steps, --eval-*, --checkpoint-freq, --device may change."""
-SETTING_FIELDS = tuple(name for name in EXPERIMENT_FIELDS if name != "seed")
-"""What makes runs one setting, whose seeds a mean over seeds may pool: the experiment's fields but the seed."""
+SETTING_FIELDS = tuple(name for name in EXPERIMENT_FIELDS if name not in ("seed", "n_envs", "replay"))
+"""What makes runs one setting, whose seeds a mean over seeds may pool: the experiment's fields but the seed and
+two choices of how a run is computed (--n-envs keeps one update per env step; --replay stores the same data)."""
 
 
 def differing_flags(configs: Sequence[dict[str, Any]], fields: Sequence[str] = SETTING_FIELDS) -> list[str]:

@@ -87,7 +87,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecNormalize
 from stable_baselines3.her.goal_selection_strategy import KEY_TO_GOAL_STRATEGY, GoalSelectionStrategy
 from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 
-from ch09.engine.memory import MemoryNeed
+from ch09.engine.memory import MemoryNeed, array_bytes
 from image_augmentation import DRQ_PAD, PIXEL_KEY, augment_pixel_samples
 from lab_support import check_memory_fits
 from pixel_wrapper import FRAME_STACK  # (importing it registers the Fetch envs)
@@ -459,8 +459,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
     def allocated_bytes(self) -> int:
         """Bytes this buffer's arrays hold now (frames wherever they live, plus the host arrays)."""
-        return sum(array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
-                   for array in self._arrays().values())
+        return sum(array_bytes(array) for array in self._arrays().values())
 
     def size(self) -> int:
         """Transitions that can be sampled now (all envs; episodes still running are not counted)."""
@@ -977,7 +976,6 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
 
     @staticmethod
     def _chunks(array: np.ndarray | th.Tensor) -> list[tuple[int, int]]:
-        first = array[0:1]
-        row_bytes = max(first.nbytes if isinstance(first, np.ndarray) else first.numel() * first.element_size(), 1)
+        row_bytes = max(array_bytes(array[0:1]), 1)
         step = max(SAVE_CHUNK_BYTES // row_bytes, 1)
         return [(lo, min(lo + step, len(array))) for lo in range(0, len(array), step)]

@@ -51,6 +51,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from stable_baselines3.her.goal_selection_strategy import GoalSelectionStrategy
 
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
+from ch09.engine.memory import array_bytes
 from image_augmentation import random_shift_aug
 
 RANDOM_RANGE = 2**62
@@ -360,7 +361,7 @@ class DeviceReplayView:
         """Bytes of the copies this view holds on the device (0 on the CPU, where the arrays are views)."""
         copies = [t for name, t in self.tensors.items() if self._is_copy(name)]
         scalars = [self.exact_slots] if self.copy_host_arrays else []
-        return sum(t.numel() * t.element_size() for t in copies + scalars)
+        return sum(array_bytes(t) for t in copies + scalars)
 
 
 # ======================================================================================================

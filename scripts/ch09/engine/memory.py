@@ -50,13 +50,14 @@ class MemoryNeed:
         return self.items * self.bytes_per_item
 
 
-def _nbytes(value: Any) -> int:
+def array_bytes(value: Any) -> int:
+    """Bytes a NumPy array or a torch tensor holds (a dict of them: their sum; anything else: 0)."""
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, th.Tensor):
         return value.element_size() * value.nelement()
     if isinstance(value, dict):
-        return sum(_nbytes(item) for item in value.values())
+        return sum(array_bytes(item) for item in value.values())
     return 0
 
 
@@ -70,7 +71,7 @@ def allocated_bytes_per_transition(buffer: BaseBuffer) -> int:
     per_row = [value for value in vars(buffer).values()
                if isinstance(value, dict) or (isinstance(value, (np.ndarray, th.Tensor))
                                               and value.ndim > 0 and value.shape[0] == rows)]
-    return math.ceil(sum(_nbytes(value) for value in per_row) / (rows * buffer.n_envs))
+    return math.ceil(sum(array_bytes(value) for value in per_row) / (rows * buffer.n_envs))
 
 
 def memory_plan(replay_class: type, replay_kwargs: dict[str, Any], buffer_size: int,

@@ -13,9 +13,9 @@
 Resources follow Ray Tune's conventions: each run reserves ``num_cpus=--cpus-per-run`` and
 ``num_gpus=--gpus-per-run``; a fraction shares a card (0.33: three seeds on one GPU; Ray sets
 CUDA_VISIBLE_DEVICES for the task and the train process inherits it). Retries follow Tune's
-``FailureConfig(max_failures)``: a run whose process dies (SIGKILL, the OOM killer, a lost node) is retried
-up to ``--max-retries`` times by Ray (``max_retries`` with ``retry_exceptions``), and a retry starts with
-``--resume`` because the task looks at the run's checkpoint before it builds the command line.
+``FailureConfig(max_failures)``: a run whose process dies (SIGKILL, the OOM killer) is retried up to
+``--max-retries`` times by its task, and a task whose Ray worker or node dies by Ray (``max_retries``); a retry
+starts with ``--resume`` because each attempt looks at the run's checkpoint before it builds the command line.
 
 Why the train process is a subprocess and not a function call: the sweep then runs exactly the command a
 reader types, with the train script's own signal handling (SIGTERM saves a checkpoint) and its own render
@@ -24,6 +24,7 @@ workers, and a crash of one run (MuJoCo, EGL, CUDA) cannot take the Ray worker d
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -87,7 +88,7 @@ train process saves a checkpoint and exits instead of training on unsupervised n
 
 
 class RunCrashed(Exception):
-    """A run's process died (or failed in a way a retry can fix); Ray retries the task on this exception."""
+    """A run's process died (or failed in a way a retry can fix): ``execute_run`` makes its next attempt."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,6 +135,9 @@ def exit_after(seconds: float, message: str) -> Iterator[None]:
         timer.cancel()
 
 
+RAY_TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
 def connect(address: str, num_cpus: int | None) -> Cluster:
     """``ray.init`` for a local instance (on loopback only) or an existing cluster; scripts/ reaches the workers."""
     pythonpath = os.pathsep.join(p for p in (str(TRAIN_SCRIPT.parent), os.environ.get("PYTHONPATH", "")) if p)
@@ -144,6 +148,9 @@ def connect(address: str, num_cpus: int | None) -> Cluster:
             # Without this, a local instance binds to the machine's network address; a sweep on one machine
             # has no reason to listen beyond loopback.
             os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            # Ray says on every start that it turned token authentication on, as it does by default: nothing for
+            # the reader to do on an instance of their own (the token stays under the home folder).
+            logging.getLogger(RAY_TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
             # address="local": always a new instance, never one that RAY_ADDRESS or a `ray start` points to.
             context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=None, runtime_env=runtime_env,
                                **quiet)
@@ -192,7 +199,7 @@ def check_placement(cpus_per_run: float, gpus_per_run: float, root: Path, remote
                         "GPU(s); ask for at most that, or a fraction to share one.")
     if cpus_per_run > max_cpus:
         raise UserError(f"--cpus-per-run {cpus_per_run:g} cannot be placed: no node has more than {max_cpus:g} "
-                        "CPUs; lower it (for a local instance, or raise --num-cpus).")
+                        "CPUs; lower it" + (" to at most that." if remote else ", or raise --num-cpus."))
     if remote:
         check_nodes_see(root, nodes)
 
@@ -363,8 +370,8 @@ def failure_sentence(task: RunTask, what: str, finished: Finished, steps: int) -
 def run_phase(task: RunTask, what: str, args: list[str], board: Any, attempt: int) -> dict[str, Any] | None:
     """Run train or eval; None when it exited 0, an outcome when it was stopped or failed for good.
 
-    A failure a retry can fix raises RunCrashed while retries are left: Ray then runs the task again, and
-    the new attempt finds the run's latest checkpoint and resumes it."""
+    A failure a retry can fix raises RunCrashed while retries are left: ``execute_run`` then makes a new
+    attempt, which finds the run's latest checkpoint and resumes it."""
     run = task.run
     board.report.remote(run.name, {"state": "training" if what == "train" else "evaluating"})
     progress = TensorBoardProgress(run.paths.run_dir) if what == "train" else None
@@ -384,7 +391,19 @@ def run_phase(task: RunTask, what: str, args: list[str], board: Any, attempt: in
 
 
 def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
-    """The Ray task of one run: skip what is done, train (resuming a checkpoint), then evaluate."""
+    """The Ray task of one run: attempts until one ends the run (done, stopped, or failed for good).
+
+    The retries of a crashed run happen here rather than through Ray's ``retry_exceptions``, which would print
+    each crash's traceback into the sweep's output."""
+    while True:
+        try:
+            return attempt_run(task, board)
+        except RunCrashed:
+            continue  # run_phase raises it only while --max-retries allows another attempt
+
+
+def attempt_run(task: RunTask, board: Any) -> dict[str, Any]:
+    """One attempt at a run: skip what is done, train (resuming a checkpoint), then evaluate."""
     run = task.run
     attempt, stop = ray.get(board.begin.remote(run.name, socket.gethostname()))
     state = disk_state(run, task.n_episodes)
@@ -393,8 +412,9 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
         board.report.remote(run.name, {"state": "stopped"})
         return {"state": "stopped"}
     if state.done:
-        board.report.remote(run.name, {"state": "skipped"})
-        return {"state": "skipped", "eval_json": str(RunPaths.eval_result_of(run.paths.root, state.eval_checkpoint))}
+        eval_json = RunPaths.eval_result_of(run.paths.root, state.eval_checkpoint)
+        board.report.remote(run.name, {"state": "skipped", **final_success(eval_json)})
+        return {"state": "skipped", "eval_json": str(eval_json)}
 
     if not state.trained:
         outcome = run_phase(task, "train", train_args(run, state), board, attempt)
@@ -411,9 +431,19 @@ def execute_run(task: RunTask, board: Any) -> dict[str, Any]:
         if outcome is not None:
             return outcome
     final = disk_state(run, task.n_episodes)
+    eval_json = RunPaths.eval_result_of(run.paths.root, final.eval_checkpoint)
     board.report.remote(run.name, {"state": "done", "steps": final.steps_done, "sessions": final.sessions,
-                                   "error": None})
-    return {"state": "done", "eval_json": str(RunPaths.eval_result_of(run.paths.root, final.eval_checkpoint))}
+                                   "error": None, **final_success(eval_json)})
+    return {"state": "done", "eval_json": str(eval_json)}
+
+
+def final_success(eval_json: Path) -> dict[str, Any]:
+    """The row's success rate from the run's final evaluation (its eval file), or nothing if it cannot be read."""
+    try:
+        rate = json.loads(eval_json.read_text())["success_rate"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {"success_rate": float(rate), "success_source": "final eval"} if isinstance(rate, (int, float)) else {}
 
 
 def run_command(script: Path, args: list[str], log: Path) -> tuple[int, str]:
@@ -467,7 +497,7 @@ def run_sweep(plan: SweepPlan, cluster: Cluster) -> int:
     for run in plan.runs:
         task = RunTask(run, plan.n_episodes, plan.log_dir / f"{run.name}.log", plan.gpus_per_run, plan.max_retries)
         ref = task_fn.options(num_cpus=plan.cpus_per_run, num_gpus=plan.gpus_per_run, max_retries=plan.max_retries,
-                              retry_exceptions=[RunCrashed], name=run.name).remote(task, board)
+                              name=run.name).remote(task, board)
         refs[ref] = run
     header = {"address": cluster.address, "dashboard": cluster.dashboard, "artifact_root": str(plan.root),
               "cpus_per_run": plan.cpus_per_run, "gpus_per_run": plan.gpus_per_run, "max_retries": plan.max_retries}
@@ -519,8 +549,7 @@ def collect(ref: Any, run: Run, board: Any) -> dict[str, Any]:
         board.report.remote(run.name, {"state": "stopped"})
         return {"state": "stopped"}
     except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        sentence = str(cause) if isinstance(cause, RunCrashed) else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        sentence = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
         board.report.remote(run.name, {"state": "failed", "error": sentence})
         return {"state": "failed", "error": sentence}
     except ray.exceptions.RayError as exc:  # the worker or its node died more often than --max-retries

@@ -105,7 +105,8 @@ class RunStatus:
     eta_s: float | None = None
     success_rate: float | None = None
     success_source: str | None = None
-    """'eval' (the last periodic deterministic eval) or 'rollout' (SB3's mean over the last 100 episodes)."""
+    """'eval' (the last periodic deterministic eval), 'rollout' (SB3's mean over the last 100 episodes) or
+    'final eval' (the run's eval command, once it has run)."""
     attempts: int = 0
     """Ray task attempts started (the first plus its retries)."""
     sessions: int | None = None
