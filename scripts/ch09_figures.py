@@ -568,6 +568,29 @@ def drawn_values(curve: Curve, smoothing: float) -> np.ndarray:
     return curve.values if curve.steps.size < MIN_POINTS_TO_SMOOTH else smooth(curve.values, smoothing)
 
 
+def phase_bounds(curves: dict[str, Curve], success_curve: str, phases: tuple[float, float] | None,
+                 smoothing: float, rule: PhaseRule, run_dir: Path) -> tuple[list[float], str]:
+    """The four step boundaries of the three phases (start, Phase 2, Phase 3, end) and how they were found:
+    by ``rule`` on the success curve (drawn as plotted: smoothed unless it is the eval curve), or by hand."""
+    x_end = max(float(c.steps.max()) for c in curves.values() if c.steps.size)
+    x_start = 0.0
+    if phases is not None:
+        if phases[1] > x_end:
+            raise FigureInputError(f"--phases {step_label(phases[0])},{step_label(phases[1])} goes past the last "
+                                   f"step run folder {run_dir} logged ({step_label(x_end)}); pass boundaries inside "
+                                   "the run.")
+        return [x_start, phases[0], phases[1], x_end], "phase boundaries given by hand (--phases)"
+    success = curves[SUCCESS_CURVES[success_curve]]
+    values = success.values if success_curve == "eval" else drawn_values(success, smoothing)
+    detected = detect_phases(success.steps, values, rule)
+    if detected is None:
+        return [x_start, x_end, x_end, x_end], (f"no hockey stick in {success.tag} (it never reached "
+                                                f"{rule.min_peak:.0%})")
+    return [x_start, *detected, x_end], (f"phases from {success.tag}: Phase 2 = the final climb from "
+                                         f"{rule.start_threshold:.0%}, Phase 3 from {rule.saturation_fraction:.0%} "
+                                         "of its max")
+
+
 def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] | None = None,
                      smoothing: float = DEFAULT_SMOOTHING, success_curve: str | None = None,
                      rule: PhaseRule = PhaseRule()) -> list[Path]:
@@ -588,26 +611,7 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
             f"run folder {run_dir} has event files but no {', no '.join(missing)} curve; "
             "log at least one training update (total steps > learning starts) before plotting.")
     success_curve = success_curve or next(iter(present))
-
-    x_end = max(float(c.steps.max()) for c in curves.values() if c.steps.size)
-    x_start = 0.0
-    if phases is None:
-        success = curves[SUCCESS_CURVES[success_curve]]
-        values = success.values if success_curve == "eval" else drawn_values(success, smoothing)
-        detected = detect_phases(success.steps, values, rule)
-        if detected is None:
-            how = f"no hockey stick in {success.tag} (it never reached {rule.min_peak:.0%})"
-            bounds = [x_start, x_end, x_end, x_end]
-        else:
-            how = (f"phases from {success.tag}: Phase 2 = the final climb from {rule.start_threshold:.0%}, "
-                   f"Phase 3 from {rule.saturation_fraction:.0%} of its max")
-            bounds = [x_start, *detected, x_end]
-    elif phases[1] > x_end:
-        raise FigureInputError(f"--phases {step_label(phases[0])},{step_label(phases[1])} goes past the last step "
-                               f"run folder {run_dir} logged ({step_label(x_end)}); pass boundaries inside the run.")
-    else:
-        bounds = [x_start, phases[0], phases[1], x_end]
-        how = "phase boundaries given by hand (--phases)"
+    bounds, how = phase_bounds(curves, success_curve, phases, smoothing, rule, run_dir)
 
     fig, axes = plt.subplots(3, 1, sharex=True, figsize=FIGURE_SIZES["loss-phases"], layout="constrained")
     panels = [(axes[0], "success rate", [SUCCESS_CURVES["rollout"]] if "rollout" in present else []),
@@ -636,7 +640,7 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
     _shade_phases(axes, bounds)
     axes[2].set_xlabel("environment steps")
     axes[2].xaxis.set_major_formatter(FuncFormatter(step_label))
-    axes[2].set_xlim(x_start, x_end)
+    axes[2].set_xlim(bounds[0], bounds[-1])
 
     phase_handles = [Patch(color=PHASE_COLORS[i], alpha=0.35,
                            label=f"{PHASE_NAMES[i]} ({step_label(bounds[i])}-{step_label(bounds[i + 1])})")

@@ -181,6 +181,8 @@ def test_package_writes_a_complete_release(run: dict[str, Any], tensorboard_scal
     assert "Loading this model runs code" in card and "300 env steps trained" in card
     assert "train --env FetchReach-v4 --total-steps 300 --full-state" in card
     assert "--steps 200" in card and ("Licence" in card)
+    assert "observes the 10-D state vector" in card  # FetchReach's state (Push's is 25-D)
+    assert "relabelled goals per transition)" in card and "env steps/s in the last session |" in card
 
 
 def test_eval_from_a_served_release_equals_the_local_file(cli, run: dict[str, Any], tmp_path: Path) -> None:

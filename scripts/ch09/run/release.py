@@ -574,42 +574,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str, int], scalars: dict[str, int],
-               snapshot_evals: dict[str, dict[str, Any]], train_command: str, licence: str | None) -> str:
-    """The release's README.md: what a reader needs before downloading, and how to check and evaluate it."""
-    stem, env_id = evaluation["name"], meta["env_id"]
-    rate, (low, high) = float(evaluation["success_rate"]), evaluation["success_ci95"]
-    versions, sessions = meta.get("versions", {}), meta.get("sessions", [])
-    devices = sorted({str(s.get("device")) for s in sessions if isinstance(s, dict) and s.get("device")})
-    gpu = versions.get("gpu") or "no GPU visible to torch (CPU)"
-    peak = meta.get("gpu_memory_peak_bytes")
-    commit = meta.get("git", {}) or {}
-    config = meta.get("config", {})
-    state_dim = FETCH_REACH_OBS_DIM if env_id.startswith("FetchReach") else FETCH_OBS_DIM
-    observation = (f"the {state_dim}-D state vector" if meta.get("observation") == "state" else
-                   f"{meta.get('image_size')}x{meta.get('image_size')} camera pixels, {meta.get('frame_stack')} "
-                   f"frames stacked, {PROPRIO_DIM}-D proprioception")
-    n_sampled_goal = config.get("her_n_sampled_goal")
-    relabelling = ("no HER relabelling" if n_sampled_goal == 0 else
-                   f"HER 'future' relabelling ({n_sampled_goal} relabelled goals per transition)"
-                   if n_sampled_goal is not None else "HER 'future' relabelling")
-    policy = meta.get("policy", {})
-    zips = [name for name in sizes if name.endswith(".zip")]
-    snapshot_rows = []
-    for name in zips:
-        match = PERIODIC_RE.match(name.removesuffix(".zip"))
-        steps = match["steps"] if match else format_steps(int(meta.get("steps_done", 0)))
-        result = snapshot_evals.get(name) or (evaluation if name == f"{stem}.zip" else None)
-        success = (f"{result['success_rate']:.2f} ({result['success_ci95'][0]:.2f}-{result['success_ci95'][1]:.2f}, "
-                   f"{result['n_episodes']} episodes)" if result else "not evaluated")
-        flag = f" --steps {steps}" if match else ""
-        snapshot_rows.append(f"| `{name}` | {steps} | {success} | `eval --from-release URL{flag}` |")
-    files_rows = [f"| `{name}` | {size:,} |" for name, size in sizes.items()]
-    licence_text = (f"The repository this run was trained from is licensed as its `{licence}` file says; that file "
-                    "is part of this release." if licence else
-                    "The repository this run was trained from sets no licence (it has no LICENSE file), so none is "
-                    "granted here; the publisher should add one before uploading.")
-    front_matter = "\n".join([
+def _card_front_matter(meta: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    """The Hugging Face model-card metadata block (library, tags, the success rate as a model-index result)."""
+    env_id = meta["env_id"]
+    return "\n".join([
         "---",
         "library_name: stable-baselines3",
         "tags:",
@@ -626,12 +594,65 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
         f"      name: {env_id}",
         "    metrics:",
         "    - type: success_rate",
-        f"      value: {rate:.4f}",
+        f"      value: {float(evaluation['success_rate']):.4f}",
         f"      name: deterministic success rate ({evaluation['n_episodes']} episodes)",
         "---",
     ])
+
+
+def _snapshot_rows(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str, int],
+                   snapshot_evals: dict[str, dict[str, Any]]) -> list[str]:
+    """One table row per checkpoint in the release: its steps, its evaluation (if any) and how to evaluate it."""
+    rows = []
+    for name in [name for name in sizes if name.endswith(".zip")]:
+        match = PERIODIC_RE.match(name.removesuffix(".zip"))
+        steps = match["steps"] if match else format_steps(int(meta.get("steps_done", 0)))
+        result = snapshot_evals.get(name) or (evaluation if name == f"{evaluation['name']}.zip" else None)
+        success = (f"{result['success_rate']:.2f} ({result['success_ci95'][0]:.2f}-{result['success_ci95'][1]:.2f}, "
+                   f"{result['n_episodes']} episodes)" if result else "not evaluated")
+        flag = f" --steps {steps}" if match else ""
+        rows.append(f"| `{name}` | {steps} | {success} | `eval --from-release URL{flag}` |")
+    return rows
+
+
+def _observation(meta: dict[str, Any]) -> str:
+    """What the policy observes, in words."""
+    if meta.get("observation") == "state":
+        state_dim = FETCH_REACH_OBS_DIM if meta["env_id"].startswith("FetchReach") else FETCH_OBS_DIM
+        return f"the {state_dim}-D state vector"
+    return (f"{meta.get('image_size')}x{meta.get('image_size')} camera pixels, {meta.get('frame_stack')} frames "
+            f"stacked, {PROPRIO_DIM}-D proprioception")
+
+
+def _relabelling(config: dict[str, Any]) -> str:
+    """HER's relabelling as the run was configured (k relabelled goals per transition; 0 turns it off)."""
+    n_sampled_goal = config.get("her_n_sampled_goal")
+    if n_sampled_goal == 0:
+        return "no HER relabelling"
+    if n_sampled_goal is None:
+        return "HER 'future' relabelling"
+    return f"HER 'future' relabelling ({n_sampled_goal} relabelled goals per transition)"
+
+
+def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str, int], scalars: dict[str, int],
+               snapshot_evals: dict[str, dict[str, Any]], train_command: str, licence: str | None) -> str:
+    """The release's README.md: what a reader needs before downloading, and how to check and evaluate it."""
+    stem, env_id = evaluation["name"], meta["env_id"]
+    rate, (low, high) = float(evaluation["success_rate"]), evaluation["success_ci95"]
+    versions, sessions = meta.get("versions", {}), meta.get("sessions", [])
+    devices = sorted({str(s.get("device")) for s in sessions if isinstance(s, dict) and s.get("device")})
+    gpu = versions.get("gpu") or "no GPU visible to torch (CPU)"
+    peak = meta.get("gpu_memory_peak_bytes")
+    commit = meta.get("git", {}) or {}
+    config = meta.get("config", {})
+    policy = meta.get("policy", {})
+    files_rows = [f"| `{name}` | {size:,} |" for name, size in sizes.items()]
+    licence_text = (f"The repository this run was trained from is licensed as its `{licence}` file says; that file "
+                    "is part of this release." if licence else
+                    "The repository this run was trained from sets no licence (it has no LICENSE file), so none is "
+                    "granted here; the publisher should add one before uploading.")
     return "\n".join([
-        front_matter,
+        _card_front_matter(meta, evaluation),
         "",
         f"# {stem}: SAC + HER on {env_id}",
         "",
@@ -639,7 +660,8 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
         "",
         "| | |",
         "|---|---|",
-        f"| task | `{env_id}` (gymnasium-robotics), sparse reward, {relabelling}; observes {observation} |",
+        f"| task | `{env_id}` (gymnasium-robotics), sparse reward, {_relabelling(config)}; "
+        f"observes {_observation(meta)} |",
         f"| configuration | tag `{meta.get('tag')}`, seed {meta.get('seed')}; policy `{policy.get('policy')}`, "
         f"encoder `{policy.get('features_extractor')}`, replay `{policy.get('replay_buffer')}` |",
         f"| steps | {int(meta.get('steps_done', 0)):,} env steps trained (of {int(config.get('total_steps', 0)):,} "
@@ -669,7 +691,7 @@ def model_card(meta: dict[str, Any], evaluation: dict[str, Any], sizes: dict[str
         "",
         "| checkpoint | steps | success rate (95% CI) | evaluate |",
         "|---|---|---|---|",
-        *snapshot_rows,
+        *_snapshot_rows(meta, evaluation, sizes, snapshot_evals),
         "",
         f"`python scripts/ch09_pixel_push.py aggregate results/{stem}*_eval.json` turns the evaluated snapshots "
         "into success against steps.",
