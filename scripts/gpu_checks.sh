@@ -2,8 +2,9 @@
 # The GPU checks of the project, as ONE call of a lent GPU machine (one H200) that fits in 9 minutes.
 #
 # Prepare once, on the CPU machine, from the repository root (wheels the GPU image lacks and the EGL loaders;
-# nothing else: the GPU image's own pytest and its plugins stay as they are):
-#   bash ../shared/device/prepare.sh
+# nothing else: the GPU image's own pytest and its plugins stay as they are; typing_extensions too, because tyro
+# 1.0.17 fails to import with the 4.13 and older that the image may have):
+#   EXTRA_WHEELS="typing_extensions==4.16.0" bash ../shared/device/prepare.sh
 # Then ONE device call:  run(carry=[".whl", ".gl"], timeout_s=540, command=
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 bash scripts/gpu_checks.sh')
 # T0 is taken before the wheels install, so the deadline below counts from the start of the call.
@@ -14,11 +15,11 @@
 #   stage      estimate  what
 #   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
-#   selftest     70 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run
-#   bench1      120 s    pixels, 1 env: Step 0 stock vs Step 2 FastSAC in fp32 and bf16, each without and with
-#                        overlapped collection, 10 s windows
+#   bench1      145 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
+#                        and with overlapped collection, 10 s windows
 #   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
 #   bench8       30 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows (if time remains)
+#   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
 # Sum 505 s, under DEADLINE_S = 510 s from T0, under the call's 540 s.
 #
 # What comes back under $OUT (at most 8 files; each written as it is made, so a stage cut off by its timeout
@@ -40,8 +41,8 @@
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
-STAGES=(tests selftest bench1 proxy bench8)
-declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [selftest]=70 [bench1]=120 [proxy]=150 [bench8]=30)
+STAGES=(tests bench1 proxy bench8 selftest)
+declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [bench1]=145 [proxy]=150 [bench8]=30 [selftest]=45)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
@@ -71,16 +72,18 @@ project_on_path() {
 stage_tests() {
   local files
   files=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
+  # Each test by name, and every thread's stack in the log if one runs past 60 s: a hang names its test.
   # shellcheck disable=SC2086
-  python3 -m pytest -m gpu $files -q -p no:cacheprovider
+  python3 -m pytest -m gpu $files -v -p no:cacheprovider -o faulthandler_timeout=60
 }
 
 stage_selftest() {
-  python3 scripts/ch09_pixel_push.py selftest --device cuda --out "$OUT/selftest.json"
+  python3 scripts/ch09_pixel_push.py selftest --device cuda --render-seconds 2 --speed-seconds 3 \
+    --out "$OUT/selftest.json"
 }
 
 stage_bench1() {
-  python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-fast --precisions fp32 bf16 \
+  python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-sb3 step2-fast --precisions fp32 bf16 \
     --overlap False True --seconds 10 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 \
     --out "$OUT/bench1.json"
 }
@@ -155,7 +158,10 @@ run_stage() {
   say "stage $name: at most $limit s (estimate ${ESTIMATE_S[$name]} s)"
   start=$(date +%s)
   export -f $(compgen -A function)
-  timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$limit" bash -c "stage_$name" 2>&1 | tee -a "$LOG"
+  # The trap keeps the stage's bash alive through the TERM (until its child exits), so timeout's KILL still comes
+  # for a Python that survives a TERM (stuck in a CUDA or EGL call, or an env worker that ignores TERM) and holds
+  # the pipe to tee: without it, bash dies at once, timeout sends no KILL, and the stage runs on to the call's end.
+  timeout --signal=TERM --kill-after="$KILL_AFTER_S" "$limit" bash -c "trap : TERM; stage_$name" 2>&1 | tee -a "$LOG"
   status=${PIPESTATUS[0]}
   if declare -F "finish_$name" >/dev/null; then "finish_$name"; fi
   collect_crash_logs
@@ -204,7 +210,13 @@ main() {
 import importlib.util
 need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard", "pytest",
         "ch09", "drqv2_sac_policy", "cli_guard"]
-print(" ".join(m for m in need if importlib.util.find_spec(m) is None))
+missing = [m for m in need if importlib.util.find_spec(m) is None]
+if "tyro" not in missing:
+    try:  # present is not enough: tyro 1.0.17 fails to import with an older typing_extensions
+        import tyro  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        missing.append(f"a working tyro ({type(exc).__name__}: {exc})")
+print(" ".join(missing))
 PY
 )
   if [ -n "$missing" ]; then
