@@ -102,6 +102,7 @@ SAVE_FORMAT_VERSION = 1
 MIN_ACCEPTANCE = 0.25
 """Below this fraction of sampleable slots, sampling switches from rejection to an exact index list."""
 
+
 def rows_per_transition(episode_steps: int) -> float:
     """Rows per stored transition in a buffer full of ``episode_steps``-step episodes: an episode of L
     transitions takes L + 1 rows, one more for its reset frame."""
