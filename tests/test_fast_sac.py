@@ -267,6 +267,26 @@ def test_the_device_copy_follows_wraps_closes_retirements_and_resets():
     assert view.uploads == syncs_checked
 
 
+def test_a_buffer_loaded_in_place_is_copied_whole_by_the_next_sync(tmp_path):
+    """load() rewrites every row in place. Its writer state can look like mere growth since the last sync (here
+    10 more rows per env), and the copy must not take only the 'new' rows and keep the old buffer's others."""
+    before, saved = (SyntheticStream(n_envs=2, rows_per_env=40, lengths=(3, 6), seed=seed) for seed in (0, 1))
+    for _ in range(10):
+        before.step()
+    for _ in range(20):
+        saved.step()
+    saved.buffer.save(tmp_path / "saved")
+    view = DeviceReplayView(before.buffer, "cpu", copy_host_arrays=True)
+    view.sync()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the running episodes are truncated, and the load says so
+        before.buffer.load(tmp_path / "saved")
+    view.sync()
+    for name, tensor in view.tensors.items():
+        assert np.array_equal(tensor.numpy(), getattr(before.buffer, name)), f"{name} differs after the load"
+    assert view.full_syncs == 2
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One update: FastSAC against SB3's SAC.train() and against the equations of its docstring
 # ---------------------------------------------------------------------------------------------------------

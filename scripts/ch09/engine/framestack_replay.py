@@ -241,6 +241,10 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
             frames there and never copies pixels from host to device.
     """
 
+    rewrites: int = 0
+    """How often ``reset()`` or ``load()`` replaced the contents wholesale: a device copy then takes them whole.
+    (A class default, so a buffer pickled before it existed reads 0.)"""
+
     def __init__(
         self,
         buffer_size: int,
@@ -754,6 +758,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._rows_written[:] = 0
         self._open_start[:] = -1
         self._n_sampleable = 0
+        self.rewrites += 1
 
     # ----------------------------------------------------------------------------------------------
     # Sampling
@@ -972,6 +977,7 @@ class FrameStackHerReplayBuffer(HerReplayBuffer):
         self._rows_written = np.array(state["rows_written"], dtype=np.int64)
         self._open_start = np.array(state["open_start"], dtype=np.int64)
         self._n_sampleable = int(state["n_sampleable"])
+        self.rewrites += 1
         if truncate_last_trajectory:
             self.truncate_last_trajectory()
 

@@ -174,6 +174,7 @@ class _WriterState:
     next_row: np.ndarray
     rows_written: np.ndarray
     open_start: np.ndarray
+    rewrites: int
 
 
 class DeviceReplayView:
@@ -251,7 +252,8 @@ class DeviceReplayView:
         buffer = self.buffer
         if self.is_stale():
             raise RuntimeError("the buffer replaced an array this view mirrors; build a new DeviceReplayView.")
-        now = _WriterState(buffer._next_row.copy(), buffer._rows_written.copy(), buffer._open_start.copy())
+        now = _WriterState(buffer._next_row.copy(), buffer._rows_written.copy(), buffer._open_start.copy(),
+                           buffer.rewrites)
         copied = [name for name in self.tensors if self._is_copy(name)]
         upload = HostUpload()
         writes: list[tuple[list[str], int, int]] = []  # (arrays, slot of the row indices, slot of the env indices)
@@ -306,10 +308,12 @@ class DeviceReplayView:
         last = self._last
         if last is None:
             return None
+        if now.rewrites != last.rewrites:
+            return None  # reset() or load() since the last sync: every row may have changed
         rows = self.rows
         new = now.rows_written - last.rows_written
         if (new < 0).any() or ((last.next_row + new) % rows != now.next_row).any():
-            return None  # reset() or load(): the writer did not simply move on
+            return None  # the writer did not simply move on
         margin = self._longest_episode_rows
         new_parts, book_parts = [], []
         for env in range(self.n_envs):
