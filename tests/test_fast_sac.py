@@ -53,6 +53,7 @@ from ch09.engine.fast_sac import (
     NO_CUDA_GRAPH_ENV,
     CudaContextError,
     FastSAC,
+    FlatModeSwitch,
     GraphStatus,
     RecordedStepGraph,
     Routing,
@@ -565,6 +566,46 @@ def test_a_subclass_with_its_own_feature_head_keeps_the_engine(pixel_data):
     features = th.randn(3, actor.features_dim)
     mean, _ = _actor_head(actor, features)
     assert th.allclose(mean, 0.5 * actor.mu(actor.latent_pi(features)))
+
+
+@pytest.mark.parametrize("policy_name", list(POLICIES))
+def test_the_flat_mode_switch_leaves_every_flag_as_sb3s_switch_does(pixel_data, policy_name):
+    """FastSAC's policy switches train/eval mode in one loop; from any starting flags, every module (the target
+    critic's too, which neither touches) ends as SB3's own set_training_mode leaves it."""
+    vec_env, buffers = pixel_data
+    _, fast = twin_models(vec_env, buffers["plain"], policy_name)
+    policy = fast.policy
+    assert isinstance(policy.set_training_mode, FlatModeSwitch)
+    modules = dict(policy.named_modules())
+    rng = np.random.default_rng(0)
+    for mode in (True, False):
+        start = {name: bool(rng.integers(2)) for name in modules}
+        ends = []
+        for switch in (policy.set_training_mode, functools.partial(type(policy).set_training_mode, policy)):
+            for name, module in modules.items():
+                module.training = start[name]
+            switch(mode)
+            ends.append({name: module.training for name, module in modules.items()})
+        assert ends[0] == ends[1] != start
+
+
+def test_a_policy_whose_module_switches_itself_keeps_sb3s_mode_switch(pixel_data):
+    """A module with its own train() (here: one that stays in eval mode) is something the flat loop would skip
+    past, so such a policy keeps SB3's switch, and the module's train() still runs."""
+
+    class AlwaysEvalLinear(th.nn.Linear):
+        def train(self, mode: bool = True):
+            return super().train(False)
+
+    vec_env, buffers = pixel_data
+    _, fast = twin_models(vec_env, buffers["plain"], "DrQv2SACPolicy")
+    policy = fast.policy
+    policy.actor.mu.__class__ = AlwaysEvalLinear
+    del policy.set_training_mode  # the installed switch; install again on the changed policy
+    FlatModeSwitch.install(policy)
+    assert not isinstance(policy.set_training_mode, FlatModeSwitch)
+    policy.set_training_mode(True)
+    assert policy.actor.latent_pi.training and not policy.actor.mu.training
 
 
 def test_squashed_gaussian_sample_is_sb3s_distribution():

@@ -114,10 +114,10 @@ from stable_baselines3 import SAC
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.distributions import SquashedDiagGaussianDistribution
 from stable_baselines3.common.logger import KVWriter
-from stable_baselines3.common.policies import ContinuousCritic
+from stable_baselines3.common.policies import BaseModel, ContinuousCritic
 from stable_baselines3.common.type_aliases import DictReplayBufferSamples
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
-from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor
+from stable_baselines3.sac.policies import LOG_STD_MAX, LOG_STD_MIN, Actor, SACPolicy
 
 from ch09.engine.framestack_replay import FrameStackHerReplayBuffer
 from ch09.engine.her_sampler import DeviceReplayView, TorchGoalReward, device_sampler_supported, sample_her_batch
@@ -922,6 +922,40 @@ class _LossesAtDump(KVWriter):
             outputs.insert(0, cls(model))
 
 
+class FlatModeSwitch:
+    """``SACPolicy.set_training_mode`` as one loop over the modules it reaches: the same ``training`` flags.
+
+    SB3 switches the policy's mode up to three times per env step (``collect_rollouts`` and ``predict`` to eval,
+    ``train`` back to training). Each switch walks the actor's and the critic's module trees through
+    ``nn.Module.train`` and ``nn.Module.__setattr__``: host time that a GPU run spends on every env step.
+    ``install`` puts this switch on a policy instance (in place of the method) only where that walk is all the
+    switch does: SAC's policy switch, the actor's and critic's are SB3's own, and no module overrides
+    ``nn.Module.train``. Otherwise the policy keeps its own.
+    """
+
+    def __init__(self, policy: SACPolicy) -> None:
+        reached = [*policy.actor.modules(), *policy.critic.modules(), policy]  # critic_target stays as it is
+        self.modules = list({id(module): module for module in reached}.values())  # a shared encoder once
+
+    def __call__(self, mode: bool) -> None:
+        for module in self.modules:
+            object.__setattr__(module, "training", mode)  # as nn.Module.__init__ sets it: a bool needs no checks
+
+    @staticmethod
+    def exact_for(policy: Any) -> bool:
+        """Whether the flat loop sets exactly what ``policy.set_training_mode`` would."""
+        if type(policy).set_training_mode is not SACPolicy.set_training_mode:
+            return False
+        parts = (policy.actor, policy.critic)
+        return (all(type(part).set_training_mode is BaseModel.set_training_mode for part in parts)
+                and all(type(module).train is th.nn.Module.train for part in parts for module in part.modules()))
+
+    @classmethod
+    def install(cls, policy: Any) -> None:
+        if cls.exact_for(policy):
+            policy.set_training_mode = cls(policy)
+
+
 # ======================================================================================================
 # The algorithm: SB3's SAC with train() replaced
 # ======================================================================================================
@@ -973,6 +1007,7 @@ class FastSAC(SAC):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         super()._setup_model()
+        FlatModeSwitch.install(self.policy)
         self._engine = None
 
     @classmethod
