@@ -59,6 +59,7 @@ def test_selftest_on_a_cpu_prints_one_table_one_skip_line_and_exits_1_for_the_ch
     assert "1 failed" in out.splitlines()[-1]
 
     assert report is not None and report["format"] == "ch09-selftest-v1" and report["passed"] is False
+    assert report["complete"] is True
     assert {c["name"]: c["status"] for c in report["checks"]} == expected
     assert report["skipped"] == skip_lines[0]
     for package in ("python", "torch", "stable-baselines3", "gymnasium", "mujoco"):
@@ -92,6 +93,27 @@ def test_a_renderer_that_cannot_start_fails_its_row_and_skips_what_needs_mujoco(
     statuses = {c["name"]: c["status"] for c in json.loads(out.read_text())["checks"]}
     assert statuses.pop("device") == "pass" and statuses.pop("renderer") == "fail"
     assert set(statuses.values()) == {"skip"}
+
+
+def test_a_selftest_stopped_mid_check_leaves_the_report_of_the_checks_before(monkeypatch, tmp_path, capsys):
+    """Each check rewrites the report as it ends: a Ctrl-C (or a kill, a hang) in the training check leaves the
+    device, renderer and memory results, marked incomplete, and a progress line per finished check."""
+    import ch09.selftest as selftest
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selftest, "check_precisions", interrupted)
+    out = tmp_path / "selftest.json"
+    config = selftest.SelftestConfig(device="cpu", render_seconds=0.5, speed_seconds=1, out=out)
+    with pytest.raises(KeyboardInterrupt):
+        selftest.run_selftest(config)
+    report = json.loads(out.read_text())
+    assert report["complete"] is False and report["passed"] is None
+    assert [c["name"] for c in report["checks"]] == ["device", "renderer", "replay memory"]
+    assert report["checks"][1]["figures"]["frame_shape"] == [12, 84, 84]
+    printed = capsys.readouterr().out
+    assert "[selftest] renderer: pass" in printed and "bf16 vs fp32 losses:" not in printed
 
 
 def fp32_losses(updates: int = 4) -> list[dict[str, float]]:

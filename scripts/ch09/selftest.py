@@ -19,7 +19,9 @@ reader's machine, with the same build path ``train`` uses (``build_agent`` on th
 
 It prints one table, one line naming what it skipped and why (on a CPU-only machine: the CUDA graph and the
 projection), and writes every figure, every check's result and the versions to a JSON report (``--out``) that
-a reader attaches to a problem report. Exit code 1 when a check fails; a bad flag is one sentence, exit 2.
+a reader attaches to a problem report; the report is rewritten as each check ends, so a selftest stopped midway
+still leaves the finished checks (``"complete": false``). Exit code 1 when a check fails; a bad flag is one
+sentence, exit 2.
 A check that raises is reported as failed with its traceback in the JSON: one broken piece does not hide
 what the others found.
 """
@@ -420,6 +422,26 @@ def skip_line(results: list[CheckResult]) -> str | None:
     return "skipped: " + "; ".join(skipped) if skipped else None
 
 
+def selftest_report(cfg: SelftestConfig, out: Path, results: list[CheckResult], elapsed: float,
+                    complete: bool) -> dict[str, Any]:
+    """The JSON report; ``complete`` is False while checks are still to run (and stays so in the file of a
+    selftest that was stopped before its last check)."""
+    return {
+        "format": SELFTEST_FORMAT,
+        "complete": complete,
+        "passed": exit_status(results) == 0 if complete else None,
+        "counts": {status: sum(r.status == status for r in results) for status in ("pass", "fail", "skip")},
+        "checks": [asdict(r) for r in results],
+        "skipped": skip_line(results),
+        "config": {**asdict(cfg), "out": str(out)},
+        "device": results[0].figures if results else None,
+        "versions": package_versions(),
+        "git": git_commit(),
+        "wall_time_s": round(elapsed, 1),
+        "created_at": now_iso(),
+    }
+
+
 def run_selftest(cfg: SelftestConfig) -> int:
     """Run every check, print the table, write the report; 1 if a check failed, else 0."""
 
@@ -433,46 +455,44 @@ def run_selftest(cfg: SelftestConfig) -> int:
           f"{cfg.n_envs} --precision {cfg.precision}{overlap}: device, renderer, replay memory, bf16 vs fp32, "
           "CUDA graph, speed sample", flush=True)
 
+    out = Path(cfg.out).expanduser().resolve()
+    results: list[CheckResult] = []
+
+    def record(rows: list[CheckResult]) -> None:
+        """Keep a check's rows, say how it went, and rewrite the report: a selftest stopped by a kill, a
+        Ctrl-C or a hang in a later check still leaves what the earlier ones found."""
+        results.extend(rows)
+        for row in rows:
+            took = f" in {row.seconds:.0f} s" if row.seconds is not None else ""
+            print(f"[selftest] {row.name}: {row.status}{took}", flush=True)
+        write_json(out, selftest_report(cfg, out, results, time.perf_counter() - started, complete=False))
+
     mujoco_starts = renderer_import_error() is None  # no MuJoCo, no env of any kind
     no_mujoco = "MuJoCo did not start (see the renderer row)"
-    results = guarded("device", lambda: check_device_works(device))
-    results += guarded("renderer", lambda: check_renderer(cfg.render_seconds))
+    record(guarded("device", lambda: check_device_works(device)))
+    record(guarded("renderer", lambda: check_renderer(cfg.render_seconds)))
     renders = results[-1].status == "pass"
     if mujoco_starts:
-        results += guarded("replay memory", lambda: check_memory(card))
+        record(guarded("replay memory", lambda: check_memory(card)))
     else:
-        results += skipped(no_mujoco, "replay memory")
+        record(skipped(no_mujoco, "replay memory"))
     if renders:
-        results += guarded("bf16 vs fp32 losses", lambda: check_precisions(card, device, cfg.precision),
-                           "captured == eager")
+        record(guarded("bf16 vs fp32 losses", lambda: check_precisions(card, device, cfg.precision),
+                       "captured == eager"))
     else:
-        results += skipped("the renderer failed, and these train on pixels", "bf16 vs fp32 losses",
-                           "captured == eager")
+        record(skipped("the renderer failed, and these train on pixels", "bf16 vs fp32 losses",
+                       "captured == eager"))
     if device.type == "cuda" and not renders:
-        results += skipped("the renderer failed, and the GPU sample trains on pixels", "speed sample",
-                           CARD_TIME_CHECK)
+        record(skipped("the renderer failed, and the GPU sample trains on pixels", "speed sample",
+                       CARD_TIME_CHECK))
     elif not mujoco_starts:
-        results += skipped(no_mujoco, "speed sample", CARD_TIME_CHECK)
+        record(skipped(no_mujoco, "speed sample", CARD_TIME_CHECK))
     else:
-        results += guarded("speed sample", lambda: check_speed(card, device, cfg.speed_seconds), CARD_TIME_CHECK)
+        record(guarded("speed sample", lambda: check_speed(card, device, cfg.speed_seconds), CARD_TIME_CHECK))
     elapsed = time.perf_counter() - started
-
-    counts = {status: sum(r.status == status for r in results) for status in ("pass", "fail", "skip")}
-    out = Path(cfg.out).expanduser().resolve()
-    report = {
-        "format": SELFTEST_FORMAT,
-        "passed": exit_status(results) == 0,
-        "counts": counts,
-        "checks": [asdict(r) for r in results],
-        "skipped": skip_line(results),
-        "config": {**asdict(cfg), "out": str(out)},
-        "device": results[0].figures,
-        "versions": package_versions(),
-        "git": git_commit(),
-        "wall_time_s": round(elapsed, 1),
-        "created_at": now_iso(),
-    }
+    report = selftest_report(cfg, out, results, elapsed, complete=True)
     write_json(out, report)
+    counts = report["counts"]
     print_report(results, f"ch09 selftest on {device}")
     if report["skipped"]:
         print(report["skipped"])
