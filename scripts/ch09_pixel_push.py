@@ -183,7 +183,7 @@ def train(cfg: TrainConfig) -> int:
     if meta is None:
         return 0  # a resumed run that already has --total-steps
 
-    env_fns = [env_factory(cfg, in_worker=cfg.n_envs > 1) for _ in range(cfg.n_envs)]
+    env_fns = [env_factory(cfg) for _ in range(cfg.n_envs)]
     session = TrainingSession(paths, meta, env_fns, cfg.worker_timeout,
                               eval_env_fn=eval_env_factory(cfg) if cfg.eval_freq > 0 else None,
                               eval_seed=session_seed(cfg.seed + EVAL_SEED_OFFSET, int(meta["steps_done"])),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shlex
 import signal
@@ -32,7 +33,7 @@ import pytest
 from ch09 import experiment
 from ch09.run import artifacts, stats
 from ch09.run.checkpoints import guard_fresh_run, load_for_acting
-from ch09.run.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError
+from ch09.run.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError, stop_signals_held
 
 REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rollout/success_rate",
                  "eval/success_rate", "time/fps"}
@@ -704,24 +705,64 @@ def make_hanging_env(hang: bool) -> gym.Env:
     return HangingEnv(hang)
 
 
-def test_a_silent_worker_ends_the_run_with_one_sentence() -> None:
+def hanging_env_workers(*hang: bool, worker_timeout: float) -> TimeoutSubprocVecEnv:
     # Ship this test's env to the spawned workers by value (they need not import this test module).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        env = TimeoutSubprocVecEnv([functools.partial(make_hanging_env, False),
-                                    functools.partial(make_hanging_env, True)],
-                                   worker_timeout=3.0, startup_timeout=180.0)
+        return TimeoutSubprocVecEnv([functools.partial(make_hanging_env, h) for h in hang],
+                                    worker_timeout=worker_timeout, startup_timeout=180.0)
     finally:
         cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+WORKER_TIMEOUT_S = 3.0
+CLOSE_SLACK_S = 10.0
+"""Time a loaded 2-core machine may take to kill and reap the workers after the timeout (a kill is immediate)."""
+
+
+def test_a_silent_worker_ends_the_run_with_one_sentence() -> None:
+    env = hanging_env_workers(False, True, worker_timeout=WORKER_TIMEOUT_S)
     try:
         env.reset()
         start = time.time()
         with pytest.raises(WorkerTimeoutError, match="Env worker 1 of 2 did not answer within 3 s"):
             env.step(np.zeros((2, 1), np.float32))
     finally:
-        env.close()  # must not wait for the hung worker
-    assert time.time() - start < 30
+        env.close()  # must not wait for the hung worker (it sleeps 600 s)
+    assert time.time() - start < WORKER_TIMEOUT_S + CLOSE_SLACK_S
     assert all(not process.is_alive() for process in env.processes)
+
+
+def signal_mask(pid: int, field: str) -> int:
+    """A /proc/<pid>/status signal mask (e.g. SigIgn: the ignored signals) as an int; bit n-1 is signal n."""
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1], 16)
+
+
+def test_stop_signals_wait_while_a_worker_starts_and_workers_ignore_them() -> None:
+    """A SIGTERM handled in the middle of a worker's start() ends the main process before the worker has its
+    start-up data, and the worker prints a traceback: held there, it is handled right after. The workers ignore
+    Ctrl-C and SIGTERM (the main process saves first, then closes them)."""
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with stop_signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert received == []
+        time.sleep(0.05)
+        assert received == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    env = hanging_env_workers(False, False, worker_timeout=60.0)
+    try:
+        env.reset()  # every worker has built its env
+        stop_bits = (1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))
+        for process in env.processes:
+            assert signal_mask(process.pid, "SigIgn") & stop_bits == stop_bits
+    finally:
+        env.close()
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -281,8 +281,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         overlap_collection=measurement.overlap, **spec.flags)
     cfg = experiment.resolve_config(cfg)
     experiment.check_first_sample(cfg)  # train's refusal, as one sentence, before the HER buffer would raise mid-run
-    env_fns: list[Callable[[], gym.Env]] = [experiment.env_factory(cfg, in_worker=cfg.n_envs > 1)
-                                            for _ in range(cfg.n_envs)]
+    env_fns: list[Callable[[], gym.Env]] = [experiment.env_factory(cfg) for _ in range(cfg.n_envs)]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
         model = experiment.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it

@@ -61,7 +61,6 @@ from ch09.run.checkpoints import (
     restore_replay_buffer,
 )
 from ch09.run.validation import check_device, check_seed, check_writable_folder, positive_seconds
-from ch09.run.vec_env import ignore_stop_signals
 from ch09.run.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder
 from cli_guard import parse_with_one_line_errors
 from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
@@ -460,16 +459,14 @@ def run_paths(cfg: TrainConfig) -> RunPaths:
 # ======================================================================================================
 # Environments: the lab's make_fetch_env in every process
 # ======================================================================================================
-def make_monitored_env(env_id: str, pixels: bool, native_render: bool, in_worker: bool = False) -> gym.Env:
+def make_monitored_env(env_id: str, pixels: bool, native_render: bool) -> gym.Env:
     """The env every process builds: make_fetch_env + Monitor (episode returns and lengths for TensorBoard)."""
-    if in_worker:
-        ignore_stop_signals()  # the main process saves a checkpoint first, then closes the workers
     return Monitor(make_fetch_env(env_id, pixels=pixels, native_render=native_render, goal_mode=GOAL_MODE))
 
 
-def env_factory(cfg: TrainConfig, in_worker: bool = False) -> functools.partial[gym.Env]:
+def env_factory(cfg: TrainConfig) -> functools.partial[gym.Env]:
     """A picklable zero-argument env constructor (SubprocVecEnv ships it to each worker)."""
-    return functools.partial(make_monitored_env, cfg.env, not cfg.full_state, cfg.native_render, in_worker)
+    return functools.partial(make_monitored_env, cfg.env, not cfg.full_state, cfg.native_render)
 
 
 def eval_env_factory(cfg: TrainConfig) -> Callable[[], gym.Env]:

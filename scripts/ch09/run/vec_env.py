@@ -9,11 +9,13 @@ loop then saves a checkpoint and says how to continue.
 |--------------------------|-------------------------------------------------------------------------|
 | ``make_vec_env``         | ``DummyVecEnv`` for one env, ``TimeoutSubprocVecEnv`` (spawn) for more   |
 | ``TimeoutSubprocVecEnv`` | ``SubprocVecEnv`` whose workers must answer within ``worker_timeout`` s  |
-| ``ignore_stop_signals``  | called in each worker: Ctrl-C and SIGTERM are the main process's to handle |
+| ``ignore_stop_signals``  | each worker's first call: Ctrl-C and SIGTERM are the main process's to handle |
+| ``stop_signals_held``    | Ctrl-C and SIGTERM wait while a worker starts (they would cut its start-up) |
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -22,6 +24,10 @@ from typing import Any
 
 import gymnasium as gym
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecEnv
+from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
+from stable_baselines3.common.vec_env.subproc_vec_env import _worker
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 class WorkerTimeoutError(RuntimeError):
@@ -37,6 +43,42 @@ def ignore_stop_signals() -> None:
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM that arrive in the block are handled when it ends, by the handlers in place before it.
+
+    Around a worker's ``start()``: the new process reads its start-up data from a pipe the main process writes
+    after launching it. Handled in between, the signal would end the main process before that write, and the
+    worker would die on the pipe's EOFError with a traceback on the run's stderr. (Held by a Python handler, not
+    a signal mask: a mask is per thread, and the kernel hands a process's signal to any thread that lets it in.)
+    Outside the main thread, where Python sets no handlers, the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
+                for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for held in arrived:
+            signal.raise_signal(held)
+
+
+class _WorkerEnvFn:
+    """What a worker runs first: ``ignore_stop_signals``, then the env constructor (picklable, for spawn)."""
+
+    def __init__(self, env_fn: Callable[[], gym.Env]) -> None:
+        self.env_fn = env_fn
+
+    def __call__(self) -> gym.Env:
+        ignore_stop_signals()
+        return self.env_fn()
 
 
 class _TimedConnection:
@@ -104,21 +146,38 @@ class TimeoutSubprocVecEnv(SubprocVecEnv):
                    "building the envs, EGL context included)")
         try:
             with deadline(startup_timeout, message):
-                super().__init__(env_fns, start_method=start_method)
+                self._start_workers(env_fns, start_method)
+                self.remotes[0].send(("get_spaces", None))
+                observation_space, action_space = self.remotes[0].recv()
         except WorkerTimeoutError:
             self.failed = True
             self._terminate_workers()
             raise
+        VecEnv.__init__(self, len(env_fns), observation_space, action_space)
         self.remotes = [_TimedConnection(remote, i, self) for i, remote in enumerate(self.remotes)]
 
+    def _start_workers(self, env_fns: list[Callable[[], gym.Env]], start_method: str) -> None:
+        """``SubprocVecEnv.__init__``'s worker start (SB3's own ``_worker`` loop), each ``start()`` with the stop
+        signals held (``stop_signals_held``)."""
+        self.waiting, self.closed = False, False
+        ctx = mp.get_context(start_method)
+        self.remotes, self.work_remotes = zip(*[ctx.Pipe() for _ in env_fns], strict=True)
+        self.processes = []
+        for work_remote, remote, env_fn in zip(self.work_remotes, self.remotes, env_fns, strict=True):
+            args = (work_remote, remote, CloudpickleWrapper(_WorkerEnvFn(env_fn)))
+            process = ctx.Process(target=_worker, args=args, daemon=True)  # type: ignore[attr-defined]  # (as SB3)
+            with stop_signals_held():
+                process.start()
+            self.processes.append(process)
+            work_remote.close()
+
     def _terminate_workers(self) -> None:
+        """Kill the workers: they ignore SIGTERM (``ignore_stop_signals``), and a hung one answers nothing."""
         for process in getattr(self, "processes", []):
-            if process.is_alive():
-                process.terminate()
-        for process in getattr(self, "processes", []):
-            process.join(timeout=5)
             if process.is_alive():
                 process.kill()
+        for process in getattr(self, "processes", []):
+            process.join()
         self.closed = True
 
     def close(self) -> None:
