@@ -11,6 +11,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import bench_train
@@ -64,16 +65,32 @@ def test_a_measurement_that_fails_is_a_failed_row_and_the_bench_measures_the_nex
     assert "- failed: state-fast, 2 env(s), batch 16, fp32: the worker exited 2: --learning-starts 50" in markdown
 
 
-def test_overlapped_updates_count_as_updates_not_as_env_time(tmp_path):
-    """With --overlap True, ``train()`` only defers the updates, which run in ``_UpdateWhileEnvsStep.step_async``: the
-    clock still puts them under updates (an update of full-state Push is ~5x its env step on a CPU). A clock on
-    ``train()`` would show ~0 there, and one that nests wrongly would put them under the env step."""
-    out = tmp_path / "bench.json"
-    assert bench_train.main(["--quick", "--overlap", "False", "True", "--runs", "state-fast", "--out", str(out)]) == 0
-    plain, overlapped = json.loads(out.read_text())["rows"]  # the run without and with overlap, in one bench
-    assert not plain["overlap"] and overlapped["overlap"]
-    assert overlapped["train_ms"] > 2 * overlapped["env_ms"] > 0
-    assert "| state-fast +overlap | 1 |" in bench_train.markdown_report(out)  # the README tells the two apart
+UPDATE_DELAY_S = 0.05
+"""Added to every update call in the phase test below: far above a full-state env step (~2 ms, README's CPU table)."""
+
+
+def test_overlapped_updates_count_as_updates_not_as_env_time(monkeypatch):
+    """With overlap, ``train()`` only defers the updates, which run inside ``_UpdateWhileEnvsStep.step_async``: the
+    clock must still put them under updates. Each update call is made UPDATE_DELAY_S slower, so the updates'
+    ms per env step is at least that delay, and the env step's, measured around it, far below it. A clock on
+    ``train()`` would show ~0 under updates; one that nests wrongly would put the delay under the env step."""
+    from ch09.benchmark import Measurement, measure
+    from ch09.engine.fast_sac import FastSAC
+
+    train_now = FastSAC._train_now
+
+    def delayed(self, gradient_steps, batch_size):
+        time.sleep(UPDATE_DELAY_S)
+        return train_now(self, gradient_steps, batch_size)
+
+    monkeypatch.setattr(FastSAC, "_train_now", delayed)
+    row = measure(Measurement(run="state-fast", n_envs=1, batch_size=16, precision="fp32", device="cpu", seed=0,
+                              learning_starts=100, warmup_steps=5, seconds=1.0, max_steps=20,
+                              train_only_updates=0, buffer_size=2_000, overlap=True, torch_threads=1))
+    assert row["overlap"] and row["updates"] > 0
+    delay_ms = 1000 * UPDATE_DELAY_S * row["updates"] / row["steps"]  # the delay's share of each env step
+    assert row["train_ms"] >= delay_ms and row["env_ms"] < delay_ms / 2
+    assert bench_train.run_label(row) == "state-fast +overlap"  # the README's tables tell the two apart
 
 
 @pytest.mark.parametrize("argv, fragment", [
