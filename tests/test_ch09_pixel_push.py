@@ -553,7 +553,7 @@ def test_move_old_run_moves_logs_and_checkpoints_aside(tmp_path: Path) -> None:
     guard_fresh_run(paths, move_old_run=False)  # nothing left to move: a fresh run may start
 
 
-def test_compare_sb3_prints_the_bridge_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_bridge_runs_before_any_run_file_is_made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class Stop(Exception):
         pass
 

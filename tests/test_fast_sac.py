@@ -879,7 +879,7 @@ def test_bad_precision_is_refused_in_one_sentence():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_full_state_reach_learns_with_the_fast_engine(seed):
-    """FetchReach-v4 from the 25-D state through FastSAC: eval success >= 0.9 within 12K steps."""
+    """FetchReach-v4 from the 10-D state through FastSAC: eval success >= 0.9 within 12K steps."""
     from stable_baselines3.common.evaluation import evaluate_policy
 
     env, eval_env = reach_env(), reach_env()

@@ -231,6 +231,12 @@ def test_recorder_leaves_the_env_unchanged_and_shows_the_hidden_goal_only_in_the
         twin.close()
 
 
+MAX_PANEL_ERROR = {"mp4": 24.0, "gif": 18.0}
+"""Mean |decoded - written| (levels of 255) over the observation panel of the random-noise frame below: measured
+16.2 through H.264 and 11.6 through GIF's palette (2026-12-04); the bounds are 1.5x that. A frame of other random
+pixels scores ~84, so a wrong or shifted frame fails."""
+
+
 @pytest.mark.parametrize("video_format", ["mp4", "gif"])
 def test_video_files_decode_to_the_frames_written(video_format: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
@@ -243,9 +249,8 @@ def test_video_files_decode_to_the_frames_written(video_format: str, tmp_path: P
     assert write_video(path, iter(frames), video_format) == len(frames)
     decoded = imageio.mimread(path, memtest=False)
     assert len(decoded) == len(frames) and decoded[0].shape[:2] == frames[0].shape[:2]
-    # the observation panel keeps its pixels (GIF palettes and H.264 change colours only slightly)
     panel = (slice(HEADER_HEIGHT + 30, HEADER_HEIGHT + 450), slice(CAMERA_SIZE + 30, CAMERA_SIZE + 450))
     error = np.abs(decoded[0][..., :3][panel].astype(int) - frames[0][panel].astype(int)).mean()
-    assert error < 40, f"mean error {error:.1f} levels"
+    assert error < MAX_PANEL_ERROR[video_format], f"mean error {error:.1f} levels"
     assert not list(tmp_path.glob("*.tmp*")), "a temporary file was left behind"
 
