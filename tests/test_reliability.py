@@ -27,6 +27,7 @@ Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import pytest
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 import cli_guard
 from ch09 import experiment
@@ -281,6 +283,54 @@ def test_7_a_failed_buffer_write_keeps_the_whole_previous_checkpoint(cli, replay
     assert code == 0, err
     assert "[resume] replay buffer restored" in out and "no replay buffer saved" not in out
     assert "truncate" not in err  # the loads' warning about the closed episode is for code that would continue it
+
+
+class KilledBetweenRenames(BaseException):
+    """Stands for a SIGKILL between two renames of a checkpoint's commit."""
+
+
+@pytest.mark.parametrize("renames_done", [1, 2])
+@pytest.mark.parametrize("replay", ["framestack", "sb3"])
+def test_7_a_kill_between_the_renames_never_resumes_with_a_buffer_of_another_step(
+        replay: str, renames_done: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step-150 checkpoint's zip, buffer and metadata are renamed into place one after another. Killed after
+    the first or the second rename, the resume either restores the buffer of the zip's own step or none (and
+    collects fresh steps): never the buffer of another step, which it would take as the zip's."""
+    from ch09.run import artifacts
+    from ch09.run.checkpoints import Checkpointer
+
+    cfg = experiment.resolve_config(experiment.TrainConfig(
+        env="FetchReach-v4", full_state=True, buffer_size=1_000, batch_size=32, learning_starts=100, device="cpu",
+        replay=replay, save_replay_buffer=True, eval_freq=0, artifact_root=str(tmp_path)))
+    paths = experiment.run_paths(cfg)
+    env = DummyVecEnv([experiment.env_factory(cfg)])
+    model = experiment.build_agent(cfg, env)
+    checkpointer = Checkpointer(paths, experiment.new_meta(cfg, paths, []), experiment.saved_replay_buffer(cfg, paths))
+    model.learn(100)
+    checkpointer.save(model)
+    model.learn(50, reset_num_timesteps=False)
+
+    publish, published = artifacts._publish, []
+
+    def killed_after_the_renames_done(tmp: Path, path: Path) -> None:
+        if len(published) == renames_done:
+            raise KilledBetweenRenames
+        publish(tmp, path)
+        published.append(path.name)
+
+    monkeypatch.setattr(artifacts, "_publish", killed_after_the_renames_done)
+    with pytest.raises(KilledBetweenRenames):
+        checkpointer.save(model)
+    monkeypatch.setattr(artifacts, "_publish", publish)
+
+    resume = dataclasses.replace(cfg, resume=True)
+    resumed, restored = experiment.resume_agent(resume, paths, env, read_meta(paths.meta, "the test"))
+    assert resumed.num_timesteps in (100, 150)
+    if restored:
+        assert resumed.replay_buffer.size() == resumed.num_timesteps, f"renamed first: {published}"
+    else:
+        assert resumed.learning_starts == resumed.num_timesteps + cfg.learning_starts
+    env.close()
 
 
 @pytest.mark.parametrize("replay, damage", [("framestack", "state.json"), ("sb3", "truncated")])

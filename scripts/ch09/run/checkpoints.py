@@ -236,22 +236,25 @@ class Checkpointer:
         when all of them are complete are they renamed into place, the metadata last.
 
         A write that fails, or a kill during one, leaves the previous checkpoint's files as they were, all of
-        one step: the metadata never names a zip or a buffer that is not there. (A kill in the milliseconds
-        between the renames can leave the buffer one checkpoint ahead of the zip.) The periodic snapshot is
-        copied from the committed zip after it; ``write_missed_snapshot`` redoes a copy a kill cut short.
+        one step: the metadata never names a zip or a buffer that is not there. The renames go zip, buffer,
+        metadata: a kill in the milliseconds between two of them leaves the zip ahead of the metadata, whose
+        ``replay_buffer.steps`` then no longer matches the zip's steps, so a resume collects fresh steps instead
+        of loading a buffer of another step (the buffer first would have been loaded one checkpoint ahead of the
+        zip). The periodic snapshot is copied from the committed zip after it; ``write_missed_snapshot`` redoes a
+        copy a kill cut short.
         """
         checkpoint = self.paths.checkpoint
         buffer_path = self.replay_buffer_path if model.replay_buffer is not None else None
-        with ExitStack() as commit:  # the renames run on exit, last entered first
+        with ExitStack() as commit:  # the renames run on exit, last entered first: zip, buffer, metadata
             meta_tmp = commit.enter_context(atomic_replace(self.paths.meta))
+            buffer_tmp = commit.enter_context(atomic_replace(buffer_path)) if buffer_path is not None else None
             zip_tmp = commit.enter_context(atomic_replace(checkpoint))
             with writing(checkpoint, zip_tmp):
                 model.save(zip_tmp)
             # Each zip's SHA-256, recorded when it is written: a published copy can be checked against it.
             digest = sha256_file(zip_tmp)
             changes: dict[str, Any] = {**self._progress(model), "sha256": {**self._digests(), checkpoint.name: digest}}
-            if buffer_path is not None:
-                buffer_tmp = commit.enter_context(atomic_replace(buffer_path))
+            if buffer_path is not None and buffer_tmp is not None:
                 with writing(buffer_path, buffer_tmp):
                     write_replay_buffer(model, buffer_tmp)
                 changes["replay_buffer"] = {"path": buffer_path.name, "steps": model.num_timesteps}
