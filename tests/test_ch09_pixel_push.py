@@ -11,6 +11,7 @@ The learning tests (``-m slow``) train FetchReach-v4 from the state vector to >=
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -31,9 +32,11 @@ import numpy as np
 import pytest
 
 from ch09 import experiment
+from ch09.errors import UserError
 from ch09.run import artifacts, stats
 from ch09.run.checkpoints import guard_fresh_run, load_for_acting
 from ch09.run.vec_env import TimeoutSubprocVecEnv, WorkerTimeoutError, stop_signals_held
+from lab_support import MemoryBudgetError
 
 REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rollout/success_rate",
                  "eval/success_rate", "time/fps"}
@@ -575,6 +578,8 @@ def test_train_bridge_runs_before_any_run_file_is_made(tmp_path: Path, monkeypat
     (["train", "--full-state", "--critic-encoder"], ["--critic-encoder", "--full-state"]),
     (["train", "--full-state", "--no-native-render"], ["--no-native-render", "--full-state"]),
     (["train", "--encoder", "nature", "--no-spatial-softmax"], ["--encoder manip"]),
+    (["train", "--full-state", "--frames-in-ram"], ["--frames-in-ram", "--full-state"]),
+    (["train", "--replay", "sb3", "--frames-in-ram"], ["--frames-in-ram", "RAM already"]),
     (["train", "--resume"], ["--resume found no checkpoint"]),
     (["eval", "--checkpoint", "/nonexistent/ch09_x.zip"], ["does not exist"]),
     (["aggregate", "/nonexistent/ch09_x_eval.json"], ["does not exist"]),
@@ -584,6 +589,22 @@ def test_train_bridge_runs_before_any_run_file_is_made(tmp_path: Path, monkeypat
 def test_bad_input_is_one_sentence(cli, argv: list[str], fragments: list[str], tmp_path: Path) -> None:
     code, _, err = cli.run(*argv, "--artifact-root", str(tmp_path))
     cli.assert_user_error(code, err, *fragments)
+
+
+def test_frames_that_do_not_fit_on_the_gpu_are_refused_with_the_way_to_keep_them_in_ram(monkeypatch) -> None:
+    """The preflight's refusal of the frames on a GPU (too little free memory there) names --frames-in-ram, and
+    with that flag the buffer's plan books the frames in RAM instead. (The GPU refusal itself needs a GPU: its
+    plan is checked by `pytest -m gpu`; here the preflight raises as a small GPU's would.)"""
+    def small_gpu(plan):
+        raise MemoryBudgetError("replay frames of 500,000 rows needs 10.6 GB of GPU memory on cuda:0", "cuda:0")
+
+    monkeypatch.setattr(experiment, "memory_preflight", small_gpu)
+    cfg = experiment.resolve_config(experiment.TrainConfig(critic_encoder=True, drq=False, device="cpu"))
+    with pytest.raises(UserError, match="--frames-in-ram"):
+        experiment.check_replay_memory(cfg, *experiment.training_spaces(cfg))
+    in_ram = experiment.resolve_config(dataclasses.replace(cfg, frames_in_ram=True))
+    _, replay_kwargs = experiment.replay_setup(in_ram)
+    assert replay_kwargs["storage_device"] == "cpu"
 
 
 def test_memory_preflight_refuses_a_buffer_before_any_worker_starts(cli, tmp_path: Path) -> None:

@@ -318,6 +318,23 @@ def test_sac_trains_with_this_buffer_and_drq(stream):
         assert shifted.dtype == th.uint8 and shifted.shape == plain.shape and not th.equal(shifted, plain)
 
 
+@pytest.mark.gpu
+def test_train_books_the_frames_on_the_gpu_and_in_ram_with_frames_in_ram():
+    """train's memory plan for the Experiment Card on a GPU: the frames there by default, in RAM with --frames-in-ram
+    (the way out its refusal names when the GPU has no room)."""
+    from ch09 import experiment
+    from ch09.engine.memory import memory_plan
+
+    for frames_in_ram in (False, True):
+        cfg = experiment.resolve_config(experiment.TrainConfig(critic_encoder=True, drq=False, device="cuda",
+                                                               frames_in_ram=frames_in_ram))
+        replay_class, replay_kwargs = experiment.replay_setup(cfg)
+        plan = memory_plan(replay_class, replay_kwargs, cfg.buffer_size, *experiment.training_spaces(cfg),
+                           n_envs=1, device=cfg.device)
+        on_gpu = [need.what for need in plan if need.device.startswith("cuda")]
+        assert on_gpu == ([] if frames_in_ram else ["replay frames"]), plan
+
+
 @pytest.mark.gpu  # deselected by default (pyproject.toml); on a CUDA machine: pytest -m gpu
 def test_gpu_storage_samples_the_same_bytes_as_cpu_storage(stream):
     gpu = replay_into(stream, storage_device="cuda")

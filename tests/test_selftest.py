@@ -33,7 +33,7 @@ QUICK = ("--device", "cpu", "--render-seconds", "1", "--speed-seconds", "1")
 def unfit_run(production, tmp_path_factory):
     out = tmp_path_factory.mktemp("selftest") / "selftest.json"
     proc = production.run("selftest", *QUICK, "--buffer-size", str(UNFIT_BUFFER), "--overlap-collection",
-                          "--n-envs", "3", "--out", str(out), timeout=300)
+                          "--frames-in-ram", "--n-envs", "3", "--out", str(out), timeout=300)
     return proc, json.loads(out.read_text()) if out.exists() else None
 
 
@@ -80,6 +80,7 @@ def test_selftest_on_a_cpu_prints_one_table_one_skip_line_and_exits_1_for_the_ch
     assert speed["n_envs"] == 3  # its random steps finish an episode per env before SB3's HER buffer samples
     overlapped = {run: measured["overlap"] for run, measured in speed["measurements"].items()}
     assert overlapped == {"state-sb3": False, "state-fast": True}  # the flag reaches FastSAC's run only
+    assert speed["frames_in_ram"] and not any(m["frames_in_ram"] for m in speed["measurements"].values())  # no frames
     assert all(rate > 0 for rate in speed["env_steps_per_s"].values())
 
 

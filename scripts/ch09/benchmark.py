@@ -90,6 +90,8 @@ class Measurement:
     torch_threads: int
     barrier_dir: str = ""
     barrier_count: int = 1
+    frames_in_ram: bool = False
+    """train's --frames-in-ram (a pixel run on the frame-stack buffer only)."""
 
 
 def stop_after(seconds: float) -> Any:
@@ -278,7 +280,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         seed=measurement.seed, n_envs=measurement.n_envs, batch_size=measurement.batch_size,
         buffer_size=measurement.buffer_size, learning_starts=measurement.learning_starts,
         device=measurement.device, engine=spec.engine, precision=measurement.precision,
-        overlap_collection=measurement.overlap, **spec.flags)
+        overlap_collection=measurement.overlap, frames_in_ram=measurement.frames_in_ram, **spec.flags)
     cfg = experiment.resolve_config(cfg)
     experiment.check_first_sample(cfg)  # train's refusal, as one sentence, before the HER buffer would raise mid-run
     env_fns: list[Callable[[], gym.Env]] = [experiment.env_factory(cfg) for _ in range(cfg.n_envs)]

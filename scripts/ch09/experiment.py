@@ -135,6 +135,9 @@ class TrainConfig:
     """sb3 (HerReplayBuffer: obs, next_obs stored whole) or framestack (each frame once); None: framestack if pixels."""
     buffer_size: int = 500_000
     """Replay capacity in transitions (the Experiment Card's 500K). The preflight refuses one that does not fit."""
+    frames_in_ram: bool = False
+    """Pixels, --replay framestack: keep the frames in RAM instead of on the training GPU, for a GPU without room
+    for --buffer-size (each batch is then drawn on the host and copied to the GPU: slower)."""
     her_n_sampled_goal: int = CHAPTER_HER_N_SAMPLED_GOAL
     """HER relabelled goals per real transition (k; 'future' strategy). 8 is the chapter's value, Ch5 used 4;
     any other k is part of the artifact names (_k4)."""
@@ -280,7 +283,8 @@ def replay_setup(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
     her_kwargs: dict[str, Any] = {"n_sampled_goal": cfg.her_n_sampled_goal, "goal_selection_strategy": "future"}
     if cfg.replay == "framestack":  # pixels, or a plain vectorised HER buffer for --full-state (drq is off there)
         return FrameStackHerReplayBuffer, {**her_kwargs, "drq": cfg.drq, "frame_stack": FRAME_STACK,
-                                           "pixel_key": PIXEL_KEY}
+                                           "pixel_key": PIXEL_KEY, **({"storage_device": "cpu"} if cfg.frames_in_ram
+                                                                      else {})}
     if cfg.drq:
         return HerDrQDictReplayBuffer, {**her_kwargs, "pixel_key": PIXEL_KEY}
     return HerReplayBuffer, her_kwargs
@@ -341,7 +345,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.full_state:
         pixel_only = {"--encoder": cfg.encoder is not None, "--critic-encoder": cfg.critic_encoder,
-                      "--no-spatial-softmax": not cfg.spatial_softmax, "--no-native-render": not cfg.native_render}
+                      "--no-spatial-softmax": not cfg.spatial_softmax, "--no-native-render": not cfg.native_render,
+                      "--frames-in-ram": cfg.frames_in_ram}
         given = [flag for flag, is_given in pixel_only.items() if is_given]
         if given:
             raise UserError(f"{', '.join(given)} only applies to pixel runs; drop it or drop --full-state.")
@@ -352,6 +357,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.encoder == "nature" and not cfg.spatial_softmax:
         raise UserError("--no-spatial-softmax changes the ManipulationCNN head; use it with --encoder manip.")
     cfg.replay = cfg.replay or PIXEL_DEFAULT_REPLAY
+    if cfg.frames_in_ram and cfg.replay == "sb3":
+        raise UserError("--frames-in-ram places the frame-stack buffer's frames; SB3's buffer (--replay sb3) keeps "
+                        "everything in RAM already: drop --frames-in-ram.")
     return cfg
 
 
@@ -430,7 +438,11 @@ def check_replay_memory(cfg: TrainConfig, observation_space: spaces.Space, actio
     try:
         return memory_preflight(plan)
     except MemoryBudgetError as exc:
-        hint = "; --replay framestack stores each frame once" if cfg.replay == "sb3" and not cfg.full_state else ""
+        hint = ""
+        if cfg.replay == "sb3" and not cfg.full_state:
+            hint = "; --replay framestack stores each frame once"
+        elif exc.device != "cpu" and not cfg.full_state:  # the frames, on the training GPU
+            hint = "; or keep the frames in RAM with --frames-in-ram (slower: each batch is drawn on the host)"
         raise UserError(f"--buffer-size {cfg.buffer_size:,} does not fit: {str(exc).rstrip('.')}{hint}.") from None
 
 

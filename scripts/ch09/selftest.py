@@ -123,6 +123,8 @@ class SelftestConfig:
     """The --n-envs you will train with (memory check and speed sample)."""
     overlap_collection: bool = False
     """The --overlap-collection you will train with: the speed sample's FastSAC run uses it."""
+    frames_in_ram: bool = False
+    """The --frames-in-ram you will train with: the memory check and the speed sample's FastSAC run use it."""
     out: Path = REPO_ROOT / "results" / "selftest.json"
     """Where the JSON report goes (versions, device, every figure and result): attach it to a problem report."""
     render_seconds: float = 3.0
@@ -337,12 +339,14 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
             learning_starts=SPEED_LEARNING_STARTS * card.n_envs, warmup_steps=SPEED_WARMUP_STEPS, seconds=seconds,
             max_steps=10**9, train_only_updates=0, buffer_size=SPEED_BUFFER_SIZE,
             overlap=card.overlap_collection and RUNS[run].engine == "fast",
+            frames_in_ram=card.frames_in_ram and RUNS[run].pixels and RUNS[run].flags.get("replay") == "framestack",
             torch_threads=th.get_num_threads()))
         rates[run], measurements[run] = result["env_steps_per_s"], result
     stock, fast = rates[stock_run], rates[fast_run]
     figures = {"runs": {run: RUNS[run].what for run in rates}, "env_steps_per_s": rates, "n_envs": card.n_envs,
                "batch_size": SPEED_BATCH, "precision": card.precision,
-               "overlap_collection": card.overlap_collection, "seconds_each": seconds,
+               "overlap_collection": card.overlap_collection, "frames_in_ram": card.frames_in_ram,
+               "seconds_each": seconds,
                "speedup": fast / stock, "measurements": measurements}  # bench_train's own record of each
     proxy = "" if RUNS[fast_run].pixels else " (full-state proxy: pixel updates need a GPU)"
     speed = CheckResult("speed sample", "pass", f"{stock_run} {stock:.1f}, {fast_run} {fast:.1f} env steps/s "
@@ -449,8 +453,9 @@ def run_selftest(cfg: SelftestConfig) -> int:
     started = time.perf_counter()
     card = experiment.resolve_config(experiment.TrainConfig(
         **EXPERIMENT_CARD_FLAGS, buffer_size=cfg.buffer_size, n_envs=cfg.n_envs, device=str(device),
-        precision=cfg.precision, overlap_collection=cfg.overlap_collection))
-    overlap = " --overlap-collection" if cfg.overlap_collection else ""
+        precision=cfg.precision, overlap_collection=cfg.overlap_collection, frames_in_ram=cfg.frames_in_ram))
+    overlap = (" --overlap-collection" if cfg.overlap_collection else "") + (" --frames-in-ram" if cfg.frames_in_ram
+                                                                              else "")
     print(f"[selftest] {device}, the Experiment Card's flags with --buffer-size {cfg.buffer_size:,} --n-envs "
           f"{cfg.n_envs} --precision {cfg.precision}{overlap}: device, renderer, replay memory, bf16 vs fp32, "
           "CUDA graph, speed sample", flush=True)

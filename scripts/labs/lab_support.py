@@ -414,6 +414,11 @@ class MemoryBudgetError(ValueError):
 
     exit_code = USER_ERROR_EXIT
 
+    def __init__(self, message: str, device: str = "cpu") -> None:
+        super().__init__(message)
+        self.device = device
+        """Where it would not fit: 'cpu' (RAM) or a CUDA device."""
+
 
 def free_memory(device: Any = "cpu") -> AvailableMemory:
     """Bytes free now where a buffer on ``device`` would live, and what set the figure: RAM for the CPU
@@ -447,6 +452,7 @@ def check_memory_fits(
         raise MemoryBudgetError(
             f"{what} of {n_items:,} {unit} needs {needed / 1e9:.1f} GB of {where} ({bytes_per_item:,} bytes "
             f"each) but only {usable / 1e9:.1f} GB is free after a {reserve / 2**30:.0f} GiB reserve "
-            f"({free.limited_by}); use {usable // max(bytes_per_item, 1):,} {unit} or fewer, or {free.fix}."
+            f"({free.limited_by}); use {usable // max(bytes_per_item, 1):,} {unit} or fewer, or {free.fix}.",
+            str(torch.device(device)),
         )
     return needed
