@@ -30,6 +30,7 @@ import cloudpickle
 import gymnasium as gym
 import numpy as np
 import pytest
+from stable_baselines3.common.vec_env import DummyVecEnv
 
 from ch09 import experiment
 from ch09.errors import UserError
@@ -571,6 +572,43 @@ def test_train_bridge_runs_before_any_run_file_is_made(tmp_path: Path, monkeypat
         pixel_push.run_command(pixel_push.parse_command_line(["train", "--critic-encoder", "--bridge",
                                                               "--artifact-root", str(tmp_path), "--device", "cpu"]))
     assert calls == ["bridge"] and not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("flags, verdict", [
+    ({}, "two encoders, trained by the actor loss and the critic loss, SB3's routing; --critic-encoder"),
+    ({"critic_encoder": True, "drq": False}, "one shared encoder, trained by the critic loss alone"),
+])
+def test_the_bridge_line_says_which_loss_trains_the_runs_own_encoder(flags: dict, verdict: str) -> None:
+    """What --compare-sb3 adds for the run itself: Step 0's policy (SB3's routing, the actor's encoder in the actor
+    optimizer) against Step 2's (the critic's optimizer alone holds the shared encoder)."""
+    cfg = experiment.resolve_config(experiment.TrainConfig(device="cpu", buffer_size=1_000, **flags))
+    env = DummyVecEnv([experiment.env_factory(cfg)])
+    try:
+        line = experiment.routing_line(experiment.build_agent(cfg, env).policy)
+    finally:
+        env.close()
+    assert verdict in line
+    in_actor = "in the actor optimizer 0/8" if cfg.critic_encoder else "in the actor optimizer 8/8"
+    assert in_actor in line and "in the critic optimizer 8/8" in line
+
+
+def test_train_bridge_reports_the_policy_it_built_before_training(tmp_path: Path, monkeypatch) -> None:
+    class Stop(Exception):
+        pass
+
+    reported = []
+
+    def spy(policy) -> str:
+        reported.append(type(policy).__name__)
+        raise Stop
+
+    monkeypatch.setattr(experiment, "print_bridge", lambda: 0)  # the lab's own comparison: tested in test_labs_cli
+    monkeypatch.setattr(pixel_push, "routing_line", spy)
+    with pytest.raises(Stop):
+        pixel_push.run_command(pixel_push.parse_command_line([
+            "train", "--critic-encoder", "--no-drq", "--bridge", "--buffer-size", "1000", "--device", "cpu",
+            "--artifact-root", str(tmp_path)]))
+    assert reported == ["DrQv2SACPolicy"] and not list((tmp_path / "checkpoints").glob("*.zip"))
 
 
 @pytest.mark.parametrize("argv, fragments", [

@@ -63,7 +63,7 @@ from ch09.run.checkpoints import (
 from ch09.run.validation import check_device, check_seed, check_writable_folder, positive_seconds
 from ch09.run.video import TENSORBOARD_CAMERA_SIZE, EpisodeRecorder
 from cli_guard import parse_with_one_line_errors
-from drqv2_sac_policy import DrQv2SACPolicy, print_bridge
+from drqv2_sac_policy import DrQv2SACPolicy, print_bridge, routing_report
 from image_augmentation import HerDrQDictReplayBuffer
 from lab_support import MemoryBudgetError
 from manipulation_encoder import ManipulationExtractor
@@ -186,7 +186,8 @@ class TrainConfig:
     """Start over: move an earlier run's TensorBoard folder, checkpoints and evaluations aside (renamed with a
     timestamp)."""
     compare_sb3: Annotated[bool, tyro.conf.arg(aliases=("--bridge",))] = False
-    """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy) before training."""
+    """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy) before training, then
+    which loss trains this run's own encoder."""
     progress: bool = True
     """Show a progress bar with steps/s and ETA."""
     artifact_root: Path = REPO_ROOT
@@ -372,6 +373,22 @@ def resolved_replay(cfg: TrainConfig) -> ReplayKind:
 def saved_replay_buffer(cfg: TrainConfig, paths: RunPaths) -> Path | None:
     """Where this run saves its replay buffer at every checkpoint; None without --save-replay-buffer."""
     return paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None
+
+
+def routing_line(policy: Any) -> str:
+    """Which loss trains this run's encoder, read from its optimizers (``routing_report``), in one line: the check
+    the chapter's "What can go wrong" asks of ``--compare-sb3`` for a run stuck at 5%."""
+    report = routing_report(policy)
+    n, in_actor, in_critic = (report[key] for key in ("encoder_tensors", "encoder_in_actor_optimizer",
+                                                      "encoder_in_critic_optimizer"))
+    head = (f"[bridge] this run: {report['policy_class']} with {report['encoder_class']}; the actor's encoder "
+            f"tensors in the actor optimizer {in_actor}/{n}, the critic's in the critic optimizer {in_critic}/{n}")
+    if report["shared_encoder"] and in_actor == 0 and in_critic == n:
+        return f"{head}: one shared encoder, trained by the critic loss alone (Step 2's routing)."
+    what = ("two encoders, trained by the actor loss and the critic loss" if not report["shared_encoder"]
+            else f"one shared encoder, trained by the {report['trained_by']}")
+    return (f"{head}: {what}, SB3's routing; --critic-encoder (DrQv2SACPolicy) trains one shared encoder with the "
+            "critic loss alone.")
 
 
 def check_train_arguments(cfg: TrainConfig) -> None:
