@@ -454,10 +454,10 @@ def run_selftest(cfg: SelftestConfig) -> int:
     card = experiment.resolve_config(experiment.TrainConfig(
         **EXPERIMENT_CARD_FLAGS, buffer_size=cfg.buffer_size, n_envs=cfg.n_envs, device=str(device),
         precision=cfg.precision, overlap_collection=cfg.overlap_collection, frames_in_ram=cfg.frames_in_ram))
-    overlap = (" --overlap-collection" if cfg.overlap_collection else "") + (" --frames-in-ram" if cfg.frames_in_ram
-                                                                              else "")
+    switches = "".join(f" --{name.replace('_', '-')}" for name in ("overlap_collection", "frames_in_ram")
+                       if getattr(cfg, name))
     print(f"[selftest] {device}, the Experiment Card's flags with --buffer-size {cfg.buffer_size:,} --n-envs "
-          f"{cfg.n_envs} --precision {cfg.precision}{overlap}: device, renderer, replay memory, bf16 vs fp32, "
+          f"{cfg.n_envs} --precision {cfg.precision}{switches}: device, renderer, replay memory, bf16 vs fp32, "
           "CUDA graph, speed sample", flush=True)
 
     out = Path(cfg.out).expanduser().resolve()

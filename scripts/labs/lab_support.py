@@ -416,8 +416,7 @@ class MemoryBudgetError(ValueError):
 
     def __init__(self, message: str, device: str = "cpu") -> None:
         super().__init__(message)
-        self.device = device
-        """Where it would not fit: 'cpu' (RAM) or a CUDA device."""
+        self.device = device  # where it would not fit: 'cpu' (RAM) or a CUDA device such as 'cuda:0'
 
 
 def free_memory(device: Any = "cpu") -> AvailableMemory:

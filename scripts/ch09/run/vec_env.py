@@ -28,6 +28,9 @@ from stable_baselines3.common.vec_env.base_vec_env import CloudpickleWrapper
 from stable_baselines3.common.vec_env.subproc_vec_env import _worker
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+REAP_TIMEOUT_S = 5.0
+"""How long ``close()`` waits for each killed worker to be reaped: one stuck in a driver call can outlive its kill,
+and the run must still end with its sentence."""
 
 
 class WorkerTimeoutError(RuntimeError):
@@ -55,12 +58,12 @@ def stop_signals_held() -> Iterator[None]:
     a signal mask: a mask is per thread, and the kernel hands a process's signal to any thread that lets it in.)
     Outside the main thread, where Python sets no handlers, the block runs as it is.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
+        yield  # (None: a handler set outside Python, which signal.signal could not put back)
         return
     arrived: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: arrived.append(signum))
-                for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, lambda number, frame: arrived.append(number)) for signum in handlers}
     try:
         yield
     finally:
@@ -177,7 +180,7 @@ class TimeoutSubprocVecEnv(SubprocVecEnv):
             if process.is_alive():
                 process.kill()
         for process in getattr(self, "processes", []):
-            process.join()
+            process.join(timeout=REAP_TIMEOUT_S)
         self.closed = True
 
     def close(self) -> None:
