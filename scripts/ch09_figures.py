@@ -552,6 +552,36 @@ def detect_phases(steps: np.ndarray, success: np.ndarray, rule: PhaseRule = Phas
     return float(steps[start2]), float(steps[start3])
 
 
+MILESTONE_SUCCESS = 0.90
+"""The Experiment Card's "90% success" milestone: the first deterministic evaluation at or above it."""
+
+
+def first_step_at(curve: Curve, level: float) -> float | None:
+    """The first step at which ``curve`` reaches ``level`` (None if it never does)."""
+    reached = np.flatnonzero(curve.values >= level)
+    return float(curve.steps[reached[0]]) if reached.size else None
+
+
+def milestones_line(run_name: str, curves: dict[str, Curve], bounds: Sequence[float], by_hand: bool) -> str:
+    """The Experiment Card's two Results milestones, read off this run: where the climb starts (Phase 2, the
+    hockey-stick onset) and the first evaluation at MILESTONE_SUCCESS or above."""
+    if by_hand:
+        onset = f"Phase 2 given by hand at {step_label(bounds[1])}"
+    elif bounds[1] < bounds[-1]:
+        onset = f"the climb (Phase 2) starts at {step_label(bounds[1])}"
+    else:
+        onset = "no hockey stick yet"
+    evaluations = curves.get(SUCCESS_CURVES["eval"])
+    if evaluations is None or not evaluations.steps.size:
+        milestone = "no eval/success_rate curve"
+    else:
+        step = first_step_at(evaluations, MILESTONE_SUCCESS)
+        milestone = (f"eval success first >= {MILESTONE_SUCCESS:.0%} at {step_label(step)}" if step is not None
+                     else f"eval success never >= {MILESTONE_SUCCESS:.0%} (last evaluation at "
+                          f"{step_label(float(evaluations.steps[-1]))})")
+    return f"[loss-phases] {run_name}: {onset}; {milestone}"
+
+
 def _shade_phases(axes: Sequence[plt.Axes], bounds: Sequence[float]) -> None:
     """bounds = [x_start, b1, b2, x_end]; shades three spans on every axis."""
     for ax in axes:
@@ -647,6 +677,7 @@ def plot_loss_phases(run_dir: Path, out_dir: Path, phases: tuple[float, float] |
                      for i in range(3) if bounds[i + 1] > bounds[i]]
     fig.legend(handles=phase_handles, loc="outside lower center", ncol=3, fontsize=8.5, frameon=False)
     run_name = "/".join(run_dir.resolve().parts[-3:])
+    print(milestones_line(run_name, curves, bounds, by_hand=phases is not None))
     fig.suptitle(f"Three-phase loss signature: {run_name}\n{how}\n(smoothing {smoothing})", fontsize=10)
     return save_figure(fig, "loss-phases", out_dir)
 

@@ -69,7 +69,7 @@ def assert_figure_files(paths_dir: Path, figure: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # The four figures from real inputs
 # ---------------------------------------------------------------------------------------------------------------
-def test_loss_phases_from_a_real_run(artifacts: Path, tmp_path: Path) -> None:
+def test_loss_phases_from_a_real_run(artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run_dir = artifacts / "runs" / f"ch09_{TAG}" / ENV_ID / f"seed{SEED}"
     curves = figures.read_scalars(run_dir)  # TensorBoard's EventAccumulator on the production script's logs
     for tag in ("rollout/success_rate", "eval/success_rate", "train/critic_loss", "train/actor_loss"):
@@ -80,6 +80,20 @@ def test_loss_phases_from_a_real_run(artifacts: Path, tmp_path: Path) -> None:
     by_hand = ["loss-phases", "--run", str(run_dir), "--phases", "100,300", "--out-dir", str(tmp_path / "hand")]
     assert figures.main(by_hand) == 0
     assert_figure_files(tmp_path / "hand", "loss-phases")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[loss-phases]")]
+    assert len(lines) == 2 and "Phase 2 given by hand at 100" in lines[1]
+    assert f"seed{SEED}: " in lines[0] and "eval success " in lines[0]  # the milestones of this run, one line
+
+
+def test_the_90_percent_milestone_is_the_first_evaluation_at_or_above_it() -> None:
+    evaluations = figures.Curve("eval/success_rate", np.array([1e6, 2e6, 3e6, 3.5e6, 4e6]),
+                                np.array([0.05, 0.4, 0.85, 0.9, 0.8]))
+    assert figures.first_step_at(evaluations, figures.MILESTONE_SUCCESS) == 3.5e6  # 0.9 counts; the dip after not
+    line = figures.milestones_line("run", {"eval/success_rate": evaluations}, [0, 2e6, 3e6, 4e6], by_hand=False)
+    assert line == "[loss-phases] run: the climb (Phase 2) starts at 2M; eval success first >= 90% at 3.5M"
+    never = figures.Curve("eval/success_rate", np.array([1e6, 2e6]), np.array([0.05, 0.1]))
+    assert "never >= 90% (last evaluation at 2M)" in figures.milestones_line(
+        "run", {"eval/success_rate": never}, [0, 2e6, 2e6, 2e6], by_hand=False)
 
 
 def test_a_folder_of_several_runs_is_refused(artifacts: Path, tmp_path: Path, capsys) -> None:
