@@ -10,7 +10,8 @@ timing; their env steps/s add up.
 
 | column               | meaning                                                                     |
 |----------------------|-----------------------------------------------------------------------------|
-| run                  | the run's name (below); ``+overlap``: collection overlapped (``--overlap``)  |
+| run                  | the run's name (below); ``+overlap``: collection overlapped (``--overlap``);  |
+|                      | ``+frames-in-ram``: the replay frames in RAM (``--frames-in-ram``)          |
 | seeds                | concurrent processes of the measurement (``--concurrent``)                  |
 | env steps/s          | env steps trained per second (summed over concurrent processes)             |
 | x stock              | env steps/s over the stock run's at the same envs and batch                 |
@@ -118,6 +119,9 @@ class BenchConfig:
     overlap: tuple[bool, ...] = (False,)
     """FastSAC without (False) and with (True) overlapped collection (``train --overlap-collection``: one-step
     policy lag); ``--overlap False True`` measures both (stock runs have no overlap)."""
+    frames_in_ram: tuple[bool, ...] = (False,)
+    """FastSAC's pixel runs with the replay frames on the GPU (False) or in RAM (True: ``train --frames-in-ram``,
+    the batch drawn on the host); ``--frames-in-ram False True`` measures both (other runs: False)."""
     learning_starts: int = 1_000
     """Random-action env steps collected before training (not timed)."""
     warmup_steps: int = 200
@@ -194,13 +198,15 @@ def measurements(cfg: BenchConfig) -> list[tuple[Measurement, int]]:
             for run in sorted(cfg.runs, key=lambda r: RUNS[r].engine != "sb3"):
                 fast = RUNS[run].engine == "fast"
                 precisions, overlaps = (cfg.precisions, cfg.overlap) if fast else (("fp32",), (False,))
-                for precision, overlap, concurrent in itertools.product(precisions, overlaps, cfg.concurrent):
+                frame_places = cfg.frames_in_ram if fast and RUNS[run].pixels else (False,)
+                for precision, overlap, in_ram, concurrent in itertools.product(precisions, overlaps, frame_places,
+                                                                                cfg.concurrent):
                     jobs.append((Measurement(
                         run=run, n_envs=n_envs, batch_size=batch_size, precision=precision,
                         device=cfg.device, seed=0, learning_starts=cfg.learning_starts,
                         warmup_steps=cfg.warmup_steps, seconds=cfg.seconds, max_steps=cfg.max_steps,
                         train_only_updates=cfg.train_only_updates, buffer_size=cfg.buffer_size, overlap=overlap,
-                        torch_threads=max(1, cpus // (concurrent * (n_envs + 1)))), concurrent))
+                        torch_threads=max(1, cpus // (concurrent * (n_envs + 1))), frames_in_ram=in_ram), concurrent))
     return jobs
 
 
@@ -313,8 +319,10 @@ def _cell(value: Any, digits: int = 1) -> str:
 
 
 def run_label(row: dict[str, Any]) -> str:
-    """The run's name, and whether its collection overlapped the updates (``--overlap True``)."""
-    return row["run"] + (" +overlap" if row["overlap"] else "")
+    """The run's name, and whether its collection overlapped the updates (``--overlap True``) and its frames were
+    kept in RAM (``--frames-in-ram True``; older files have no such field)."""
+    return row["run"] + (" +overlap" if row["overlap"] else "") + (" +frames-in-ram" if row.get("frames_in_ram")
+                                                                    else "")
 
 
 def print_aligned(table: list[tuple[str, ...]]) -> None:

@@ -93,6 +93,17 @@ def test_overlapped_updates_count_as_updates_not_as_env_time(monkeypatch):
     assert bench_train.run_label(row) == "state-fast +overlap"  # the README's tables tell the two apart
 
 
+def test_frames_in_ram_is_measured_for_fastsac_pixel_runs_only_and_labelled():
+    """--frames-in-ram False True doubles FastSAC's pixel runs (frames on the GPU, in RAM) and leaves the stock
+    reference alone; the table tells the two apart."""
+    cfg = bench_train.BenchConfig(device="cuda", runs=("step0-sb3", "step2-fast"), batch_sizes=(256,),
+                                  frames_in_ram=(False, True))
+    jobs = [(m.run, m.frames_in_ram) for m, _ in bench_train.measurements(cfg)]
+    assert jobs == [("step0-sb3", False), ("step2-fast", False), ("step2-fast", True)]
+    assert bench_train.run_label({"run": "step2-fast", "overlap": True, "frames_in_ram": True}) == (
+        "step2-fast +overlap +frames-in-ram")
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--runs", "no-such-run", "--device", "cpu"], "unknown --runs"),
     (["--runs", "step2-fast", "--device", "cpu"], "need a GPU"),
