@@ -24,7 +24,6 @@ workers, and a crash of one run (MuJoCo, EGL, CUDA) cannot take the Ray worker d
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -55,6 +54,7 @@ from ch09.sweep.plan import (
     eval_args,
     figure_args,
     host_port,
+    read_json,
     shown_path,
     train_args,
 )
@@ -439,10 +439,7 @@ def attempt_run(task: RunTask, board: Any) -> dict[str, Any]:
 
 def final_success(eval_json: Path) -> dict[str, Any]:
     """The row's success rate from the run's final evaluation (its eval file), or nothing if it cannot be read."""
-    try:
-        rate = json.loads(eval_json.read_text())["success_rate"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    rate = (read_json(eval_json) or {}).get("success_rate")
     return {"success_rate": float(rate), "success_source": "final eval"} if isinstance(rate, (int, float)) else {}
 
 
