@@ -427,9 +427,9 @@ def skip_line(results: list[CheckResult]) -> str | None:
 
 
 def selftest_report(cfg: SelftestConfig, out: Path, results: list[CheckResult], elapsed: float,
-                    complete: bool) -> dict[str, Any]:
+                    complete: bool, provenance: dict[str, Any]) -> dict[str, Any]:
     """The JSON report; ``complete`` is False while checks are still to run (and stays so in the file of a
-    selftest that was stopped before its last check)."""
+    selftest that was stopped before its last check). ``provenance``: the versions and the git commit, read once."""
     return {
         "format": SELFTEST_FORMAT,
         "complete": complete,
@@ -439,8 +439,7 @@ def selftest_report(cfg: SelftestConfig, out: Path, results: list[CheckResult], 
         "skipped": skip_line(results),
         "config": {**asdict(cfg), "out": str(out)},
         "device": results[0].figures if results else None,
-        "versions": package_versions(),
-        "git": git_commit(),
+        **provenance,
         "wall_time_s": round(elapsed, 1),
         "created_at": now_iso(),
     }
@@ -462,6 +461,7 @@ def run_selftest(cfg: SelftestConfig) -> int:
 
     out = Path(cfg.out).expanduser().resolve()
     results: list[CheckResult] = []
+    provenance = {"versions": package_versions(), "git": git_commit()}  # the same for every rewrite of the report
 
     def record(rows: list[CheckResult]) -> None:
         """Keep a check's rows, say how it went, and rewrite the report: a selftest stopped by a kill, a
@@ -470,7 +470,8 @@ def run_selftest(cfg: SelftestConfig) -> int:
         for row in rows:
             took = f" in {row.seconds:.0f} s" if row.seconds is not None else ""
             print(f"[selftest] {row.name}: {row.status}{took}", flush=True)
-        write_json(out, selftest_report(cfg, out, results, time.perf_counter() - started, complete=False))
+        write_json(out, selftest_report(cfg, out, results, time.perf_counter() - started, complete=False,
+                                        provenance=provenance))
 
     mujoco_starts = renderer_import_error() is None  # no MuJoCo, no env of any kind
     no_mujoco = "MuJoCo did not start (see the renderer row)"
@@ -495,7 +496,7 @@ def run_selftest(cfg: SelftestConfig) -> int:
     else:
         record(guarded("speed sample", lambda: check_speed(card, device, cfg.speed_seconds), CARD_TIME_CHECK))
     elapsed = time.perf_counter() - started
-    report = selftest_report(cfg, out, results, elapsed, complete=True)
+    report = selftest_report(cfg, out, results, elapsed, complete=True, provenance=provenance)
     write_json(out, report)
     counts = report["counts"]
     print_report(results, f"ch09 selftest on {device}")
