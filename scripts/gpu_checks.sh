@@ -68,6 +68,26 @@ project_on_path() {
   export PYTHONPATH="$PWD/scripts/labs:$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+# python3_lacks: what the stages import that python3 cannot, one entry per module with its error (exit 1 if any).
+# lab_support first: it guards the mujoco pin and quiets gymnasium-robotics' import notices, as in every stage.
+# Each module is imported, not only looked up: a package whose own dependency the GPU image lacks, or a tyro that
+# fails with an older typing_extensions, is found here in seconds instead of failing every stage in turn.
+STAGE_MODULES=(lab_support torch tensorboard pytest tyro gymnasium gymnasium_robotics mujoco stable_baselines3 cli_guard
+               drqv2_sac_policy ch09.engine.fast_sac ch09.benchmark ch09.selftest bench_train ch09_pixel_push)
+python3_lacks() {
+  python3 - "${STAGE_MODULES[@]}" <<'PY'
+import importlib, sys
+lacking = []
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as exc:  # noqa: BLE001 - any failure to import is what this reports
+        lacking.append(f"{name} ({type(exc).__name__}: {exc})")
+print("; ".join(lacking))
+sys.exit(1 if lacking else 0)
+PY
+}
+
 # ---- the stages (each a function run under `timeout`, in its own process group) -----------------------
 stage_tests() {
   local files
@@ -206,21 +226,8 @@ main() {
   { free -g; nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free,driver_version --format=csv; } \
     2>&1 | tee -a "$LOG"
   project_on_path
-  missing=$(python3 - <<'PY'
-import importlib.util
-need = ["torch", "gymnasium", "gymnasium_robotics", "mujoco", "stable_baselines3", "tyro", "tensorboard", "pytest",
-        "ch09", "drqv2_sac_policy", "cli_guard"]
-missing = [m for m in need if importlib.util.find_spec(m) is None]
-if "tyro" not in missing:
-    try:  # present is not enough: tyro 1.0.17 fails to import with an older typing_extensions
-        import tyro  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        missing.append(f"a working tyro ({type(exc).__name__}: {exc})")
-print(" ".join(missing))
-PY
-)
-  if [ -n "$missing" ]; then
-    echo "error: python3 here lacks ${missing}; run the prepare step in this script's header and source .gl/device_env.sh first." >&2
+  if ! missing=$(python3_lacks); then
+    echo "error: python3 here cannot import ${missing}; run the prepare step in this script's header and source .gl/device_env.sh first." >&2
     exit 2
   fi
   if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -173,3 +173,50 @@ def test_the_stages_find_the_project_in_a_python_where_it_is_not_installed(tmp_p
                 "python3 scripts/ch09_pixel_push.py selftest --help >/dev/null", env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == str(REPO_ROOT / "scripts" / "ch09" / "__init__.py")
+
+
+ON_THE_GPU_MACHINE = {
+    # the GPU image's own python3 (FACTS.md; shared/device/prepare.sh leaves them out of the wheels it carries)
+    "torch", "numpy", "tensorboard", "matplotlib", "pillow", "imageio", "rich", "tqdm", "pytest",
+    "typing-extensions", "markdown",
+    # carried as wheels by the prepare step in gpu_checks.sh's header
+    "mujoco", "gymnasium", "gymnasium-robotics", "stable-baselines3", "tyro",
+}
+"""The packages of requirements.txt that python3 has on the lent GPU machine; the rest it lacks."""
+
+
+def required_imports_the_gpu_machine_lacks() -> set[str]:
+    names = set()
+    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9_.-]+)", line.strip())
+        if match and not line.lstrip().startswith("#"):
+            names.add(match.group(1).lower())
+    lacking = names - ON_THE_GPU_MACHINE
+    imports = {"pymdown-extensions": "pymdownx", "imageio-ffmpeg": "imageio_ffmpeg"}
+    return {imports.get(name, name.replace("-", "_")) for name in lacking}
+
+
+def test_the_stages_import_nothing_the_gpu_machine_lacks(tmp_path):
+    """A stage that imports a package the GPU image lacks (Ray, the video codecs, the linters) would fail on the
+    device after its 1-2 minute start. Stood in for by this Python with those packages made unimportable: the
+    script's own import check must pass, and it must name a lacking package when a stage module needs one."""
+    lacking = required_imports_the_gpu_machine_lacks()
+    assert {"ray", "imageio_ffmpeg"} <= lacking, lacking  # the list is derived, not empty
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        f"LACKING = {sorted(lacking)!r}\n"
+        "class Lacking(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in LACKING:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+        "sys.meta_path.insert(0, Lacking())\n")
+    env = stand_in_python3(tmp_path / "bin", f'exec {sys.executable} "$@"')
+    env |= {"PYTHONPATH": str(blocker), "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+    proc = bash("project_on_path\npython3 -c 'import ray' 2>&1 | tail -1\npython3_lacks", env=env, timeout=180)
+    assert "No module named 'ray'" in proc.stdout  # the stand-in really lacks them
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    proc = bash("project_on_path\nSTAGE_MODULES+=(ray.tune)\npython3_lacks", env=env, timeout=180)
+    assert proc.returncode == 1 and proc.stdout.strip().startswith("ray.tune (ModuleNotFoundError"), proc.stdout
