@@ -24,6 +24,7 @@ timing; their env steps/s add up.
 | CUDA graph           | FastSAC's CUDA-graph step (``graph_status``: state here, reason in the JSON) |
 | h per 5M steps       | the Experiment Card's steps at the env steps/s of one seed                  |
 | ms per env step      | a second table: updates (host, GPU), env step, rest (``PhaseClock``)         |
+| ms per gradient step | a third table (``--profile-updates N``): FastSAC's step by part, ms each    |
 
 Runs (``--runs``; the defaults depend on ``--device``)
 ------------------------------------------------------
@@ -132,6 +133,9 @@ class BenchConfig:
     """At most this many timed env steps, whatever --seconds says."""
     train_only_updates: int = 200
     """Gradient steps timed alone (no env) after the timed training; 0 skips it."""
+    profile_updates: int = 0
+    """Eager FastSAC gradient steps profiled after that, by part of the step (the third table; rows without
+    overlap: it does not change the step); 0 skips it."""
     buffer_size: int = 20_000
     """Replay capacity of every run (small enough for SB3's pixel buffer: ~3.4 GB of RAM)."""
     timeout: float = 1_800.0
@@ -206,7 +210,8 @@ def measurements(cfg: BenchConfig) -> list[tuple[Measurement, int]]:
                         device=cfg.device, seed=0, learning_starts=cfg.learning_starts,
                         warmup_steps=cfg.warmup_steps, seconds=cfg.seconds, max_steps=cfg.max_steps,
                         train_only_updates=cfg.train_only_updates, buffer_size=cfg.buffer_size, overlap=overlap,
-                        torch_threads=max(1, cpus // (concurrent * (n_envs + 1))), frames_in_ram=in_ram), concurrent))
+                        torch_threads=max(1, cpus // (concurrent * (n_envs + 1))), frames_in_ram=in_ram,
+                        profile_updates=cfg.profile_updates if fast and not overlap else 0), concurrent))
     return jobs
 
 
@@ -266,6 +271,7 @@ def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
         "gpu_utilization_percent": float(np.mean(utilization)) if utilization else None,
         **{phase: _mean([r[phase] for r in results]) for phase in PHASES},
         "cuda_graph": first["cuda_graph"], "device_sampler": first["device_sampler"],
+        "update_sections_ms": first["update_sections_ms"], "update_sections_error": first["update_sections_error"],
         "cudnn_deterministic": first["cudnn_deterministic"],
         "per_process": results,
     }
@@ -338,6 +344,13 @@ SPEED_HEADER = (*SETUP_HEADER, "env steps/s", "x stock", "updates/s", "train-onl
 PHASE_HEADER = (*SETUP_HEADER, "updates (host)", "updates (GPU)", "env step", "rest")
 
 
+def section_title(device: str) -> str:
+    what = "GPU time: the sum of each part's kernels" if device == "cuda" else "host time, the profiler's included"
+    return (f"ms per gradient step, by part of the step ({what}; eager steps under torch.profiler, parts: "
+            "UPDATE_SECTIONS in scripts/ch09/engine/fast_sac.py; train-only step: 1000 / train-only updates/s, "
+            "on CUDA one graph replay):")
+
+
 def _setup_cells(row: dict[str, Any]) -> tuple[str, ...]:
     return run_label(row), str(row["n_envs"]), str(row["batch_size"]), row["precision"], str(row["concurrent"])
 
@@ -359,10 +372,32 @@ def phase_cells(row: dict[str, Any]) -> tuple[str, ...]:
     return (*_setup_cells(row), *(_cell(row.get(phase), 2) for phase in PHASES))
 
 
+def section_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that profiled their gradient step (older files have no such field)."""
+    return [row for row in rows if row.get("update_sections_ms") or row.get("update_sections_error")]
+
+
+def section_table(rows: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The by-part table, header first: ms per gradient step in each part (the engine's UPDATE_SECTIONS, in the
+    order the JSON keeps them), their sum, and the captured step's time."""
+    profiled = section_rows(rows)
+    parts = next(list(row["update_sections_ms"]) for row in profiled if row.get("update_sections_ms"))
+    table = [(*SETUP_HEADER, *parts, "sum", "train-only step")]
+    for row in profiled:
+        sections = row["update_sections_ms"] or {}
+        train_only = row["train_only_updates_per_s"]
+        table.append((*_setup_cells(row), *(_cell(sections.get(name), 3) for name in parts),
+                      _cell(sum(sections.values()), 3) if sections else "-",
+                      _cell(1000 / train_only if train_only else None, 3)))
+    return table
+
+
 def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
     """Why each failed measurement gave no result, one line each (under the speed table)."""
     return [f"failed: {run_label(row)}, {row['n_envs']} env(s), batch {row['batch_size']}, {row['precision']}: "
-            f"{row['failed']}" for row in rows if "failed" in row]
+            f"{row['failed']}" for row in rows if "failed" in row] + [
+            f"profile failed: {run_label(row)}, {row['precision']}: {row['update_sections_error']}"
+            for row in rows if row.get("update_sections_error")]
 
 
 def print_table(rows: list[dict[str, Any]], device: str) -> None:
@@ -372,6 +407,10 @@ def print_table(rows: list[dict[str, Any]], device: str) -> None:
     print()
     print("Where the time goes, ms per env step (PhaseClock in scripts/ch09/benchmark.py):")
     print_aligned([PHASE_HEADER, *map(phase_cells, rows)])
+    if any(row.get("update_sections_ms") for row in rows):
+        print()
+        print(section_title(device))
+        print_aligned(section_table(rows))
     if device == "cpu":
         print("CPU proxy: full-state Push only. The pixel figures (Step 0 stock vs Step 2 FastSAC) need a GPU: "
               "python scripts/bench_train.py --device cuda")
@@ -435,6 +474,9 @@ def bench_markdown(report: dict[str, Any]) -> str:
         lines += ["", *(f"- {line}" for line in failures)]
     lines += ["", "ms per env step:", ""]
     lines += _markdown(PHASE_HEADER, [phase_cells(row) for row in report["rows"]])
+    if any(row.get("update_sections_ms") for row in report["rows"]):
+        header, *cells = section_table(report["rows"])
+        lines += ["", section_title(report["config"]["device"]), ""] + _markdown(header, cells)
     return "\n".join(lines)
 
 

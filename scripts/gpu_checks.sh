@@ -16,7 +16,7 @@
 #   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
 #   bench1      145 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
-#                        and with overlapped collection, 10 s windows
+#                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps)
 #   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
 #   bench8       30 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows (if time remains)
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -31,7 +31,8 @@
 # After the call: copy bench1.json, bench8.json and proxy.json to docs/measurements/<date>_h200_<name>.json and put
 # each into README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
 # and `<!-- end measured -->` (the tests check every such block against its file). bench1's second table says
-# where each env step's time goes: the updates on the host and on the GPU, the env step, the rest. Its rows choose
+# where each env step's time goes: the updates on the host and on the GPU, the env step, the rest; its third, where
+# the GPU time of one gradient step goes (the draw, each loss with its encoder passes, Polyak). Its rows choose
 # the defaults of train's --precision and --overlap-collection (bench8's, of --n-envs); the proxy trains with neither.
 #
 # Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
@@ -104,8 +105,8 @@ stage_selftest() {
 
 stage_bench1() {
   python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-sb3 step2-fast --precisions fp32 bf16 \
-    --overlap False True --seconds 10 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 \
-    --out "$OUT/bench1.json"
+    --overlap False True --seconds 9 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 \
+    --profile-updates 20 --out "$OUT/bench1.json"
 }
 
 stage_bench8() {

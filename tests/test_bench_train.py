@@ -18,13 +18,15 @@ import bench_train
 import pytest
 import torch as th
 
+from ch09.engine.fast_sac import UPDATE_SECTIONS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NO_CUDA = not th.cuda.is_available()
 
 
 def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_train.main(["--quick", "--out", str(out)]) == 0
+    assert bench_train.main(["--quick", "--profile-updates", "3", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {row["run"]: row for row in report["rows"]}
     assert set(rows) == {"state-sb3", "state-fast"}
@@ -36,6 +38,9 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
     assert rows["state-fast"]["device_sampler"] and rows["state-fast"]["cuda_graph"] == {  # CPU: eager step
         "state": "not-cuda", "reason": None, "max_deviation": None}
     assert rows["state-sb3"]["cuda_graph"] is None  # stock SB3 has no graph step
+    sections = rows["state-fast"]["update_sections_ms"]  # --profile-updates: FastSAC's step, part by part
+    assert list(sections) == list(UPDATE_SECTIONS) and min(sections.values()) > 0  # every part ran and was timed
+    assert rows["state-sb3"]["update_sections_ms"] is None  # stock SB3's train() has no parts to time
     assert not rows["state-sb3"]["device_sampler"]
     for row in rows.values():  # the phases share out the timed window, each second counted once
         window_ms = 1000.0 / row["env_steps_per_s"]
@@ -44,6 +49,29 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
         assert row["train_gpu_ms"] is None  # CUDA events only on a GPU
     printed = capsys.readouterr().out
     assert "env steps/s" in printed and "need a GPU" in printed and "Where the time goes" in printed
+    assert "by part of the step (host time" in printed
+    assert "| state-fast | 1 | 16 | fp32 | 1 | " + " | ".join(f"{sections[name]:,.3f}" for name in UPDATE_SECTIONS) \
+        in bench_train.markdown_report(out)
+
+
+def test_a_profiler_that_fails_costs_the_row_nothing_and_is_one_line_under_the_table(monkeypatch, tmp_path):
+    """torch.profiler needs CUPTI on a GPU; where it fails, the measurement keeps its speeds and the report says
+    why there is no by-part table."""
+    from ch09.benchmark import Measurement, measure
+    from ch09.engine.fast_sac import SacUpdateEngine
+
+    def no_cupti(self, updates):
+        raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
+
+    monkeypatch.setattr(SacUpdateEngine, "profile_sections", no_cupti)
+    row = measure(Measurement(run="state-fast", n_envs=1, batch_size=16, precision="fp32", device="cpu", seed=0,
+                              learning_starts=100, warmup_steps=5, seconds=0.5, max_steps=20,
+                              train_only_updates=0, buffer_size=2_000, overlap=False, torch_threads=1,
+                              profile_updates=3))
+    assert row["env_steps_per_s"] > 0 and row["update_sections_ms"] is None
+    assert row["update_sections_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
+    assert bench_train.failure_lines([row]) == [
+        "profile failed: state-fast, fp32: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"]
 
 
 def test_a_measurement_that_fails_is_a_failed_row_and_the_bench_measures_the_next_one(tmp_path, capsys):

@@ -92,6 +92,8 @@ class Measurement:
     barrier_count: int = 1
     frames_in_ram: bool = False
     """train's --frames-in-ram (a pixel run on the frame-stack buffer only)."""
+    profile_updates: int = 0
+    """Eager FastSAC gradient steps timed by part of the step (``SacUpdateEngine.profile_sections``); 0: none."""
 
 
 def stop_after(seconds: float) -> Any:
@@ -313,6 +315,12 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             train_only = measurement.train_only_updates / (time.perf_counter() - start)
         engine = getattr(model, "_engine", None)
         graph_status = getattr(model, "graph_status", None)  # FastSAC only
+        sections, sections_error = None, None
+        if engine is not None and measurement.profile_updates > 0:
+            try:  # after the timing, and never at the cost of the row: a profiler that fails is a note in it
+                sections = engine.profile_sections(measurement.profile_updates)
+            except Exception as error:  # noqa: BLE001 - any failure of the profiler is reported, not raised
+                sections_error = f"{type(error).__name__}: {error}".splitlines()[0]
         return {
             **asdict(measurement),
             "engine": spec.engine,
@@ -323,6 +331,8 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "updates_per_s": updates / seconds,
             **clock.phases_ms(steps),
             "train_only_updates_per_s": train_only,
+            "update_sections_ms": sections,
+            "update_sections_error": sections_error,
             "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             "bytes_per_transition": replay_bytes_per_transition(model, experiment.episode_steps(cfg.env)),
             "gpu_utilization_percent": utilization.mean,

@@ -164,6 +164,17 @@ ENGINE_ATTRIBUTES = (
 
 METRIC_NAMES = ("train/critic_loss", "train/actor_loss", "train/ent_coef", "train/ent_coef_loss")
 
+UPDATE_SECTIONS = {
+    "batch": "the batch draw (device: HER relabelling, frame gather; host: the buffer's sample())",
+    "a~": "f_a(s) with its gradient (pass 1; with fuse_next_obs_pass also pass 2), the actor's sample a~",
+    "L_alpha": "the entropy coefficient's loss and Adam step",
+    "y": "the target, no grad: f_a(s') and a' (pass 2), f_t(s') (pass 3), the target heads",
+    "L_Q": "f_c(s) where it is not pass 1 (pass 4), the critic's loss, backward and Adam step",
+    "L_pi": "z_pi (pass 5 with sb3_order), the actor's loss, backward and Adam step",
+    "Polyak": "the target update (when target_update_interval is 1) and the loss sums",
+}
+"""The parts of one gradient step, in order: ``SacUpdateEngine.profile_sections`` times each."""
+
 
 # ======================================================================================================
 # The CUDA-graph step: its status, the real graph and the CPU stand-in
@@ -545,6 +556,7 @@ class SacUpdateEngine:
         self.warmup_steps_left = GRAPH_WARMUP_STEPS
         self._captured_addresses: list[int] | None = None
         self._next_graph: StepGraph | None = None  # the graph being warmed up for the next capture
+        self.profiling = False  # True only inside profile_sections: the step's parts in named profiler ranges
 
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
@@ -610,40 +622,49 @@ class SacUpdateEngine:
         # Inside a graph the gradients must stay at fixed addresses: zero them instead of freeing them.
         optimizer.zero_grad(set_to_none=not self.use_graph)
 
+    def _section(self, name: str) -> contextlib.AbstractContextManager[Any]:
+        """A named torch.profiler range around one part of the step while ``profile_sections`` runs; else nothing."""
+        assert name in UPDATE_SECTIONS, name
+        return th.profiler.record_function(name) if self.profiling else contextlib.nullcontext()
+
     def update(self, batch: DictReplayBufferSamples | None) -> None:
         """One gradient step: the equations of the module docstring. No host sync anywhere in here."""
         model, actor, critic, routing = self.model, self.actor, self.critic, self.routing
         if batch is None:
-            batch = self._sample()
+            with self._section("batch"):
+                batch = self._sample()
         obs, next_obs = batch.observations, batch.next_observations
         batch_discounts: th.Tensor | None = getattr(batch, "discounts", None)
         discounts = batch_discounts if batch_discounts is not None else self.gamma
 
-        actor_z = next_actor_z = critic_z = None
-        if self.sb3_order or not self.fuse_next_obs_pass:
-            actor_z = self._encode(actor, obs)  # pass 1
-        else:
-            actor_z, next_actor_z = self._encode_with_next(actor, obs, next_obs)  # passes 1 + 2 as one
-        if not self.sb3_order and routing.critic_may_reuse_actor_pass:
-            critic_z = actor_z if routing.critic_trains_encoder else actor_z.detach()  # pass 4 = pass 1
-        # The actor's head routes its features (the lab's CriticEncoderActor: sg(f(s))), exactly as in SAC.train().
-        actions_pi, log_prob = squashed_gaussian_sample(*_actor_head(actor, actor_z), self.epsilon)  # eps1
-        log_prob = log_prob.reshape(-1, 1)
+        with self._section("a~"):
+            actor_z = next_actor_z = critic_z = None
+            if self.sb3_order or not self.fuse_next_obs_pass:
+                actor_z = self._encode(actor, obs)  # pass 1
+            else:
+                actor_z, next_actor_z = self._encode_with_next(actor, obs, next_obs)  # passes 1 + 2 as one
+            if not self.sb3_order and routing.critic_may_reuse_actor_pass:
+                critic_z = actor_z if routing.critic_trains_encoder else actor_z.detach()  # pass 4 = pass 1
+            # The actor's head routes its features (the lab's CriticEncoderActor: sg(f(s))), exactly as in
+            # SAC.train().
+            actions_pi, log_prob = squashed_gaussian_sample(*_actor_head(actor, actor_z), self.epsilon)  # eps1
+            log_prob = log_prob.reshape(-1, 1)
 
-        if model.ent_coef_optimizer is not None:
-            assert model.log_ent_coef is not None, "SAC._setup_model creates log_ent_coef with its optimizer"
-            # SB3 types target_entropy str | float ("auto"); _setup_model has turned it into a float.
-            target_entropy = cast(float, model.target_entropy)
-            ent_coef = th.exp(model.log_ent_coef.detach())
-            ent_coef_loss = -(model.log_ent_coef * (log_prob + target_entropy).detach()).mean()
-            self._zero_grad(model.ent_coef_optimizer)
-            ent_coef_loss.backward(inputs=[model.log_ent_coef])
-            model.ent_coef_optimizer.step()
-        else:
-            ent_coef = model.ent_coef_tensor
-            ent_coef_loss = th.zeros((), device=self.device)
+        with self._section("L_alpha"):
+            if model.ent_coef_optimizer is not None:
+                assert model.log_ent_coef is not None, "SAC._setup_model creates log_ent_coef with its optimizer"
+                # SB3 types target_entropy str | float ("auto"); _setup_model has turned it into a float.
+                target_entropy = cast(float, model.target_entropy)
+                ent_coef = th.exp(model.log_ent_coef.detach())
+                ent_coef_loss = -(model.log_ent_coef * (log_prob + target_entropy).detach()).mean()
+                self._zero_grad(model.ent_coef_optimizer)
+                ent_coef_loss.backward(inputs=[model.log_ent_coef])
+                model.ent_coef_optimizer.step()
+            else:
+                ent_coef = model.ent_coef_tensor
+                ent_coef_loss = th.zeros((), device=self.device)
 
-        with th.no_grad():
+        with self._section("y"), th.no_grad():
             if next_actor_z is None:
                 next_actor_z = self._encode(actor, next_obs)  # pass 2
             next_actions, next_log_prob = squashed_gaussian_sample(*_actor_head(actor, next_actor_z), self.epsilon)
@@ -653,32 +674,34 @@ class SacUpdateEngine:
             next_q = next_q - ent_coef * next_log_prob.reshape(-1, 1)
             target_q = batch.rewards + (1 - batch.dones) * discounts * next_q
 
-        if critic_z is None:
-            critic_z = self._encode(critic, obs)  # pass 4
-            if not routing.critic_trains_encoder:
-                critic_z = critic_z.detach()
-        current_q = _q_values(critic, critic_z, batch.actions)
-        # A tensor: the twin heads' losses are never the empty sum (typeshed's sum() allows its int 0).
-        critic_loss = 0.5 * cast(th.Tensor, sum(F.mse_loss(q, target_q) for q in current_q))
-        self._zero_grad(critic.optimizer)
-        critic_loss.backward(inputs=self.critic_params)
-        critic.optimizer.step()
+        with self._section("L_Q"):
+            if critic_z is None:
+                critic_z = self._encode(critic, obs)  # pass 4
+                if not routing.critic_trains_encoder:
+                    critic_z = critic_z.detach()
+            current_q = _q_values(critic, critic_z, batch.actions)
+            # A tensor: the twin heads' losses are never the empty sum (typeshed's sum() allows its int 0).
+            critic_loss = 0.5 * cast(th.Tensor, sum(F.mse_loss(q, target_q) for q in current_q))
+            self._zero_grad(critic.optimizer)
+            critic_loss.backward(inputs=self.critic_params)
+            critic.optimizer.step()
 
-        if self.sb3_order:
-            with th.no_grad():
-                q_features = self._encode(critic, obs)  # pass 5: f_c after its step
-        else:
-            q_features = critic_z.detach()  # the departure: f_c(s) from before the critic step
-        q_pi = th.cat(_q_values(critic, q_features, actions_pi), dim=1)
-        min_q_pi, _ = th.min(q_pi, dim=1, keepdim=True)
-        actor_loss = (ent_coef * log_prob - min_q_pi).mean()
-        self._zero_grad(actor.optimizer)
-        actor_loss.backward(inputs=self.actor_params)
-        actor.optimizer.step()
+        with self._section("L_pi"):
+            if self.sb3_order:
+                with th.no_grad():
+                    q_features = self._encode(critic, obs)  # pass 5: f_c after its step
+            else:
+                q_features = critic_z.detach()  # the departure: f_c(s) from before the critic step
+            q_pi = th.cat(_q_values(critic, q_features, actions_pi), dim=1)
+            min_q_pi, _ = th.min(q_pi, dim=1, keepdim=True)
+            actor_loss = (ent_coef * log_prob - min_q_pi).mean()
+            self._zero_grad(actor.optimizer)
+            actor_loss.backward(inputs=self.actor_params)
+            actor.optimizer.step()
 
-        if self.polyak_every_step:
-            self.polyak_update()
-        with th.no_grad():
+        with self._section("Polyak"), th.no_grad():
+            if self.polyak_every_step:
+                self.polyak_update()
             self.metric_sums.add_(th.stack([critic_loss.detach(), actor_loss.detach(),
                                             ent_coef.detach().reshape(-1)[0], ent_coef_loss.detach()]))
 
@@ -709,6 +732,33 @@ class SacUpdateEngine:
                     self.update(None)
                 if not self.polyak_every_step and gradient_step % self.model.target_update_interval == 0:
                     self.polyak_update()
+
+    def profile_sections(self, updates: int) -> dict[str, float]:
+        """Milliseconds per gradient step spent in each of UPDATE_SECTIONS, over ``updates`` EAGER steps (real ones:
+        they train the model). On CUDA the sum of the kernel times each part launched (torch.profiler), which a
+        captured graph replays without the launch gaps between them; on a CPU, host time."""
+        from torch.profiler import ProfilerActivity, profile
+
+        on_cuda = self.device.type == "cuda"
+        if self.view is not None:
+            self.view.sync()
+            self.view.buffer.raise_if_nothing_to_sample()
+        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
+        self.profiling = True
+        try:
+            with cudnn_benchmark(), profile(activities=activities) as profiler:
+                for _ in range(updates):
+                    self.update(None)
+                if on_cuda:
+                    th.cuda.synchronize(self.device)
+        finally:
+            self.profiling = False
+        microseconds = dict.fromkeys(UPDATE_SECTIONS, 0.0)
+        for event in profiler.key_averages():
+            # the host-side range (its device time sums its kernels; CUDA's own copy of the range spans the gaps)
+            if event.key in microseconds and event.device_type == th.autograd.DeviceType.CPU:
+                microseconds[event.key] += event.device_time_total if on_cuda else event.cpu_time_total
+        return {name: value / 1000.0 / max(updates, 1) for name, value in microseconds.items()}
 
     def _graph_step(self) -> None:
         if self.view is None:  # host sampling: the graph reads its batch from fixed tensors
