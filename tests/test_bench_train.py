@@ -57,13 +57,13 @@ def test_quick_bench_trains_both_engines_and_writes_its_table_as_json(tmp_path, 
 def test_a_profiler_that_fails_costs_the_row_nothing_and_is_one_line_under_the_table(monkeypatch, tmp_path):
     """torch.profiler needs CUPTI on a GPU; where it fails, the measurement keeps its speeds and the report says
     why there is no by-part table."""
+    from ch09 import benchmark
     from ch09.benchmark import Measurement, measure
-    from ch09.engine.fast_sac import SacUpdateEngine
 
-    def no_cupti(self, updates):
+    def no_cupti(engine, updates):
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
 
-    monkeypatch.setattr(SacUpdateEngine, "profile_sections", no_cupti)
+    monkeypatch.setattr(benchmark, "profile_update", no_cupti)
     row = measure(Measurement(run="state-fast", n_envs=1, batch_size=16, precision="fp32", device="cpu", seed=0,
                               learning_starts=100, warmup_steps=5, seconds=0.5, max_steps=20,
                               train_only_updates=0, buffer_size=2_000, overlap=False, torch_threads=1,
@@ -174,3 +174,29 @@ def test_every_measured_table_in_the_readme_is_what_its_file_renders():
         if "rows" in data or "eval_success_rate" in data:
             renderable.append(path.relative_to(REPO_ROOT).as_posix())
     assert set(renderable) <= {name for name, _ in blocks}, "a committed measurement the README does not show"
+
+
+def test_each_kernel_is_charged_to_the_part_whose_range_was_open_when_it_was_launched_from_any_thread():
+    """On CUDA the autograd engine launches a backward's kernels from a thread of its own, so they are no children
+    of the range around ``backward()``: they are charged by launch time. Events as torch.profiler gives them
+    (time_range in µs, the launching op's own kernel time); one op launches outside every range."""
+    from types import SimpleNamespace
+
+    from ch09.benchmark import section_ms
+
+    cpu, cuda = th.autograd.DeviceType.CPU, th.autograd.DeviceType.CUDA
+
+    def event(name, start, end, kernel_us=0.0, device_type=cpu):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type=device_type,
+                               self_device_time_total=kernel_us)
+
+    events = [event("a~", 0, 10), event("L_Q", 10, 30),  # the host-side ranges of two parts
+              event("aten::convolution", 2, 4, kernel_us=5.0),  # main thread, in a~
+              event("autograd::engine::evaluate_function", 12, 20, kernel_us=7.0),  # autograd thread, in L_Q
+              event("aten::mm", 40, 41, kernel_us=100.0),  # after every range: charged to none
+              event("a~", 0, 10, kernel_us=50.0, device_type=cuda)]  # CUDA's copy of a range: not an op
+    charged = section_ms(events, on_cuda=True, updates=1)
+    assert charged["a~"] == pytest.approx(0.005) and charged["L_Q"] == pytest.approx(0.007)
+    assert sum(charged.values()) == pytest.approx(0.012)
+    assert section_ms(events, on_cuda=False, updates=2) == pytest.approx(  # CPU: host time of each range, per step
+        {**dict.fromkeys(UPDATE_SECTIONS, 0.0), "a~": 0.005, "L_Q": 0.010})

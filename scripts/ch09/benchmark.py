@@ -13,6 +13,7 @@ table; ``selftest`` takes a short speed sample with the same function. What a me
 
 from __future__ import annotations
 
+import bisect
 import functools
 import shutil
 import subprocess
@@ -255,6 +256,46 @@ def _synchronize(device: th.device) -> None:
         th.cuda.synchronize(device)
 
 
+def profile_update(engine: Any, updates: int) -> dict[str, float]:
+    """Milliseconds per gradient step spent in each part of FastSAC's step (``UPDATE_SECTIONS``), over ``updates``
+    eager steps of the engine under torch.profiler. On CUDA the kernel time each part launched: what a captured
+    graph replays, without the launch gaps of eager steps; on a CPU, host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = engine.device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]) as profiler:
+        engine.eager_steps_in_sections(updates)
+        _synchronize(engine.device)
+    return section_ms(profiler.events(), on_cuda, updates)
+
+
+def section_ms(events: Any, on_cuda: bool, updates: int) -> dict[str, float]:
+    """Milliseconds per step of each section, from the profiler's events.
+
+    A section is the host-side range of its name; on CUDA it is charged every kernel (and copy) launched while the
+    range was open, FROM ANY THREAD: the autograd engine runs a CUDA backward on a thread of its own, so the
+    backward's kernels are not children of the range, but ``backward()`` blocks inside it until they are launched.
+    """
+    from ch09.engine.fast_sac import UPDATE_SECTIONS
+
+    cpu = th.autograd.DeviceType.CPU
+    windows = sorted((event.time_range.start, event.time_range.end, event.name) for event in events
+                     if event.name in UPDATE_SECTIONS and event.device_type == cpu)
+    microseconds = dict.fromkeys(UPDATE_SECTIONS, 0.0)
+    if not on_cuda:
+        for start, end, name in windows:
+            microseconds[name] += end - start
+    else:
+        starts = [start for start, _, _ in windows]
+        for event in events:
+            if event.device_type != cpu or not event.self_device_time_total:
+                continue
+            index = bisect.bisect_right(starts, event.time_range.start) - 1
+            if index >= 0 and event.time_range.start < windows[index][1]:
+                microseconds[windows[index][2]] += event.self_device_time_total
+    return {name: value / 1000.0 / max(updates, 1) for name, value in microseconds.items()}
+
+
 def replay_bytes_per_transition(model: Any, episode_steps: int) -> float:
     """Replay bytes per stored transition, measured on the allocated arrays (and the engine's device copy), when
     the buffer is full of ``episode_steps``-step episodes."""
@@ -318,7 +359,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         sections, sections_error = None, None
         if engine is not None and measurement.profile_updates > 0:
             try:  # after the timing, and never at the cost of the row: a profiler that fails is a note in it
-                sections = engine.profile_sections(measurement.profile_updates)
+                sections = profile_update(engine, measurement.profile_updates)
             except Exception as error:  # noqa: BLE001 - any failure of the profiler is reported, not raised
                 sections_error = f"{type(error).__name__}: {error}".splitlines()[0]
         return {

@@ -173,7 +173,7 @@ UPDATE_SECTIONS = {
     "L_pi": "z_pi (pass 5 with sb3_order), the actor's loss, backward and Adam step",
     "Polyak": "the target update (when target_update_interval is 1) and the loss sums",
 }
-"""The parts of one gradient step, in order: ``SacUpdateEngine.profile_sections`` times each."""
+"""The parts of one gradient step, in order: ``ch09.benchmark.profile_update`` times each."""
 
 
 # ======================================================================================================
@@ -556,7 +556,7 @@ class SacUpdateEngine:
         self.warmup_steps_left = GRAPH_WARMUP_STEPS
         self._captured_addresses: list[int] | None = None
         self._next_graph: StepGraph | None = None  # the graph being warmed up for the next capture
-        self.profiling = False  # True only inside profile_sections: the step's parts in named profiler ranges
+        self.profiling = False  # True only in eager_steps_in_sections: the step's parts in named profiler ranges
 
     # ---- batch source ----------------------------------------------------------------------------
     def _device_sampler(self, model: FastSAC) -> tuple[DeviceReplayView | None, TorchGoalReward | None, str | None]:
@@ -623,7 +623,7 @@ class SacUpdateEngine:
         optimizer.zero_grad(set_to_none=not self.use_graph)
 
     def _section(self, name: str) -> contextlib.AbstractContextManager[Any]:
-        """A named torch.profiler range around one part of the step while ``profile_sections`` runs; else nothing."""
+        """A named torch.profiler range around one part of the step in ``eager_steps_in_sections``; else nothing."""
         assert name in UPDATE_SECTIONS, name
         return th.profiler.record_function(name) if self.profiling else contextlib.nullcontext()
 
@@ -733,32 +733,19 @@ class SacUpdateEngine:
                 if not self.polyak_every_step and gradient_step % self.model.target_update_interval == 0:
                     self.polyak_update()
 
-    def profile_sections(self, updates: int) -> dict[str, float]:
-        """Milliseconds per gradient step spent in each of UPDATE_SECTIONS, over ``updates`` EAGER steps (real ones:
-        they train the model). On CUDA the sum of the kernel times each part launched (torch.profiler), which a
-        captured graph replays without the launch gaps between them; on a CPU, host time."""
-        from torch.profiler import ProfilerActivity, profile
-
-        on_cuda = self.device.type == "cuda"
+    def eager_steps_in_sections(self, updates: int) -> None:
+        """``updates`` eager gradient steps (real ones: they train the model), each part of each step in a named
+        torch.profiler range (UPDATE_SECTIONS): what ``ch09.benchmark.profile_update`` times."""
         if self.view is not None:
             self.view.sync()
             self.view.buffer.raise_if_nothing_to_sample()
-        activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if on_cuda else [])]
         self.profiling = True
         try:
-            with cudnn_benchmark(), profile(activities=activities) as profiler:
+            with cudnn_benchmark():
                 for _ in range(updates):
                     self.update(None)
-                if on_cuda:
-                    th.cuda.synchronize(self.device)
         finally:
             self.profiling = False
-        microseconds = dict.fromkeys(UPDATE_SECTIONS, 0.0)
-        for event in profiler.key_averages():
-            # the host-side range (its device time sums its kernels; CUDA's own copy of the range spans the gaps)
-            if event.key in microseconds and event.device_type == th.autograd.DeviceType.CPU:
-                microseconds[event.key] += event.device_time_total if on_cuda else event.cpu_time_total
-        return {name: value / 1000.0 / max(updates, 1) for name, value in microseconds.items()}
 
     def _graph_step(self) -> None:
         if self.view is None:  # host sampling: the graph reads its batch from fixed tensors
