@@ -94,7 +94,7 @@ class Measurement:
     frames_in_ram: bool = False
     """train's --frames-in-ram (a pixel run on the frame-stack buffer only)."""
     profile_updates: int = 0
-    """Eager FastSAC gradient steps timed by part of the step (``SacUpdateEngine.profile_sections``); 0: none."""
+    """Eager FastSAC gradient steps timed by part of the step after the rest (``profile_update``); 0: none."""
 
 
 def stop_after(seconds: float) -> Any:
@@ -356,6 +356,8 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             train_only = measurement.train_only_updates / (time.perf_counter() - start)
         engine = getattr(model, "_engine", None)
         graph_status = getattr(model, "graph_status", None)  # FastSAC only
+        # read before the profile: its eager steps allocate their own tensors beside the captured graph's pool
+        peak_memory = th.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         sections, sections_error = None, None
         if engine is not None and measurement.profile_updates > 0:
             try:  # after the timing, and never at the cost of the row: a profiler that fails is a note in it
@@ -374,7 +376,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "train_only_updates_per_s": train_only,
             "update_sections_ms": sections,
             "update_sections_error": sections_error,
-            "peak_gpu_memory_bytes": th.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            "peak_gpu_memory_bytes": peak_memory,
             "bytes_per_transition": replay_bytes_per_transition(model, experiment.episode_steps(cfg.env)),
             "gpu_utilization_percent": utilization.mean,
             "cuda_graph": asdict(graph_status) if graph_status is not None else None,
