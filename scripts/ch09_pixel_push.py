@@ -346,9 +346,13 @@ Config = TrainConfig | EvalConfig | AggregateConfig | PackageConfig | SelftestCo
 
 
 def parse_command_line(argv: Sequence[str] | None = None) -> Config:
-    """The subcommand's config; a bad command line ends in one sentence and exit code 2 (cli_guard)."""
+    """The subcommand's config; a bad command line ends in one sentence and exit code 2 (cli_guard), which points
+    to the subcommand's ``--help`` (its flags are listed there, not under the script's)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    prog = "ch09_pixel_push.py" + (f" {command}" if command in COMMANDS else "")
     return parse_with_one_line_errors(lambda: tyro.extras.subcommand_cli_from_dict(
-        COMMANDS, args=argv, prog="ch09_pixel_push.py", description=__doc__.split("\n")[0]))
+        COMMANDS, args=argv, prog="ch09_pixel_push.py", description=__doc__.split("\n")[0]), prog=prog)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -163,7 +163,7 @@ def write_crash_log(exc: BaseException, log_dir: Path) -> Path | None:
 # ---------------------------------------------------------------------------------------------------------
 # The command line: a rejected one is one sentence and exit 2, like every other mistake
 # ---------------------------------------------------------------------------------------------------------
-def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
+def parse_with_one_line_errors(parse: Callable[[], ParsedT], prog: str | None = None) -> ParsedT:
     """``parse()`` (a ``tyro.cli`` or argparse call), with a rejected command line reduced to ONE line.
 
     tyro draws a multi-line box for a bad command line; this prints ``error: <one sentence>`` with the
@@ -171,6 +171,8 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
     tyro and argparse do. ``--help`` (exit 0) prints the full help unchanged. The sentence is built from
     the event tyro's parse-error hook reports (``tyro._errors``: private, so requirements.txt pins tyro
     exactly); without one (argparse, an event this version does not know) from the text it printed.
+    ``prog``: the command whose ``--help`` the sentence points to (default: the one tyro reports, which for a
+    subcommand is the script alone, whose ``--help`` lists the commands but not their flags).
     """
     import io
 
@@ -183,7 +185,8 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT]) -> ParsedT:
         if exit_request.code in (0, None):  # --help
             sys.stderr.write(printed.getvalue())
             raise
-        print(f"error: {_rejection_sentence(events[0] if events else None, printed.getvalue())}", file=sys.stderr)
+        sentence = _rejection_sentence(events[0] if events else None, printed.getvalue(), prog)
+        print(f"error: {sentence}", file=sys.stderr)
         raise SystemExit(USER_ERROR_EXIT) from None
     sys.stderr.write(printed.getvalue())  # a warning tyro printed while parsing
     return parsed
@@ -203,13 +206,13 @@ def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
         yield
 
 
-def _rejection_sentence(event: Any, printed: str) -> str:
+def _rejection_sentence(event: Any, printed: str, prog: str | None = None) -> str:
     """One sentence for a rejected command line: from tyro's event, else from the text that was printed."""
     import re
 
     text = _unboxed(printed)
     try:
-        sentence = _sentence_of_event(event, text) if event is not None else None
+        sentence = _sentence_of_event(event, text, prog or event.prog) if event is not None else None
     except AttributeError:  # an event whose fields this tyro version names otherwise
         sentence = None
     if sentence:
@@ -227,11 +230,11 @@ def _unboxed(printed: str) -> str:
     return "\n".join(line for line in lines if line.strip("-─"))  # rules too
 
 
-def _sentence_of_event(event: Any, text: str) -> str | None:
+def _sentence_of_event(event: Any, text: str, prog: str) -> str | None:
     """The sentence for each kind of tyro parse-error event (None: an event this function does not know)."""
     import re
 
-    kind, prog = type(event).__name__, event.prog
+    kind = type(event).__name__
     see = f"see `{prog} --help`"
     if kind == "UnrecognizedArgs":  # the event holds only the tokens: the choices come from tyro's printed text
         commands = re.search(r"^Available subcommands: (.+)$", text, re.MULTILINE)
@@ -254,7 +257,7 @@ def _sentence_of_event(event: Any, text: str) -> str | None:
         return f"{flag} needs a value ({event.argument.lowered.metavar}); {see}."
     if kind == "MissingArgs":
         missing = ", ".join(ctx.arg.display_name() for ctx in event.missing_arguments)
-        command = " ".join(filter(None, (prog, event.missing_arguments[0].source_parser.prog_suffix)))
+        command = " ".join(filter(None, (event.prog, event.missing_arguments[0].source_parser.prog_suffix)))
         return f"{command} needs {missing}; see `{command} --help`."
     if kind == "MissingMutexGroup":
         groups = "; ".join(" or ".join(ctx.arg.display_name() for ctx in group) for group in event.groups)
