@@ -221,13 +221,16 @@ def test_the_flags_the_chapter_prints(capsys: pytest.CaptureFixture) -> None:
     assert pixel_push.parse_command_line(["aggregate", "a.json", "b.json"]).files == [Path("a.json"), Path("b.json")]
 
 
-def test_help_shows_field_docs_and_real_defaults(capsys: pytest.CaptureFixture) -> None:
+def test_help_shows_field_docs_and_real_defaults(capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping by the terminal: the lines are the help's own
     with pytest.raises(SystemExit) as exit_info:
         pixel_push.parse_command_line(["train", "--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0
     assert "breakthrough" in help_text and "--no-drq" in help_text  # field docstrings became --help
     assert "500000" in help_text and str(artifacts.REPO_ROOT) in help_text  # --buffer-size, --artifact-root
+    # a field docstring of two source lines is one paragraph, not cut where its first source line ends
+    assert "instead of on the training GPU, for a GPU without room for --buffer-size (each batch" in help_text
 
 
 @pytest.mark.parametrize("argv, fragments", [

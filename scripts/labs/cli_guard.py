@@ -179,7 +179,7 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT], prog: str | None = 
     events: list[Any] = []
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stderr(printed), _tyro_parse_errors(events.append):
+        with contextlib.redirect_stderr(printed), _tyro_parse_errors(events.append), _tyro_docstrings_joined():
             parsed = parse()
     except SystemExit as exit_request:
         if exit_request.code in (0, None):  # --help
@@ -204,6 +204,41 @@ def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
         return
     with hook(record):
         yield
+
+
+@contextlib.contextmanager
+def _tyro_docstrings_joined() -> Iterator[None]:
+    """Field docstrings as ``--help`` paragraphs, not cut where a source line ends.
+
+    tyro joins a docstring's lines (``tyro._strings.remove_single_line_breaks``) before it removes their
+    indentation, and keeps a break before any line that starts with something other than a letter: an indented
+    second line, or one that starts with ``(`` or a backquote, began a new line of help mid-sentence. Here the
+    lines are joined first, for the parse only (tyro is pinned in requirements.txt for this private name).
+    """
+    strings = sys.modules.get("tyro._strings")
+    join = getattr(strings, "remove_single_line_breaks", None)
+    if join is None:
+        yield
+        return
+    strings.remove_single_line_breaks = lambda text: join(_joined_lines(text))  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        strings.remove_single_line_breaks = join  # type: ignore[union-attr]
+
+
+def _joined_lines(text: str) -> str:
+    """The docstring's lines, dedented, each joined to the one before unless it is blank, indented or a list item."""
+    import inspect
+    import re
+
+    lines: list[str] = []
+    for line in inspect.cleandoc(text).split("\n"):
+        if lines and lines[-1].strip() and line.strip() and not re.match(r"\s|[-*|] |\d+\. ", line):
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+    return "\n".join(lines)
 
 
 def _rejection_sentence(event: Any, printed: str, prog: str | None = None) -> str:
