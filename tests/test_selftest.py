@@ -77,6 +77,7 @@ def test_selftest_on_a_cpu_prints_one_table_one_skip_line_and_exits_1_for_the_ch
     assert 0 <= losses["worst_fraction_of_bound"] <= 1 and len(losses["fp32_losses"]) == losses["updates"] > 1
     speed = checks["speed sample"]["figures"]
     assert set(speed["env_steps_per_s"]) == {"state-sb3", "state-fast"}
+    assert speed["speedup"] is None and "x)" not in table_row(out, "speed sample")  # no CPU ratio: it misleads
     assert speed["n_envs"] == 3  # its random steps finish an episode per env before SB3's HER buffer samples
     overlapped = {run: measured["overlap"] for run, measured in speed["measurements"].items()}
     assert overlapped == {"state-sb3": False, "state-fast": True}  # the flag reaches FastSAC's run only
