@@ -445,6 +445,9 @@ def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any], p
     steps = [step for step, _ in logged["time/fps"]]
     assert min(steps) <= 200 < max(steps) == 350, steps
     assert max(step for step, _ in logged["train/critic_loss"]) == 350  # updates resumed after the shift
+    for tag, points in logged.items():  # one point per step: a second one draws a vertical jump in TensorBoard
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
     meta = load_meta(root / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json")
     assert meta["steps_done"] == 350 and len(meta["sessions"]) == 2
     assert meta["sessions"][1]["from_step"] == 200 and meta["sessions"][1]["replay_restored"] is False

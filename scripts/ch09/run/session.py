@@ -27,7 +27,7 @@ from typing import Any
 import gymnasium as gym
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import KVWriter, configure
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 
 from ch09.engine.fast_sac import CudaContextError
@@ -36,6 +36,19 @@ from ch09.run.artifacts import REPO_ROOT, WRITE_FAILURES, RunPaths, git_commit, 
 from ch09.run.callbacks import CheckpointCallback
 from ch09.run.checkpoints import Checkpointer, StopRequest, StopTraining
 from ch09.run.vec_env import WorkerTimeoutError, make_vec_env
+
+
+class LastDumpStep(KVWriter):
+    """A logger output that writes nothing and keeps the step of the last dump (``step``; None before one)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
+        self.step = step
+
+    def close(self) -> None:
+        pass
 
 
 class TrainingSession:
@@ -53,6 +66,7 @@ class TrainingSession:
         self.eval_env: DummyVecEnv | None = None
         self.checkpoint: Path | None = None
         self.completed = False  # learn() reached --total-steps
+        self.last_dump = LastDumpStep()
 
     # ---- the envs ------------------------------------------------------------------------------------
     def __enter__(self) -> TrainingSession:
@@ -88,6 +102,7 @@ class TrainingSession:
                                       "device": str(model.device), **details, "git": git_commit()})
         # The exact folder, not SB3's tensorboard_log/<name>_<N>: a resume continues the same curves.
         model.set_logger(configure(str(self.paths.run_dir), ["tensorboard"]))
+        model.logger.output_formats.append(self.last_dump)
         self.checkpointer.start(start_steps)
 
     def learn(self, model: SAC, total_steps: int, checkpoint_freq: int, callbacks: Sequence[BaseCallback],
@@ -124,8 +139,10 @@ class TrainingSession:
                 raise UserError(f"{said[:1].upper()}{said[1:]}, at step {model.num_timesteps:,}; {kept}: run the "
                                 f"same command {'plus --resume ' if last else ''}with --no-cuda-graph (eager steps, "
                                 "same losses).") from None
-        if model.ep_success_buffer:
-            model.dump_logs()  # SB3 logs every few episodes; this puts the final step on the curves too
+        if model.ep_success_buffer and self.last_dump.step != model.num_timesteps:
+            # SB3 logs every few episodes; this puts the final step on the curves too (once: a second point at the
+            # step SB3 just logged would draw a vertical jump in TensorBoard)
+            model.dump_logs()
         self.meta["sessions"][-1].update({"to_step": model.num_timesteps, "ended_at": now_iso(),
                                           "steps_per_s": self.meta["steps_per_s"],
                                           "cuda_graph": self.meta.get("cuda_graph")})
