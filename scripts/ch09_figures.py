@@ -60,7 +60,7 @@ from typing import Any
 os.environ.setdefault("MPLBACKEND", "Agg")  # figures are files; no display is needed or wanted
 
 try:
-    from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
+    from cli_guard import guard_entry_point, parse_args_naming_unknown_flags, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
     sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
 
@@ -1064,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parse_with_one_line_errors(lambda: parser.parse_args(argv))
+    args = parse_with_one_line_errors(lambda: parse_args_naming_unknown_flags(parser, argv))
     try:
         if args.figure == "env-frame":
             try:

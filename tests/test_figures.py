@@ -295,3 +295,16 @@ def test_bad_phase_options_are_one_sentence(option: str, value: str, tmp_path: P
     assert figures.main(["loss-phases", "--run", str(tmp_path), option, value]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith(f"error: ch09_figures.py loss-phases: {option}"), err
+
+
+def test_a_misspelled_required_flag_is_named_not_reported_missing(capsys) -> None:
+    """argparse reports a missing required flag before an unknown one: ``--chekpoint`` was answered "the following
+    arguments are required: --checkpoint", never naming the typo."""
+    with pytest.raises(SystemExit) as exit_info:
+        figures.main(["rollout", "--chekpoint", "run.zip"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "unrecognized arguments: --chekpoint run.zip (did you mean --checkpoint?)" in err
+    with pytest.raises(SystemExit):  # with nothing misspelled, the missing flag is still what is said
+        figures.main(["rollout"])
+    assert "the following arguments are required: --checkpoint" in capsys.readouterr().err

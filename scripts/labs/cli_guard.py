@@ -192,6 +192,34 @@ def parse_with_one_line_errors(parse: Callable[[], ParsedT], prog: str | None = 
     return parsed
 
 
+def parse_args_naming_unknown_flags(parser: Any, argv: Any = None) -> Any:
+    """``parser.parse_args(argv)`` of an argparse parser, except that a flag it does not know is named even where
+    a required flag is missing too: argparse reports the missing one first, so a misspelled required flag
+    (``--chekpoint``) was never named. The unknown flag's closest valid one is offered."""
+    import argparse
+    import difflib
+
+    parsers = [parser]
+    for each in parsers:  # the parser and the parsers of its commands
+        parsers.extend(command for action in each._actions if isinstance(action, argparse._SubParsersAction)
+                       for command in action.choices.values())
+    actions = [action for each in parsers for action in each._actions]
+    required = [action.required for action in actions]
+    for action in actions:
+        action.required = False
+    try:
+        _, unknown = parser.parse_known_args(argv)
+    finally:
+        for action, was_required in zip(actions, required):
+            action.required = was_required
+    flags = [token for token in unknown if token.startswith("-")]
+    if flags:
+        options = [option for action in actions for option in action.option_strings]
+        close = difflib.get_close_matches(flags[0].partition("=")[0], options, n=1)
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return parser.parse_args(argv)
+
+
 @contextlib.contextmanager
 def _tyro_parse_errors(record: Callable[[Any], None]) -> Iterator[None]:
     """Record tyro's parse-error events (tyro then prints its box and exits 2, which is captured)."""
