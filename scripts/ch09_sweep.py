@@ -63,6 +63,7 @@ from ch09.sweep.plan import (
     figure_args,
     plan_run,
     read_runs_file,
+    refuse_checkpoints_of_other_flags,
     refuse_duplicates,
     refuse_mixed_settings,
     train_args,
@@ -175,6 +176,7 @@ def sweep_runs(cfg: SweepConfig, root: Path) -> list[Run]:
     runs = [plan_run(args, root, source) for args, source in lines]
     refuse_duplicates(runs)
     refuse_mixed_settings(runs)
+    refuse_checkpoints_of_other_flags(runs)
     return runs
 
 

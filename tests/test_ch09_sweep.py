@@ -289,6 +289,18 @@ def test_runs_of_one_configuration_in_other_settings_are_refused(second: str, fl
                               "fullstate on FetchPush-v4", flags)
 
 
+def test_a_checkpoint_trained_with_other_flags_is_refused_before_the_sweep_resumes_it(
+        swept: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The same tag and seed with another --batch-size: the sweep would resume the run on disk (which train
+    refuses) or evaluate it as its own; the dry run said nothing and printed the command that fails."""
+    flags = [flag if flag != "32" else "64" for flag in RUN_FLAGS]  # --batch-size 64
+    runs_file = write_runs_file(tmp_path, [0], flags)
+    code = ch09_sweep.main(["--runs", str(runs_file), "--artifact-root", str(swept["root"]), "--dry-run"])
+    assert_one_sentence_error(code, capsys.readouterr().err, "tiny.txt line 2:",
+                              "ch09_fullstate_FetchReach-v4_seed0.zip was trained with other flags",
+                              "--batch-size 64 (checkpoint: 32)", "--move-old-run")
+
+
 def test_a_bad_value_in_a_runs_line_points_to_help_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs_file = tmp_path / "runs.txt"
     runs_file.write_text("--seed 0 --full-state --batch-size many\n")

@@ -605,6 +605,13 @@ def note_resume_without_updates(cfg: TrainConfig, paths: RunPaths, meta: dict[st
               f"ends at --total-steps {cfg.total_steps:,} without an update; raise --total-steps to train further.")
 
 
+def changed_experiment_flags(config: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """``--flag value (checkpoint: saved value)`` for each of EXPERIMENT_FIELDS on which ``config`` (a
+    ``TrainConfig`` as a dict) differs from the ``config`` a checkpoint's .meta.json recorded."""
+    return [f"--{name.replace('_', '-')} {config[name]!r} (checkpoint: {saved.get(name)!r})"
+            for name in EXPERIMENT_FIELDS if saved.get(name) != config[name]]
+
+
 def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """The metadata of the run --resume continues, refusing a missing run or one with other flags."""
     if paths.has_tensorboard_events() and not paths.own_checkpoint_files():  # what guard_fresh_run moves aside
@@ -615,9 +622,7 @@ def resume_meta(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any]:
         raise UserError(f"--resume found no checkpoint {paths.checkpoint} for this tag and seed; "
                         "check the flags (they choose the tag) and --artifact-root, or drop --resume.")
     meta = read_meta(paths.meta, f"--resume of {paths.checkpoint}")
-    current = asdict(cfg)
-    differing = [f"--{name.replace('_', '-')} {current[name]!r} (checkpoint: {meta['config'].get(name)!r})"
-                 for name in EXPERIMENT_FIELDS if meta["config"].get(name) != current[name]]
+    differing = changed_experiment_flags(asdict(cfg), meta["config"])
     if differing:
         raise UserError(f"Checkpoint {paths.checkpoint} comes from another config: {'; '.join(differing)}; resume "
                         "with the original flags, or start a separate run with --move-old-run.")

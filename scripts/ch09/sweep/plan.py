@@ -163,6 +163,22 @@ def refuse_mixed_settings(runs: Sequence[Run]) -> None:
                             "each setting a sweep of its own, with its own --artifact-root.")
 
 
+def refuse_checkpoints_of_other_flags(runs: Sequence[Run]) -> None:
+    """A run whose checkpoint on disk was trained with other flags (the same tag and seed, another --buffer-size,
+    say): the sweep would resume it, which train refuses, or evaluate it as this sweep's run."""
+    from ch09 import experiment
+
+    for run in runs:
+        meta = read_json(run.paths.meta)
+        if meta is None or meta.get("format") != CHECKPOINT_FORMAT or not run.paths.checkpoint.is_file():
+            continue
+        differing = experiment.changed_experiment_flags(run.config, meta.get("config") or {})
+        if differing:
+            raise UserError(f"{run.source}: {shown_path(run.paths.checkpoint)} was trained with other flags "
+                            f"({'; '.join(differing)}), and the sweep would resume it; move that run aside (its "
+                            "train command plus --move-old-run) or give the sweep another --artifact-root.")
+
+
 def host_port(address: str) -> tuple[str | None, int | None]:
     """'host:6379' or 'ray://host:10001' -> (host, port); (None, None) for anything else."""
     parsed = urlparse(address if "://" in address else f"gcs://{address}")
