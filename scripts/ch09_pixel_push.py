@@ -48,7 +48,9 @@ import sys
 try:
     from cli_guard import guard_entry_point, parse_with_one_line_errors, run_guarded
 except ModuleNotFoundError:  # the project is not installed in this Python: one sentence, not a traceback
-    sys.exit("Install the project first (`pip install -e .`), or run this through `bash docker/dev.sh python ...`.")
+    print("error: this project is not installed in this Python; run `pip install -e .` in the repository, or run "
+          "the command through `bash docker/dev.sh python ...`.", file=sys.stderr)
+    sys.exit(2)  # a mistake the user can fix, as cli_guard would say it (it is what could not be imported)
 
 guard_entry_point(__name__)  # first of all: a failing import or an early SIGTERM/Ctrl-C is one line
 

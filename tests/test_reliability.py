@@ -574,6 +574,20 @@ def test_every_command_line_refuses_in_one_sentence(cli, script: str, argv: list
     assert exit_info.value.code == 0 and capsys.readouterr().out.count("\n") > 5
 
 
+@pytest.mark.parametrize("script", ["ch09_pixel_push", "ch09_figures", "ch09_sweep", "bench_train", "bench_replay",
+                                    "snippets"])
+def test_an_entry_script_in_a_python_without_the_project_says_so_in_one_sentence(script: str) -> None:
+    """This Python with ``-S`` (no site processing: not the editable install's .pth file), its packages on
+    PYTHONPATH: the project is not importable, as in a Python where `pip install -e .` never ran."""
+    site_packages = ":".join(path for path in sys.path if path.endswith("site-packages"))
+    proc = subprocess.run([sys.executable, "-S", str(REPO_ROOT / "scripts" / f"{script}.py"), "--help"],
+                          capture_output=True, text=True, timeout=120, cwd="/",
+                          env={**os.environ, "PYTHONPATH": site_packages})
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr == ("error: this project is not installed in this Python; run `pip install -e .` in the "
+                           "repository, or run the command through `bash docker/dev.sh python ...`.\n")
+
+
 def test_every_entry_point_installs_the_guard() -> None:
     entry_points = ["scripts/ch09_pixel_push.py", "scripts/ch09_figures.py", "scripts/bench_replay.py",
                     "scripts/snippets.py", *(f"scripts/labs/{lab}.py" for lab in (
