@@ -50,9 +50,10 @@ Run it
     python scripts/bench_train.py --report docs/measurements/<date>_<machine>_bench1.json   # README markdown
 
 It prints the table and writes JSON to ``results/bench_train_<device>.json`` (or ``--out``) after every
-measurement. A measurement that gives no result (its worker stops with an error, or it runs past ``--timeout``)
-is a row marked ``failed``, with the reason under the table and the worker's stderr in the JSON; the bench goes
-on with the next one and exits 1 at the end. A figure goes into the README as the ``--report`` markdown of a JSON
+measurement. A measurement that gives no result (its worker stops with an error, or it runs past ``--timeout``
+before it has printed its speeds: one past it in its ``--profile-updates`` keeps them) is a row marked
+``failed``, with the reason under the table and the worker's stderr in the JSON; the bench goes on with the next
+one and exits 1 at the end. A figure goes into the README as the ``--report`` markdown of a JSON
 committed under ``docs/measurements/``, between ``<!-- measured: FILE -->`` and ``<!-- end measured -->``; the
 tests check that every such block is still what its file renders.
 """
@@ -158,10 +159,13 @@ class BenchConfig:
 # ======================================================================================================
 
 
-def worker_main(payload: str) -> int:
-    measurement = Measurement(**json.loads(payload))
-    result = measure(measurement)
+def print_result(result: dict[str, Any]) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def worker_main(payload: str) -> int:
+    """One measurement; its result as a line of stdout (a first one before the profile: the parent keeps the last)."""
+    print_result(measure(Measurement(**json.loads(payload)), measured=print_result))
     return 0
 
 
@@ -240,11 +244,12 @@ def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> 
             try:
                 out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
-                for other in procs:
-                    other.kill()
-                    other.communicate()
-                raise MeasurementFailed(f"took longer than --timeout {timeout:g} s (give it more time or fewer "
-                                        "--seconds)") from None
+                late = results_before_the_profile(procs[len(results):])  # this worker and the ones after it
+                if late is None:
+                    raise MeasurementFailed(f"took longer than --timeout {timeout:g} s (give it more time or fewer "
+                                            "--seconds)") from None
+                return results + [{**result, "update_sections_error": f"the profile ran past --timeout {timeout:g} s"}
+                                  for result in late]
             lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
             if proc.returncode != 0 or not lines:
                 said = [line for line in err.splitlines() if line.strip()]
@@ -253,6 +258,18 @@ def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> 
                                         err[-3000:])
             results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
     return results
+
+
+def results_before_the_profile(procs: list[subprocess.Popen]) -> list[dict[str, Any]] | None:
+    """Stop these workers of a measurement past its --timeout (still running, or cut off waiting for them); the
+    result each printed before its profile, if every one of them did (None otherwise: the measurement failed)."""
+    results = []
+    for proc in procs:
+        proc.kill()
+        out, _ = proc.communicate()
+        lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None)
+    return results if all(result is not None for result in results) else None
 
 
 def combine(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,8 @@
 #   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
 #   bench1      145 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
-#                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps)
+#                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps;
+#                        a measurement past 120 s is stopped, its speeds kept if only its profile was running)
 #   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
 #   bench8       30 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows (if time remains)
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -106,7 +107,7 @@ stage_selftest() {
 stage_bench1() {
   python3 scripts/bench_train.py --device cuda --n-envs 1 --runs step0-sb3 step2-sb3 step2-fast --precisions fp32 bf16 \
     --overlap False True --seconds 9 --learning-starts 300 --warmup-steps 30 --train-only-updates 100 \
-    --profile-updates 20 --out "$OUT/bench1.json"
+    --profile-updates 20 --timeout 120 --out "$OUT/bench1.json"
 }
 
 stage_bench8() {

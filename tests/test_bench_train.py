@@ -64,11 +64,14 @@ def test_a_profiler_that_fails_costs_the_row_nothing_and_is_one_line_under_the_t
         raise RuntimeError("CUPTI_ERROR_NOT_INITIALIZED\nmore detail")
 
     monkeypatch.setattr(benchmark, "profile_update", no_cupti)
+    before_the_profile: list[dict] = []
     row = measure(Measurement(run="state-fast", n_envs=1, batch_size=16, precision="fp32", device="cpu", seed=0,
                               learning_starts=100, warmup_steps=5, seconds=0.5, max_steps=20,
                               train_only_updates=0, buffer_size=2_000, overlap=False, torch_threads=1,
-                              profile_updates=3))
+                              profile_updates=3), measured=lambda result: before_the_profile.append(dict(result)))
     assert row["env_steps_per_s"] > 0 and row["update_sections_ms"] is None
+    # the speeds were handed out before the profile started: a profile that hangs cannot take them with it
+    assert [r["env_steps_per_s"] for r in before_the_profile] == [row["env_steps_per_s"]]
     assert row["update_sections_error"] == "RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"
     assert bench_train.failure_lines([row]) == [
         "profile failed: state-fast, fp32: RuntimeError: CUPTI_ERROR_NOT_INITIALIZED"]
@@ -200,3 +203,21 @@ def test_each_kernel_is_charged_to_the_part_whose_range_was_open_when_it_was_lau
     assert sum(charged.values()) == pytest.approx(0.012)
     assert section_ms(events, on_cuda=False, updates=2) == pytest.approx(  # CPU: host time of each range, per step
         {**dict.fromkeys(UPDATE_SECTIONS, 0.0), "a~": 0.005, "L_Q": 0.010})
+
+
+def test_a_measurement_past_its_timeout_keeps_the_speeds_its_workers_printed_before_their_profile() -> None:
+    """Real processes standing in for two workers past --timeout: one printed its result before a profile that
+    never returns, the other printed nothing. The first one's speeds are kept; the second fails the measurement."""
+    line = bench_train.RESULT_PREFIX + json.dumps({"run": "step2-fast", "env_steps_per_s": 300.0})
+
+    def worker(prints: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"print({prints!r}, flush=True); import time; time.sleep(60)"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    profiled = worker(line)
+    time.sleep(1.0)  # it has printed its line and is "profiling"
+    assert bench_train.results_before_the_profile([profiled]) == [{"run": "step2-fast", "env_steps_per_s": 300.0}]
+    assert profiled.returncode is not None  # stopped, not left running
+    printed, silent = worker(line), worker("still starting")
+    time.sleep(1.0)
+    assert bench_train.results_before_the_profile([printed, silent]) is None

@@ -312,8 +312,9 @@ def replay_bytes_per_transition(model: Any, episode_steps: int) -> float:
     return per_row * rows_per_transition(episode_steps)
 
 
-def measure(measurement: Measurement) -> dict[str, Any]:
-    """Build, warm up, time: the job of one worker process."""
+def measure(measurement: Measurement, measured: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Build, warm up, time: the job of one worker process. ``measured`` is handed the result before the profile
+    (``profile_updates``) starts, so a profile that never returns cannot take the speeds with it."""
     from ch09 import experiment  # SB3, MuJoCo and the experiment load in the measuring process only
     from ch09.run.vec_env import make_vec_env
 
@@ -358,13 +359,7 @@ def measure(measurement: Measurement) -> dict[str, Any]:
         graph_status = getattr(model, "graph_status", None)  # FastSAC only
         # read before the profile: its eager steps allocate their own tensors beside the captured graph's pool
         peak_memory = th.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        sections, sections_error = None, None
-        if engine is not None and measurement.profile_updates > 0:
-            try:  # after the timing, and never at the cost of the row: a profiler that fails is a note in it
-                sections = profile_update(engine, measurement.profile_updates)
-            except Exception as error:  # noqa: BLE001 - any failure of the profiler is reported, not raised
-                sections_error = f"{type(error).__name__}: {error}".splitlines()[0]
-        return {
+        result = {
             **asdict(measurement),
             "engine": spec.engine,
             "steps": steps,
@@ -374,8 +369,8 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "updates_per_s": updates / seconds,
             **clock.phases_ms(steps),
             "train_only_updates_per_s": train_only,
-            "update_sections_ms": sections,
-            "update_sections_error": sections_error,
+            "update_sections_ms": None,
+            "update_sections_error": None,
             "peak_gpu_memory_bytes": peak_memory,
             "bytes_per_transition": replay_bytes_per_transition(model, experiment.episode_steps(cfg.env)),
             "gpu_utilization_percent": utilization.mean,
@@ -383,5 +378,13 @@ def measure(measurement: Measurement) -> dict[str, Any]:
             "device_sampler": bool(engine is not None and engine.view is not None),
             "cudnn_deterministic": th.backends.cudnn.deterministic,  # SB3's seeding sets it on a CUDA device
         }
+        if engine is not None and measurement.profile_updates > 0:
+            if measured is not None:
+                measured(result)
+            try:  # after the timing, and never at the cost of the row: a profiler that fails is a note in it
+                result["update_sections_ms"] = profile_update(engine, measurement.profile_updates)
+            except Exception as error:  # noqa: BLE001 - any failure of the profiler is reported, not raised
+                result["update_sections_error"] = f"{type(error).__name__}: {error}".splitlines()[0]
+        return result
     finally:
         env.close()
