@@ -314,6 +314,9 @@ def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any]
     logged = tensorboard_scalars(run_dir)
     assert REQUIRED_TAGS <= set(logged), f"missing {REQUIRED_TAGS - set(logged)}"
     assert logged["eval/success_rate"][-1][0] == 150
+    for tag, points in logged.items():  # the evaluation at the last step and the closing dump: one point each
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
     assert all(np.isfinite(v) for _, v in logged["train/critic_loss"])
     params = hparams(run_dir)
     assert params["tag"] == "nature" and params["batch_size"] == 8 and params["drq"] == 1  # TB stores bools as 1.0

@@ -38,14 +38,26 @@ from ch09.run.checkpoints import Checkpointer, StopRequest, StopTraining
 from ch09.run.vec_env import WorkerTimeoutError, make_vec_env
 
 
-class LastDumpStep(KVWriter):
-    """A logger output that writes nothing and keeps the step of the last dump (``step``; None before one)."""
+class OnePointPerStep(KVWriter):
+    """A logger output in front of the ones that write: a key already written at this step is dropped from a later
+    dump of the same step, so each TensorBoard curve has one point per step (a second draws a vertical jump).
+
+    Two dumps meet at a step where an evaluation ends (its own dump writes the losses) or where SB3 logged the
+    last episode, when the run's closing dump follows. FastSAC's recorder of the losses (``_LossesAtDump``) goes
+    in front of this one when ``learn()`` starts, so the losses it records are checked too.
+    """
 
     def __init__(self) -> None:
         self.step: int | None = None
+        self.keys: set[str] = set()
 
     def write(self, key_values: dict[str, Any], key_excluded: dict[str, tuple[str, ...]], step: int = 0) -> None:
-        self.step = step
+        if step != self.step:
+            self.step, self.keys = step, set()
+        for key in self.keys & set(key_values):  # the dicts every output after this one is handed
+            del key_values[key]
+            key_excluded.pop(key, None)
+        self.keys.update(key_values)
 
     def close(self) -> None:
         pass
@@ -66,7 +78,6 @@ class TrainingSession:
         self.eval_env: DummyVecEnv | None = None
         self.checkpoint: Path | None = None
         self.completed = False  # learn() reached --total-steps
-        self.last_dump = LastDumpStep()
 
     # ---- the envs ------------------------------------------------------------------------------------
     def __enter__(self) -> TrainingSession:
@@ -102,7 +113,7 @@ class TrainingSession:
                                       "device": str(model.device), **details, "git": git_commit()})
         # The exact folder, not SB3's tensorboard_log/<name>_<N>: a resume continues the same curves.
         model.set_logger(configure(str(self.paths.run_dir), ["tensorboard"]))
-        model.logger.output_formats.append(self.last_dump)
+        model.logger.output_formats.insert(0, OnePointPerStep())
         self.checkpointer.start(start_steps)
 
     def learn(self, model: SAC, total_steps: int, checkpoint_freq: int, callbacks: Sequence[BaseCallback],
@@ -139,10 +150,8 @@ class TrainingSession:
                 raise UserError(f"{said[:1].upper()}{said[1:]}, at step {model.num_timesteps:,}; {kept}: run the "
                                 f"same command {'plus --resume ' if last else ''}with --no-cuda-graph (eager steps, "
                                 "same losses).") from None
-        if model.ep_success_buffer and self.last_dump.step != model.num_timesteps:
-            # SB3 logs every few episodes; this puts the final step on the curves too (once: a second point at the
-            # step SB3 just logged would draw a vertical jump in TensorBoard)
-            model.dump_logs()
+        if model.ep_success_buffer:
+            model.dump_logs()  # SB3 logs every few episodes; this puts the final step on the curves too
         self.meta["sessions"][-1].update({"to_step": model.num_timesteps, "ended_at": now_iso(),
                                           "steps_per_s": self.meta["steps_per_s"],
                                           "cuda_graph": self.meta.get("cuda_graph")})
