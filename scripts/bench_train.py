@@ -250,14 +250,20 @@ def run_processes(measurement: Measurement, concurrent: int, timeout: float) -> 
                                             "--seconds)") from None
                 return results + [{**result, "update_sections_error": f"the profile ran past --timeout {timeout:g} s"}
                                   for result in late]
-            lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
-            if proc.returncode != 0 or not lines:
+            result = last_result(out)
+            if proc.returncode != 0 or result is None:
                 said = [line for line in err.splitlines() if line.strip()]
                 raise MeasurementFailed(f"the worker exited {proc.returncode}: "
                                         f"{said[-1].removeprefix('error: ') if said else 'it printed nothing'}",
                                         err[-3000:])
-            results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
+            results.append(result)
     return results
+
+
+def last_result(out: str) -> dict[str, Any] | None:
+    """The last result a worker printed on its stdout (``print_result``), None if it printed none."""
+    lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
+    return json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None
 
 
 def results_before_the_profile(procs: list[subprocess.Popen]) -> list[dict[str, Any]] | None:
@@ -266,9 +272,7 @@ def results_before_the_profile(procs: list[subprocess.Popen]) -> list[dict[str, 
     results = []
     for proc in procs:
         proc.kill()
-        out, _ = proc.communicate()
-        lines = [line for line in out.splitlines() if line.startswith(RESULT_PREFIX)]
-        results.append(json.loads(lines[-1][len(RESULT_PREFIX):]) if lines else None)
+        results.append(last_result(proc.communicate()[0]))
     return results if all(result is not None for result in results) else None
 
 

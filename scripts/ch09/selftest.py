@@ -343,16 +343,16 @@ def check_speed(card: TrainConfig, device: th.device, seconds: float) -> list[Ch
             torch_threads=th.get_num_threads()))
         rates[run], measurements[run] = result["env_steps_per_s"], result
     stock, fast = rates[stock_run], rates[fast_run]
+    # on a CPU both engines spend the time in the same update math, and a few seconds of each on a shared machine
+    # give a ratio of the load, not of the engine: none there (bench_train's rounds measure it)
+    speedup = fast / stock if RUNS[fast_run].pixels else None
     figures = {"runs": {run: RUNS[run].what for run in rates}, "env_steps_per_s": rates, "n_envs": card.n_envs,
                "batch_size": SPEED_BATCH, "precision": card.precision,
                "overlap_collection": card.overlap_collection, "frames_in_ram": card.frames_in_ram,
                "seconds_each": seconds,
-               # on a CPU both engines spend the time in the same update math, and a few seconds of each on a shared
-               # machine give a ratio of the load, not of the engine: none there (bench_train's rounds measure it)
-               "speedup": fast / stock if RUNS[fast_run].pixels else None,
-               "measurements": measurements}  # bench_train's own record of each
-    if RUNS[fast_run].pixels:
-        ratio, proxy = f" ({fast / stock:.2f}x)", ""
+               "speedup": speedup, "measurements": measurements}  # bench_train's own record of each
+    if speedup is not None:
+        ratio, proxy = f" ({speedup:.2f}x)", ""
     else:
         ratio, proxy = "", (" (the full-state proxy: both engines train; on a CPU their ratio says nothing of the "
                             "engine, README's CPU table)")
