@@ -36,8 +36,9 @@ KILL_AT_STEP = 250
 KILLED_RUN = "ch09_fullstate_FetchReach-v4_seed1"
 TINY_STATE_RUN = ["--full-state", "--env", "FetchReach-v4", "--buffer-size", "1000", "--batch-size", "32",
                   "--learning-starts", "100", "--eval-freq", "200", "--eval-episodes", "2", "--checkpoint-freq",
-                  str(CHECKPOINT_FREQ), "--device", "cpu", "--no-progress"]
-"""A full-state run that trains, evaluates and checkpoints within seconds (add --total-steps)."""
+                  str(CHECKPOINT_FREQ), "--device", "cpu", "--no-progress", "--no-eval-video"]
+"""A full-state run that trains, evaluates and checkpoints within seconds (add --total-steps); eval/video, which
+renders and encodes an episode per evaluation, is tested in test_video.py."""
 RUN_FLAGS = [*TINY_STATE_RUN, "--total-steps", str(TOTAL_STEPS)]
 """The train flags of one tiny run (after --seed N), as a reader would type them."""
 SWEEP_FLAGS = ["--n-episodes", "2", "--num-cpus", "2"]

@@ -43,7 +43,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, production) -> Path:
     production.check("train", "--full-state", "--env", ENV_ID, "--seed", str(SEED), "--total-steps", str(TRAIN_STEPS),
                      "--buffer-size", "1000", "--batch-size", "32", "--learning-starts", "100", "--eval-freq", "200",
                      "--eval-episodes", "2", "--checkpoint-freq", str(TRAIN_STEPS), "--device", "cpu",
-                     "--no-progress", "--artifact-root", str(root))
+                     "--no-progress", "--no-eval-video", "--artifact-root", str(root))
     checkpoint = root / "checkpoints" / f"ch09_{TAG}_{ENV_ID}_seed{SEED}.zip"
     # eval and aggregate in-process: saves two interpreter starts
     assert ch09_pixel_push.main(["eval", "--checkpoint", str(checkpoint), "--n-episodes", str(EVAL_EPISODES),

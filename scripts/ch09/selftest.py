@@ -62,7 +62,7 @@ CARD_TIME_CHECK = f"Experiment Card time ({EXPERIMENT_CARD_STEPS / 1e6:g}M steps
 SLOW_RENDER_STEPS_PER_S = 15.0
 """Below this, step + render is slow enough to dominate a run (README, Troubleshooting rendering)."""
 
-LOSS_CHECK_BATCH = 32
+LOSS_CHECK_BATCH = 8
 """Batch of the bf16-vs-fp32 steps: small, so they take seconds on a CPU too (the comparison needs no big batch)."""
 LOSS_CHECK_LEARNING_STARTS = 100
 """Random steps collected before those updates: two complete 50-step episodes, so HER has futures to draw."""
