@@ -102,9 +102,16 @@ def rewards_follow_the_task(samples, reward_env: BitFlippingEnv) -> bool:
     return np.array_equal(samples.rewards.numpy().ravel(), expected)
 
 
-@pytest.mark.parametrize("n_envs", [1, 2])
-@pytest.mark.parametrize("vec_env", ["dummy", "subproc"])
-@pytest.mark.parametrize("algorithm", [SAC, TD3, DDPG, DQN], ids=lambda a: a.__name__)
+IN_THE_DEFAULT_RUN = {(SAC, "dummy", 1), (TD3, "subproc", 1), (DDPG, "dummy", 2), (DQN, "subproc", 2)}
+"""Four of the sixteen runs below hold every algorithm, every VecEnv kind and env count, and every (VecEnv kind,
+env count) pair; the other twelve run with ``pytest -m slow``."""
+
+
+@pytest.mark.parametrize(("algorithm", "vec_env", "n_envs"), [
+    pytest.param(algorithm, vec_env, n_envs, id=f"{algorithm.__name__}-{vec_env}-{n_envs}",
+                 marks=() if (algorithm, vec_env, n_envs) in IN_THE_DEFAULT_RUN else pytest.mark.slow)
+    for algorithm in (SAC, TD3, DDPG, DQN) for vec_env in ("dummy", "subproc") for n_envs in (1, 2)
+])
 def test_off_policy_algorithm_learns_saves_loads_and_continues(algorithm, vec_env, n_envs, bit_flipping_envs,
                                                                tmp_path):
     env = bit_flipping_envs(vec_env, n_envs, discrete_actions=algorithm is DQN)
