@@ -97,6 +97,15 @@ class CommandLine:
         return self.assert_one_line(code, err, 2, *fragments)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_default_log_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """SB3's ``learn()`` without a logger of the caller's makes an empty ``/tmp/SB3-<time>`` folder; here, and in
+    the processes the tests start, it makes this one session folder instead (``SB3_LOGDIR``)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SB3_LOGDIR", str(tmp_path_factory.mktemp("sb3_default_logs")))
+        yield
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture) -> CommandLine:
     """``cli.run("train", ...)`` runs the production script in-process; ``cli.assert_user_error(...)`` checks."""

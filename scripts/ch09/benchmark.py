@@ -315,6 +315,8 @@ def replay_bytes_per_transition(model: Any, episode_steps: int) -> float:
 def measure(measurement: Measurement, measured: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Build, warm up, time: the job of one worker process. ``measured`` is handed the result before the profile
     (``profile_updates``) starts, so a profile that never returns cannot take the speeds with it."""
+    from stable_baselines3.common.logger import Logger
+
     from ch09 import experiment  # SB3, MuJoCo and the experiment load in the measuring process only
     from ch09.run.vec_env import make_vec_env
 
@@ -331,6 +333,7 @@ def measure(measurement: Measurement, measured: Callable[[dict[str, Any]], None]
     env = make_vec_env(env_fns, worker_timeout=cfg.worker_timeout)
     try:
         model = experiment.build_agent(cfg, env)  # SAC or FastSAC, as `train --engine ...` builds it
+        model.set_logger(Logger(None, []))  # nothing to log; SB3's own would leave an empty /tmp/SB3-<time> folder
         device = model.device
         # SB3 types learn()'s log_interval int, but hands it to collect_rollouts, which takes None (no episode logs)
         model.learn(measurement.learning_starts + measurement.warmup_steps,
