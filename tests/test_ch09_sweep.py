@@ -6,8 +6,9 @@ for ``--address local``). The runs are tiny full-state FetchReach-v4 runs (300 e
 subprocesses. One module-scoped sweep of 2 seeds is shared by several tests; in it seed 1 SIGKILLs itself at
 step 250 through the train script's test hook (``CH09_TEST_KILL_AT_STEP``), as the OOM killer would. A
 second sweep is stopped with Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) and
-resumed. Errors a user can cause are checked in-process through ``main(argv)`` where no Ray instance is
-needed: each must be ONE line starting with "error:" and exit code 2, never a traceback.
+resumed (a slow test: ``pytest -m slow``). Errors a user can cause are checked in-process through
+``main(argv)`` where no Ray instance is needed: each must be ONE line starting with "error:" and exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def test_rerun_of_a_finished_sweep_trains_nothing(swept: dict[str, Any]) -> None
         assert (row["success_rate"], row["success_source"]) == (final, "final eval")
 
 
+@pytest.mark.slow  # over a minute on 2 cores, the default run's longest test: 1000 steps of training in two sessions
 def test_ctrl_c_saves_each_run_and_a_rerun_resumes(tmp_path: Path) -> None:
     root, total = tmp_path / "artifacts", 1_000
     flags = [*TINY_STATE_RUN, "--total-steps", str(total)]

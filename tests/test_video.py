@@ -138,6 +138,7 @@ def test_pixel_run_without_cuda_prints_its_measured_update_time(pixel_run: dict)
     assert "--full-state" in lines[0]
 
 
+@pytest.mark.slow  # a pixel run in bf16 on the CPU for one variant of the notice above
 def test_with_overlapped_collection_the_notice_times_whole_training_steps(production, tmp_path: Path) -> None:
     """train() only defers the updates to the next env step there: the time between SB3's callbacks is not an
     update's, so the notice gives the time of a training step, which includes an 84x84 render (milliseconds).
