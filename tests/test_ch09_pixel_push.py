@@ -65,6 +65,13 @@ def hparams(run_dir: Path) -> dict[str, Any]:
 
 
 
+def assert_one_point_per_step(logged: dict[str, list[tuple[int, float]]]) -> None:
+    """Each TensorBoard curve has at most one point per step: a second one draws a vertical jump."""
+    for tag, points in logged.items():
+        steps = [step for step, _ in points]
+        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
+
+
 def load_meta(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
@@ -314,9 +321,7 @@ def test_pixel_run_logs_the_contract_tags_and_hparams(nature_run: dict[str, Any]
     logged = tensorboard_scalars(run_dir)
     assert REQUIRED_TAGS <= set(logged), f"missing {REQUIRED_TAGS - set(logged)}"
     assert logged["eval/success_rate"][-1][0] == 150
-    for tag, points in logged.items():  # the evaluation at the last step and the closing dump: one point each
-        steps = [step for step, _ in points]
-        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
+    assert_one_point_per_step(logged)  # the evaluation at the last step and the closing dump: one point each
     assert all(np.isfinite(v) for _, v in logged["train/critic_loss"])
     params = hparams(run_dir)
     assert params["tag"] == "nature" and params["batch_size"] == 8 and params["drq"] == 1  # TB stores bools as 1.0
@@ -448,9 +453,7 @@ def test_resume_continues_the_same_run(root: Path, state_runs: dict[str, Any], p
     steps = [step for step, _ in logged["time/fps"]]
     assert min(steps) <= 200 < max(steps) == 350, steps
     assert max(step for step, _ in logged["train/critic_loss"]) == 350  # updates resumed after the shift
-    for tag, points in logged.items():  # one point per step: a second one draws a vertical jump in TensorBoard
-        steps = [step for step, _ in points]
-        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
+    assert_one_point_per_step(logged)
     meta = load_meta(root / "checkpoints/ch09_fullstate_FetchPush-v4_seed0.meta.json")
     assert meta["steps_done"] == 350 and len(meta["sessions"]) == 2
     assert meta["sessions"][1]["from_step"] == 200 and meta["sessions"][1]["replay_restored"] is False
