@@ -1,56 +1,65 @@
 #!/usr/bin/env bash
-# The GPU checks of the project, as ONE call of a lent GPU machine (one H200) that fits in 9 minutes.
+# The GPU checks of the project, in calls of a lent GPU machine (one H200) of at most 9 minutes each.
 #
 # Prepare once, on the CPU machine, from the repository root (wheels the GPU image lacks and the EGL loaders;
 # nothing else: the GPU image's own pytest and its plugins stay as they are; typing_extensions too, because tyro
 # 1.0.17 fails to import with the 4.13 and older that the image may have):
 #   EXTRA_WHEELS="typing_extensions==4.16.0" bash ../shared/device/prepare.sh
-# Then ONE device call:  run(carry=[".whl", ".gl"], timeout_s=540, command=
+# Then the first device call:  run(carry=[".whl", ".gl"], timeout_s=540, command=
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 bash scripts/gpu_checks.sh')
 # T0 is taken before the wheels install, so the deadline below counts from the start of the call.
 #
-# Stages, in order of value, with their planning estimates on a fresh H200 (from FACTS.md's speed anchors, not
-# measured; the log prints what each one took). Every stage runs under min(1.5 x its estimate, the time left
-# before DEADLINE_S); a stage with less than MIN_STAGE_S left is skipped and named in the log.
+# Stages, in order of value, with their planning estimates on a fresh H200 (the H200 run of 2026-12-04 measured
+# prepare, tests, bench1 and the proxy's rate; the others are not measured yet; the log prints what each one took).
+# Every stage runs under min(1.5 x its estimate, the time left before DEADLINE_S); a stage with less than
+# MIN_STAGE_S left is skipped and named in the log.
 #   stage      estimate  what
-#   prepare      25 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
-#   tests       110 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
-#   bench1      145 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
+#   prepare      15 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
+#   tests        40 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
+#   proxy       290 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
+#   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps: eval success every 1K steps (20
+#                        episodes), as in the CPU learning check the README reports: does the GPU engine learn?
+#   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
+#   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
+#   bench1      180 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
 #                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps;
 #                        a measurement past 120 s is stopped, its speeds kept if only its profile was running)
-#   proxy       150 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
-#   bench8       30 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows (if time remains)
-#   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
-# Sum 505 s, under DEADLINE_S = 510 s from T0, under the call's 540 s.
+# They do not all fit in one call. Without arguments the script runs DEFAULT_STAGES, the first call of a session:
+#   call 1: tests proxy reach       15 + 40 + 290 + 100 = 445 s, under DEADLINE_S = 510 s from T0 (the call's 540 s)
+#   call 2: bench8 selftest         15 + 90 + 45 = 150 s, with DEADLINE_S set from `status` (the rerun line below)
+# bench1 measured the engine's speed on 2026-12-04; run it again (alone, a call of its own) after the engine changes.
 #
 # What comes back under $OUT (at most 8 files; each written as it is made, so a stage cut off by its timeout
 # or the deadline still leaves what it measured): gpu_checks.log (all output, free memory first), selftest.json,
 # bench1.json and bench8.json (bench_train.py writes after every measurement), proxy.json (the eval curve,
-# rewritten from the TensorBoard folder every PROXY_POLL_S and after the stage, whatever ended it) and
-# crash_logs.txt (every crash-*.log the entry points' guard wrote during the run, after every stage).
+# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it), reach.json
+# (the same for the full-state run) and crash_logs.txt (every crash-*.log the entry points' guard wrote during the
+# run, after every stage).
 #
-# After the call: copy bench1.json, bench8.json and proxy.json to docs/measurements/<date>_h200_<name>.json and put
-# each into README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
+# After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
+# README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
 # and `<!-- end measured -->` (the tests check every such block against its file). bench1's second table says
 # where each env step's time goes: the updates on the host and on the GPU, the env step, the rest; its third, where
 # the GPU time of one gradient step goes (the draw, each loss with its encoder passes, Polyak). Its rows choose
 # the defaults of train's --precision and --overlap-collection (bench8's, of --n-envs); the proxy trains with neither.
 #
-# Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: all, in the order above; prepare is not a stage here)
-# A rerun after a fix: the machine goes back 30 s after a call, so the rerun starts a fresh one (1-2 min of the
-# session's device time) and needs 4 min left to start at all: rerun only the stages that failed or were cut, with
+# Usage: bash scripts/gpu_checks.sh [STAGE ...]   (default: DEFAULT_STAGES; prepare is not a stage here)
+# Call 2, or a rerun after a fix: the machine goes back 30 s after a call, so the next call starts a fresh one (1-2
+# min of the session's device time) and needs 4 min left to start at all: run only the stages still to do, with
 # DEADLINE_S = what `status` gives as budget_left_s, less 150 s, and timeout_s = DEADLINE_S + 30, e.g.
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
-STAGES=(tests bench1 proxy bench8 selftest)
-declare -A ESTIMATE_S=([prepare]=25 [tests]=110 [bench1]=145 [proxy]=150 [bench8]=30 [selftest]=45)
+STAGES=(tests proxy reach bench8 selftest bench1)
+DEFAULT_STAGES=(tests proxy reach)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [selftest]=45 [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
 KILL_AFTER_S=10                   # a stage that ignores SIGTERM is killed this long after it
 PROXY_STEPS=20000
-PROXY_POLL_S=20
+REACH_STEPS=12000
+CURVE_POLL_S=20
 
 # ---- the clock ---------------------------------------------------------------------------------------
 time_left_s() { echo $(( START_S + DEADLINE_S - $(date +%s) )); }
@@ -115,22 +124,35 @@ stage_bench8() {
     --seconds 8 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
 }
 
-stage_proxy() {
-  local poller status
-  ( while sleep "$PROXY_POLL_S"; do proxy_curve; done ) >/dev/null 2>&1 &  # off the pipe: tee must not wait
+# train_and_follow NAME STEPS FLAG...: a `train` run on CUDA under $RUNS_ROOT/NAME whose eval curve goes to
+# $OUT/NAME.json every CURVE_POLL_S while it runs (a cut run keeps what it reached) and once more at the end
+train_and_follow() {
+  local name=$1 steps=$2 poller status
+  shift 2
+  ( while sleep "$CURVE_POLL_S"; do learning_curve "$name" "$steps"; done ) >/dev/null 2>&1 &  # off the pipe: tee must not wait
   poller=$!
-  python3 scripts/ch09_pixel_push.py train --env FetchReach-v4 --critic-encoder --no-drq --engine fast \
-    --total-steps "$PROXY_STEPS" --eval-freq 2000 --eval-episodes 10 --no-eval-video \
-    --checkpoint-freq "$PROXY_STEPS" --buffer-size 100000 --device cuda --no-progress --artifact-root "$PROXY_ROOT"
+  python3 scripts/ch09_pixel_push.py train --engine fast --total-steps "$steps" --checkpoint-freq "$steps" \
+    --no-eval-video --device cuda --no-progress --artifact-root "$RUNS_ROOT/$name" "$@"
   status=$?
   kill "$poller" 2>/dev/null
   return $status
 }
-finish_proxy() { proxy_curve; }
 
-# proxy_curve: the proxy's eval success so far, from its TensorBoard folder, into $OUT/proxy.json (atomically)
-proxy_curve() {
-  python3 - "$PROXY_ROOT" "$OUT/proxy.json" "$PROXY_STEPS" <<'PY' 2>>"$LOG"
+stage_proxy() {
+  train_and_follow proxy "$PROXY_STEPS" --env FetchReach-v4 --critic-encoder --no-drq --eval-freq 2000 \
+    --eval-episodes 10 --buffer-size 100000
+}
+finish_proxy() { learning_curve proxy "$PROXY_STEPS"; }
+
+stage_reach() {
+  train_and_follow reach "$REACH_STEPS" --env FetchReach-v4 --full-state --eval-freq 1000 --eval-episodes 20
+}
+finish_reach() { learning_curve reach "$REACH_STEPS"; }
+
+# learning_curve NAME STEPS: the eval success so far of run NAME, from its TensorBoard folder, into $OUT/NAME.json
+# (atomically)
+learning_curve() {
+  python3 - "$RUNS_ROOT/$1" "$OUT/$1.json" "$2" <<'PY' 2>>"$LOG"
 import json, os, sys
 from pathlib import Path
 root, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
@@ -144,8 +166,8 @@ if run_dirs:
         curve = [[e.step, e.value] for e in events.Scalars("eval/success_rate")]
 metas = sorted(root.glob("checkpoints/*_seed0.meta.json"))
 meta = json.loads(metas[0].read_text()) if metas else {}
-report = {"engine": "fast", "total_steps": steps, "eval_success_rate": curve,
-          "reaches_0.9": any(value >= 0.9 for _, value in curve),
+report = {"engine": "fast", "run": run_dirs[0].parts[-3] if run_dirs else None, "total_steps": steps,
+          "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve),
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),
           "steps_per_s": meta.get("steps_per_s"), "wall_time_s": meta.get("wall_time_s")}
 tmp = out.with_name(out.name + ".tmp")
@@ -209,7 +231,7 @@ run_stages() {
 main() {
   cd "$(dirname "$0")/.." || exit 2
   local stages=("$@") stage missing
-  [ ${#stages[@]} -eq 0 ] && stages=("${STAGES[@]}")
+  [ ${#stages[@]} -eq 0 ] && stages=("${DEFAULT_STAGES[@]}")
   for stage in "${stages[@]}"; do
     if [[ ! " ${STAGES[*]} " == *" $stage "* ]]; then
       echo "error: unknown stage '$stage'; use any of: ${STAGES[*]}." >&2
@@ -218,11 +240,11 @@ main() {
   done
   export OUT="${OUT:-results/gpu_checks}" PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
   export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}" LOG="$OUT/gpu_checks.log"
-  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" PROXY_ROOT PROXY_STEPS PROXY_POLL_S
+  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT PROXY_STEPS REACH_STEPS CURVE_POLL_S
   mkdir -p "$OUT"
-  PROXY_ROOT=$(mktemp -d /tmp/gpu_proxy_XXXX)
+  RUNS_ROOT=$(mktemp -d /tmp/gpu_runs_XXXX)
   START_MARK=$(mktemp /tmp/gpu_checks_start_XXXX)
-  CRASH_LOG_DIRS=("$PWD/logs" "$PROXY_ROOT/logs" "${TMPDIR:-/tmp}")
+  CRASH_LOG_DIRS=("$PWD/logs" "$RUNS_ROOT/proxy/logs" "$RUNS_ROOT/reach/logs" "${TMPDIR:-/tmp}")
 
   say "free memory first (deadline ${DEADLINE_S} s from the call's start, $(time_left_s) s left):"
   { free -g; nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free,driver_version --format=csv; } \

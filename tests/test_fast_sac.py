@@ -1088,6 +1088,34 @@ def test_a_capture_that_fails_verification_falls_back_once_and_trains_eagerly(ho
     assert lines == [f"CUDA-graph step disabled ({status.reason}); training eagerly, same losses, slower"]
 
 
+@pytest.mark.parametrize("replay", ["framestack", "sb3"])
+def test_replay_deviation_compares_a_late_replay_with_the_eager_step_from_its_state(replay, stand_in):
+    """What `pytest -m gpu` asks of a replay long after the capture: 0 for replays that are the eager step (the
+    stand-in's), over the capture's tolerance for one that went stale after the check at the capture (here: its
+    later replays draw other random numbers, as a graph reading a stale generator state would)."""
+
+    class StaleAfterCapture(RecordedStepGraph):
+        replays = 0
+
+        def replay(self):
+            type(self).replays += 1
+            if type(self).replays > 1:  # the first replay is the capture's check
+                th.randn(1000)
+            super().replay()
+
+    for graph_class, is_right in ((stand_in, True), (StaleAfterCapture, False)):
+        env, eager, graphed = filled_reach_pair(replay, step_graph_class=graph_class)
+        try:
+            train_both((eager, graphed), gradient_steps=8)
+            assert graphed.graph_status.state == "captured"
+            with pytest.raises(RuntimeError, match="no captured graph to compare"):
+                eager._engine.replay_deviation()
+            deviation = graphed._engine.replay_deviation()
+            assert deviation == 0.0 if is_right else deviation > GRAPH_VERIFY_RTOL["fp32"]
+        finally:
+            env.close()
+
+
 # What CUDA refuses while it captures, seen on the CPU: an op that makes the host wait for a tensor's value.
 VALUE_DEPENDENT_SHAPE = "a shape that depends on values"
 HOST_READS = {
@@ -1383,8 +1411,13 @@ GPU_GRAPH_CASES = [
 ]
 """precision x DrQ x policy on the frame-once buffer (the draw inside the graph), and SB3's buffers (host draw)."""
 GPU_WEIGHT_ATOL = {"fp32": 1e-5, "bf16": 1e-4}
-"""Per-weight bound of eager vs replayed after 20 steps: far below what a stale batch does (most weights move by
-a good part of the learning rate, 3e-4, per step); bf16 leaves room for a flipped last bit of an activation."""
+"""Per-weight bound of eager vs replayed after GPU_COMPARED_STEPS: far below what a stale batch does (most weights
+move by a good part of the learning rate, 3e-4, per step); bf16 leaves room for a flipped last bit of an activation."""
+GPU_STEPS_PER_CALL = 4
+"""Two train() calls of this many steps on each side: the graphed model warms up for 3, captures the 4th, and
+replays every step of the second call. Few on purpose: Adam grows a rounding-sized difference between two runs
+step by step, with or without the graph (README: what `pytest -m gpu` showed on an H200), so two whole runs are
+compared early, and a replay long after the capture is compared with replay_deviation(), from one state."""
 
 
 @pytest.mark.gpu
@@ -1395,7 +1428,7 @@ def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, re
         for model in (eager, graphed):
             np.random.seed(5 + calls)  # the host draw of SB3's buffers
             th.manual_seed(5 + calls)  # the device draw, DrQ's shifts, the actor's noise
-            model.train(gradient_steps=10, batch_size=64)  # graphed: 3 warm-up, capture + verify, 6 + 10 replays
+            model.train(gradient_steps=GPU_STEPS_PER_CALL, batch_size=64)
     assert eager.graph_status.state == "off" and eager._engine.graph is None
     status = graphed.graph_status
     assert status.state == "captured" and status.max_deviation <= GRAPH_VERIFY_RTOL[precision], status
@@ -1406,6 +1439,7 @@ def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, re
     assert eager_losses.keys() == graphed_losses.keys() >= {"train/critic_loss", "train/actor_loss"}
     for key, value in eager_losses.items():
         assert graphed_losses[key] == pytest.approx(value, rel=GRAPH_VERIFY_RTOL[precision], abs=1e-5), key
+    assert graphed._engine.replay_deviation() <= GRAPH_VERIFY_RTOL[precision]  # the 5th replay, from one state
 
 
 @pytest.mark.gpu

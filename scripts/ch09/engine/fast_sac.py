@@ -806,6 +806,29 @@ class SacUpdateEngine:
         self.graph, self._captured_addresses = graph, self._addresses()
         self._set_status("captured")
 
+    def replay_deviation(self) -> float:
+        """One more gradient step, taken both ways from the same state and draws: the captured graph's replay, then
+        the eager step, whose result stays. Returns how far the replay was from it, measured as the capture's check
+        measures it (inf if a replayed value is not finite).
+
+        The capture's check compares the first replay only; this compares one at any later point, so a step that
+        replays a stale input (a batch, an Adam step count, alpha) shows here however long after the capture. Two
+        whole runs cannot show it as sharply: Adam grows rounding-sized differences between them step by step.
+        """
+        if self.graph is None:
+            raise RuntimeError(f"no captured graph to compare (graph status: {self.status.state})")
+        if self.view is None:  # host draw: the batch both steps read
+            assert self.static_batch is not None, "the capture filled the fixed batch tensors"
+            _copy_batch(self.static_batch, self._sample())
+        state = self._state_tensors()
+        before = [t.detach().clone() for t in state], default_generator(self.device).get_state()
+        self.graph.replay()
+        replayed = [t.detach().clone() for t in state]
+        self._restore(state, before)
+        self._static_step()
+        deviation, finite = self._deviation(before[0], replayed, state)
+        return deviation if finite else math.inf
+
     def _state_tensors(self) -> list[th.Tensor]:
         """Every tensor a step changes: weights and buffers (target nets too), log alpha, Adam states, loss sums."""
         tensors: dict[int, th.Tensor] = {}
