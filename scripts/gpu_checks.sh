@@ -20,21 +20,22 @@
 #   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps: eval success every 1K steps (20
 #                        episodes), as in the CPU learning check the README reports: does the GPU engine learn?
 #   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
+#   seeds3       80 s    pixels, 1 env, 3 runs side by side (3 seeds on one GPU): Step 0 stock vs Step 2 FastSAC fp32
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
 #   bench1      180 s    pixels, 1 env: Step 0 and Step 2 stock vs Step 2 FastSAC in fp32 and bf16, each without
 #                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps;
 #                        a measurement past 120 s is stopped, its speeds kept if only its profile was running)
 # They do not all fit in one call. Without arguments the script runs DEFAULT_STAGES, the first call of a session:
 #   call 1: tests proxy reach       15 + 40 + 290 + 100 = 445 s, under DEADLINE_S = 510 s from T0 (the call's 540 s)
-#   call 2: bench8 selftest         15 + 90 + 45 = 150 s, with DEADLINE_S set from `status` (the rerun line below)
+#   call 2: bench8 seeds3 selftest  15 + 90 + 80 + 45 = 230 s, with DEADLINE_S from `status` (the rerun line below)
 # bench1 measured the engine's speed on 2026-12-04; run it again (alone, a call of its own) after the engine changes.
 #
-# What comes back under $OUT (at most 8 files; each written as it is made, so a stage cut off by its timeout
-# or the deadline still leaves what it measured): gpu_checks.log (all output, free memory first), selftest.json,
-# bench1.json and bench8.json (bench_train.py writes after every measurement), proxy.json (the eval curve,
-# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it), reach.json
-# (the same for the full-state run) and crash_logs.txt (every crash-*.log the entry points' guard wrote during the
-# run, after every stage).
+# What comes back under $OUT (at most 8 files, one of them a curve's .tmp if the call ends as it is written; each
+# written as it is made, so a stage cut off by its timeout or the deadline still leaves what it measured):
+# gpu_checks.log (all output, free memory first, and after each stage every crash-*.log the entry points' guard
+# wrote during it), selftest.json, bench1.json, bench8.json and seeds3.json (bench_train.py writes after every
+# measurement), proxy.json (the eval curve, rewritten from the TensorBoard folder every CURVE_POLL_S and after the
+# stage, whatever ended it) and reach.json (the same for the full-state run).
 #
 # After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
 # README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
@@ -50,9 +51,9 @@
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
-STAGES=(tests proxy reach bench8 selftest bench1)
+STAGES=(tests proxy reach bench8 seeds3 selftest bench1)
 DEFAULT_STAGES=(tests proxy reach)
-declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [selftest]=45 [bench1]=180)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [seeds3]=80 [selftest]=45 [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
@@ -138,6 +139,11 @@ train_and_follow() {
   return $status
 }
 
+stage_seeds3() {
+  python3 scripts/bench_train.py --device cuda --n-envs 1 --concurrent 3 --runs step0-sb3 step2-fast --precisions fp32 \
+    --seconds 8 --learning-starts 300 --warmup-steps 30 --train-only-updates 0 --out "$OUT/seeds3.json"
+}
+
 stage_proxy() {
   train_and_follow proxy "$PROXY_STEPS" --env FetchReach-v4 --critic-encoder --no-drq --eval-freq 2000 \
     --eval-episodes 10 --buffer-size 100000
@@ -176,18 +182,18 @@ os.replace(tmp, out)
 PY
 }
 
-# collect_crash_logs: every crash-*.log written since the start (repository logs/, the proxy's artifact root,
-# the temp folder cli_guard falls back to), in one file
+# collect_crash_logs: every crash-*.log written since the start (repository logs/, the runs' artifact roots, the
+# temp folder cli_guard falls back to) and not yet reported, appended to the log after the stage that wrote it
 collect_crash_logs() {
-  local found=() dir file
+  local dir file
   for dir in "${CRASH_LOG_DIRS[@]}"; do
     for file in "$dir"/crash-*.log; do
-      [ -f "$file" ] && [ "$file" -nt "$START_MARK" ] && found+=("$file")
+      [ -f "$file" ] && [ "$file" -nt "$START_MARK" ] || continue
+      [[ " ${REPORTED_CRASH_LOGS[*]} " == *" $file "* ]] && continue
+      REPORTED_CRASH_LOGS+=("$file")
+      { printf '===== crash log %s\n' "$file"; cat "$file"; echo; } >> "$LOG"
     done
   done
-  [ ${#found[@]} -eq 0 ] && return 0
-  for file in "${found[@]}"; do printf '===== %s\n' "$file"; cat "$file"; echo; done > "$OUT/crash_logs.txt.tmp"
-  mv "$OUT/crash_logs.txt.tmp" "$OUT/crash_logs.txt"
 }
 
 # run_stage NAME: the stage under its limit, output into the log; then its finish step and the crash logs
@@ -221,7 +227,7 @@ run_stage() {
 }
 
 run_stages() {
-  failed=() skipped=()
+  failed=() skipped=() REPORTED_CRASH_LOGS=()
   local stage
   for stage in "$@"; do run_stage "$stage"; done
   say "done: ${#failed[@]} failed (${failed[*]:-none}), ${#skipped[@]} skipped (${skipped[*]:-none}); results in $OUT"
