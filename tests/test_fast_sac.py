@@ -1106,12 +1106,21 @@ def test_replay_deviation_compares_a_late_replay_with_the_eager_step_from_its_st
     for graph_class, is_right in ((stand_in, True), (StaleAfterCapture, False)):
         env, eager, graphed = filled_reach_pair(replay, step_graph_class=graph_class)
         try:
+            with pytest.raises(RuntimeError, match="no captured graph to compare"):
+                graphed.replay_deviation()  # before any train()
             train_both((eager, graphed), gradient_steps=8)
             assert graphed.graph_status.state == "captured"
             with pytest.raises(RuntimeError, match="no captured graph to compare"):
-                eager._engine.replay_deviation()
-            deviation = graphed._engine.replay_deviation()
+                eager.replay_deviation()
+            np.random.seed(9)  # the draws of the step, as train_both's below
+            th.manual_seed(9)
+            deviation = graphed.replay_deviation()
             assert deviation == 0.0 if is_right else deviation > GRAPH_VERIFY_RTOL["fp32"]
+            if is_right:  # the step counts as a train() call of one step, as an eager model's
+                train_both((eager,), gradient_steps=1, seed=9)
+                assert_identical(eager, graphed)
+                assert graphed._n_updates == eager._n_updates == 9
+                assert logged_losses(graphed) == logged_losses(eager)
         finally:
             env.close()
 
@@ -1439,7 +1448,7 @@ def test_captured_step_equals_eager_step_on_cuda(precision, drq, policy_name, re
     assert eager_losses.keys() == graphed_losses.keys() >= {"train/critic_loss", "train/actor_loss"}
     for key, value in eager_losses.items():
         assert graphed_losses[key] == pytest.approx(value, rel=GRAPH_VERIFY_RTOL[precision], abs=1e-5), key
-    assert graphed._engine.replay_deviation() <= GRAPH_VERIFY_RTOL[precision]  # the 5th replay, from one state
+    assert graphed.replay_deviation() <= GRAPH_VERIFY_RTOL[precision]  # the 5th replay, from one state
 
 
 @pytest.mark.gpu

@@ -147,18 +147,24 @@ def test_a_loss_that_starts_at_zero_is_judged_by_the_absolute_slack():
     assert compare_losses(reference, beyond).status == "fail"
 
 
-@pytest.mark.parametrize("state, reason, want", [
-    ("captured", None, "pass"),
-    ("fallback", "replay differs from the eager step by 3e-2", "fail"),
-    ("warming-up", None, "fail"),
-    ("off", "--no-cuda-graph", "skip"),
+@pytest.mark.parametrize("state, reason, late, want", [
+    ("captured", None, 1e-6, "pass"),
+    ("captured", None, 0.5, "fail"),  # verified at the capture, wrong later
+    ("captured", None, math.inf, "fail"),  # a later replay gave a non-finite value
+    ("fallback", "replay differs from the eager step by 3e-2", None, "fail"),
+    ("warming-up", None, None, "fail"),
+    ("off", "--no-cuda-graph", None, "skip"),
 ])
-def test_the_graph_check_passes_only_a_captured_step(state, reason, want):
-    model = SimpleNamespace(graph_status=SimpleNamespace(state=state, reason=reason, max_deviation=1e-6))
+def test_the_graph_check_passes_only_a_captured_step_whose_later_replay_still_matches(state, reason, late, want):
+    model = SimpleNamespace(graph_status=SimpleNamespace(state=state, reason=reason, max_deviation=1e-6),
+                            precision="fp32", replay_deviation=lambda: late)
     result = check_graph_status(model, th.device("cuda"))
     assert result.status == want and result.figures["state"] == state
     if reason:
         assert reason in result.summary
+    if state == "captured":
+        assert result.figures["late_replay_deviation"] == late
+        assert ("--no-cuda-graph" in result.summary) == (want == "fail")
     assert check_graph_status(model, th.device("cpu")).status == "skip"
     assert check_graph_status(SimpleNamespace(), th.device("cuda")).status == "fail"  # an engine without it
 

@@ -12,7 +12,8 @@ reader's machine, with the same build path ``train`` uses (``build_agent`` on th
 | replay memory        | ``train``'s own memory preflight for --buffer-size and --n-envs   | every part fits          |
 | bf16 vs fp32 losses  | the same gradient steps (seed, buffer, draws) in both precisions  | each loss within bound   |
 | captured == eager    | FastSAC's verdict on its CUDA graph after those steps             | ``graph_status.state``   |
-|                      | (``model.graph_status``); CUDA only                               | is "captured"            |
+|                      | (``model.graph_status``), then one more step taken both ways      | is "captured", and that  |
+|                      | (``model.replay_deviation()``); CUDA only                         | step within its bound    |
 | speed sample         | stock SB3 vs FastSAC, --speed-seconds each (bench_train's         | both engines train       |
 |                      | ``measure``): pixels on CUDA, the full-state proxy on a CPU       |                          |
 | Experiment Card time | 5M env steps at the measured FastSAC rate; CUDA only              | a rate was measured      |
@@ -298,8 +299,11 @@ def compare_losses(fp32: list[dict[str, float]], bf16: list[dict[str, float]]) -
 
 
 def check_graph_status(model: Any, device: th.device) -> CheckResult:
-    """captured == eager, as FastSAC verified it at capture: ``model.graph_status`` (state, reason,
-    max_deviation) after the gradient steps the model ran. Passes only when the step runs captured."""
+    """captured == eager: FastSAC's verdict at the capture (``model.graph_status``: state, reason, max_deviation),
+    then one more gradient step taken both ways (``model.replay_deviation()``), so that a replay gone wrong after
+    the capture shows too. Passes only when the step runs captured and both are within GRAPH_VERIFY_RTOL."""
+    from ch09.engine.fast_sac import GRAPH_VERIFY_RTOL
+
     name = "captured == eager"
     if device.type != "cuda":
         return CheckResult(name, "skip", "no CUDA device: the update is captured as a CUDA graph only on CUDA")
@@ -308,9 +312,15 @@ def check_graph_status(model: Any, device: th.device) -> CheckResult:
         return CheckResult(name, "fail", "this FastSAC reports no graph_status, so its capture is unverified")
     figures = {"state": status.state, "reason": status.reason, "max_deviation": status.max_deviation}
     if status.state == "captured":
-        deviation = "n/a" if status.max_deviation is None else f"{status.max_deviation:.2g}"
-        return CheckResult(name, "pass", f"the captured step matches an eager one (max deviation {deviation})",
-                           figures)
+        late, tolerance = model.replay_deviation(), GRAPH_VERIFY_RTOL[model.precision]
+        figures |= {"late_replay_deviation": late, "tolerance": tolerance}
+        if not late <= tolerance:  # (inf: a replayed value was not finite)
+            return CheckResult(name, "fail", f"a replay {LOSS_CHECK_EXTRA_STEPS} steps after the capture differs "
+                               f"from the eager step by {late:.2g} of the step's size (tolerance {tolerance:g}); "
+                               "train with --no-cuda-graph (same losses, slower) and report it", figures)
+        at_capture = "n/a" if status.max_deviation is None else f"{status.max_deviation:.2g}"
+        return CheckResult(name, "pass", f"the captured step matches an eager one at its capture and "
+                           f"{LOSS_CHECK_EXTRA_STEPS} steps later (deviation {at_capture}, then {late:.2g})", figures)
     if status.state == "off":
         return CheckResult(name, "skip", f"the CUDA graph is turned off ({status.reason})", figures)
     return CheckResult(name, "fail", f"CUDA graph {status.state}: {status.reason}", figures)

@@ -807,9 +807,9 @@ class SacUpdateEngine:
         self._set_status("captured")
 
     def replay_deviation(self) -> float:
-        """One more gradient step, taken both ways from the same state and draws: the captured graph's replay, then
-        the eager step, whose result stays. Returns how far the replay was from it, measured as the capture's check
-        measures it (inf if a replayed value is not finite).
+        """One more gradient step (as ``run(1)``: the loss sums start over), taken both ways from the same state
+        and draws: the captured graph's replay, then the eager step, whose result stays. Returns how far the replay
+        was from it, measured as the capture's check measures it (inf if a replayed value is not finite).
 
         The capture's check compares the first replay only; this compares one at any later point, so a step that
         replays a stale input (a batch, an Adam step count, alpha) shows here however long after the capture. Two
@@ -820,12 +820,14 @@ class SacUpdateEngine:
         if self.view is None:  # host draw: the batch both steps read
             assert self.static_batch is not None, "the capture filled the fixed batch tensors"
             _copy_batch(self.static_batch, self._sample())
+        self.metric_sums.zero_()
         state = self._state_tensors()
         before = [t.detach().clone() for t in state], default_generator(self.device).get_state()
-        self.graph.replay()
-        replayed = [t.detach().clone() for t in state]
-        self._restore(state, before)
-        self._static_step()
+        with cudnn_benchmark():  # the kernels of run()'s steps, on both sides
+            self.graph.replay()
+            replayed = [t.detach().clone() for t in state]
+            self._restore(state, before)
+            self._static_step()
         deviation, finite = self._deviation(before[0], replayed, state)
         return deviation if finite else math.inf
 
@@ -1151,6 +1153,19 @@ class FastSAC(SAC):
         for key, value in metrics.items():
             if key != "train/ent_coef_loss" or self.ent_coef_optimizer is not None:
                 self.logger.record(key, value)
+
+    def replay_deviation(self) -> float:
+        """How far a replay of the captured CUDA graph is from the eager step now, however many replays after the
+        capture: one more gradient step, taken both ways from the same state (``SacUpdateEngine.replay_deviation``;
+        compare with ``GRAPH_VERIFY_RTOL[precision]``). The step counts as a ``train()`` call of one step."""
+        self._run_pending_updates()
+        self.record_train_metrics()  # the last call's losses, before the sums start over
+        if self._engine is None:
+            raise RuntimeError("no captured graph to compare: train() has not run yet")
+        deviation = self._engine.replay_deviation()
+        self._n_updates += 1
+        self._unread_update_steps = 1
+        return deviation
 
     def _update_learning_rate(self, optimizers: list[th.optim.Optimizer] | th.optim.Optimizer) -> None:
         """SB3's schedule, written into a capturable optimizer's tensor learning rate in place (one ``fill_`` per
