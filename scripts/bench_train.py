@@ -509,8 +509,12 @@ def proxy_markdown(report: dict[str, Any]) -> str:
                       [(f"{step:,}", f"{rate:.2f}") for step, rate in report["eval_success_rate"]])
     done = "finished" if report["finished"] else "cut short"
     reaches = "yes" if report["reaches_0.9"] else "no"
+    where = ""  # (recorded since the reach stage: the device, and on CUDA what became of the graph)
+    if report.get("device"):
+        graph = report.get("cuda_graph")
+        where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
     lines += ["", f"{_cell(report['steps_done'], 0)} of {report['total_steps']:,} env steps ({done}) at "
-                  f"{_cell(report['steps_per_s'])} env steps/s; reaches 0.9: {reaches}"]
+                  f"{_cell(report['steps_per_s'])} env steps/s{where}; reaches 0.9: {reaches}"]
     return "\n".join(lines)
 
 

@@ -18,7 +18,8 @@
 #   tests        40 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
 #   proxy       290 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
 #   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps: eval success every 1K steps (20
-#                        episodes), as in the CPU learning check the README reports: does the GPU engine learn?
+#                        episodes), the frame-once replay drawn inside the graph as in the proxy; the README gives
+#                        the same command's curve on a CPU: does the GPU engine learn where the CPU one does?
 #   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
 #   seeds3       80 s    pixels, 1 env, 3 runs side by side (3 seeds on one GPU): Step 0 stock vs Step 2 FastSAC fp32
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -151,7 +152,8 @@ stage_proxy() {
 finish_proxy() { learning_curve proxy "$PROXY_STEPS"; }
 
 stage_reach() {
-  train_and_follow reach "$REACH_STEPS" --env FetchReach-v4 --full-state --eval-freq 1000 --eval-episodes 20
+  train_and_follow reach "$REACH_STEPS" --env FetchReach-v4 --full-state --replay framestack --eval-freq 1000 \
+    --eval-episodes 20
 }
 finish_reach() { learning_curve reach "$REACH_STEPS"; }
 
@@ -171,9 +173,11 @@ if run_dirs:
     if "eval/success_rate" in events.Tags()["scalars"]:
         curve = [[e.step, e.value] for e in events.Scalars("eval/success_rate")]
 metas = sorted(root.glob("checkpoints/*_seed0.meta.json"))
-meta = json.loads(metas[0].read_text()) if metas else {}
-report = {"engine": "fast", "run": run_dirs[0].parts[-3] if run_dirs else None, "total_steps": steps,
-          "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve),
+meta = json.loads(metas[0].read_text()) if metas else {}  # written with each checkpoint: at the end, or when cut
+config = meta.get("config", {})
+report = {"run": run_dirs[0].parts[-3] if run_dirs else None, "engine": config.get("engine"),
+          "device": config.get("device"), "cuda_graph": (meta.get("cuda_graph") or {}).get("state"),
+          "total_steps": steps, "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve),
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),
           "steps_per_s": meta.get("steps_per_s"), "wall_time_s": meta.get("wall_time_s")}
 tmp = out.with_name(out.name + ".tmp")

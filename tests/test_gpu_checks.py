@@ -132,9 +132,10 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert all(0.0 <= rate <= 1.0 for _, rate in report["eval_success_rate"])
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
     assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the two stages' runs this is
+    assert (report["device"], report["engine"], report["cuda_graph"]) == ("cpu", "fast", "not-cuda")
     table = bench_train.markdown_report(out / "reach.json").splitlines()  # what goes into the README
     assert [line.split(" | ")[0] for line in table[2:4]] == ["| 100", "| 200"]
-    assert table[-1].startswith("200 of 200 env steps (finished) at ")
+    assert table[-1].startswith("200 of 200 env steps (finished) at ") and " env steps/s on cpu; " in table[-1]
 
 
 def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
