@@ -1121,6 +1121,9 @@ def test_replay_deviation_compares_a_late_replay_with_the_eager_step_from_its_st
                 assert_identical(eager, graphed)
                 assert graphed._n_updates == eager._n_updates == 9
                 assert logged_losses(graphed) == logged_losses(eager)
+                RECAPTURE_TRIGGERS["log alpha moved"](graphed)
+                with pytest.raises(RuntimeError, match="replaced since the capture"):
+                    graphed.replay_deviation()  # (a CUDA graph would read freed memory)
         finally:
             env.close()
 

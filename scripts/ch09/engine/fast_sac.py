@@ -817,6 +817,9 @@ class SacUpdateEngine:
         """
         if self.graph is None:
             raise RuntimeError(f"no captured graph to compare (graph status: {self.status.state})")
+        if self._addresses() != self._captured_addresses:  # a replay would read the replaced tensors' memory
+            raise RuntimeError("no captured graph to compare: tensors it reads were replaced since the capture "
+                               "(the next train() captures it again)")
         if self.view is None:  # host draw: the batch both steps read
             assert self.static_batch is not None, "the capture filled the fixed batch tensors"
             _copy_batch(self.static_batch, self._sample())
@@ -1161,7 +1164,7 @@ class FastSAC(SAC):
         self._run_pending_updates()
         self.record_train_metrics()  # the last call's losses, before the sums start over
         if self._engine is None:
-            raise RuntimeError("no captured graph to compare: train() has not run yet")
+            raise RuntimeError("no captured graph to compare: no train() since the model was built or loaded")
         deviation = self._engine.replay_deviation()
         self._n_updates += 1
         self._unread_update_steps = 1
