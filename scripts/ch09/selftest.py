@@ -313,11 +313,14 @@ def check_graph_status(model: Any, device: th.device) -> CheckResult:
     figures = {"state": status.state, "reason": status.reason, "max_deviation": status.max_deviation}
     if status.state == "captured":
         late, tolerance = model.replay_deviation(), GRAPH_VERIFY_RTOL[model.precision]
-        figures |= {"late_replay_deviation": late, "tolerance": tolerance}
-        if not late <= tolerance:  # (inf: a replayed value was not finite)
-            return CheckResult(name, "fail", f"a replay {LOSS_CHECK_EXTRA_STEPS} steps after the capture differs "
-                               f"from the eager step by {late:.2g} of the step's size (tolerance {tolerance:g}); "
-                               "train with --no-cuda-graph (same losses, slower) and report it", figures)
+        finite = math.isfinite(late)  # inf: a replayed value was not finite (JSON gets null)
+        figures |= {"late_replay_deviation": late if finite else None, "tolerance": tolerance}
+        if not late <= tolerance:
+            how = (f"differs from the eager step by {late:.2g} of the step's size" if finite
+                   else "gave non-finite values")
+            return CheckResult(name, "fail", f"a replay {LOSS_CHECK_EXTRA_STEPS} steps after the capture {how} "
+                               f"(tolerance {tolerance:g}); train with --no-cuda-graph (same losses, slower) and "
+                               "report it", figures)
         at_capture = "n/a" if status.max_deviation is None else f"{status.max_deviation:.2g}"
         return CheckResult(name, "pass", f"the captured step matches an eager one at its capture and "
                            f"{LOSS_CHECK_EXTRA_STEPS} steps later (deviation {at_capture}, then {late:.2g})", figures)
