@@ -54,7 +54,8 @@ set -uo pipefail
 
 STAGES=(tests proxy reach bench8 seeds3 selftest bench1)
 DEFAULT_STAGES=(tests proxy reach)
-declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [seeds3]=80 [selftest]=45 [bench1]=180)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [seeds3]=80 [selftest]=45
+                       [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
@@ -126,23 +127,24 @@ stage_bench8() {
     --seconds 8 --learning-starts 800 --warmup-steps 16 --train-only-updates 0 --out "$OUT/bench8.json"
 }
 
+stage_seeds3() {
+  python3 scripts/bench_train.py --device cuda --n-envs 1 --concurrent 3 --runs step0-sb3 step2-fast --precisions fp32 \
+    --seconds 8 --learning-starts 300 --warmup-steps 30 --train-only-updates 0 --out "$OUT/seeds3.json"
+}
+
 # train_and_follow NAME STEPS FLAG...: a `train` run on CUDA under $RUNS_ROOT/NAME whose eval curve goes to
 # $OUT/NAME.json every CURVE_POLL_S while it runs (a cut run keeps what it reached) and once more at the end
 train_and_follow() {
   local name=$1 steps=$2 poller status
   shift 2
-  ( while sleep "$CURVE_POLL_S"; do learning_curve "$name" "$steps"; done ) >/dev/null 2>&1 &  # off the pipe: tee must not wait
+  # The poller stays off the stage's pipe: tee must not wait for it.
+  ( while sleep "$CURVE_POLL_S"; do learning_curve "$name" "$steps"; done ) >/dev/null 2>&1 &
   poller=$!
   python3 scripts/ch09_pixel_push.py train --engine fast --total-steps "$steps" --checkpoint-freq "$steps" \
     --no-eval-video --device cuda --no-progress --artifact-root "$RUNS_ROOT/$name" "$@"
   status=$?
   kill "$poller" 2>/dev/null
   return $status
-}
-
-stage_seeds3() {
-  python3 scripts/bench_train.py --device cuda --n-envs 1 --concurrent 3 --runs step0-sb3 step2-fast --precisions fp32 \
-    --seconds 8 --learning-starts 300 --warmup-steps 30 --train-only-updates 0 --out "$OUT/seeds3.json"
 }
 
 stage_proxy() {
