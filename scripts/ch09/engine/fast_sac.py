@@ -776,9 +776,7 @@ class SacUpdateEngine:
         This gradient step's result is the eager one. The graph is kept (``self.graph``) only if the capture
         worked and the replay matched; otherwise it is dropped, one line says why, and training goes on eagerly.
         """
-        state = self._state_tensors()
-        generator = default_generator(self.device)
-        before = [t.detach().clone() for t in state], generator.get_state()
+        state, before = self._snapshot()
         replayed: list[th.Tensor] | None = None
         failure = None
         try:
@@ -824,8 +822,7 @@ class SacUpdateEngine:
             assert self.static_batch is not None, "the capture filled the fixed batch tensors"
             _copy_batch(self.static_batch, self._sample())
         self.metric_sums.zero_()
-        state = self._state_tensors()
-        before = [t.detach().clone() for t in state], default_generator(self.device).get_state()
+        state, before = self._snapshot()
         with cudnn_benchmark():  # the kernels of run()'s steps, on both sides
             self.graph.replay()
             replayed = [t.detach().clone() for t in state]
@@ -848,6 +845,12 @@ class SacUpdateEngine:
                         tensors.setdefault(id(value), value)
         tensors.setdefault(id(self.metric_sums), self.metric_sums)
         return list(tensors.values())
+
+    def _snapshot(self) -> tuple[list[th.Tensor], tuple[list[th.Tensor], th.Tensor]]:
+        """(the tensors a step changes, (a copy of their values, the generator's state)): what ``_restore`` puts
+        back."""
+        state = self._state_tensors()
+        return state, ([t.detach().clone() for t in state], default_generator(self.device).get_state())
 
     def _restore(self, state: list[th.Tensor], saved: tuple[list[th.Tensor], th.Tensor]) -> None:
         """Put the saved values back IN PLACE (a captured graph holds these addresses) and the generator state."""
