@@ -188,15 +188,13 @@ os.replace(tmp, out)
 PY
 }
 
-# collect_crash_logs: every crash-*.log written since the start (repository logs/, the runs' artifact roots, the
-# temp folder cli_guard falls back to) and not yet reported, appended to the log after the stage that wrote it
+# collect_crash_logs: every crash-*.log written since the stage began (STAGE_MARK; in repository logs/, the runs'
+# artifact roots, the temp folder cli_guard falls back to), appended to the log after the stage that wrote it
 collect_crash_logs() {
   local dir file
   for dir in "${CRASH_LOG_DIRS[@]}"; do
     for file in "$dir"/crash-*.log; do
-      [ -f "$file" ] && [ "$file" -nt "$START_MARK" ] || continue
-      [[ " ${REPORTED_CRASH_LOGS[*]} " == *" $file "* ]] && continue
-      REPORTED_CRASH_LOGS+=("$file")
+      [ -f "$file" ] && [ "$file" -nt "$STAGE_MARK" ] || continue
       { printf '===== crash log %s\n' "$file"; cat "$file"; echo; } >> "$LOG"
     done
   done
@@ -213,6 +211,7 @@ run_stage() {
   fi
   say "stage $name: at most $limit s (estimate ${ESTIMATE_S[$name]} s)"
   start=$(date +%s)
+  touch "$STAGE_MARK"
   export -f $(compgen -A function)
   # The trap keeps the stage's bash alive through the TERM (until its child exits), so timeout's KILL still comes
   # for a Python that survives a TERM (stuck in a CUDA or EGL call, or an env worker that ignores TERM) and holds
@@ -233,7 +232,7 @@ run_stage() {
 }
 
 run_stages() {
-  failed=() skipped=() REPORTED_CRASH_LOGS=()
+  failed=() skipped=()
   local stage
   for stage in "$@"; do run_stage "$stage"; done
   say "done: ${#failed[@]} failed (${failed[*]:-none}), ${#skipped[@]} skipped (${skipped[*]:-none}); results in $OUT"
@@ -255,7 +254,7 @@ main() {
   export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT PROXY_STEPS REACH_STEPS CURVE_POLL_S
   mkdir -p "$OUT"
   RUNS_ROOT=$(mktemp -d /tmp/gpu_runs_XXXX)
-  START_MARK=$(mktemp /tmp/gpu_checks_start_XXXX)
+  STAGE_MARK=$(mktemp /tmp/gpu_checks_stage_XXXX)
   CRASH_LOG_DIRS=("$PWD/logs" "$RUNS_ROOT/proxy/logs" "$RUNS_ROOT/reach/logs" "${TMPDIR:-/tmp}")
 
   say "free memory first (deadline ${DEADLINE_S} s from the call's start, $(time_left_s) s left):"
