@@ -107,8 +107,10 @@ stage_tests() {
   local files
   files=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
   # Each test by name, and every thread's stack in the log if one runs past 60 s: a hang names its test.
+  # `-o addopts=` drops pyproject's options, whose `-n` (pytest-xdist's workers) the image's pytest may not know:
+  # the GPU tests run in this one process.
   # shellcheck disable=SC2086
-  python3 -m pytest -m gpu $files -v -p no:cacheprovider -o faulthandler_timeout=60
+  python3 -m pytest -o addopts= -m gpu $files -v -p no:cacheprovider -o faulthandler_timeout=60
 }
 
 stage_selftest() {

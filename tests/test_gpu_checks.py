@@ -154,7 +154,9 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
                                               "scripts/bench_train.py", "scripts/bench_train.py"]
 
     pytest_argv = commands[0][2:]  # -m pytest ...
-    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-qqq", *pytest_argv],
+    # -p no:xdist: the GPU image's pytest may lack the plugin this project's addopts use (pytest-xdist)
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:xdist", "--collect-only", "-qqq",
+                                *pytest_argv],
                                capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
     assert collected.returncode == 0, collected.stdout[-2000:]
     per_file = dict(re.findall(r"^(tests/test_\w+\.py): (\d+)$", collected.stdout, re.M))  # -qqq against the stage's -v
