@@ -1029,7 +1029,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="figure", required=True, metavar="figure")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        # argparse %-formats a subcommand's help in the list, not its description: "%%" there would print as is
+        p = sub.add_parser(name, help=help_text, description=help_text.replace("%%", "%"))
         p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR,
                        help="folder for the PNG and SVG (default: figures/ in the repository)")
         return p

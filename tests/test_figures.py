@@ -308,3 +308,12 @@ def test_a_misspelled_required_flag_is_named_not_reported_missing(capsys) -> Non
     with pytest.raises(SystemExit):  # with nothing misspelled, the missing flag is still what is said
         figures.main(["rollout"])
     assert "the following arguments are required: --checkpoint" in capsys.readouterr().err
+
+
+def test_each_figures_help_prints_its_text_as_written(capsys: pytest.CaptureFixture) -> None:
+    """A subcommand's --help shows its description unformatted; the list of figures formats it ("95%%" -> "95%")."""
+    for argv in (["investigation", "--help"], ["--help"]):
+        with pytest.raises(SystemExit):
+            figures.build_parser().parse_args(argv)
+        out = capsys.readouterr().out
+        assert "95% confidence intervals" in out and "%%" not in out, out
