@@ -80,7 +80,6 @@ from ch09.experiment import (
     open_run,
     resolve_config,
     resume_agent,
-    routing_line,
     run_paths,
     saved_replay_buffer,
     session_seed,
@@ -196,8 +195,6 @@ def train(cfg: TrainConfig) -> int:
             model, restored = resume_agent(cfg, paths, session.env, meta)
         else:
             model, restored = build_agent(cfg, session.env), False
-        if cfg.compare_sb3:
-            print(routing_line(model.policy))
         session.begin(model, restored, engine=cfg.engine, precision=cfg.precision,
                       overlap_collection=cfg.overlap_collection)
         session.learn(model, cfg.total_steps, cfg.checkpoint_freq, training_callbacks(cfg, paths, session.eval_env),

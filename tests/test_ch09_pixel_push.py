@@ -593,11 +593,13 @@ def test_train_bridge_runs_before_any_run_file_is_made(tmp_path: Path, monkeypat
 ])
 def test_the_bridge_line_says_which_loss_trains_the_runs_own_encoder(flags: dict, verdict: str) -> None:
     """What --compare-sb3 adds for the run itself: Step 0's policy (SB3's routing, the actor's encoder in the actor
-    optimizer) against Step 2's (the critic's optimizer alone holds the shared encoder)."""
+    optimizer) against Step 2's (the critic's optimizer alone holds the shared encoder). The line comes from the
+    policy the flags configure, built alone, and reads the same for the agent ``build_agent`` makes."""
     cfg = experiment.resolve_config(experiment.TrainConfig(device="cpu", buffer_size=1_000, **flags))
+    line = experiment.routing_line(experiment.configured_policy(cfg))
     env = DummyVecEnv([experiment.env_factory(cfg)])
     try:
-        line = experiment.routing_line(experiment.build_agent(cfg, env).policy)
+        assert experiment.routing_line(experiment.build_agent(cfg, env).policy) == line
     finally:
         env.close()
     assert verdict in line
@@ -605,23 +607,20 @@ def test_the_bridge_line_says_which_loss_trains_the_runs_own_encoder(flags: dict
     assert in_actor in line and "in the critic optimizer 8/8" in line
 
 
-def test_train_bridge_reports_the_policy_it_built_before_training(tmp_path: Path, monkeypatch) -> None:
-    class Stop(Exception):
-        pass
-
-    reported = []
-
-    def spy(policy) -> str:
-        reported.append(type(policy).__name__)
-        raise Stop
-
+def test_train_bridge_answers_for_a_run_that_exists_before_refusing_to_overwrite_it(
+        cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's check for a run stuck near 5%: the run's own command plus --bridge prints which loss trains its
+    encoder, though the command then stops at the run it would overwrite, as without the flag."""
     monkeypatch.setattr(experiment, "print_bridge", lambda: 0)  # the lab's own comparison: tested in test_labs_cli
-    monkeypatch.setattr(pixel_push, "routing_line", spy)
-    with pytest.raises(Stop):
-        pixel_push.run_command(pixel_push.parse_command_line([
-            "train", "--critic-encoder", "--no-drq", "--bridge", "--buffer-size", "1000", "--device", "cpu",
-            "--artifact-root", str(tmp_path)]))
-    assert reported == ["DrQv2SACPolicy"] and not list((tmp_path / "checkpoints").glob("*.zip"))
+    flags = ("--critic-encoder", "--no-drq", "--buffer-size", "1000", "--device", "cpu", "--artifact-root",
+             str(tmp_path), "--learning-starts", "1000", "--total-steps", "1010", "--eval-freq", "0", "--no-progress")
+    paths = experiment.run_paths(experiment.resolve_config(pixel_push.parse_command_line(["train", *flags])))
+    paths.checkpoint.parent.mkdir(parents=True)
+    paths.checkpoint.write_bytes(b"the earlier run")
+    code, out, err = cli.run("train", *flags, "--bridge")
+    cli.assert_user_error(code, err, "already exists", "--resume")
+    assert "[bridge] this run: DrQv2SACPolicy" in out and "trained by the critic loss alone" in out, out
+    assert paths.checkpoint.read_bytes() == b"the earlier run"
 
 
 @pytest.mark.parametrize("argv, fragments", [

@@ -31,6 +31,7 @@ from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.monitor import Monitor
+from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv
 from stable_baselines3.her import HerReplayBuffer
@@ -186,8 +187,8 @@ class TrainConfig:
     """Start over: move an earlier run's TensorBoard folder, checkpoints and evaluations aside (renamed with a
     timestamp)."""
     compare_sb3: Annotated[bool, tyro.conf.arg(aliases=("--bridge",))] = False
-    """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy) before training, then
-    which loss trains this run's own encoder."""
+    """Print the lab's gradient-routing comparison (SB3's shared encoder vs DrQv2SACPolicy), then which loss trains
+    the encoder of a run with these flags, before anything else (also where the command is then refused)."""
     progress: bool = True
     """Show a progress bar with steps/s and ETA."""
     artifact_root: Path = REPO_ROOT
@@ -375,6 +376,14 @@ def saved_replay_buffer(cfg: TrainConfig, paths: RunPaths) -> Path | None:
     return paths.replay_buffer(resolved_replay(cfg)) if cfg.save_replay_buffer else None
 
 
+def configured_policy(cfg: TrainConfig) -> BasePolicy:
+    """The policy ``build_agent`` gives a run with these flags, built alone (no env, no buffer): what a resumed
+    run's checkpoint holds too, since ``check_policy`` refuses one that differs."""
+    policy, policy_kwargs = policy_setup(cfg)
+    policy_class = SAC.policy_aliases[policy] if isinstance(policy, str) else policy
+    return policy_class(*training_spaces(cfg), lambda _: cfg.learning_rate, **policy_kwargs)
+
+
 def routing_line(policy: Any) -> str:
     """Which loss trains this run's encoder, read from its optimizers (``routing_report``), in one line: the check
     the chapter's "What can go wrong" asks of ``--compare-sb3`` for a run stuck at 5%."""
@@ -557,6 +566,9 @@ def new_meta(cfg: TrainConfig, paths: RunPaths, memory: list[dict[str, Any]]) ->
 def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
     """The run record this session continues (``--resume``) or starts, after every check that needs no env and no
     worker (the memory preflight included); None when a resumed run already has ``--total-steps``."""
+    if cfg.compare_sb3:  # first: a stuck run's check, answered even where the command is refused below
+        print_bridge()
+        print(routing_line(configured_policy(cfg)))
     for note in clean_interrupted_writes(paths.checkpoint_dir, paths.stem):  # a kill mid-write leaves these
         print(f"[train] {note}")
     meta = None
@@ -571,8 +583,6 @@ def open_run(cfg: TrainConfig, paths: RunPaths) -> dict[str, Any] | None:
         meta["config"] |= {k: v for k, v in asdict(cfg).items() if k not in EXPERIMENT_FIELDS}
     else:
         guard_fresh_run(paths, cfg.move_old_run)
-    if cfg.compare_sb3:
-        print_bridge()
     memory = check_replay_memory(cfg, *training_spaces(cfg))  # before any env worker exists
     return meta if meta is not None else new_meta(cfg, paths, memory)
 
