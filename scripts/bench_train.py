@@ -344,6 +344,8 @@ def _cell(value: Any, digits: int = 1) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
     return str(value)
 
 
@@ -513,8 +515,7 @@ def proxy_markdown(report: dict[str, Any]) -> str:
     if report.get("device"):
         graph = report.get("cuda_graph")
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
-    steps_done = "-" if report["steps_done"] is None else f"{report['steps_done']:,}"
-    lines += ["", f"{steps_done} of {report['total_steps']:,} env steps ({done}) at "
+    lines += ["", f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "
                   f"{_cell(report['steps_per_s'])} env steps/s{where}; reaches 0.9: {reaches}"]
     return "\n".join(lines)
 
