@@ -505,16 +505,35 @@ def bench_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+TRAINING_COLUMNS = {"rollout/success_rate": ("rollout success rate (last 100 episodes)", "{:.2f}"),
+                    "train/ent_coef": ("ent_coef", "{:.3g}"), "train/critic_loss": ("critic loss", "{:.3g}")}
+"""The training curves a learning curve's JSON may carry beside its evaluations (gpu_checks.sh's TRAINING_TAGS;
+older files have none), each shown at its last point at or before the evaluation's step."""
+
+
+def _at_or_before(points: list[list[float]], step: int, template: str) -> str:
+    earlier = [value for at, value in points if at <= step]
+    return template.format(earlier[-1]) if earlier else "-"
+
+
 def proxy_markdown(report: dict[str, Any]) -> str:
-    """The proxy's eval success curve, one row per evaluation, and how far and how fast the run went."""
-    lines = _markdown(("env steps", "eval success rate"),
-                      [(f"{step:,}", f"{rate:.2f}") for step, rate in report["eval_success_rate"]])
+    """The proxy's eval success curve, one row per evaluation (with the run's own training curves where the file
+    has them), and how far and how fast the run went."""
+    curves = report.get("training") or {}
+    training = {tag: curves[tag] for tag in TRAINING_COLUMNS if tag in curves}
+    header = ("env steps", "eval success rate", *(TRAINING_COLUMNS[tag][0] for tag in training))
+    lines = _markdown(header, [(f"{step:,}", f"{rate:.2f}",
+                                *(_at_or_before(points, step, TRAINING_COLUMNS[tag][1])
+                                  for tag, points in training.items()))
+                               for step, rate in report["eval_success_rate"]])
     done = "finished" if report["finished"] else "cut short"
     reaches = "yes" if report["reaches_0.9"] else "no"
     where = ""  # (recorded since the reach stage: the device, and on CUDA what became of the graph)
     if report.get("device"):
         graph = report.get("cuda_graph")
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
+    if report.get("learning_rate") is not None:  # (recorded since the training curves)
+        where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
     lines += ["", f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "
                   f"{_cell(report['steps_per_s'])} env steps/s{where}; reaches 0.9: {reaches}"]
     return "\n".join(lines)

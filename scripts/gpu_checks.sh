@@ -35,8 +35,9 @@
 # written as it is made, so a stage cut off by its timeout or the deadline still leaves what it measured):
 # gpu_checks.log (all output, free memory first, and after each stage every crash-*.log the entry points' guard
 # wrote during it), selftest.json, bench1.json, bench8.json and seeds3.json (bench_train.py writes after every
-# measurement), proxy.json (the eval curve, rewritten from the TensorBoard folder every CURVE_POLL_S and after the
-# stage, whatever ended it) and reach.json (the same for the full-state run).
+# measurement), proxy.json (the eval curve with the run's rollout success, ent_coef and critic loss beside it,
+# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it) and reach.json
+# (the same for the full-state run).
 #
 # After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
 # README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
@@ -162,26 +163,31 @@ stage_reach() {
 finish_reach() { learning_curve reach "$REACH_STEPS"; }
 
 # learning_curve NAME STEPS: the eval success so far of run NAME, from its TensorBoard folder, into $OUT/NAME.json
-# (atomically)
+# (atomically), with the run's own training curves beside it (TRAINING_TAGS): a policy that succeeds on its
+# training episodes but not in eval, or an entropy coefficient or critic loss gone astray, tells why a curve is flat
 learning_curve() {
   python3 - "$RUNS_ROOT/$1" "$OUT/$1.json" "$2" <<'PY' 2>>"$LOG"
 import json, os, sys
 from pathlib import Path
+TRAINING_TAGS = ("rollout/success_rate", "train/ent_coef", "train/critic_loss")
 root, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-run_dirs = sorted(root.glob("runs/*/FetchReach-v4/seed0"))
-curve = []
+run_dirs = sorted(root.glob("runs/*/FetchReach-v4/seed*"))  # one run: the stage's (seed 0 unless given)
+curve, training = [], {}
 if run_dirs:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(run_dirs[0]))
     events.Reload()
-    if "eval/success_rate" in events.Tags()["scalars"]:
+    scalars = events.Tags()["scalars"]
+    if "eval/success_rate" in scalars:
         curve = [[e.step, e.value] for e in events.Scalars("eval/success_rate")]
-metas = sorted(root.glob("checkpoints/*_seed0.meta.json"))
+    training = {tag: [[e.step, e.value] for e in events.Scalars(tag)] for tag in TRAINING_TAGS if tag in scalars}
+metas = sorted(root.glob(f"checkpoints/*_{run_dirs[0].name}.meta.json")) if run_dirs else []
 meta = json.loads(metas[0].read_text()) if metas else {}  # written with each checkpoint: at the end, or when cut
 config = meta.get("config", {})
 report = {"run": run_dirs[0].parts[-3] if run_dirs else None, "engine": config.get("engine"),
-          "device": config.get("device"), "cuda_graph": (meta.get("cuda_graph") or {}).get("state"),
+          "seed": config.get("seed"), "learning_rate": config.get("learning_rate"), "device": config.get("device"), "cuda_graph": (meta.get("cuda_graph") or {}).get("state"),
           "total_steps": steps, "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve),
+          "training": training,
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),
           "steps_per_s": meta.get("steps_per_s"), "wall_time_s": meta.get("wall_time_s")}
 tmp = out.with_name(out.name + ".tmp")

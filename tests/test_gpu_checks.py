@@ -133,9 +133,17 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
     assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the two stages' runs this is
     assert (report["device"], report["engine"], report["cuda_graph"]) == ("cpu", "fast", "not-cuda")
+    # The run's own training curves beside it: SB3 logs them every LOG_INTERVAL_EPISODES episodes (4 x 50 steps)
+    assert {tag: [step for step, _ in points] for tag, points in report["training"].items()} == {
+        "rollout/success_rate": [200], "train/ent_coef": [200], "train/critic_loss": [200]}
     table = bench_train.markdown_report(out / "reach.json").splitlines()  # what goes into the README
+    assert table[0] == ("| env steps | eval success rate | rollout success rate (last 100 episodes) | ent_coef | "
+                        "critic loss |")
     assert [line.split(" | ")[0] for line in table[2:4]] == ["| 100", "| 200"]
-    assert table[-1].startswith("200 of 200 env steps (finished) at ") and " env steps/s on cpu; " in table[-1]
+    assert table[2].endswith(" | - | - | - |")  # nothing logged yet at step 100
+    assert table[3].count(" - ") == 0
+    assert table[-1].startswith("200 of 200 env steps (finished) at ")
+    assert " env steps/s on cpu, seed 0, learning rate 0.0003; " in table[-1]  # train's defaults, as run
 
 
 def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
