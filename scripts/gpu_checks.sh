@@ -16,10 +16,11 @@
 #   stage      estimate  what
 #   prepare      15 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests        40 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
-#   proxy       290 s    pixel FetchReach-v4, FastSAC, 20K steps: eval success every 2K steps (10 episodes)
-#   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps: eval success every 1K steps (20
-#                        episodes), the frame-once replay drawn inside the graph as in the proxy; the README gives
-#                        the same command's curve on a CPU: does the GPU engine learn where the CPU one does?
+#   proxy       290 s    pixel FetchReach-v4, FastSAC, 20K steps at learning rate 1e-3 (CHECK_LEARNING_RATE): eval
+#                        success every 2K steps (10 episodes)
+#   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps at the same rate: eval success every 1K
+#                        steps (20 episodes), the frame-once replay drawn inside the graph as in the proxy; the README
+#                        gives the same command's curves on a CPU: does the GPU engine learn where the CPU one does?
 #   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
 #   seeds3       80 s    pixels, 1 env, 3 runs side by side (3 seeds on one GPU): Step 0 stock vs Step 2 FastSAC fp32
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -63,6 +64,10 @@ MIN_STAGE_S=20                    # a stage with less time than this left would 
 KILL_AFTER_S=10                   # a stage that ignores SIGTERM is killed this long after it
 PROXY_STEPS=20000
 REACH_STEPS=12000
+# The learning checks' Adam learning rate, for the entropy coefficient above all: from SB3's initial 1.0 it falls
+# about as exp(-lr x updates), and on the CPU's full-state Reach runs success began once it was below about 0.07
+# (README, "Fast training"): ~9K updates at train's 3e-4, ~3K at 1e-3, which leaves most of the proxy's steps to learn.
+CHECK_LEARNING_RATE=1e-3
 CURVE_POLL_S=20
 
 # ---- the clock ---------------------------------------------------------------------------------------
@@ -152,13 +157,13 @@ train_and_follow() {
 
 stage_proxy() {
   train_and_follow proxy "$PROXY_STEPS" --env FetchReach-v4 --critic-encoder --no-drq --eval-freq 2000 \
-    --eval-episodes 10 --buffer-size 100000
+    --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE"
 }
 finish_proxy() { learning_curve proxy "$PROXY_STEPS"; }
 
 stage_reach() {
   train_and_follow reach "$REACH_STEPS" --env FetchReach-v4 --full-state --replay framestack --eval-freq 1000 \
-    --eval-episodes 20
+    --eval-episodes 20 --learning-rate "$CHECK_LEARNING_RATE"
 }
 finish_reach() { learning_curve reach "$REACH_STEPS"; }
 
@@ -259,7 +264,7 @@ main() {
   done
   export OUT="${OUT:-results/gpu_checks}" PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
   export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}" LOG="$OUT/gpu_checks.log"
-  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT PROXY_STEPS REACH_STEPS CURVE_POLL_S
+  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT PROXY_STEPS REACH_STEPS CURVE_POLL_S CHECK_LEARNING_RATE
   mkdir -p "$OUT"
   RUNS_ROOT=$(mktemp -d /tmp/gpu_runs_XXXX)
   STAGE_MARK=$(mktemp /tmp/gpu_checks_stage_XXXX)
