@@ -26,6 +26,8 @@ CALL_TIMEOUT_S = 540
 """The device call's limit the script is built for: 9 minutes, so a rerun after a fix fits in the 15 of a session."""
 MAX_FILES_BACK = 8
 """The device tool brings back at most this many files from $OUT."""
+REACH_REFERENCE_CURVES = "docs/measurements/*_cpu_reach_lr1e-3_seed*.json"
+"""The reach stage's command on a CPU, one file per seed: the curves the README reads the GPU's reach run against."""
 
 
 def bash(script: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -134,8 +136,8 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the two stages' runs this is
     assert (report["device"], report["engine"], report["cuda_graph"]) == ("cpu", "fast", "not-cuda")
     # The run's own training curves beside it: SB3 logs them every LOG_INTERVAL_EPISODES episodes (4 x 50 steps)
-    assert {tag: [step for step, _ in points] for tag, points in report["training"].items()} == {
-        "rollout/success_rate": [200], "train/ent_coef": [200], "train/critic_loss": [200]}
+    assert set(report["training"]) == set(bench_train.TRAINING_COLUMNS)  # every tag recorded is one --report shows
+    assert all([step for step, _ in points] == [200] for points in report["training"].values())
     table = bench_train.markdown_report(out / "reach.json").splitlines()  # what goes into the README
     assert table[0] == ("| env steps | eval success rate | rollout success rate (last 100 episodes) | ent_coef | "
                         "critic loss |")
@@ -170,6 +172,10 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
     per_file = dict(re.findall(r"^(tests/test_\w+\.py): (\d+)$", collected.stdout, re.M))  # -qqq against the stage's -v
     assert per_file and all(int(count) > 0 for count in per_file.values()), collected.stdout[-2000:]
 
+    # The learning checks train at the rate of the CPU curves the README reads the GPU's reach run against
+    references = sorted(REPO_ROOT.glob(REACH_REFERENCE_CURVES))
+    reference_rates = {json.loads(path.read_text())["learning_rate"] for path in references}
+    assert len(references) >= 2 and len(reference_rates) == 1, references
     for argv in commands[1:]:
         try:
             if argv[0] == "scripts/bench_train.py":
@@ -178,6 +184,8 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
             else:
                 cfg = pixel_push.parse_command_line(argv[1:])
                 assert type(cfg).__name__.lower().startswith(argv[1][:4]) and cfg.device == "cuda", argv
+                if argv[1] == "train":
+                    assert {cfg.learning_rate} == reference_rates, argv
         except SystemExit as exc:
             pytest.fail(f"gpu_checks.sh's `{' '.join(argv)}` does not parse (exit {exc.code})")
 
