@@ -64,7 +64,7 @@ MIN_STAGE_S=20                    # a stage with less time than this left would 
 KILL_AFTER_S=10                   # a stage that ignores SIGTERM is killed this long after it
 PROXY_STEPS=20000
 REACH_STEPS=12000
-# The learning checks' Adam learning rate, for the entropy coefficient above all: from SB3's initial 1.0 it falls
+# The learning checks' Adam learning rate, chosen for the entropy coefficient's sake: from SB3's initial 1.0 it falls
 # about as exp(-lr x updates), and on the CPU's full-state Reach runs success began once it was below about 0.07
 # (README, "Fast training"): ~9K updates at train's 3e-4, ~3K at 1e-3, which leaves most of the proxy's steps to learn.
 CHECK_LEARNING_RATE=1e-3
