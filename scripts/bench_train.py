@@ -534,8 +534,13 @@ def proxy_markdown(report: dict[str, Any]) -> str:
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
     if report.get("learning_rate") is not None:  # (recorded since the training curves)
         where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
-    lines += ["", f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "
-                  f"{_cell(report['steps_per_s'])} env steps/s{where}; reaches 0.9: {reaches}"]
+    if report["steps_done"] is None:  # killed before its first checkpoint's meta: how far it went is not known
+        progress = (f"stopped before its first checkpoint (of {report['total_steps']:,} env steps): steps and speed "
+                    "not recorded")
+    else:
+        progress = (f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "
+                    f"{_cell(report['steps_per_s'])} env steps/s")
+    lines += ["", f"{progress}{where}; reaches 0.9: {reaches}"]
     return "\n".join(lines)
 
 
