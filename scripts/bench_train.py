@@ -534,8 +534,8 @@ def proxy_markdown(report: dict[str, Any]) -> str:
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
     if report.get("learning_rate") is not None:  # (recorded since the training curves)
         where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
-    if report["steps_done"] is None:  # killed before its first checkpoint's meta: how far it went is not known
-        progress = (f"stopped before its first checkpoint (of {report['total_steps']:,} env steps): steps and speed "
+    if report["steps_done"] is None:  # read mid-run, or killed, before its first checkpoint's meta was written
+        progress = (f"no checkpoint yet when read (of {report['total_steps']:,} env steps): steps done and speed "
                     "not recorded")
     else:
         progress = (f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "

@@ -223,8 +223,9 @@ def test_a_measurement_past_its_timeout_keeps_the_speeds_its_workers_printed_bef
     assert bench_train.results_before_the_profile([printed, silent]) is None
 
 
-def test_a_learning_curve_cut_before_its_first_checkpoint_says_so_instead_of_empty_cells(tmp_path):
-    """A run killed before it wrote a checkpoint has no meta: no step count, speed, device or learning rate."""
+def test_a_learning_curve_read_before_its_first_checkpoint_says_so_instead_of_empty_cells(tmp_path):
+    """A curve read mid-run, or of a run killed, before its first checkpoint has no meta: no step count, speed,
+    device or learning rate."""
     curve = tmp_path / "proxy.json"
     curve.write_text(json.dumps({"run": "ch09_manip_noDrQ_criticEnc", "engine": None, "seed": None,
                                  "learning_rate": None, "device": None, "cuda_graph": None, "total_steps": 20000,
@@ -232,5 +233,5 @@ def test_a_learning_curve_cut_before_its_first_checkpoint_says_so_instead_of_emp
                                  "finished": False, "steps_done": None, "steps_per_s": None, "wall_time_s": None}))
     table = bench_train.markdown_report(curve).splitlines()
     assert table[:3] == ["| env steps | eval success rate |", "|---|---|", "| 2,000 | 0.10 |"]
-    assert table[-1] == ("stopped before its first checkpoint (of 20,000 env steps): steps and speed not recorded; "
+    assert table[-1] == ("no checkpoint yet when read (of 20,000 env steps): steps done and speed not recorded; "
                          "reaches 0.9: no")
