@@ -534,6 +534,8 @@ def proxy_markdown(report: dict[str, Any]) -> str:
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
     if report.get("learning_rate") is not None:  # (recorded since the training curves)
         where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
+    if report.get("batch_size") is not None:  # (recorded since the CPU's batch-64 runs)
+        where += f", batch {report['batch_size']}"
     if report["steps_done"] is None:  # read mid-run, or killed, before its first checkpoint's meta was written
         progress = (f"no checkpoint yet when read (of {report['total_steps']:,} env steps): steps done and speed "
                     "not recorded")

@@ -190,7 +190,8 @@ metas = sorted(root.glob(f"checkpoints/*_{run_dirs[0].name}.meta.json")) if run_
 meta = json.loads(metas[0].read_text()) if metas else {}  # written with each checkpoint: at the end, or when cut
 config = meta.get("config", {})
 report = {"run": run_dirs[0].parts[-3] if run_dirs else None, "engine": config.get("engine"),
-          "seed": config.get("seed"), "learning_rate": config.get("learning_rate"), "device": config.get("device"),
+          "seed": config.get("seed"), "learning_rate": config.get("learning_rate"),
+          "batch_size": config.get("batch_size"), "device": config.get("device"),
           "cuda_graph": (meta.get("cuda_graph") or {}).get("state"), "total_steps": steps,
           "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve), "training": training,
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),

@@ -145,7 +145,7 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert table[2].endswith(" | - | - | - |")  # nothing logged yet at step 100
     assert table[3].count(" - ") == 0
     assert table[-1].startswith("200 of 200 env steps (finished) at ")
-    assert " env steps/s on cpu, seed 0, learning rate 0.0003; " in table[-1]  # train's defaults, as run
+    assert " env steps/s on cpu, seed 0, learning rate 0.0003, batch 32; " in table[-1]  # as run
 
 
 def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
