@@ -91,6 +91,7 @@ import tyro  # noqa: E402
 
 from ch09.benchmark import CPU_RUNS, GPU_RUNS, PHASES, REFERENCE_RUN, RUNS, Measurement, measure  # noqa: E402
 from ch09.errors import UserError  # noqa: E402
+from ch09.probe import probe_markdown  # noqa: E402
 from ch09.run.artifacts import REPO_ROOT, write_json  # noqa: E402
 from ch09.run.validation import read_json_object  # noqa: E402
 from ch09.selftest import EXPERIMENT_CARD_STEPS  # noqa: E402
@@ -547,14 +548,16 @@ def proxy_markdown(report: dict[str, Any]) -> str:
 
 
 def markdown_report(path: Path) -> str:
-    """The markdown of a saved result: a bench JSON or gpu_checks.sh's proxy.json."""
-    fix = "pass a JSON file written by bench_train.py or scripts/gpu_checks.sh"
+    """The markdown of a saved result: a bench JSON, a learning curve of gpu_checks.sh, or a reach_probe.py JSON."""
+    fix = "pass a JSON file written by bench_train.py, scripts/gpu_checks.sh or reach_probe.py"
     data = read_json_object(path, "--report", fix)
     if isinstance(data.get("rows"), list):
         return bench_markdown(data)
     if isinstance(data.get("eval_success_rate"), list):
         return proxy_markdown(data)
-    raise UserError(f"--report {path} holds neither a bench JSON's rows nor a proxy's eval_success_rate; {fix}.")
+    if isinstance(data.get("probes"), list):
+        return probe_markdown(data)
+    raise UserError(f"--report {path} holds no bench rows, learning curve or probes; {fix}.")
 
 
 def print_report(path: Path) -> int:

@@ -21,6 +21,8 @@
 #   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps at the same rate: eval success every 1K
 #                        steps (20 episodes), the frame-once replay drawn inside the graph as in the proxy; the README
 #                        gives the same command's curves on a CPU: does the GPU engine learn where the CPU one does?
+#   probe        40 s    reach_probe.py on the snapshots the proxy and reach runs left (one per evaluation): does the
+#                        critic know the way to the goal, does the actor take it (why a flat curve is flat)
 #   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
 #   seeds3       80 s    pixels, 1 env, 3 runs side by side (3 seeds on one GPU): Step 0 stock vs Step 2 FastSAC fp32
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -28,7 +30,7 @@
 #                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps;
 #                        a measurement past 120 s is stopped, its speeds kept if only its profile was running)
 # They do not all fit in one call. Without arguments the script runs DEFAULT_STAGES, the first call of a session:
-#   call 1: tests proxy reach       15 + 40 + 290 + 100 = 445 s, under DEADLINE_S = 510 s from T0 (the call's 540 s)
+#   call 1: tests proxy reach probe  15 + 40 + 290 + 100 + 40 = 485 s, under DEADLINE_S = 510 s from T0 (call: 540 s)
 #   call 2: bench8 seeds3 selftest  15 + 90 + 80 + 45 = 230 s, with DEADLINE_S from `status` (the rerun line below)
 # bench1 measured the engine's speed on 2026-12-04; run it again (alone, a call of its own) after the engine changes.
 #
@@ -37,8 +39,8 @@
 # gpu_checks.log (all output, free memory first, and after each stage every crash-*.log the entry points' guard
 # wrote during it), selftest.json, bench1.json, bench8.json and seeds3.json (bench_train.py writes after every
 # measurement), proxy.json (the eval curve with the run's rollout success, ent_coef and critic loss beside it,
-# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it) and reach.json
-# (the same for the full-state run).
+# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it), reach.json
+# (the same for the full-state run), and proxy_probe.json and reach_probe.json (their snapshots probed).
 #
 # After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
 # README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
@@ -54,9 +56,9 @@
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
-STAGES=(tests proxy reach bench8 seeds3 selftest bench1)
-DEFAULT_STAGES=(tests proxy reach)
-declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [bench8]=90 [seeds3]=80 [selftest]=45
+STAGES=(tests proxy reach probe bench8 seeds3 selftest bench1)
+DEFAULT_STAGES=(tests proxy reach probe)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [probe]=40 [bench8]=90 [seeds3]=80 [selftest]=45
                        [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
@@ -140,32 +142,47 @@ stage_seeds3() {
     --seconds 8 --learning-starts 300 --warmup-steps 30 --train-only-updates 0 --out "$OUT/seeds3.json"
 }
 
-# train_and_follow NAME STEPS FLAG...: a `train` run on CUDA under $RUNS_ROOT/NAME whose eval curve goes to
-# $OUT/NAME.json every CURVE_POLL_S while it runs (a cut run keeps what it reached) and once more at the end
+# train_and_follow NAME STEPS EVAL_FREQ FLAG...: a `train` run on CUDA under $RUNS_ROOT/NAME, evaluated and
+# checkpointed every EVAL_FREQ steps (the probe stage asks each snapshot), whose eval curve goes to $OUT/NAME.json
+# every CURVE_POLL_S while it runs (a cut run keeps what it reached) and once more at the end
 train_and_follow() {
-  local name=$1 steps=$2 poller status
-  shift 2
+  local name=$1 steps=$2 every=$3 poller status
+  shift 3
   # The poller stays off the stage's pipe: tee must not wait for it.
   ( while sleep "$CURVE_POLL_S"; do learning_curve "$name" "$steps"; done ) >/dev/null 2>&1 &
   poller=$!
-  python3 scripts/ch09_pixel_push.py train --engine fast --total-steps "$steps" --checkpoint-freq "$steps" \
-    --no-eval-video --device cuda --no-progress --artifact-root "$RUNS_ROOT/$name" "$@"
+  python3 scripts/ch09_pixel_push.py train --engine fast --total-steps "$steps" --eval-freq "$every" \
+    --checkpoint-freq "$every" --no-eval-video --device cuda --no-progress --artifact-root "$RUNS_ROOT/$name" "$@"
   status=$?
   kill "$poller" 2>/dev/null
   return $status
 }
 
 stage_proxy() {
-  train_and_follow proxy "$PROXY_STEPS" --env FetchReach-v4 --critic-encoder --no-drq --eval-freq 2000 \
+  train_and_follow proxy "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
     --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE"
 }
 finish_proxy() { learning_curve proxy "$PROXY_STEPS"; }
 
 stage_reach() {
-  train_and_follow reach "$REACH_STEPS" --env FetchReach-v4 --full-state --replay framestack --eval-freq 1000 \
+  train_and_follow reach "$REACH_STEPS" 1000 --env FetchReach-v4 --full-state --replay framestack \
     --eval-episodes 20 --learning-rate "$CHECK_LEARNING_RATE"
 }
 finish_reach() { learning_curve reach "$REACH_STEPS"; }
+
+# The snapshots of each learning run that left any (a run cut by the deadline keeps those it saved), probed on CUDA
+stage_probe() {
+  local name snapshots status=0
+  for name in proxy reach; do
+    snapshots=("$RUNS_ROOT/$name"/checkpoints/*_steps.zip)
+    if [ ! -f "${snapshots[0]}" ]; then
+      echo "probe: the $name run left no snapshots"
+      continue
+    fi
+    python3 scripts/reach_probe.py "${snapshots[@]}" --device cuda --out "$OUT/${name}_probe.json" || status=1
+  done
+  return $status
+}
 
 # learning_curve NAME STEPS: the eval success so far of run NAME, from its TensorBoard folder, into $OUT/NAME.json
 # (atomically), with the run's own training curves beside it (TRAINING_TAGS): a policy that succeeds on its

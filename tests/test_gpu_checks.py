@@ -18,6 +18,7 @@ from pathlib import Path
 import bench_train
 import ch09_pixel_push as pixel_push
 import pytest
+import reach_probe
 import tyro
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +45,25 @@ def stand_in_python3(folder: Path, body: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
+def stage_files(text: str, stages: list[str]) -> dict[str, set[str]]:
+    """The files under $OUT each stage writes, read from its functions (``stage_X`` and ``finish_X``): those named
+    "$OUT/FILE", a learning run's curve (``train_and_follow``/``learning_curve`` NAME: NAME.json) and the probe
+    loop's NAME_probe.json."""
+    files: dict[str, set[str]] = {stage: set() for stage in stages}
+    for match in re.finditer(r"^(?:stage|finish)_(\w+)\(\) \{(?: (.*?) \}$|\n(.*?)^\}$)", text, re.M | re.S):
+        body = match[2] or match[3]
+        named = set(re.findall(r'"\$OUT/([\w.]+)"', body))
+        named |= {f"{run}.json" for run in re.findall(r"(?:train_and_follow|learning_curve) (\w+) ", body)}
+        if '"$OUT/${name}_probe.json"' in body:
+            loop = re.search(r"for name in ([\w ]+);", body)
+            assert loop, "the probe stage names its runs in one loop"
+            named |= {f"{run}_probe.json" for run in loop[1].split()}
+        assert not any(name.endswith(".tmp") for name in named)
+        if match[1] in files:  # not stage_limit_s
+            files[match[1]] |= named
+    return files
+
+
 def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_deadline():
     text = SCRIPT.read_text()
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
@@ -59,9 +79,9 @@ def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_de
     deadline, call = int(values.pop("deadline")), int(values.pop("call"))
     first_call = values.pop("default").split()
     assert in_header == {name: int(seconds) for name, seconds in values.items()}, "header and code disagree"
-    order_of_value = ["tests", "proxy", "reach", "bench8", "seeds3", "selftest", "bench1"]
+    order_of_value = ["tests", "proxy", "reach", "probe", "bench8", "seeds3", "selftest", "bench1"]
     assert list(in_header)[1:] == order_of_value
-    assert first_call == list(in_header)[1:4]
+    assert first_call == list(in_header)[1:5]
     assert in_header["prepare"] + sum(in_header[name] for name in first_call) < deadline < call == CALL_TIMEOUT_S
     assert all(in_header["prepare"] + seconds < deadline for seconds in in_header.values())  # each fits a call
     planned = re.search(r"^#   call 1: ([\w ]+?) +([\d + ]+) = (\d+) s", header, re.M)
@@ -69,12 +89,18 @@ def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_de
     assert [int(seconds) for seconds in planned[2].split("+")] == [in_header[n] for n in ("prepare", *first_call)]
     assert sum(int(seconds) for seconds in planned[2].split("+")) == int(planned[3])
 
-    files_back = set(re.findall(r'"\$OUT/([\w.]+)"', text))
-    assert not any(name.endswith(".tmp") for name in files_back)
-    files_back.add("gpu_checks.log")  # named as $LOG
-    files_back |= {f"{name}.json" for name in re.findall(r"^  train_and_follow (\w+) ", text, re.M)}  # "$OUT/$1.json"
-    assert {"proxy.json", "reach.json"} <= files_back
-    assert len(files_back) + 1 <= MAX_FILES_BACK, sorted(files_back)  # + a curve's .tmp, if the call ends mid-write
+    # What each planned call brings back: the log, the files its stages write, and a curve's .tmp if the call ends
+    # as one is written. Call 1, call 2, and bench1 alone (the header's rerun) are each one call of the device's.
+    files = stage_files(text, order_of_value)
+    assert files["probe"] == {"proxy_probe.json", "reach_probe.json"}
+    assert files["proxy"] == {"proxy.json"} and files["reach"] == {"reach.json"}
+    second_call = re.search(r"^#   call 2: ([\w ]+?) +[\d + ]+ = \d+ s", header, re.M)
+    assert second_call, "the header plans a second call"
+    calls = [first_call, second_call[1].split(), ["bench1"]]
+    assert sorted(stage for call in calls for stage in call) == sorted(order_of_value)  # every stage has its call
+    for call in calls:
+        back = {"gpu_checks.log", *(name for stage in call for name in files[stage])}
+        assert len(back) + 1 <= MAX_FILES_BACK, (call, sorted(back))
 
 
 def test_each_stage_runs_under_min_of_its_bound_and_the_time_left():
@@ -154,13 +180,17 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
     calls = tmp_path / "calls"
     calls.mkdir()
     env = stand_in_python3(tmp_path / "bin", f'printf "%s\\0" "$@" > {calls}/$(date +%s%N)')
+    for name in ("proxy", "reach"):  # what the stand-in's train runs would have left for the probe stage
+        (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / "runs" / name / "checkpoints" / f"ch09_{name}_FetchReach-v4_seed0_1K_steps.zip").touch()
     proc = bash(f"export OUT={tmp_path} RUNS_ROOT={tmp_path}/runs CURVE_POLL_S=600\n"
-                "stage_tests && stage_selftest && stage_bench1 && stage_proxy && stage_reach && stage_bench8 && "
-                "stage_seeds3", env=env)
+                "stage_tests && stage_selftest && stage_bench1 && stage_proxy && stage_reach && stage_probe && "
+                "stage_bench8 && stage_seeds3", env=env)
     assert proc.returncode == 0, proc.stderr
     commands = [call.read_text().rstrip("\0").split("\0") for call in sorted(calls.iterdir())]
     assert [argv[0] for argv in commands] == ["-m", "scripts/ch09_pixel_push.py", "scripts/bench_train.py",
                                               "scripts/ch09_pixel_push.py", "scripts/ch09_pixel_push.py",
+                                              "scripts/reach_probe.py", "scripts/reach_probe.py",
                                               "scripts/bench_train.py", "scripts/bench_train.py"]
 
     pytest_argv = commands[0][2:]  # -m pytest ...
@@ -181,11 +211,16 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
             if argv[0] == "scripts/bench_train.py":
                 cfg = tyro.cli(bench_train.BenchConfig, args=argv[1:])
                 assert set(cfg.runs) <= set(bench_train.RUNS) and cfg.device == "cuda", argv
+            elif argv[0] == "scripts/reach_probe.py":
+                cfg = tyro.cli(reach_probe.ProbeConfig, args=argv[1:])
+                run = cfg.checkpoints[0].parents[1].name
+                assert cfg.device == "cuda" and cfg.out == tmp_path / f"{run}_probe.json", argv
             else:
                 cfg = pixel_push.parse_command_line(argv[1:])
                 assert type(cfg).__name__.lower().startswith(argv[1][:4]) and cfg.device == "cuda", argv
                 if argv[1] == "train":
                     assert {cfg.learning_rate} == reference_rates, argv
+                    assert cfg.checkpoint_freq == cfg.eval_freq, argv  # a snapshot of every evaluation, probed
         except SystemExit as exc:
             pytest.fail(f"gpu_checks.sh's `{' '.join(argv)}` does not parse (exit {exc.code})")
 

@@ -12,8 +12,8 @@ LABS = sorted(p.stem for p in (SCRIPTS / "labs").glob("*.py"))
 ENTRY_SCRIPTS = sorted(p.stem for p in SCRIPTS.glob("*.py"))
 LAYERS = ["labs", "ch09.errors", "ch09.engine", "ch09.run", "ch09.experiment", "ch09.sweep", "entry"]
 """Bottom to top: a module may import its own layer and the ones to its left."""
-EXPERIMENT_MODULES = ("ch09.experiment", "ch09.selftest", "ch09.benchmark")
-"""The experiment layer: the experiment itself, and the two programs' cores that build its agents."""
+EXPERIMENT_MODULES = ("ch09.experiment", "ch09.selftest", "ch09.benchmark", "ch09.probe")
+"""The experiment layer: the experiment itself, and the three programs' cores that build or load its agents."""
 
 
 def layer_of_module(name: str) -> str | None:

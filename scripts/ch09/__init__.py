@@ -7,8 +7,9 @@
 | ``ch09.engine``     | what trains fast: frame-once replay, device HER draw, ``FastSAC``     | labs, errors      |
 | ``ch09.run``        | what a multi-day run needs: paths, checkpoints, sessions, results     | engine and below  |
 | ``ch09.experiment`` | the chapter's experiment: ``TrainConfig``, ``build_agent``, the envs  | run and below     |
-|  (``selftest``,     | the self-test and the speed measurement, which build its agents      |                   |
-|   ``benchmark``)    |                                                                       |                   |
+|  (``selftest``,     | the self-test, the speed measurement and the Reach probe, which build |                   |
+|   ``benchmark``,    | or load its agents                                                    |                   |
+|   ``probe``)        |                                                                       |                   |
 | ``ch09.sweep``      | many runs as one command on Ray: the plan, progress board, launcher   | experiment, below |
 | entry scripts       | ``scripts/*.py``: train/eval CLI, sweeps, benchmarks, figures         | all of the above  |
 
