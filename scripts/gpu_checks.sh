@@ -58,8 +58,8 @@ set -uo pipefail
 
 STAGES=(tests proxy reach probe bench8 seeds3 selftest bench1)
 DEFAULT_STAGES=(tests proxy reach probe)
-declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [probe]=40 [bench8]=90 [seeds3]=80 [selftest]=45
-                       [bench1]=180)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [probe]=40 [bench8]=90 [seeds3]=80
+                       [selftest]=45 [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
