@@ -11,7 +11,7 @@ import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,18 +64,21 @@ class ProductionScript:
 
 
 class CommandLine:
-    """``ch09_pixel_push.main`` in this process, and the contract every refused command line keeps."""
+    """``ch09_pixel_push.main`` (or another entry script's ``main``) in this process, and the contract every refused
+    command line keeps."""
 
     def __init__(self, capsys: pytest.CaptureFixture) -> None:
         self._capsys = capsys
 
-    def run(self, *argv: str) -> tuple[int, str, str]:
-        """Run ``main(argv)``: (exit code, stdout, stderr); a ``SystemExit`` (the command-line parser's) gives
-        its code, as ``sys.exit(main())`` would."""
-        import ch09_pixel_push
+    def run(self, *argv: str, main: Callable[[list[str]], int] | None = None) -> tuple[int, str, str]:
+        """Run ``main(argv)`` (default: the production script's): (exit code, stdout, stderr); a ``SystemExit``
+        (the command-line parser's) gives its code, as ``sys.exit(main())`` would."""
+        if main is None:
+            import ch09_pixel_push
 
+            main = ch09_pixel_push.main
         try:
-            code = ch09_pixel_push.main(list(argv))
+            code = main(list(argv))
         except SystemExit as exit_request:
             code = exit_request.code
         captured = self._capsys.readouterr()

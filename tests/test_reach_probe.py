@@ -16,11 +16,14 @@ import pytest
 import reach_probe
 import torch as th
 
-from ch09.probe import SUCCESS_DISTANCE, ask_checkpoint
+from ch09.probe import ask_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SUCCESS_DISTANCE = 0.05
+"""Fetch's ``distance_threshold``, as the probe reads it from the env."""
 
 
 def reaching_model(direction: float) -> SimpleNamespace:
@@ -49,28 +52,18 @@ def test_the_answers_are_the_cosines_with_the_way_to_the_goal_over_the_states_th
     states = {"achieved_goal": achieved, "desired_goal": desired, "observation": rng.normal(size=(40, 10))}
     assert (np.linalg.norm(desired[5:] - achieved[5:], axis=1) > SUCCESS_DISTANCE).all()
 
-    toward = ask_checkpoint(reaching_model(+1.0), states)
+    toward = ask_checkpoint(reaching_model(+1.0), states, SUCCESS_DISTANCE)
     assert toward["states"] == 35
     assert toward["critic_to_goal"] == pytest.approx(1.0, abs=1e-5)
     assert toward["actor_to_goal"] == pytest.approx(1.0, abs=1e-5)
     assert toward["action_size"] == pytest.approx(0.5 / math.sqrt(3), abs=1e-5)
 
-    away = ask_checkpoint(reaching_model(-1.0), states)
+    away = ask_checkpoint(reaching_model(-1.0), states, SUCCESS_DISTANCE)
     assert away["actor_to_goal"] == pytest.approx(-1.0, abs=1e-5)
     assert away["critic_to_goal"] == pytest.approx(1.0, abs=1e-5)  # the critic still knows the way
 
 
-def run_probe(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = reach_probe.main(list(argv))
-    except SystemExit as exit_request:
-        code = exit_request.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_a_real_runs_snapshots_are_probed_in_step_order_and_bad_input_is_one_sentence(production, tmp_path,
-                                                                                     capsys, cli):
+def test_a_real_runs_snapshots_are_probed_in_step_order_and_bad_input_is_one_sentence(production, tmp_path, cli):
     root = tmp_path / "run"
     production.check("train", "--env", "FetchReach-v4", *production.STATE_BUDGET, "--total-steps", "200",
                      "--eval-freq", "0", "--artifact-root", str(root))
@@ -92,19 +85,19 @@ def test_a_real_runs_snapshots_are_probed_in_step_order_and_bad_input_is_one_sen
     # what the command printed is what --report renders of its file (the README's measured blocks)
     assert bench_train.markdown_report(out) in proc.stdout
 
-    code, _, err = run_probe(capsys, str(root / "checkpoints" / "nothing_100_steps.zip"))
+    code, _, err = cli.run(str(root / "checkpoints" / "nothing_100_steps.zip"), main=reach_probe.main)
     cli.assert_user_error(code, err, "No checkpoint", "nothing_100_steps.zip")
 
     other = tmp_path / "other"
     other.mkdir()
     for path in (snapshots[0], root / "checkpoints" / "ch09_fullstate_FetchReach-v4_seed0.meta.json"):
         shutil.copy(path, other / path.name.replace("seed0", "seed1"))
-    code, _, err = run_probe(capsys, str(snapshots[0]), str(next(other.glob("*_steps.zip"))))
+    code, _, err = cli.run(str(snapshots[0]), str(next(other.glob("*_steps.zip"))), main=reach_probe.main)
     cli.assert_user_error(code, err, "belong to 2 runs", "probe one run at a time")
 
     meta_path = next(other.glob("*.meta.json"))
     meta = json.loads(meta_path.read_text())
     meta["config"]["env"] = "FetchPush-v4"
     meta_path.write_text(json.dumps(meta))
-    code, _, err = run_probe(capsys, str(next(other.glob("*_steps.zip"))))
+    code, _, err = cli.run(str(next(other.glob("*_steps.zip"))), main=reach_probe.main)
     cli.assert_user_error(code, err, "trained on FetchPush-v4", "only on FetchReach-v4")

@@ -32,8 +32,6 @@ from pixel_wrapper import make_fetch_env
 
 PROBE_ENV = "FetchReach-v4"
 """The one task whose way to the goal is the gripper's own: the direction from achieved to desired goal."""
-SUCCESS_DISTANCE = 0.05
-"""Fetch's ``distance_threshold``: a state this close to its goal is already a success, with no way to go."""
 PROBE_STATES = 200
 """States of the random walk each checkpoint is asked on (before those already at the goal are left out)."""
 
@@ -56,10 +54,11 @@ def _mean_cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.sum(x * y, axis=1) / np.maximum(norms, 1e-12)))
 
 
-def ask_checkpoint(model: Any, states: dict[str, np.ndarray]) -> dict[str, float]:
-    """The three answers of one loaded model on ``states`` (keys as in the module docstring)."""
+def ask_checkpoint(model: Any, states: dict[str, np.ndarray], success_distance: float) -> dict[str, float]:
+    """The three answers of one loaded model on ``states`` (keys as in the module docstring), over the states
+    farther from their goal than ``success_distance`` (the env's ``distance_threshold``: closer is a success)."""
     way = states["desired_goal"] - states["achieved_goal"]
-    keep = np.linalg.norm(way, axis=1) > SUCCESS_DISTANCE
+    keep = np.linalg.norm(way, axis=1) > success_distance
     if not keep.any():
         raise UserError("Every probed state is already within the success distance of its goal; probe with more "
                         "--states or another --seed.")
@@ -103,7 +102,7 @@ def probe_checkpoints(checkpoints: Sequence[Path], n_states: int = PROBE_STATES,
             model = load_for_acting(checkpoint, DummyVecEnv([lambda: env]), device)
             check_policy(model, cfg, checkpoint, "its metadata describes")
             rows.append({"checkpoint": checkpoint.name, "steps": int(model.num_timesteps),
-                         **ask_checkpoint(model, states)})
+                         **ask_checkpoint(model, states, env.get_wrapper_attr("distance_threshold"))})
     finally:
         env.close()
     return {"env": PROBE_ENV, "run": meta_path.name.removesuffix(".meta.json"), "seed": seed,
