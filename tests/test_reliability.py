@@ -28,6 +28,7 @@ Budgets are tiny full-state FetchReach-v4 runs (a few hundred env steps, seconds
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -202,13 +203,28 @@ def small_disk(tmp_path: Path):
 
 
 def fill(folder: Path, how: str) -> None:
-    """Leave too little room for a checkpoint: fill the tmpfs but 256 KiB, or make checkpoints/ read-only."""
+    """Leave too little room for a checkpoint: fill the tmpfs but 256 KiB, or make checkpoints/ read-only.
+
+    The run keeps writing (TensorBoard events, checkpoints) while the filler grows, so the free space is read again
+    before every MiB, and whatever the run took meanwhile is given back at the end."""
     if how == "read-only":
         (folder / "checkpoints").chmod(0o555)
         return
-    stat = os.statvfs(folder)
-    with open(folder / "filler", "wb") as handle:
-        handle.write(b"\0" * (stat.f_bavail * stat.f_frsize - 256 * 1024))
+    keep = 256 * 1024
+
+    def free() -> int:
+        stat = os.statvfs(folder)
+        return stat.f_bavail * stat.f_frsize
+
+    with open(folder / "filler", "wb", buffering=0) as handle:
+        while free() > keep:
+            try:
+                handle.write(b"\0" * min(free() - keep, 1 << 20))
+            except OSError as error:  # the run wrote between the two reads: the disk is full, see below
+                if error.errno != errno.ENOSPC:
+                    raise
+                break
+        handle.truncate(max(0, handle.tell() - max(0, keep - free())))
 
 
 def unfill(folder: Path, how: str) -> None:
