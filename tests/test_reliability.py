@@ -217,9 +217,9 @@ def fill(folder: Path, how: str) -> None:
         return stat.f_bavail * stat.f_frsize
 
     with open(folder / "filler", "wb", buffering=0) as handle:
-        while free() > keep:
+        while (room := free() - keep) > 0:
             try:
-                handle.write(b"\0" * min(free() - keep, 1 << 20))
+                handle.write(b"\0" * min(room, 1 << 20))
             except OSError as error:  # the run wrote between the two reads: the disk is full, see below
                 if error.errno != errno.ENOSPC:
                     raise
