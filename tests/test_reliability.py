@@ -211,20 +211,15 @@ def fill(folder: Path, how: str) -> None:
         (folder / "checkpoints").chmod(0o555)
         return
     keep = 256 * 1024
-
-    def free() -> int:
-        stat = os.statvfs(folder)
-        return stat.f_bavail * stat.f_frsize
-
     with open(folder / "filler", "wb", buffering=0) as handle:
-        while (room := free() - keep) > 0:
+        while (room := shutil.disk_usage(folder).free - keep) > 0:
             try:
                 handle.write(b"\0" * min(room, 1 << 20))
-            except OSError as error:  # the run wrote between the two reads: the disk is full, see below
+            except OSError as error:  # the run wrote between the read and the write: the disk is full, see below
                 if error.errno != errno.ENOSPC:
                     raise
                 break
-        handle.truncate(max(0, handle.tell() - max(0, keep - free())))
+        handle.truncate(max(0, handle.tell() - max(0, keep - shutil.disk_usage(folder).free)))
 
 
 def unfill(folder: Path, how: str) -> None:
