@@ -43,7 +43,8 @@ REQUIRED_TAGS = {"train/critic_loss", "train/actor_loss", "train/ent_coef", "rol
                  "eval/success_rate", "time/fps"}
 PIXEL_BUDGET = ["--total-steps", "150", "--buffer-size", "500", "--batch-size", "8", "--learning-starts", "100",
                 "--eval-freq", "150", "--eval-episodes", "1", "--checkpoint-freq", "100", "--device", "cpu",
-                "--no-progress"]
+                "--no-progress", "--no-eval-video"]
+"""Pixel runs at a tiny budget; the eval video, which renders and encodes an episode, is tested in test_video.py."""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -489,20 +490,6 @@ def test_sigterm_saves_a_loadable_checkpoint_and_buffer(tmp_path: Path, producti
     assert not list(stem.parent.glob("*.tmp*"))  # temporaries are <name>.tmp-<pid>-<n>
 
 
-def test_a_resumed_session_draws_goals_of_its_own(tmp_path: Path, production) -> None:
-    """SAC.load seeds every generator with the run's seed: without a session seed of its own, the episodes after
-    a resume would replay the first session's goals (episode 3 = episode 0, 4 = 1)."""
-    from stable_baselines3.common.save_util import load_from_pkl
-
-    flags = ["train", "--seed", "4", "--replay", "sb3", "--save-replay-buffer", *production.STATE_BUDGET,
-             "--artifact-root", str(tmp_path)]
-    production.check(*flags, "--total-steps", "150")
-    production.check(*flags, "--total-steps", "250", "--resume")
-    buffer = load_from_pkl(tmp_path / "checkpoints/ch09_fullstate_FetchPush-v4_seed4_replay_buffer.pkl")
-    goals = buffer.observations["desired_goal"][[0, 50, 100, 150, 200], 0]  # the first step of episodes 0-4
-    assert buffer.size() == 250 and len({tuple(goal) for goal in goals}) == 5, goals
-
-
 def saved_counters(checkpoint: Path) -> dict[str, int]:
     """What a checkpoint says the run has done: env steps, finished episodes, gradient steps."""
     with zipfile.ZipFile(checkpoint) as archive:
@@ -513,14 +500,16 @@ def saved_counters(checkpoint: Path) -> dict[str, int]:
 def test_a_run_killed_after_a_periodic_checkpoint_resumes_as_if_never_killed(tmp_path: Path, production) -> None:
     """Killed at step 150 (SIGKILL), resumed from the step-100 checkpoint: at step 300 the run has stored every
     transition, counted every episode and run every update of a run that was never killed, and the snapshot of
-    the last step is the final checkpoint."""
+    the last step is the final checkpoint. The resumed session draws goals of its own: SAC.load seeds every
+    generator with the run's seed, so without a session seed the episodes after the resume would replay the first
+    session's goals (episode 2 = episode 0, 3 = 1)."""
     flags = ["train", "--seed", "3", "--total-steps", "300", "--replay", "sb3", "--save-replay-buffer",
              *production.STATE_BUDGET]
     from stable_baselines3.common.save_util import load_from_pkl
 
     from ch09.run.digest import sha256_file
 
-    finished = {}
+    finished, buffers = {}, {}
     for name in ("whole", "killed"):
         root = tmp_path / name
         if name == "killed":
@@ -530,11 +519,13 @@ def test_a_run_killed_after_a_periodic_checkpoint_resumes_as_if_never_killed(tmp
         else:
             production.check(*flags, "--artifact-root", str(root))
         stem = root / "checkpoints/ch09_fullstate_FetchPush-v4_seed3"
-        finished[name] = {**saved_counters(Path(f"{stem}.zip")),
-                          "transitions": load_from_pkl(f"{stem}_replay_buffer.pkl").size()}
+        buffers[name] = load_from_pkl(f"{stem}_replay_buffer.pkl")
+        finished[name] = {**saved_counters(Path(f"{stem}.zip")), "transitions": buffers[name].size()}
         assert sha256_file(Path(f"{stem}_300_steps.zip")) == sha256_file(Path(f"{stem}.zip"))
     assert finished["whole"] == {"num_timesteps": 300, "_episode_num": 6, "_n_updates": 200, "transitions": 300}
     assert finished["killed"] == finished["whole"]
+    goals = buffers["killed"].observations["desired_goal"][0:300:50, 0]  # the first step of episodes 0-5
+    assert len({tuple(goal) for goal in goals}) == 6, goals
 
 
 # ------------------------------------------------------------------------------------------------------
