@@ -537,12 +537,16 @@ def proxy_markdown(report: dict[str, Any]) -> str:
         where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
     if report.get("batch_size") is not None:  # (recorded since the CPU's batch-64 runs)
         where += f", batch {report['batch_size']}"
+    if report.get("precision") is not None:  # (recorded since the learn stage ran its runs side by side)
+        where += f", {report['precision']}" + (", overlapped collection" if report["overlap_collection"] else "")
     if report["steps_done"] is None:  # read mid-run, or killed, before its first checkpoint's meta was written
         progress = (f"no checkpoint yet when read (of {report['total_steps']:,} env steps): steps done and speed "
                     "not recorded")
     else:
         progress = (f"{_cell(report['steps_done'])} of {report['total_steps']:,} env steps ({done}) at "
                     f"{_cell(report['steps_per_s'])} env steps/s")
+        if report.get("runs_side_by_side", 1) > 1:  # the runs shared the device: not one run's speed
+            progress += f" ({report['runs_side_by_side']} runs side by side)"
     lines += ["", f"{progress}{where}; reaches 0.9: {reaches}"]
     return "\n".join(lines)
 

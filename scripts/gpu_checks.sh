@@ -16,13 +16,20 @@
 #   stage      estimate  what
 #   prepare      15 s    source .gl/device_env.sh: EGL loaders unpacked, the carried wheels installed
 #   tests        40 s    pytest -m gpu: the captured step equals the eager one, bf16 tracks fp32, GPU replay storage
-#   proxy       290 s    pixel FetchReach-v4, FastSAC, 20K steps at learning rate 1e-3 (CHECK_LEARNING_RATE): eval
-#                        success every 2K steps (10 episodes)
-#   reach       100 s    full-state FetchReach-v4, FastSAC on CUDA, 12K steps at the same rate: eval success every 1K
-#                        steps (20 episodes), the frame-once replay drawn inside the graph as in the proxy; the README
-#                        gives the same command's curves on a CPU: does the GPU engine learn where the CPU one does?
-#   probe        40 s    reach_probe.py on the snapshots the proxy and reach runs left (one per evaluation): does the
-#                        critic know the way to the goal, does the actor take it (why a flat curve is flat)
+#   learn       390 s    three `train` runs side by side on the GPU (LEARN_RUNS), at learning rate 1e-3
+#                        (CHECK_LEARNING_RATE), each evaluated and checkpointed as it goes:
+#                        proxy: pixel FetchReach-v4 with Step 2's flags and train's defaults (fp32, no overlap),
+#                          20K steps, eval success every 2K steps (10 episodes);
+#                        proxy_bf16_overlap: the same with --precision bf16 --overlap-collection, the fastest
+#                          settings bench1 measured: do they learn as the defaults do (which defaults to choose)?
+#                        reach: full-state FetchReach-v4, 12K steps, eval every 1K steps (20 episodes), the frame-once
+#                          replay drawn inside the graph as in the proxy; the README gives the same command's curves
+#                          on a CPU: does the GPU engine learn where the CPU one does?
+#                        Side by side, the three share the GPU: their env steps/s are not one run's speed (bench1's
+#                        are). The stage stops in time for the probe: its limit keeps the probe's estimate in hand.
+#   probe        40 s    reach_probe.py on the snapshots each learning run left (one per evaluation), the runs
+#                        probed side by side: does the critic know the way to the goal, does the actor take it (why a
+#                        flat curve is flat)
 #   bench8       90 s    pixels, 8 envs: Step 0 stock vs Step 2 FastSAC fp32, 8 s windows
 #   seeds3       80 s    pixels, 1 env, 3 runs side by side (3 seeds on one GPU): Step 0 stock vs Step 2 FastSAC fp32
 #   selftest     45 s    ch09_pixel_push.py selftest on cuda: what a reader runs before a long run (short samples)
@@ -30,17 +37,17 @@
 #                        and with overlapped collection, 9 s windows; FastSAC's step profiled by part (20 steps;
 #                        a measurement past 120 s is stopped, its speeds kept if only its profile was running)
 # They do not all fit in one call. Without arguments the script runs DEFAULT_STAGES, the first call of a session:
-#   call 1: tests proxy reach probe  15 + 40 + 290 + 100 + 40 = 485 s, under DEADLINE_S = 510 s from T0 (call: 540 s)
+#   call 1: tests learn probe  15 + 40 + 390 + 40 = 485 s, under DEADLINE_S = 510 s from T0 (call: 540 s)
 #   call 2: bench8 seeds3 selftest  15 + 90 + 80 + 45 = 230 s, with DEADLINE_S from `status` (the rerun line below)
 # bench1 measured the engine's speed on 2026-12-04; run it again (alone, a call of its own) after the engine changes.
 #
 # What comes back under $OUT (at most 8 files, one of them a curve's .tmp if the call ends as it is written; each
 # written as it is made, so a stage cut off by its timeout or the deadline still leaves what it measured):
-# gpu_checks.log (all output, free memory first, and after each stage every crash-*.log the entry points' guard
-# wrote during it), selftest.json, bench1.json, bench8.json and seeds3.json (bench_train.py writes after every
-# measurement), proxy.json (the eval curve with the run's rollout success, ent_coef and critic loss beside it,
-# rewritten from the TensorBoard folder every CURVE_POLL_S and after the stage, whatever ended it), reach.json
-# (the same for the full-state run), and proxy_probe.json and reach_probe.json (their snapshots probed).
+# gpu_checks.log (all output, free memory first, each learning run's lines prefixed with its name, and after each
+# stage every crash-*.log the entry points' guard wrote during it), selftest.json, bench1.json, bench8.json and
+# seeds3.json (bench_train.py writes after every measurement), one NAME.json per learning run (its eval curve with
+# its rollout success, ent_coef and critic loss beside it, rewritten from its TensorBoard folder every CURVE_POLL_S
+# and after the stage, whatever ended it), and one NAME_probe.json per learning run (its snapshots probed).
 #
 # After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
 # README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
@@ -56,14 +63,15 @@
 #   'T0=$(date +%s); source .gl/device_env.sh && GPU_CHECKS_T0=$T0 DEADLINE_S=120 bash scripts/gpu_checks.sh tests'
 set -uo pipefail
 
-STAGES=(tests proxy reach probe bench8 seeds3 selftest bench1)
-DEFAULT_STAGES=(tests proxy reach probe)
-declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [proxy]=290 [reach]=100 [probe]=40 [bench8]=90 [seeds3]=80
-                       [selftest]=45 [bench1]=180)
+STAGES=(tests learn probe bench8 seeds3 selftest bench1)
+DEFAULT_STAGES=(tests learn probe)
+declare -A ESTIMATE_S=([prepare]=15 [tests]=40 [learn]=390 [probe]=40 [bench8]=90 [seeds3]=80 [selftest]=45
+                       [bench1]=180)
 DEADLINE_S="${DEADLINE_S:-510}"   # seconds from GPU_CHECKS_T0 (the call's start) after which no stage runs
 CALL_TIMEOUT_S=540                # the device call's timeout_s
 MIN_STAGE_S=20                    # a stage with less time than this left would measure nothing: skipped
 KILL_AFTER_S=10                   # a stage that ignores SIGTERM is killed this long after it
+LEARN_RUNS="${LEARN_RUNS:-proxy proxy_bf16_overlap reach}"   # the learning runs (learn_NAME below), side by side
 PROXY_STEPS=20000
 REACH_STEPS=12000
 # The learning checks' Adam learning rate, chosen for the entropy coefficient's sake: from SB3's initial 1.0 it falls
@@ -75,9 +83,10 @@ CURVE_POLL_S=20
 # ---- the clock ---------------------------------------------------------------------------------------
 time_left_s() { echo $(( START_S + DEADLINE_S - $(date +%s) )); }
 
-# stage_limit_s NAME: seconds the stage may run, min(1.5 x estimate, time left - kill grace); <= 0: none left
+# stage_limit_s NAME [KEEP_S]: seconds the stage may run, min(1.5 x estimate, time left - kill grace - KEEP_S,
+# the time it leaves for a later stage); <= 0: none left
 stage_limit_s() {
-  local bound=$(( ESTIMATE_S[$1] * 3 / 2 )) left=$(( $(time_left_s) - KILL_AFTER_S ))
+  local bound=$(( ESTIMATE_S[$1] * 3 / 2 )) left=$(( $(time_left_s) - KILL_AFTER_S - ${2:-0} ))
   echo $(( bound < left ? bound : left ))
 }
 
@@ -158,29 +167,57 @@ train_and_follow() {
   return $status
 }
 
-stage_proxy() {
+# The learning runs of stage learn: learn_NAME trains run NAME (header: what each asks)
+learn_proxy() {
   train_and_follow proxy "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
     --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE"
 }
-finish_proxy() { learning_curve proxy "$PROXY_STEPS"; }
-
-stage_reach() {
+learn_proxy_bf16_overlap() {
+  train_and_follow proxy_bf16_overlap "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
+    --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE" --precision bf16 --overlap-collection
+}
+learn_reach() {
   train_and_follow reach "$REACH_STEPS" 1000 --env FetchReach-v4 --full-state --replay framestack \
     --eval-episodes 20 --learning-rate "$CHECK_LEARNING_RATE"
 }
-finish_reach() { learning_curve reach "$REACH_STEPS"; }
 
-# The snapshots of each learning run that left any (a run cut by the deadline keeps those it saved), probed on CUDA
+# Every run of LEARN_RUNS at once, each in a subshell that records its exit status in $RUNS_ROOT/NAME.exit, its
+# lines prefixed with its name. The stage's limit TERMs the runs (they save a checkpoint, then exit) and interrupts
+# `wait`, not the subshells (their traps) nor the prefixing sed (TERM ignored, so a run never writes into a closed
+# pipe while it saves): the stage waits until every run has exited.
+stage_learn() {
+  local name status=0
+  for name in $LEARN_RUNS; do
+    ( trap : TERM
+      { trap : TERM; "learn_$name"; } 2>&1 | { trap '' TERM; exec sed -u "s/^/[$name] /"; }
+      echo "${PIPESTATUS[0]}" > "$RUNS_ROOT/$name.exit" ) &
+  done
+  while ! wait; do :; done
+  for name in $LEARN_RUNS; do
+    [ "$(cat "$RUNS_ROOT/$name.exit" 2>/dev/null)" = 0 ] || { echo "learn: the $name run did not finish"; status=1; }
+  done
+  return $status
+}
+finish_learn() {
+  local name
+  for name in $LEARN_RUNS; do
+    if [ "$name" = reach ]; then learning_curve "$name" "$REACH_STEPS"; else learning_curve "$name" "$PROXY_STEPS"; fi
+  done
+}
+
+# The snapshots of each learning run that left any (a run cut by the deadline keeps those it saved), probed on CUDA,
+# the runs side by side
 stage_probe() {
-  local name snapshots status=0
-  for name in proxy reach; do
+  local name pid snapshots status=0
+  for name in $LEARN_RUNS; do
     snapshots=("$RUNS_ROOT/$name"/checkpoints/*_steps.zip)
     if [ ! -f "${snapshots[0]}" ]; then
       echo "probe: the $name run left no snapshots"
       continue
     fi
-    python3 scripts/reach_probe.py "${snapshots[@]}" --device cuda --out "$OUT/${name}_probe.json" || status=1
+    python3 scripts/reach_probe.py "${snapshots[@]}" --device cuda --out "$OUT/${name}_probe.json" &
   done
+  for pid in $(jobs -p); do wait "$pid" || status=1; done
   return $status
 }
 
@@ -188,11 +225,13 @@ stage_probe() {
 # (atomically), with the run's own training curves beside it (TRAINING_TAGS): a policy that succeeds on its
 # training episodes but not in eval, or an entropy coefficient or critic loss gone astray, tells why a curve is flat
 learning_curve() {
-  python3 - "$RUNS_ROOT/$1" "$OUT/$1.json" "$2" <<'PY' 2>>"$LOG"
+  local side_by_side
+  side_by_side=$(wc -w <<< "$LEARN_RUNS")
+  python3 - "$RUNS_ROOT/$1" "$OUT/$1.json" "$2" "$side_by_side" <<'PY' 2>>"$LOG"
 import json, os, sys
 from pathlib import Path
 TRAINING_TAGS = ("rollout/success_rate", "train/ent_coef", "train/critic_loss")
-root, out, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+root, out, steps, side_by_side = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 run_dirs = sorted(root.glob("runs/*/FetchReach-v4/seed*"))  # one run: the stage's (seed 0 unless given)
 curve, training = [], {}
 if run_dirs:
@@ -208,11 +247,13 @@ meta = json.loads(metas[0].read_text()) if metas else {}  # written with each ch
 config = meta.get("config", {})
 report = {"run": run_dirs[0].parts[-3] if run_dirs else None, "engine": config.get("engine"),
           "seed": config.get("seed"), "learning_rate": config.get("learning_rate"),
-          "batch_size": config.get("batch_size"), "device": config.get("device"),
+          "batch_size": config.get("batch_size"), "precision": config.get("precision"),
+          "overlap_collection": config.get("overlap_collection"), "device": config.get("device"),
           "cuda_graph": (meta.get("cuda_graph") or {}).get("state"), "total_steps": steps,
           "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve), "training": training,
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),
-          "steps_per_s": meta.get("steps_per_s"), "wall_time_s": meta.get("wall_time_s")}
+          "steps_per_s": meta.get("steps_per_s"), "runs_side_by_side": side_by_side,
+          "wall_time_s": meta.get("wall_time_s")}
 tmp = out.with_name(out.name + ".tmp")
 tmp.write_text(json.dumps(report, indent=1) + "\n")
 os.replace(tmp, out)
@@ -231,10 +272,11 @@ collect_crash_logs() {
   done
 }
 
-# run_stage NAME: the stage under its limit, output into the log; then its finish step and the crash logs
+# run_stage NAME [KEEP_S]: the stage under its limit (keeping KEEP_S for a later stage), output into the log; then
+# its finish step and the crash logs
 run_stage() {
   local name=$1 limit start status
-  limit=$(stage_limit_s "$name")
+  limit=$(stage_limit_s "$name" "${2:-0}")
   if [ "$limit" -lt "$MIN_STAGE_S" ]; then
     say "stage $name: skipped, $(time_left_s) s left before the deadline (estimate ${ESTIMATE_S[$name]} s)"
     skipped+=("$name")
@@ -265,14 +307,21 @@ run_stage() {
 run_stages() {
   failed=() skipped=()
   local stage
-  for stage in "$@"; do run_stage "$stage"; done
+  for stage in "$@"; do
+    # learn leaves the probe of its snapshots its estimate, when the probe is still to run
+    if [ "$stage" = learn ] && [[ " $* " == *" probe "* ]]; then
+      run_stage "$stage" "${ESTIMATE_S[probe]}"
+    else
+      run_stage "$stage"
+    fi
+  done
   say "done: ${#failed[@]} failed (${failed[*]:-none}), ${#skipped[@]} skipped (${skipped[*]:-none}); results in $OUT"
   [ ${#failed[@]} -eq 0 ]
 }
 
 main() {
   cd "$(dirname "$0")/.." || exit 2
-  local stages=("$@") stage missing
+  local stages=("$@") stage run known missing
   [ ${#stages[@]} -eq 0 ] && stages=("${DEFAULT_STAGES[@]}")
   for stage in "${stages[@]}"; do
     if [[ ! " ${STAGES[*]} " == *" $stage "* ]]; then
@@ -280,13 +329,22 @@ main() {
       exit 2
     fi
   done
+  for run in $LEARN_RUNS; do
+    if ! declare -F "learn_$run" >/dev/null; then
+      known=$(declare -F | sed -n 's/^declare -f learn_//p' | xargs)
+      echo "error: unknown learning run '$run' in LEARN_RUNS; use any of: $known." >&2
+      exit 2
+    fi
+  done
   export OUT="${OUT:-results/gpu_checks}" PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}"
   export PYOPENGL_PLATFORM="${PYOPENGL_PLATFORM:-egl}" LOG="$OUT/gpu_checks.log"
-  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT PROXY_STEPS REACH_STEPS CURVE_POLL_S CHECK_LEARNING_RATE
+  export START_S="${GPU_CHECKS_T0:-$(date +%s)}" RUNS_ROOT LEARN_RUNS PROXY_STEPS REACH_STEPS CURVE_POLL_S \
+    CHECK_LEARNING_RATE
   mkdir -p "$OUT"
   RUNS_ROOT=$(mktemp -d /tmp/gpu_runs_XXXX)
   STAGE_MARK=$(mktemp /tmp/gpu_checks_stage_XXXX)
-  CRASH_LOG_DIRS=("$PWD/logs" "$RUNS_ROOT/proxy/logs" "$RUNS_ROOT/reach/logs" "${TMPDIR:-/tmp}")
+  CRASH_LOG_DIRS=("$PWD/logs" "${TMPDIR:-/tmp}")
+  for run in $LEARN_RUNS; do CRASH_LOG_DIRS+=("$RUNS_ROOT/$run/logs"); done
 
   say "free memory first (deadline ${DEADLINE_S} s from the call's start, $(time_left_s) s left):"
   { free -g; nvidia-smi --query-gpu=name,memory.total,memory.used,memory.free,driver_version --format=csv; } \

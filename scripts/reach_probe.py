@@ -13,7 +13,7 @@ Run it
 
 It prints one row per checkpoint (sorted by steps) and writes the JSON to ``--out`` when given;
 ``python scripts/bench_train.py --report FILE`` prints that table again, as it does for every measured JSON.
-``scripts/gpu_checks.sh`` probes the snapshots of its proxy and reach runs (stage ``probe``).
+``scripts/gpu_checks.sh`` probes the snapshots of its learning runs (stage ``probe``).
 """
 
 from __future__ import annotations

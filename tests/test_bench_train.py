@@ -149,11 +149,15 @@ def test_bad_input_is_one_sentence_and_exit_2(argv, fragment, capsys):
     assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
-def test_gpu_checks_refuses_an_unknown_stage_and_a_machine_without_gpu(tmp_path):
+def test_gpu_checks_refuses_an_unknown_stage_or_learning_run_and_a_machine_without_gpu(tmp_path):
     script = REPO_ROOT / "scripts" / "gpu_checks.sh"
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path)}
     unknown = subprocess.run(["bash", str(script), "juggle"], capture_output=True, text=True, env=env, timeout=60)
     assert unknown.returncode == 2 and "unknown stage 'juggle'" in unknown.stderr
+    unknown_run = subprocess.run(["bash", str(script), "learn"], capture_output=True, text=True,
+                                 env={**env, "LEARN_RUNS": "proxy proxi"}, timeout=60)
+    assert unknown_run.returncode == 2 and unknown_run.stderr.strip() == (
+        "error: unknown learning run 'proxi' in LEARN_RUNS; use any of: proxy proxy_bf16_overlap reach.")
     if NO_CUDA:
         no_gpu = subprocess.run(["bash", str(script), "tests"], capture_output=True, text=True, env=env, timeout=120)
         assert no_gpu.returncode == 2 and len(no_gpu.stderr.strip().splitlines()) == 1

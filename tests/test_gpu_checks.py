@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import bench_train
@@ -45,19 +46,27 @@ def stand_in_python3(folder: Path, body: str) -> dict[str, str]:
     return {**os.environ, "PATH": f"{folder}:{os.environ['PATH']}"}
 
 
+def learn_runs() -> list[str]:
+    """LEARN_RUNS as the script sets it: the runs its learn stage trains side by side."""
+    return bash('echo "$LEARN_RUNS"', env={k: v for k, v in os.environ.items() if k != "LEARN_RUNS"}).stdout.split()
+
+
 def stage_files(text: str, stages: list[str]) -> dict[str, set[str]]:
     """The files under $OUT each stage writes, read from its functions (``stage_X`` and ``finish_X``): those named
-    "$OUT/FILE", a learning run's curve (``train_and_follow``/``learning_curve`` NAME: NAME.json) and the probe
-    loop's NAME_probe.json."""
+    "$OUT/FILE", and for the learn stage and the probe loop over its runs, NAME.json and NAME_probe.json for each
+    run of LEARN_RUNS (whose ``learn_NAME`` trains run NAME)."""
+    runs = learn_runs()
+    trained = dict(re.findall(r"^learn_(\w+)\(\) \{\n  train_and_follow (\w+) ", text, re.M))
+    assert set(trained) == set(runs) and all(name == run for run, name in trained.items()), (trained, runs)
     files: dict[str, set[str]] = {stage: set() for stage in stages}
     for match in re.finditer(r"^(?:stage|finish)_(\w+)\(\) \{(?: (.*?) \}$|\n(.*?)^\}$)", text, re.M | re.S):
         body = match[2] or match[3]
         named = set(re.findall(r'"\$OUT/([\w.]+)"', body))
-        named |= {f"{run}.json" for run in re.findall(r"(?:train_and_follow|learning_curve) (\w+) ", body)}
+        if re.search(r'learning_curve "\$name" ', body):
+            named |= {f"{run}.json" for run in runs}
         if '"$OUT/${name}_probe.json"' in body:
-            loop = re.search(r"for name in ([\w ]+);", body)
-            assert loop, "the probe stage names its runs in one loop"
-            named |= {f"{run}_probe.json" for run in loop[1].split()}
+            assert "for name in $LEARN_RUNS;" in body, "the probe stage probes the learning runs"
+            named |= {f"{run}_probe.json" for run in runs}
         assert not any(name.endswith(".tmp") for name in named)
         if match[1] in files:  # not stage_limit_s
             files[match[1]] |= named
@@ -79,9 +88,9 @@ def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_de
     deadline, call = int(values.pop("deadline")), int(values.pop("call"))
     first_call = values.pop("default").split()
     assert in_header == {name: int(seconds) for name, seconds in values.items()}, "header and code disagree"
-    order_of_value = ["tests", "proxy", "reach", "probe", "bench8", "seeds3", "selftest", "bench1"]
+    order_of_value = ["tests", "learn", "probe", "bench8", "seeds3", "selftest", "bench1"]
     assert list(in_header)[1:] == order_of_value
-    assert first_call == list(in_header)[1:5]
+    assert first_call == list(in_header)[1:4]
     assert in_header["prepare"] + sum(in_header[name] for name in first_call) < deadline < call == CALL_TIMEOUT_S
     assert all(in_header["prepare"] + seconds < deadline for seconds in in_header.values())  # each fits a call
     planned = re.search(r"^#   call 1: ([\w ]+?) +([\d + ]+) = (\d+) s", header, re.M)
@@ -92,8 +101,9 @@ def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_de
     # What each planned call brings back: the log, the files its stages write, and a curve's .tmp if the call ends
     # as one is written. Call 1, call 2, and bench1 alone (the header's rerun) are each one call of the device's.
     files = stage_files(text, order_of_value)
-    assert files["probe"] == {"proxy_probe.json", "reach_probe.json"}
-    assert files["proxy"] == {"proxy.json"} and files["reach"] == {"reach.json"}
+    assert learn_runs() == ["proxy", "proxy_bf16_overlap", "reach"]
+    assert files["probe"] == {"proxy_probe.json", "proxy_bf16_overlap_probe.json", "reach_probe.json"}
+    assert files["learn"] == {"proxy.json", "proxy_bf16_overlap.json", "reach.json"}
     second_call = re.search(r"^#   call 2: ([\w ]+?) +[\d + ]+ = \d+ s", header, re.M)
     assert second_call, "the header plans a second call"
     calls = [first_call, second_call[1].split(), ["bench1"]]
@@ -105,12 +115,14 @@ def test_the_header_gives_one_device_call_whose_stage_estimates_fit_under_its_de
 
 def test_each_stage_runs_under_min_of_its_bound_and_the_time_left():
     limits = bash('START_S=$(date +%s); DEADLINE_S=510; stage_limit_s tests; DEADLINE_S=30; stage_limit_s tests; '
-                  'KILL_AFTER_S=10; DEADLINE_S=15; stage_limit_s bench8; echo "${ESTIMATE_S[tests]}"')
-    bound, short, none_left, estimate = map(int, limits.stdout.split())
+                  'KILL_AFTER_S=10; DEADLINE_S=15; stage_limit_s bench8; DEADLINE_S=510; stage_limit_s learn 40; '
+                  'echo "${ESTIMATE_S[tests]}"')
+    bound, short, none_left, learn_keeping_40, estimate = map(int, limits.stdout.split())
     assert bound == estimate * 3 // 2  # 1.5 x the tests estimate, with plenty of time left
     assert 30 - 10 < estimate * 3 // 2  # (so the next bound is the time left)
     assert 19 <= short <= 20  # 30 s to the deadline, less the kill grace
     assert none_left <= 5
+    assert 459 <= learn_keeping_40 <= 460  # 510 s left, less the kill grace and the 40 s kept for a later stage
 
 
 IGNORES_TERM = (f"{sys.executable} -c 'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -144,6 +156,52 @@ run_stages tests selftest
     assert log.count("Traceback: boom") == 1  # the crash log, once, after the stage that wrote it
 
 
+SAVES_ON_TERM = """\
+import signal, sys, time
+def stop(*_):
+    print("saving", flush=True)
+    time.sleep(0.3)
+    print("saved", flush=True)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+time.sleep(60)
+"""
+"""A learning run as ``train`` behaves when the stage's limit TERMs it: it saves a checkpoint, then exits."""
+
+
+def test_the_learn_stage_runs_side_by_side_and_waits_for_each_run_to_save_when_its_limit_cuts_them(tmp_path):
+    out, runs, run = tmp_path / "out", tmp_path / "runs", tmp_path / "run.py"
+    out.mkdir()
+    runs.mkdir()
+    run.write_text(SAVES_ON_TERM)
+    proc = bash(f"""
+OUT={out}; LOG={out}/gpu_checks.log; START_S=$(date +%s); DEADLINE_S=12; KILL_AFTER_S=1; MIN_STAGE_S=1
+RUNS_ROOT={runs}; STAGE_MARK=$(mktemp); CRASH_LOG_DIRS=(); LEARN_RUNS="a b stuck"; ESTIMATE_S[probe]=3
+export OUT LOG RUNS_ROOT LEARN_RUNS
+learn_a() {{ {sys.executable} {run}; }}
+learn_b() {{ {sys.executable} {run}; }}
+learn_stuck() {{ {IGNORES_TERM}; }}
+finish_learn() {{ echo 'finish_learn ran' >> "$LOG"; }}
+stage_probe() {{ echo 'probe ran'; }}
+run_stages learn probe
+""", timeout=30)
+    log = (out / "gpu_checks.log").read_text()
+    assert proc.returncode == 1, proc.stderr
+    # Its limit keeps the probe's estimate: 12 s to the deadline, less the 1 s kill grace and the probe's 3 s
+    assert re.search(r"stage learn: at most [78] s", log), log
+    first_stop = log.index("saving")
+    assert log.index("[a] started") < first_stop and log.index("[b] started") < first_stop  # side by side
+    # Each run saved after its TERM, its lines still prefixed (the sed outlived the TERM), before the stage ended
+    assert "[a] saved" in log and "[b] saved" in log
+    assert max(log.index("[a] saved"), log.index("[b] saved")) < log.index("finish_learn ran") < log.index(
+        "stage learn: TIMED OUT")
+    assert (runs / "a.exit").read_text().strip() == (runs / "b.exit").read_text().strip() == "143"
+    # The stage's shell waited through the TERM, so the run that ignored it was KILLed with the stage a second later
+    assert not (runs / "stuck.exit").exists() and re.search(r"stage learn: TIMED OUT after [89] s", log), log
+    assert "probe ran" in log and "1 failed (learn), 0 skipped" in log  # the time kept was the probe's
+
+
 def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(production, tmp_path):
     """What ``learning_curve`` writes for the proxy and reach stages (every CURVE_POLL_S during the stage and after
     it), on a real tiny run: full-state FetchReach-v4 as in the reach stage, so it takes seconds on a CPU."""
@@ -171,7 +229,10 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert table[2].endswith(" | - | - | - |")  # nothing logged yet at step 100
     assert table[3].count(" - ") == 0
     assert table[-1].startswith("200 of 200 env steps (finished) at ")
-    assert " env steps/s on cpu, seed 0, learning rate 0.0003, batch 32; " in table[-1]  # as run
+    # as run, side by side with the learn stage's other runs (LEARN_RUNS): not one run's speed
+    assert report["runs_side_by_side"] == 3 and (report["precision"], report["overlap_collection"]) == ("fp32", False)
+    assert (" env steps/s (3 runs side by side) on cpu, seed 0, learning rate 0.0003, batch 32, fp32; "
+            in table[-1]), table[-1]
 
 
 def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path):
@@ -180,17 +241,17 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
     calls = tmp_path / "calls"
     calls.mkdir()
     env = stand_in_python3(tmp_path / "bin", f'printf "%s\\0" "$@" > {calls}/$(date +%s%N)')
-    for name in ("proxy", "reach"):  # what the stand-in's train runs would have left for the probe stage
+    for name in learn_runs():  # what the stand-in's train runs would have left for the probe stage
         (tmp_path / "runs" / name / "checkpoints").mkdir(parents=True)
         (tmp_path / "runs" / name / "checkpoints" / f"ch09_{name}_FetchReach-v4_seed0_1K_steps.zip").touch()
-    proc = bash(f"export OUT={tmp_path} RUNS_ROOT={tmp_path}/runs CURVE_POLL_S=600\n"
-                "stage_tests && stage_selftest && stage_bench1 && stage_proxy && stage_reach && stage_probe && "
+    proc = bash(f"export OUT={tmp_path} RUNS_ROOT={tmp_path}/runs CURVE_POLL_S=600 LEARN_RUNS\n"
+                "stage_tests && stage_selftest && stage_bench1 && stage_learn && stage_probe && "
                 "stage_bench8 && stage_seeds3", env=env)
     assert proc.returncode == 0, proc.stderr
     commands = [call.read_text().rstrip("\0").split("\0") for call in sorted(calls.iterdir())]
+    # (the learn stage's runs start side by side, and the probes too: in either order within each stage)
     assert [argv[0] for argv in commands] == ["-m", "scripts/ch09_pixel_push.py", "scripts/bench_train.py",
-                                              "scripts/ch09_pixel_push.py", "scripts/ch09_pixel_push.py",
-                                              "scripts/reach_probe.py", "scripts/reach_probe.py",
+                                              *["scripts/ch09_pixel_push.py"] * 3, *["scripts/reach_probe.py"] * 3,
                                               "scripts/bench_train.py", "scripts/bench_train.py"]
 
     pytest_argv = commands[0][2:]  # -m pytest ...
@@ -206,6 +267,7 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
     references = sorted(REPO_ROOT.glob(REACH_REFERENCE_CURVES))
     reference_rates = {json.loads(path.read_text())["learning_rate"] for path in references}
     assert len(references) >= 2 and len(reference_rates) == 1, references
+    trained = {}
     for argv in commands[1:]:
         try:
             if argv[0] == "scripts/bench_train.py":
@@ -221,8 +283,15 @@ def test_every_command_of_the_stages_parses_with_the_real_command_line(tmp_path)
                 if argv[1] == "train":
                     assert {cfg.learning_rate} == reference_rates, argv
                     assert cfg.checkpoint_freq == cfg.eval_freq, argv  # a snapshot of every evaluation, probed
+                    trained[cfg.artifact_root.name] = cfg
         except SystemExit as exc:
             pytest.fail(f"gpu_checks.sh's `{' '.join(argv)}` does not parse (exit {exc.code})")
+    # The two proxies differ only in the settings the second asks about (train's defaults against the fastest)
+    proxy, fastest = trained["proxy"], trained["proxy_bf16_overlap"]
+    assert (proxy.precision, proxy.overlap_collection) == ("fp32", False)
+    assert (fastest.precision, fastest.overlap_collection) == ("bf16", True)
+    assert replace(fastest, precision="fp32", overlap_collection=False, artifact_root=proxy.artifact_root) == proxy
+    assert set(trained) == set(learn_runs())
 
 
 def test_the_stages_find_the_project_in_a_python_where_it_is_not_installed(tmp_path):
