@@ -203,8 +203,8 @@ run_stages learn probe
 
 
 def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(production, tmp_path):
-    """What ``learning_curve`` writes for the proxy and reach stages (every CURVE_POLL_S during the stage and after
-    it), on a real tiny run: full-state FetchReach-v4 as in the reach stage, so it takes seconds on a CPU."""
+    """What ``learning_curve`` writes for each run of the learn stage (every CURVE_POLL_S during the stage and after
+    it), on a real tiny run: full-state FetchReach-v4 as in the reach run, so it takes seconds on a CPU."""
     runs, out = tmp_path / "runs", tmp_path / "out"
     out.mkdir()
     production.check("train", "--env", "FetchReach-v4", *production.STATE_BUDGET, "--total-steps", "200",
