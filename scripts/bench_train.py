@@ -529,7 +529,7 @@ def proxy_markdown(report: dict[str, Any]) -> str:
                                for step, rate in report["eval_success_rate"]])
     done = "finished" if report["finished"] else "cut short"
     reaches = "yes" if report["reaches_0.9"] else "no"
-    where = ""  # (recorded since the reach stage: the device, and on CUDA what became of the graph)
+    where = ""  # (recorded since the reach run: the device, and on CUDA what became of the graph)
     if report.get("device"):
         graph = report.get("cuda_graph")
         where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")

@@ -29,7 +29,7 @@ CALL_TIMEOUT_S = 540
 MAX_FILES_BACK = 8
 """The device tool brings back at most this many files from $OUT."""
 REACH_REFERENCE_CURVES = "docs/measurements/*_cpu_reach_lr1e-3_seed*.json"
-"""The reach stage's command on a CPU, one file per seed: the curves the README reads the GPU's reach run against."""
+"""The reach run's command on a CPU, one file per seed: the curves the README reads the GPU's reach run against."""
 
 
 def bash(script: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -141,7 +141,7 @@ STAGE_MARK=$(mktemp); CRASH_LOG_DIRS=({crash_dir})
 export OUT LOG
 stage_tests() {{ echo '{{"rows": ["first measurement"]}}' > "$OUT/bench1.json"; mkdir -p {crash_dir}
                  echo 'Traceback: boom' > {crash_dir}/crash-1.log; {hang}; }}
-finish_tests() {{ echo 'finish_tests ran after the cut' >> "$LOG"; }}  # as finish_proxy writes the curve
+finish_tests() {{ echo 'finish_tests ran after the cut' >> "$LOG"; }}  # as finish_learn writes the curves
 stage_selftest() {{ echo 'selftest ran'; }}
 run_stages tests selftest
 """)
