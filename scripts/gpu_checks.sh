@@ -167,15 +167,15 @@ train_and_follow() {
   return $status
 }
 
+# pixel_proxy NAME FLAG...: run NAME, the pixel proxy (Step 2's flags) with these flags on top
+pixel_proxy() {
+  train_and_follow "$1" "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
+    --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE" "${@:2}"
+}
+
 # The learning runs of stage learn: learn_NAME trains run NAME (header: what each asks)
-learn_proxy() {
-  train_and_follow proxy "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
-    --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE"
-}
-learn_proxy_bf16_overlap() {
-  train_and_follow proxy_bf16_overlap "$PROXY_STEPS" 2000 --env FetchReach-v4 --critic-encoder --no-drq \
-    --eval-episodes 10 --buffer-size 100000 --learning-rate "$CHECK_LEARNING_RATE" --precision bf16 --overlap-collection
-}
+learn_proxy() { pixel_proxy proxy; }
+learn_proxy_bf16_overlap() { pixel_proxy proxy_bf16_overlap --precision bf16 --overlap-collection; }
 learn_reach() {
   train_and_follow reach "$REACH_STEPS" 1000 --env FetchReach-v4 --full-state --replay framestack \
     --eval-episodes 20 --learning-rate "$CHECK_LEARNING_RATE"

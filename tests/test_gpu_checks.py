@@ -56,7 +56,7 @@ def stage_files(text: str, stages: list[str]) -> dict[str, set[str]]:
     "$OUT/FILE", and for the learn stage and the probe loop over its runs, NAME.json and NAME_probe.json for each
     run of LEARN_RUNS (whose ``learn_NAME`` trains run NAME)."""
     runs = learn_runs()
-    trained = dict(re.findall(r"^learn_(\w+)\(\) \{\n  train_and_follow (\w+) ", text, re.M))
+    trained = dict(re.findall(r"^learn_(\w+)\(\) \{\s+(?:train_and_follow|pixel_proxy) (\w+)", text, re.M))
     assert set(trained) == set(runs) and all(name == run for run, name in trained.items()), (trained, runs)
     files: dict[str, set[str]] = {stage: set() for stage in stages}
     for match in re.finditer(r"^(?:stage|finish)_(\w+)\(\) \{(?: (.*?) \}$|\n(.*?)^\}$)", text, re.M | re.S):
