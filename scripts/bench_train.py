@@ -532,7 +532,8 @@ def proxy_markdown(report: dict[str, Any]) -> str:
     where = ""  # (recorded since the reach run: the device, and on CUDA what became of the graph)
     if report.get("device"):
         graph = report.get("cuda_graph")
-        where = f" on {report['device']}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
+        device = report.get("gpu") or report["device"]  # the GPU's name recorded since H100s are lent too
+        where = f" on {device}" + (f", CUDA graph {graph}" if graph and graph != "not-cuda" else "")
     if report.get("learning_rate") is not None:  # (recorded since the training curves)
         where += f", seed {report['seed']}, learning rate {report['learning_rate']:g}"
     if report.get("batch_size") is not None:  # (recorded since the CPU's batch-64 runs)

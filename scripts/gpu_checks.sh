@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU checks of the project, in calls of a lent GPU machine (one H200) of at most 9 minutes each.
+# The GPU checks of the project, in calls of a lent GPU machine (one H100 or one H200: the device tool lends
+# either) of at most 9 minutes each.
 #
 # Prepare once, on the CPU machine, from the repository root (wheels the GPU image lacks and the EGL loaders;
 # nothing else: the GPU image's own pytest and its plugins stay as they are; typing_extensions too, because tyro
@@ -10,7 +11,8 @@
 # T0 is taken before the wheels install, so the deadline below counts from the start of the call.
 #
 # Stages, in order of value, with their planning estimates on a fresh H200 (the H200 run of 2026-12-04 measured
-# prepare, tests, bench1 and the proxy's rate; the others are not measured yet; the log prints what each one took).
+# prepare, tests, bench1 and the proxy's rate; the others are not measured yet; the log prints what each one took;
+# an H100 has not run them: a slower stage is cut by the deadline below, keeping what it measured).
 # Every stage runs under min(1.5 x its estimate, the time left before DEADLINE_S); a stage with less than
 # MIN_STAGE_S left is skipped and named in the log.
 #   stage      estimate  what
@@ -49,7 +51,8 @@
 # its rollout success, ent_coef and critic loss beside it, rewritten from its TensorBoard folder every CURVE_POLL_S
 # and after the stage, whatever ended it), and one NAME_probe.json per learning run (its snapshots probed).
 #
-# After a call: copy each JSON but selftest.json to docs/measurements/<date>_h200_<name>.json and put each into
+# After a call: copy each JSON but selftest.json to docs/measurements/<date>_<gpu>_<name>.json (<gpu>: h100 or
+# h200, as the log's nvidia-smi line names it; the curves record the GPU's name) and put each into
 # README.md as what `python scripts/bench_train.py --report FILE` prints, between `<!-- measured: FILE -->`
 # and `<!-- end measured -->` (the tests check every such block against its file). bench1's second table says
 # where each env step's time goes: the updates on the host and on the GPU, the env step, the rest; its third, where
@@ -249,6 +252,7 @@ report = {"run": run_dirs[0].parts[-3] if run_dirs else None, "engine": config.g
           "seed": config.get("seed"), "learning_rate": config.get("learning_rate"),
           "batch_size": config.get("batch_size"), "precision": config.get("precision"),
           "overlap_collection": config.get("overlap_collection"), "device": config.get("device"),
+          "gpu": meta.get("versions", {}).get("gpu"),
           "cuda_graph": (meta.get("cuda_graph") or {}).get("state"), "total_steps": steps,
           "eval_success_rate": curve, "reaches_0.9": any(value >= 0.9 for _, value in curve), "training": training,
           "finished": bool(meta.get("steps_done", 0) >= steps), "steps_done": meta.get("steps_done"),

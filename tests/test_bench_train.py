@@ -239,3 +239,15 @@ def test_a_learning_curve_read_before_its_first_checkpoint_says_so_instead_of_em
     assert table[:3] == ["| env steps | eval success rate |", "|---|---|", "| 2,000 | 0.10 |"]
     assert table[-1] == ("no checkpoint yet when read (of 20,000 env steps): steps done and speed not recorded; "
                          "reaches 0.9: no")
+
+
+def test_a_learning_curve_names_the_gpu_it_ran_on(tmp_path):
+    """The device tool lends H100s and H200s: a curve's line says which, from the GPU name its run's meta records."""
+    curve = tmp_path / "proxy.json"
+    curve.write_text(json.dumps({"run": "ch09_manip_noDrQ_criticEnc", "engine": "fast", "seed": 0,
+                                 "learning_rate": 0.001, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3",
+                                 "cuda_graph": "captured", "total_steps": 20000, "eval_success_rate": [[2000, 0.1]],
+                                 "reaches_0.9": False, "training": {}, "finished": False, "steps_done": 2000,
+                                 "steps_per_s": 61.2, "wall_time_s": 33.0}))
+    line = bench_train.markdown_report(curve).splitlines()[-1]
+    assert " on NVIDIA H100 80GB HBM3, CUDA graph captured, seed 0, learning rate 0.001;" in line, line

@@ -219,6 +219,7 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
     assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the two stages' runs this is
     assert (report["device"], report["engine"], report["cuda_graph"]) == ("cpu", "fast", "not-cuda")
+    assert "gpu" in report and report["gpu"] is None  # the GPU's name where there is one (the run meta's versions)
     # The run's own training curves beside it: SB3 logs them every LOG_INTERVAL_EPISODES episodes (4 x 50 steps)
     assert set(report["training"]) == set(bench_train.TRAINING_COLUMNS)  # every tag recorded is one --report shows
     assert all([step for step, _ in points] == [200] for points in report["training"].values())
