@@ -47,6 +47,14 @@ class ProductionScript:
         return {**os.environ, "MUJOCO_GL": "egl", "PYOPENGL_PLATFORM": "egl", "OMP_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1", **extra}
 
+    @staticmethod
+    def learning_threads() -> str:
+        """OMP_NUM_THREADS for a learning run: this machine's cores shared among the pytest-xdist workers. Two
+        runs of two threads each on two cores took over 13x as long as one alone (2026-12-05: past the 30-minute
+        limit, against 137 s)."""
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        return str(max(1, (os.cpu_count() or 1) // workers))
+
     def run(self, *args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(self.path), *args], capture_output=True, text=True,
                               timeout=timeout, env=self.environment(**env), cwd=REPO_ROOT)

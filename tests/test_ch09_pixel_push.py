@@ -839,7 +839,8 @@ def test_full_state_reach_learns(n_envs: int, tmp_path: Path, production, tensor
     production.check("train", "--full-state", "--env", "FetchReach-v4", "--seed", "0", "--total-steps", "12000",
                      "--n-envs", str(n_envs), "--eval-freq", "1000", "--eval-episodes", "20",
                      "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
-                     "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
+                     "--artifact-root", str(tmp_path), timeout=1800,
+                     OMP_NUM_THREADS=production.learning_threads())
     curve = tensorboard_scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
     print(f"n_envs={n_envs}: {time.time() - start:.0f} s, eval curve {[(s, round(v, 2)) for s, v in curve]}")
     assert max(v for _, v in curve) >= 0.9, curve

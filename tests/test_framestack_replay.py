@@ -392,6 +392,7 @@ def test_full_state_reach_learns_with_framestack_on_four_envs(tmp_path, producti
     production.check("train", "--full-state", "--replay", "framestack", "--env", "FetchReach-v4", "--seed", "0",
                      "--total-steps", "12000", "--n-envs", "4", "--eval-freq", "1000", "--eval-episodes", "20",
                      "--checkpoint-freq", "12000", "--buffer-size", "100000", "--device", "cpu", "--no-progress",
-                     "--artifact-root", str(tmp_path), timeout=1800, OMP_NUM_THREADS="2")
+                     "--artifact-root", str(tmp_path), timeout=1800,
+                     OMP_NUM_THREADS=production.learning_threads())
     curve = tensorboard_scalars(tmp_path / "runs/ch09_fullstate/FetchReach-v4/seed0")["eval/success_rate"]
     assert max(v for _, v in curve) >= 0.9, curve
