@@ -49,9 +49,9 @@ class ProductionScript:
 
     @staticmethod
     def learning_threads() -> str:
-        """OMP_NUM_THREADS for a learning run: this machine's cores shared among the pytest-xdist workers. Two
-        runs of two threads each on two cores took over 13x as long as one alone (2026-12-05: past the 30-minute
-        limit, against 137 s)."""
+        """OMP_NUM_THREADS for a learning run: this machine's cores shared among the pytest-xdist workers. Two runs
+        of two threads each on two cores, more threads than cores, went past their time limit (README, "The two
+        commands", has the times)."""
         workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
         return str(max(1, (os.cpu_count() or 1) // workers))
 
