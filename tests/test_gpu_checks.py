@@ -217,7 +217,7 @@ def test_the_learning_curve_is_read_from_the_tensorboard_folder_of_a_run(product
     assert [step for step, _ in report["eval_success_rate"]] == [100, 200]
     assert all(0.0 <= rate <= 1.0 for _, rate in report["eval_success_rate"])
     assert report["finished"] is True and report["steps_done"] == 200 and report["steps_per_s"] > 0
-    assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the two stages' runs this is
+    assert report["run"].startswith("ch09_fullstate")  # the run's tag: which of the learn stage's runs this is
     assert (report["device"], report["engine"], report["cuda_graph"]) == ("cpu", "fast", "not-cuda")
     assert "gpu" in report and report["gpu"] is None  # the GPU's name where there is one (the run meta's versions)
     # The run's own training curves beside it: SB3 logs them every LOG_INTERVAL_EPISODES episodes (4 x 50 steps)
